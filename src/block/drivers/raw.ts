@@ -1,0 +1,73 @@
+/**
+ * The `raw` format driver: the guest sees the child's bytes, optionally a window of them (`offset`,
+ * `size`). All I/O passes to the `file` child at the shifted offset.
+ */
+import { genericError } from '../../errors.js';
+import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import type { BlockDriver } from '../graph.js';
+import { alternate, object, size, str } from '../../qapi/schema.js';
+
+export class RawNode extends BlockNode {
+  readonly driver = 'raw';
+  constructor(
+    nodeName: string,
+    readOnly: boolean,
+    file: BlockNode,
+    private readonly offset: number,
+    private readonly size: number | undefined,
+  ) {
+    super(nodeName, readOnly);
+    this.attachChild('file', file);
+  }
+  private get file(): BlockNode {
+    return this.child('file')!.node;
+  }
+  length(): number {
+    return this.size ?? this.file.length() - this.offset;
+  }
+  protected doRead(offset: number, bytes: number): Promise<Buffer> {
+    return this.file.read(this.offset + offset, bytes);
+  }
+  protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    return this.file.write(this.offset + offset, data, flags);
+  }
+  protected override doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    return this.file.writeZeroes(this.offset + offset, bytes, flags);
+  }
+  protected override doDiscard(offset: number, bytes: number): Promise<void> {
+    return this.file.discard(this.offset + offset, bytes);
+  }
+  protected doFlush(): Promise<void> {
+    return this.file.flush();
+  }
+  protected override async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    const st = await this.file.blockStatus(this.offset + offset, bytes);
+    return { ...st, allocated: true };
+  }
+  override hasZeroInit(): boolean {
+    return this.offset === 0 && this.size === undefined && this.file.hasZeroInit();
+  }
+  imageInfo(): ImageInfo {
+    const f = this.file.imageInfo();
+    return { filename: f.filename, format: 'raw', 'virtual-size': this.length(), 'dirty-flag': false };
+  }
+}
+
+export const BlockdevRef = alternate('BlockdevRef', { kind: 'str' }, { kind: 'any' });
+
+export const rawDriver: BlockDriver = {
+  name: 'raw',
+  options: { file: BlockdevRef, '*offset': size, '*size': size },
+  async open(nodeName, opts, ctx) {
+    const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file');
+    const offset = (opts.offset as number | undefined) ?? 0;
+    const sz = opts.size as number | undefined;
+    if (offset > file.length()) throw genericError('The sum of offset (' + offset + ') and size (0) has to be smaller or equal to the  actual size of the containing file (' + file.length() + ')');
+    if (sz !== undefined && offset + sz > file.length()) {
+      throw genericError(`The sum of offset (${offset}) and size (${sz}) has to be smaller or equal to the  actual size of the containing file (${file.length()})`);
+    }
+    return new RawNode(nodeName, opts['read-only'] as boolean, file, offset, sz);
+  },
+};
+void object;
+void str;

@@ -1,0 +1,196 @@
+/**
+ * The block graph: every node by node-name, the drivers that can open nodes, and the graph operations
+ * jobs need (insert a filter above a node, replace one node by another at pivot). blockdev-add,
+ * --blockdev and nested child definitions all open nodes through BlockGraph.open().
+ */
+import { genericError } from '../errors.js';
+import { visit, type Members, type Schema, type VisitOptions } from '../qapi/schema.js';
+import type { BlockNode } from './node.js';
+
+/** What a driver gets to open its children and look up nodes. */
+export interface OpenContext {
+  readonly graph: BlockGraph;
+  /**
+   * Open (or look up) a child given as a BlockdevRef: a node-name string, or a nested options object
+   * that is opened as a new node with an auto-generated name. `readOnly` is inherited by nested nodes.
+   */
+  openChild(ref: unknown, readOnly: boolean, childName: string): Promise<BlockNode>;
+}
+
+export interface BlockDriver {
+  /** The QEMU driver name (BlockdevDriver enum value). */
+  readonly name: string;
+  /** The driver's own members of BlockdevOptions (beyond the common ones). */
+  readonly options: Members;
+  /** Open a node. `opts` has been checked against `options` and the common members. */
+  open(nodeName: string, opts: Record<string, unknown>, ctx: OpenContext): Promise<BlockNode>;
+}
+
+/** BlockdevOptions members common to every driver (BlockdevOptionsBase). */
+export const COMMON_BLOCKDEV_MEMBERS: Members = {
+  driver: { kind: 'str' }, // replaced by the enum of registered drivers when the union schema is built
+  '*node-name': { kind: 'str' },
+  '*discard': { kind: 'enum', name: 'BlockdevDiscardOptions', values: ['ignore', 'unmap'] },
+  '*cache': { kind: 'object', name: 'BlockdevCacheOptions', members: { '*direct': { kind: 'bool' }, '*no-flush': { kind: 'bool' } } },
+  '*read-only': { kind: 'bool' },
+  '*auto-read-only': { kind: 'bool' },
+  '*force-share': { kind: 'bool' },
+  '*detect-zeroes': { kind: 'enum', name: 'BlockdevDetectZeroesOptions', values: ['off', 'on', 'unmap'] },
+};
+
+/** QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'. */
+export function idWellFormed(id: string): boolean {
+  return /^[A-Za-z][A-Za-z0-9\-._]*$/.test(id);
+}
+
+export class BlockGraph {
+  private readonly drivers = new Map<string, BlockDriver>();
+  private readonly nodes = new Map<string, BlockNode>();
+  private autoNameCounter = 0;
+
+  registerDriver(d: BlockDriver): void {
+    this.drivers.set(d.name, d);
+  }
+
+  driverNames(): string[] {
+    return [...this.drivers.keys()].sort();
+  }
+
+  /** The BlockdevOptions union over every registered driver, for argument checking and the schema. */
+  blockdevOptionsSchema(): Schema {
+    const variants: Record<string, Members> = {};
+    for (const d of this.drivers.values()) variants[d.name] = d.options;
+    return {
+      kind: 'union',
+      name: 'BlockdevOptions',
+      base: { ...COMMON_BLOCKDEV_MEMBERS, driver: { kind: 'enum', name: 'BlockdevDriver', values: this.driverNames() } },
+      discriminator: 'driver',
+      variants,
+    };
+  }
+
+  /** All nodes in creation order (query-named-block-nodes lists newest first; callers reverse). */
+  allNodes(): BlockNode[] {
+    return [...this.nodes.values()];
+  }
+
+  find(nodeName: string): BlockNode | undefined {
+    return this.nodes.get(nodeName);
+  }
+
+  /** bdrv_lookup_bs for a node-name-only world: QEMU's message names both device and node-name. */
+  lookup(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) throw genericError(`Cannot find device='${name}' nor node-name='${name}'`);
+    return n;
+  }
+
+  generateNodeName(): string {
+    // QEMU's generated names are '#block' followed by a number; '#' makes them impossible for users.
+    return `#block${String(++this.autoNameCounter * 1).padStart(3, '0')}`;
+  }
+
+  /**
+   * Open a node from checked BlockdevOptions. Nested child definitions become nodes of their own with
+   * generated names. On failure every node opened on the way is closed again: nothing is left behind.
+   */
+  async open(opts: Record<string, unknown>, inheritedReadOnly = false, visitOpts: VisitOptions = {}): Promise<BlockNode> {
+    const opened: BlockNode[] = [];
+    try {
+      const checked = visit(this.blockdevOptionsSchema(), opts, '', visitOpts) as Record<string, unknown>;
+      return await this.openInner(checked, inheritedReadOnly, opened, '', visitOpts);
+    } catch (err) {
+      for (const n of opened.reverse()) {
+        this.nodes.delete(n.nodeName);
+        await n.close().catch(() => undefined);
+      }
+      throw err;
+    }
+  }
+
+  private async openInner(
+    opts: Record<string, unknown>,
+    inheritedReadOnly: boolean,
+    opened: BlockNode[],
+    path: string,
+    visitOpts: VisitOptions,
+  ): Promise<BlockNode> {
+    const driver = this.drivers.get(opts.driver as string);
+    if (!driver) throw genericError(`Unknown driver '${String(opts.driver)}'`);
+    let nodeName = opts['node-name'] as string | undefined;
+    if (nodeName !== undefined) {
+      if (!idWellFormed(nodeName)) throw genericError(`Invalid node-name: '${nodeName}'`);
+      if (this.nodes.has(nodeName)) throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+    } else {
+      nodeName = this.generateNodeName();
+    }
+    const readOnly = (opts['read-only'] as boolean | undefined) ?? inheritedReadOnly;
+    const ctx: OpenContext = {
+      graph: this,
+      openChild: async (ref, childReadOnly, childName) => {
+        if (typeof ref === 'string') return this.lookup(ref);
+        const childPath = path ? `${path}.${childName}` : childName;
+        const checked = visit(this.blockdevOptionsSchema(), ref, childPath, visitOpts) as Record<string, unknown>;
+        return this.openInner(checked, childReadOnly, opened, childPath, visitOpts);
+      },
+    };
+    const node = await driver.open(nodeName, { ...opts, 'read-only': readOnly }, ctx);
+    node.openOptions = opts;
+    // A name may have been taken while the driver awaited I/O.
+    if (this.nodes.has(nodeName)) {
+      await node.close();
+      throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
+    }
+    this.nodes.set(nodeName, node);
+    opened.push(node);
+    return node;
+  }
+
+  /** Add a node built in code (filters, job targets) under its name. */
+  add(node: BlockNode): void {
+    if (this.nodes.has(node.nodeName)) throw genericError(`Duplicate nodes with node-name='${node.nodeName}'`);
+    this.nodes.set(node.nodeName, node);
+  }
+
+  /**
+   * Close `node` and drop it from the graph, then do the same for children that nothing else holds
+   * (nested nodes opened with it), as QEMU's refcounting does.
+   */
+  async remove(node: BlockNode): Promise<void> {
+    this.nodes.delete(node.nodeName);
+    await node.close();
+    const children = node.children.map((c) => c.node);
+    for (const c of [...node.children]) node.detachChild(c.name);
+    for (const c of children) {
+      if (c.parents.size === 0 && c.users.size === 0 && this.nodes.get(c.nodeName) === c) await this.remove(c);
+    }
+  }
+
+  /**
+   * Make every parent edge and every non-node user that points at `from` point at `to` instead
+   * (bdrv_replace_node), except edges owned by `except` (a filter keeps its own child).
+   */
+  replace(from: BlockNode, to: BlockNode, except?: BlockNode): void {
+    for (const edge of [...from.parents]) {
+      if (edge.parent === except || edge.parent === to) continue;
+      from.parents.delete(edge);
+      edge.node = to;
+      to.parents.add(edge);
+    }
+  }
+
+  /** Whether `candidate` is `node` or below it through any child edge. */
+  static isBelow(node: BlockNode, candidate: BlockNode): boolean {
+    if (node === candidate) return true;
+    return node.children.some((c) => BlockGraph.isBelow(c.node, candidate));
+  }
+
+  async closeAll(): Promise<void> {
+    // Close parents before children so that a format driver can still flush into its file.
+    const order = this.allNodes().reverse();
+    for (const n of order) {
+      await n.close().catch(() => undefined);
+    }
+    this.nodes.clear();
+  }
+}

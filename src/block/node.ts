@@ -1,0 +1,343 @@
+/**
+ * BlockNode: the one interface every driver (file, raw, qcow2, null-co, blkdebug, nbd) and every filter
+ * (mirror-top, copy-before-write) implements. Every byte of guest-visible I/O goes through the public
+ * methods here, which do what is common to all nodes (bounds checks, read-only checks, request tracking,
+ * write observers) and then call the driver's `do*` hooks. Dirty bitmaps and mirror jobs see writes
+ * through WriteObservers, so a write cannot reach a node without being recorded, whatever path it took.
+ */
+import { BlockIOError } from '../errors.js';
+import { RequestTracker, type TrackedRequest } from './requests.js';
+
+/** What the block-status query says about a range, as QEMU's BDRV_BLOCK_* flags. */
+export interface BlockStatus {
+  /** How many bytes from the queried offset share this status (always > 0, never past the end). */
+  bytes: number;
+  /** Reads as zeroes (BDRV_BLOCK_ZERO). */
+  zero: boolean;
+  /** Backed by data in the file (BDRV_BLOCK_DATA); false for holes and zero clusters. */
+  data: boolean;
+  /** Allocated in this node's own layer (BDRV_BLOCK_ALLOCATED): false when it comes from a backing node. */
+  allocated: boolean;
+  /** For unallocated ranges of a node with a backing chain: how deep the data comes from (0 = unallocated anywhere). */
+  depth?: number;
+}
+
+export type WriteKind = 'write' | 'zero' | 'discard';
+
+export interface WriteFlags {
+  /** Force unit access: the write is durable when it completes. */
+  fua?: boolean;
+  /** For write-zeroes: the range may be deallocated (BDRV_REQ_MAY_UNMAP). */
+  mayUnmap?: boolean;
+}
+
+/** A write-class request as observers see it. `data` is set for kind 'write'. */
+export interface WriteRequest {
+  readonly node: BlockNode;
+  readonly kind: WriteKind;
+  readonly offset: number;
+  readonly bytes: number;
+  readonly data?: Buffer;
+  readonly flags: WriteFlags;
+}
+
+/**
+ * Something that must see every write to a node: dirty bitmaps mark ranges after a write completes;
+ * a mirror job waits for overlapping copies before a write and, in write-blocking mode, copies it to
+ * the target after. `before` may reject to fail the write; `after` runs only for writes that succeeded.
+ */
+export interface WriteObserver {
+  beforeWrite?(req: WriteRequest): Promise<void> | void;
+  afterWrite?(req: WriteRequest): Promise<void> | void;
+}
+
+/** A named edge from a parent node to a child: 'file', 'backing', 'image', 'target'. */
+export interface BdrvChild {
+  readonly name: string;
+  readonly parent: BlockNode;
+  node: BlockNode;
+}
+
+/** The `image` member of query-named-block-nodes (ImageInfo). */
+export interface ImageInfo {
+  filename: string;
+  format: string;
+  'virtual-size': number;
+  'actual-size'?: number;
+  'cluster-size'?: number;
+  'dirty-flag'?: boolean;
+  'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  'backing-filename-format'?: string;
+  'backing-image'?: ImageInfo;
+  'format-specific'?: { type: string; data: Record<string, unknown> };
+  [key: string]: unknown;
+}
+
+/** Facts about a node used by jobs and bitmaps (bdrv_get_info). */
+export interface NodeInfo {
+  /** Cluster size of a format with clusters (qcow2); undefined when the format has none. */
+  clusterSize?: number;
+}
+
+export abstract class BlockNode {
+  /** QEMU driver name as it appears in query-named-block-nodes (`drv`). */
+  abstract readonly driver: string;
+  /** The node-name; auto-generated names start with '#'. */
+  nodeName: string;
+  readOnly: boolean;
+  /** Edges to children, in the order QEMU lists them. */
+  readonly children: BdrvChild[] = [];
+  /** Edges from parents to this node. */
+  readonly parents = new Set<BdrvChild>();
+  /**
+   * Other holders of this node that are not nodes: the monitor (blockdev-add), NBD exports, jobs.
+   * blockdev-del refuses a node that anything but the monitor holds.
+   */
+  readonly users = new Map<object, string>();
+  /** Smallest unit the driver can read or write; the generic layer does read-modify-write around it. */
+  requestAlignment = 1;
+  /** Reasons this node may not be used by other operations (QEMU's op blockers), keyed by the holder. */
+  readonly blockers = new Map<object, string>();
+  /** The options the node was opened with, for query-named-block-nodes. */
+  openOptions: Record<string, unknown> = {};
+  /** Implicit nodes (a mirror's auto-named filter) are hidden from query-block, as in QEMU. */
+  implicit = false;
+
+  private readonly observers: WriteObserver[] = [];
+  readonly tracker = new RequestTracker();
+  private closed = false;
+
+  constructor(nodeName: string, readOnly: boolean) {
+    this.nodeName = nodeName;
+    this.readOnly = readOnly;
+  }
+
+  // ---- driver hooks -------------------------------------------------------------------------------
+
+  /** Virtual size in bytes. */
+  abstract length(): number;
+  protected abstract doRead(offset: number, bytes: number): Promise<Buffer>;
+  protected abstract doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
+  /** Default: write a buffer of zeroes. Drivers that can do better (holes, zero clusters) override. */
+  protected async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    const chunk = 1 << 20;
+    for (let pos = 0; pos < bytes; pos += chunk) {
+      const n = Math.min(chunk, bytes - pos);
+      await this.doWrite(offset + pos, Buffer.alloc(n), flags);
+    }
+  }
+  /** Default: discard is advisory and may do nothing, as in QEMU. */
+  protected async doDiscard(_offset: number, _bytes: number): Promise<void> {}
+  protected abstract doFlush(): Promise<void>;
+  /** Default: everything is allocated data. */
+  protected async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    return { bytes: Math.min(bytes, this.length() - offset), zero: false, data: true, allocated: true };
+  }
+  protected async doClose(): Promise<void> {}
+
+  /** The node's ImageInfo for query-named-block-nodes. Format drivers override. */
+  abstract imageInfo(): ImageInfo;
+  /** bdrv_get_info: cluster size etc. */
+  nodeInfo(): NodeInfo {
+    return {};
+  }
+  /** Whether a freshly created image reads as zeroes without writing them (bdrv_has_zero_init). */
+  hasZeroInit(): boolean {
+    return false;
+  }
+  /** The child that holds the guest data for filters and raw (file/image), undefined for leaves. */
+  primaryChild(): BlockNode | undefined {
+    return this.child('file')?.node ?? this.child('image')?.node;
+  }
+  backing(): BlockNode | undefined {
+    return this.child('backing')?.node;
+  }
+
+  // ---- graph --------------------------------------------------------------------------------------
+
+  child(name: string): BdrvChild | undefined {
+    return this.children.find((c) => c.name === name);
+  }
+
+  /** Attach `node` as this node's child `name` (replacing any child of that name). */
+  attachChild(name: string, node: BlockNode): BdrvChild {
+    this.detachChild(name);
+    const edge: BdrvChild = { name, parent: this, node };
+    this.children.push(edge);
+    node.parents.add(edge);
+    return edge;
+  }
+
+  detachChild(name: string): void {
+    const i = this.children.findIndex((c) => c.name === name);
+    if (i < 0) return;
+    const [edge] = this.children.splice(i, 1);
+    edge.node.parents.delete(edge);
+  }
+
+  // ---- observers ----------------------------------------------------------------------------------
+
+  addWriteObserver(o: WriteObserver): void {
+    this.observers.push(o);
+  }
+  removeWriteObserver(o: WriteObserver): void {
+    const i = this.observers.indexOf(o);
+    if (i >= 0) this.observers.splice(i, 1);
+  }
+
+  // ---- public I/O ---------------------------------------------------------------------------------
+
+  private checkRequest(offset: number, bytes: number): void {
+    if (this.closed) throw new BlockIOError('ENOMEDIUM');
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
+      throw new BlockIOError('EIO');
+    }
+    if (offset + bytes > this.length()) throw new BlockIOError('EIO');
+  }
+
+  private checkWritable(): void {
+    if (this.readOnly) throw new BlockIOError('EPERM');
+  }
+
+  async read(offset: number, bytes: number): Promise<Buffer> {
+    this.checkRequest(offset, bytes);
+    if (bytes === 0) return Buffer.alloc(0);
+    const req = this.tracker.begin('read', offset, bytes);
+    try {
+      await this.tracker.waitForSerialising(req);
+      return await this.alignedRead(offset, bytes);
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    this.checkRequest(offset, data.length);
+    this.checkWritable();
+    if (data.length === 0) return;
+    await this.writeRequest({ node: this, kind: 'write', offset, bytes: data.length, data, flags });
+  }
+
+  async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
+    this.checkRequest(offset, bytes);
+    this.checkWritable();
+    if (bytes === 0) return;
+    await this.writeRequest({ node: this, kind: 'zero', offset, bytes, flags });
+  }
+
+  async discard(offset: number, bytes: number): Promise<void> {
+    this.checkRequest(offset, bytes);
+    this.checkWritable();
+    if (bytes === 0) return;
+    await this.writeRequest({ node: this, kind: 'discard', offset, bytes, flags: {} });
+  }
+
+  async flush(): Promise<void> {
+    if (this.closed) return;
+    await this.doFlush();
+  }
+
+  /** Block status of [offset, offset+bytes): the status of a prefix of it. */
+  async blockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    this.checkRequest(offset, bytes);
+    if (bytes === 0) throw new BlockIOError('EINVAL');
+    const st = await this.doBlockStatus(offset, bytes);
+    if (!(st.bytes > 0) || st.bytes > bytes) throw new Error(`${this.driver}: bad block status length ${st.bytes}`);
+    return st;
+  }
+
+  /**
+   * Whether [offset, offset+bytes) (a prefix of it, `bytes` returned) is allocated in this node or any
+   * backing node above `base` (bdrv_is_allocated_above with include_base=false). Used by mirror sync=top/full.
+   */
+  async isAllocatedAbove(base: BlockNode | undefined, offset: number, bytes: number): Promise<{ allocated: boolean; bytes: number }> {
+    let node: BlockNode | undefined = this.formatLayer();
+    let want = bytes;
+    while (node && node !== base) {
+      const st = await node.blockStatus(offset, want);
+      if (st.allocated) return { allocated: true, bytes: st.bytes };
+      want = st.bytes;
+      const next: BlockNode | undefined = node.backing();
+      if (!next || offset >= next.length()) break;
+      want = Math.min(want, next.length() - offset);
+      node = next.formatLayer();
+    }
+    return { allocated: false, bytes: want };
+  }
+
+  /** The node that holds this node's data layer: for filters the first non-filter below; else this. */
+  formatLayer(): BlockNode {
+    return this;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.tracker.drain();
+    try {
+      if (!this.readOnly) await this.doFlush();
+    } finally {
+      this.closed = true;
+      await this.doClose();
+    }
+  }
+
+  isClosed(): boolean {
+    return this.closed;
+  }
+
+  // ---- internals ----------------------------------------------------------------------------------
+
+  private async writeRequest(req: WriteRequest): Promise<void> {
+    const tracked = this.tracker.begin(req.kind, req.offset, req.bytes);
+    try {
+      await this.tracker.waitForSerialising(tracked);
+      for (const o of this.observers) if (o.beforeWrite) await o.beforeWrite(req);
+      await this.alignedWrite(req, tracked);
+      for (const o of [...this.observers]) if (o.afterWrite) await o.afterWrite(req);
+    } finally {
+      this.tracker.end(tracked);
+    }
+  }
+
+  private async alignedRead(offset: number, bytes: number): Promise<Buffer> {
+    const align = this.requestAlignment;
+    if (align <= 1 || (offset % align === 0 && bytes % align === 0)) return this.doRead(offset, bytes);
+    const start = offset - (offset % align);
+    const end = Math.min(this.length(), Math.ceil((offset + bytes) / align) * align);
+    const buf = await this.doRead(start, end - start);
+    return buf.subarray(offset - start, offset - start + bytes);
+  }
+
+  /** Unaligned writes become a serialising read-modify-write of the aligned range around them. */
+  private async alignedWrite(req: WriteRequest, tracked: TrackedRequest): Promise<void> {
+    const align = this.requestAlignment;
+    const aligned = align <= 1 || (req.offset % align === 0 && req.bytes % align === 0);
+    if (aligned || req.kind === 'discard') {
+      if (req.kind === 'write') return this.doWrite(req.offset, req.data!, req.flags);
+      if (req.kind === 'zero') return this.doWriteZeroes(req.offset, req.bytes, req.flags);
+      if (aligned) return this.doDiscard(req.offset, req.bytes);
+      // Discard is advisory: shrink to the aligned part.
+      const s = Math.ceil(req.offset / align) * align;
+      const e = Math.floor((req.offset + req.bytes) / align) * align;
+      if (e > s) await this.doDiscard(s, e - s);
+      return;
+    }
+    const start = req.offset - (req.offset % align);
+    const end = Math.min(this.length(), Math.ceil((req.offset + req.bytes) / align) * align);
+    await this.tracker.serialise(tracked, start, end - start);
+    const buf = Buffer.from(await this.doRead(start, end - start));
+    if (req.kind === 'write') req.data!.copy(buf, req.offset - start);
+    else buf.fill(0, req.offset - start, req.offset - start + req.bytes);
+    await this.doWrite(start, buf, req.flags);
+  }
+}
+
+/** Round `n` up to a multiple of `align` (a power of two or any positive integer). */
+export function alignUp(n: number, align: number): number {
+  return Math.ceil(n / align) * align;
+}
+
+export function alignDown(n: number, align: number): number {
+  return Math.floor(n / align) * align;
+}
