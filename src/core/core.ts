@@ -5,12 +5,12 @@
  */
 import { BlockGraph } from '../block/graph.js';
 import { EventBus } from './events.js';
-import { Tracer } from '../trace/trace.js';
+import { tracer } from '../trace/trace.js';
 
 export class Core {
   readonly graph = new BlockGraph();
   readonly events = new EventBus();
-  readonly trace = new Tracer();
+  readonly trace = tracer;
   /** Called to stop the daemon (QMP quit). Set by the daemon. */
   requestShutdown: () => void = () => undefined;
   /** Actions to run at shutdown before nodes are closed (cancel jobs, stop exports), in registration order. */

@@ -51,3 +51,6 @@ export function globToRegExp(glob: string): RegExp {
   const esc = glob.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
   return new RegExp(`^${esc}$`);
 }
+
+/** The process-wide tracer: modules declare their points at load time with `tracer.point(name)`. */
+export const tracer = new Tracer();
