@@ -1,0 +1,328 @@
+/*
+ * bitmirror_native: the few Linux syscalls Node's fs module does not expose, for the file driver.
+ *
+ *   OFD byte-range locks   (fcntl F_OFD_SETLK / F_OFD_GETLK)  synchronous: never blocks (no F_OFD_SETLKW)
+ *   lseek SEEK_DATA/HOLE                                       asynchronous (may block on network fs)
+ *   fallocate                                                  asynchronous (may take long on big ranges)
+ *   aligned buffers        (posix_memalign -> external Buffer) synchronous
+ *
+ * Every call returns its result or a negative errno; the TypeScript wrapper (src/block/native.ts) turns
+ * negative errnos into errors. Only node_api.h is used, so the addon is ABI-stable across Node versions.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+#include <node_api.h>
+
+#define CHECK(call)                                                                                \
+  do {                                                                                             \
+    if ((call) != napi_ok) {                                                                       \
+      napi_throw_error(env, NULL, "bitmirror_native: N-API call failed: " #call);                 \
+      return NULL;                                                                                 \
+    }                                                                                              \
+  } while (0)
+
+/* ---- argument helpers ------------------------------------------------------------------------ */
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
+  size_t argc = want;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: too few arguments");
+    return -1;
+  }
+  return 0;
+}
+
+static int get_i32(napi_env env, napi_value v, int32_t *out) {
+  if (napi_get_value_int32(env, v, out) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected an integer");
+    return -1;
+  }
+  return 0;
+}
+
+/* Offsets and lengths arrive as JS numbers (safe integers up to 2^53). */
+static int get_i64(napi_env env, napi_value v, int64_t *out) {
+  double d;
+  if (napi_get_value_double(env, v, &d) != napi_ok || d < 0 || d > 9007199254740992.0 || d != (double)(int64_t)d) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a non-negative safe integer");
+    return -1;
+  }
+  *out = (int64_t)d;
+  return 0;
+}
+
+static int get_bool(napi_env env, napi_value v, bool *out) {
+  if (napi_get_value_bool(env, v, out) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a boolean");
+    return -1;
+  }
+  return 0;
+}
+
+static napi_value make_number(napi_env env, double d) {
+  napi_value r;
+  if (napi_create_double(env, d, &r) != napi_ok) return NULL;
+  return r;
+}
+
+/* ---- OFD locks (synchronous) ----------------------------------------------------------------- */
+
+static void fill_flock(struct flock *fl, short type, int64_t start, int64_t len) {
+  memset(fl, 0, sizeof(*fl));
+  fl->l_type = type;
+  fl->l_whence = SEEK_SET;
+  fl->l_start = start;
+  fl->l_len = len;
+}
+
+/* lockByte(fd, offset, exclusive) -> 0 | -errno   (EAGAIN/EACCES: someone holds a conflicting lock) */
+static napi_value lock_byte(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd;
+  int64_t off;
+  bool excl;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[1], &off) ||
+      get_bool(env, argv[2], &excl))
+    return NULL;
+  struct flock fl;
+  fill_flock(&fl, excl ? F_WRLCK : F_RDLCK, off, 1);
+  int r = fcntl(fd, F_OFD_SETLK, &fl);
+  return make_number(env, r == -1 ? -errno : 0);
+}
+
+/* unlockByte(fd, offset) -> 0 | -errno */
+static napi_value unlock_byte(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd;
+  int64_t off;
+  if (get_args(env, info, 2, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[1], &off)) return NULL;
+  struct flock fl;
+  fill_flock(&fl, F_UNLCK, off, 1);
+  int r = fcntl(fd, F_OFD_SETLK, &fl);
+  return make_number(env, r == -1 ? -errno : 0);
+}
+
+/*
+ * testByte(fd, offset, exclusive) -> 0 when a lock of that kind could be taken, 1 when another open
+ * file description holds a conflicting lock, -errno on failure. Our own OFD's locks never conflict.
+ */
+static napi_value test_byte(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd;
+  int64_t off;
+  bool excl;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[1], &off) ||
+      get_bool(env, argv[2], &excl))
+    return NULL;
+  struct flock fl;
+  fill_flock(&fl, excl ? F_WRLCK : F_RDLCK, off, 1);
+  int r = fcntl(fd, F_OFD_GETLK, &fl);
+  if (r == -1) return make_number(env, -errno);
+  return make_number(env, fl.l_type == F_UNLCK ? 0 : 1);
+}
+
+/* ofdSupported(fd) -> 0 | -errno: whether the kernel and file system support OFD locks on fd. */
+static napi_value ofd_supported(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (get_args(env, info, 1, argv) || get_i32(env, argv[0], &fd)) return NULL;
+  struct flock fl;
+  fill_flock(&fl, F_WRLCK, 0, 0);
+  int r = fcntl(fd, F_OFD_GETLK, &fl);
+  return make_number(env, r == -1 ? -errno : 0);
+}
+
+/* ---- asynchronous syscalls (lseek, fallocate) on the libuv thread pool ------------------------ */
+
+enum op { OP_SEEK, OP_FALLOCATE };
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  enum op op;
+  int fd;
+  int mode; /* whence for lseek, mode for fallocate */
+  int64_t offset;
+  int64_t len;
+  int64_t result; /* >= 0 result, or -errno */
+} async_req;
+
+static void execute(napi_env env, void *data) {
+  (void)env;
+  async_req *req = data;
+  switch (req->op) {
+  case OP_SEEK: {
+    off_t r = lseek(req->fd, (off_t)req->offset, req->mode);
+    req->result = r == (off_t)-1 ? -errno : (int64_t)r;
+    break;
+  }
+  case OP_FALLOCATE: {
+    int r;
+    do {
+      r = fallocate(req->fd, req->mode, (off_t)req->offset, (off_t)req->len);
+    } while (r == -1 && errno == EINTR);
+    req->result = r == -1 ? -errno : 0;
+    break;
+  }
+  }
+}
+
+static void complete(napi_env env, napi_status status, void *data) {
+  async_req *req = data;
+  napi_value v;
+  if (status == napi_ok && napi_create_double(env, (double)req->result, &v) == napi_ok) {
+    napi_resolve_deferred(env, req->deferred, v);
+  } else {
+    napi_value msg, err;
+    napi_create_string_utf8(env, "bitmirror_native: async operation failed", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, req->deferred, err);
+  }
+  napi_delete_async_work(env, req->work);
+  free(req);
+}
+
+static napi_value queue(napi_env env, async_req *req, const char *name) {
+  napi_value promise, resource_name;
+  if (napi_create_promise(env, &req->deferred, &promise) != napi_ok) {
+    free(req);
+    napi_throw_error(env, NULL, "bitmirror_native: cannot create promise");
+    return NULL;
+  }
+  napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &resource_name);
+  if (napi_create_async_work(env, NULL, resource_name, execute, complete, req, &req->work) != napi_ok ||
+      napi_queue_async_work(env, req->work) != napi_ok) {
+    napi_value msg, err;
+    napi_create_string_utf8(env, "bitmirror_native: cannot queue work", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, req->deferred, err);
+    free(req);
+  }
+  return promise;
+}
+
+/* seek(fd, offset, whence) -> Promise<offset | -errno>; whence is SEEK_DATA or SEEK_HOLE. */
+static napi_value seek(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd, whence;
+  int64_t off;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[1], &off) ||
+      get_i32(env, argv[2], &whence))
+    return NULL;
+  async_req *req = calloc(1, sizeof(*req));
+  if (!req) {
+    napi_throw_error(env, NULL, "bitmirror_native: out of memory");
+    return NULL;
+  }
+  req->op = OP_SEEK;
+  req->fd = fd;
+  req->offset = off;
+  req->mode = whence;
+  return queue(env, req, "bitmirror.seek");
+}
+
+/* fallocate(fd, mode, offset, len) -> Promise<0 | -errno> */
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int32_t fd, mode;
+  int64_t off, len;
+  if (get_args(env, info, 4, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &mode) ||
+      get_i64(env, argv[2], &off) || get_i64(env, argv[3], &len))
+    return NULL;
+  async_req *req = calloc(1, sizeof(*req));
+  if (!req) {
+    napi_throw_error(env, NULL, "bitmirror_native: out of memory");
+    return NULL;
+  }
+  req->op = OP_FALLOCATE;
+  req->fd = fd;
+  req->mode = mode;
+  req->offset = off;
+  req->len = len;
+  return queue(env, req, "bitmirror.fallocate");
+}
+
+/* ---- aligned buffers ------------------------------------------------------------------------- */
+
+static void free_aligned(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  free(data);
+}
+
+/* alignedBuffer(size, align) -> Buffer whose memory starts at a multiple of align, zero-filled. */
+static napi_value aligned_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int64_t size, align;
+  if (get_args(env, info, 2, argv) || get_i64(env, argv[0], &size) || get_i64(env, argv[1], &align)) return NULL;
+  if (align < (int64_t)sizeof(void *) || (align & (align - 1)) != 0) {
+    napi_throw_range_error(env, NULL, "bitmirror_native: alignment must be a power of two >= pointer size");
+    return NULL;
+  }
+  void *mem = NULL;
+  /* posix_memalign(0) may return NULL; always allocate at least one alignment unit. */
+  if (posix_memalign(&mem, (size_t)align, size > 0 ? (size_t)size : (size_t)align) != 0) {
+    napi_throw_error(env, "ENOMEM", "bitmirror_native: cannot allocate aligned buffer");
+    return NULL;
+  }
+  memset(mem, 0, size > 0 ? (size_t)size : (size_t)align);
+  napi_value buf;
+  if (napi_create_external_buffer(env, (size_t)size, mem, free_aligned, NULL, &buf) != napi_ok) {
+    free(mem);
+    napi_throw_error(env, NULL, "bitmirror_native: cannot create external buffer");
+    return NULL;
+  }
+  return buf;
+}
+
+/* bufferAddress(buf) -> the low 32 bits of its address: enough to check alignment up to 2^31. */
+static napi_value buffer_address(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  void *data;
+  size_t len;
+  if (get_args(env, info, 1, argv)) return NULL;
+  if (napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
+    return NULL;
+  }
+  return make_number(env, (double)((uintptr_t)data & 0x7fffffffu));
+}
+
+/* ---- module ---------------------------------------------------------------------------------- */
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor fns[] = {
+      {"lockByte", NULL, lock_byte, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"unlockByte", NULL, unlock_byte, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"testByte", NULL, test_byte, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"ofdSupported", NULL, ofd_supported, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"seek", NULL, seek, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"bufferAddress", NULL, buffer_address, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  CHECK(napi_define_properties(env, exports, sizeof(fns) / sizeof(fns[0]), fns));
+
+  struct { const char *name; int value; } consts[] = {
+      {"SEEK_DATA", SEEK_DATA},
+      {"SEEK_HOLE", SEEK_HOLE},
+      {"FALLOC_FL_KEEP_SIZE", FALLOC_FL_KEEP_SIZE},
+      {"FALLOC_FL_PUNCH_HOLE", FALLOC_FL_PUNCH_HOLE},
+      {"FALLOC_FL_ZERO_RANGE", FALLOC_FL_ZERO_RANGE},
+      {"O_DIRECT", O_DIRECT},
+  };
+  for (size_t i = 0; i < sizeof(consts) / sizeof(consts[0]); i++) {
+    napi_value v;
+    CHECK(napi_create_int32(env, consts[i].value, &v));
+    CHECK(napi_set_named_property(env, exports, consts[i].name, v));
+  }
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
