@@ -215,7 +215,7 @@ function visitAlternate(schema: Extract<Schema, { kind: 'alternate' }>, value: u
   else if (typeof value === 'number') branch = byKind('int') ?? byKind('number');
   else if (typeof value === 'boolean') branch = byKind('bool');
   else if (Array.isArray(value)) branch = byKind('array');
-  else if (isObject(value)) branch = byKind('object') ?? byKind('union');
+  else if (isObject(value)) branch = byKind('object') ?? byKind('union') ?? byKind('any');
   if (!branch) throw genericError(`Invalid parameter type for '${path}', expected: ${schema.name}`);
   return visit(branch, value, path, opts);
 }

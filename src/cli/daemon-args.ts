@@ -1,0 +1,109 @@
+/**
+ * `bitmirror daemon` command line, a drop-in for qemu-storage-daemon's: --chardev, --monitor,
+ * --blockdev (key=value or JSON), --trace, --pidfile. Errors are UsageErrors with a one-line message.
+ */
+import { parseKeyval } from '../qapi/schema.js';
+import { errorMessage } from '../errors.js';
+import type { DaemonOptions } from '../daemon/daemon.js';
+import type { ListenAddress } from '../qmp/server.js';
+
+export class UsageError extends Error {}
+
+export const DAEMON_USAGE = `Usage: bitmirror daemon [options]
+A storage daemon with QEMU's block layer behaviour, driven over QMP (qemu-storage-daemon compatible).
+
+  --chardev socket,id=ID,path=PATH[,server=on,wait=off]   a unix socket for a monitor
+  --chardev socket,id=ID,host=HOST,port=PORT[,server=on,wait=off]   a TCP socket for a monitor
+  --monitor [chardev=]ID[,mode=control][,pretty=off]   run a QMP monitor on a chardev
+  --blockdev [driver=]DRIVER[,node-name=N][,prop=value…]   open a block node (also JSON: '{"driver": …}')
+  --trace [enable=]PATTERN   enable trace points matching PATTERN (glob)
+  --pidfile PATH   write the process id to PATH
+  -h, --help   this help
+`;
+
+function value(argv: string[], i: number, opt: string): string {
+  const v = argv[i + 1];
+  if (v === undefined) throw new UsageError(`option '${opt}' requires an argument`);
+  return v;
+}
+
+export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
+  const chardevs = new Map<string, ListenAddress>();
+  const monitorIds: string[] = [];
+  const opts: DaemonOptions = { monitors: [], blockdevs: [], tracePatterns: [] };
+  for (let i = 0; i < argv.length; i++) {
+    let arg = argv[i];
+    let inline: string | undefined;
+    const eq = arg.indexOf('=');
+    if (arg.startsWith('--') && eq > 0) {
+      inline = arg.slice(eq + 1);
+      arg = arg.slice(0, eq);
+    }
+    const take = () => inline ?? value(argv, i++, arg);
+    try {
+      switch (arg) {
+        case '-h':
+        case '--help':
+          return 'help';
+        case '--chardev': {
+          const kv = parseKeyval(take(), 'backend');
+          if (kv.backend !== 'socket') throw new UsageError(`chardev backend '${String(kv.backend)}' is not supported (only 'socket')`);
+          const id = kv.id as string | undefined;
+          if (!id) throw new UsageError('chardev: "id" is required');
+          if (kv.server !== undefined && kv.server !== 'on' && kv.server !== 'yes') throw new UsageError(`chardev '${id}': only server=on sockets are supported`);
+          let addr: ListenAddress;
+          if (kv.path !== undefined) addr = { kind: 'unix', path: kv.path as string };
+          else if (kv.port !== undefined) {
+            const port = Number(kv.port);
+            if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError(`chardev '${id}': invalid port '${String(kv.port)}'`);
+            addr = { kind: 'tcp', host: (kv.host as string | undefined) ?? '0.0.0.0', port };
+          } else throw new UsageError(`chardev '${id}': socket needs path=… or host=…,port=…`);
+          if (chardevs.has(id)) throw new UsageError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+          chardevs.set(id, addr);
+          break;
+        }
+        case '--monitor': {
+          const kv = parseKeyval(take(), 'chardev');
+          if (kv.mode !== undefined && kv.mode !== 'control') throw new UsageError("Only QMP monitors are supported (mode=control)");
+          monitorIds.push(kv.chardev as string);
+          break;
+        }
+        case '--blockdev': {
+          const text = take();
+          if (text.trimStart().startsWith('{')) {
+            let parsed: unknown;
+            try {
+              parsed = JSON.parse(text);
+            } catch (err) {
+              throw new UsageError(`--blockdev: invalid JSON: ${errorMessage(err)}`);
+            }
+            opts.blockdevs.push({ options: parsed as Record<string, unknown>, keyval: false });
+          } else {
+            opts.blockdevs.push({ options: parseKeyval(text, 'driver'), keyval: true });
+          }
+          break;
+        }
+        case '--trace': {
+          const kv = parseKeyval(take(), 'enable');
+          if (kv.events !== undefined || kv.file !== undefined) throw new UsageError('--trace: events= and file= are not supported; trace output goes to stderr');
+          opts.tracePatterns.push(kv.enable as string);
+          break;
+        }
+        case '--pidfile':
+          opts.pidfile = take();
+          break;
+        default:
+          throw new UsageError(`unrecognized option '${argv[i]}'`);
+      }
+    } catch (err) {
+      if (err instanceof UsageError) throw err;
+      throw new UsageError(`${arg}: ${errorMessage(err)}`);
+    }
+  }
+  for (const id of monitorIds) {
+    const addr = chardevs.get(id);
+    if (!addr) throw new UsageError(`chardev "${id}" not found`);
+    opts.monitors.push(addr);
+  }
+  return opts;
+}

@@ -1,0 +1,108 @@
+/**
+ * blockdev-add, blockdev-del and query-named-block-nodes, with QEMU's checks and messages.
+ */
+import { promises as fsp } from 'node:fs';
+import { genericError } from '../errors.js';
+import { bool, str } from '../qapi/schema.js';
+import { command, type CommandDef } from './registry.js';
+import type { Core } from '../core/core.js';
+import type { BlockNode, ImageInfo } from '../block/node.js';
+import { FileNode } from '../block/drivers/file.js';
+
+/** The node at the bottom of a node's data path (file child of file child …): where its bytes live. */
+function protocolLeaf(node: BlockNode): BlockNode {
+  let n = node;
+  for (let c = n.primaryChild(); c; c = n.primaryChild()) n = c;
+  return n;
+}
+
+async function actualSize(node: BlockNode): Promise<number | undefined> {
+  const leaf = protocolLeaf(node);
+  if (!(leaf instanceof FileNode)) return undefined;
+  try {
+    const st = await fsp.stat(leaf.filename);
+    return st.blocks * 512;
+  } catch {
+    return undefined;
+  }
+}
+
+async function imageInfoWithSizes(node: BlockNode, flat: boolean): Promise<ImageInfo> {
+  const info = { ...node.imageInfo() };
+  const size = await actualSize(node);
+  if (size !== undefined) info['actual-size'] = size;
+  else if (protocolLeaf(node).driver === 'null-co') info['actual-size'] = 0;
+  const backing = node.backing();
+  if (!flat && backing) info['backing-image'] = await imageInfoWithSizes(backing, false);
+  return info;
+}
+
+function backingDepth(node: BlockNode): number {
+  let depth = 0;
+  for (let b = node.backing(); b; b = b.backing()) depth++;
+  return depth;
+}
+
+/** BlockDeviceInfo, as QEMU's query-named-block-nodes shows it. */
+export async function blockDeviceInfo(core: Core, node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
+  const opts = node.openOptions;
+  const cache = (opts.cache ?? {}) as { direct?: boolean; 'no-flush'?: boolean };
+  const image = await imageInfoWithSizes(node, flat);
+  const info: Record<string, unknown> = {
+    'iops_rd': 0,
+    'detect_zeroes': (opts['detect-zeroes'] as string | undefined) ?? 'off',
+    image,
+    'iops_wr': 0,
+    ro: node.readOnly,
+    'node-name': node.nodeName,
+    'backing_file_depth': backingDepth(node),
+    drv: node.driver,
+    iops: 0,
+    'bps_wr': 0,
+    'write_threshold': 0,
+    encrypted: false,
+    bps: 0,
+    'bps_rd': 0,
+    cache: { 'no-flush': cache['no-flush'] ?? false, direct: cache.direct ?? false, writeback: true },
+    file: image.filename,
+  };
+  if (image['backing-filename'] !== undefined) info['backing_file'] = image['backing-filename'];
+  const bitmaps = core.dirtyBitmapInfo(node);
+  if (bitmaps !== undefined) info['dirty-bitmaps'] = bitmaps;
+  return info;
+}
+
+export const blockdevCommands: CommandDef[] = [
+  command(
+    'blockdev-add',
+    {},
+    async (args, core) => {
+      const node = await core.graph.open(args);
+      core.monitorOwned.add(node);
+      node.users.set(core.monitorOwned, 'monitor');
+      return {};
+    },
+    { boxed: true },
+  ),
+  command('blockdev-del', { 'node-name': str }, async (args, core) => {
+    const name = args['node-name'] as string;
+    const node = core.graph.find(name);
+    if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
+    const others = [...node.users.entries()].filter(([holder]) => holder !== core.monitorOwned);
+    if (others.length > 0) throw genericError(`Node ${name} is in use`);
+    for (const reason of node.blockers.values()) throw genericError(`Node '${name}' is busy: ${reason}`);
+    if (!core.monitorOwned.has(node)) throw genericError(`Node ${name} is not owned by the monitor`);
+    if (node.parents.size > 0) throw genericError(`Block device ${name} is in use`);
+    core.monitorOwned.delete(node);
+    node.users.delete(core.monitorOwned);
+    await core.graph.remove(node);
+    return {};
+  }),
+  command('query-named-block-nodes', { '*flat': bool }, async (args, core) => {
+    const flat = (args.flat as boolean | undefined) ?? false;
+    const nodes = core.graph.allNodes().reverse();
+    const out: unknown[] = [];
+    for (const n of nodes) out.push(await blockDeviceInfo(core, n, flat));
+    return out;
+  }),
+];

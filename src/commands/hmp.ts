@@ -1,0 +1,87 @@
+/**
+ * human-monitor-command, for the two HMP commands tooling and QEMU's iotests lean on:
+ * `qemu-io [-d] NODE "CMD"` and `trace-event NAME on|off`. Replies are HMP text with CRLF line ends,
+ * as QEMU's monitor returns them; other HMP commands answer "unknown command: 'x'".
+ */
+import { QmpError } from '../errors.js';
+import { int, str } from '../qapi/schema.js';
+import { command, type CommandDef } from './registry.js';
+import { QemuIo } from './qemu-io.js';
+import type { Core } from '../core/core.js';
+import type { BlockNode } from '../block/node.js';
+
+const sessions = new WeakMap<BlockNode, QemuIo>();
+
+function crlf(s: string): string {
+  return s.replace(/\r?\n/g, '\r\n');
+}
+
+/** HMP's argument splitter: words separated by spaces, "double quotes" group (with \" escapes). */
+function hmpWords(line: string): string[] | undefined {
+  const words: string[] = [];
+  let i = 0;
+  while (i < line.length) {
+    while (line[i] === ' ' || line[i] === '\t') i++;
+    if (i >= line.length) break;
+    let w = '';
+    if (line[i] === '"') {
+      i++;
+      while (i < line.length && line[i] !== '"') {
+        if (line[i] === '\\' && i + 1 < line.length) i++;
+        w += line[i++];
+      }
+      if (line[i] !== '"') return undefined;
+      i++;
+    } else {
+      while (i < line.length && line[i] !== ' ' && line[i] !== '\t') w += line[i++];
+    }
+    words.push(w);
+  }
+  return words;
+}
+
+async function qemuIo(core: Core, args: string[]): Promise<string> {
+  let device = false;
+  if (args[0] === '-d') {
+    device = true;
+    args = args.slice(1);
+  }
+  if (args.length === 0) return 'qemu-io: block device name expected\nTry "help qemu-io" for more information\n';
+  if (args.length === 1) return 'qemu-io: command line expected\nTry "help qemu-io" for more information\n';
+  if (args.length > 2) return 'qemu-io: extraneous characters at the end of line\nTry "help qemu-io" for more information\n';
+  const [name, cmdline] = args;
+  // bitmirror has no guest devices (BlockBackends), so -d never finds one.
+  if (device) return `Error: Device '${name}' not found\n`;
+  const node = core.graph.find(name);
+  if (!node) return `Error: Cannot find device='' nor node-name='${name}'\n`;
+  let session = sessions.get(node);
+  if (!session) {
+    session = new QemuIo(node);
+    sessions.set(node, session);
+  }
+  return session.run(cmdline);
+}
+
+function traceEvent(core: Core, args: string[]): string {
+  if (args.length !== 2 || (args[1] !== 'on' && args[1] !== 'off')) return 'trace-event: invalid arguments\n';
+  const matched = core.trace.setState(args[0], args[1] === 'on');
+  if (matched.length === 0 && !/[*?]/.test(args[0])) return `unknown event "${args[0]}"\n`;
+  return '';
+}
+
+export const hmpCommands: CommandDef[] = [
+  command('human-monitor-command', { 'command-line': str, '*cpu-index': int }, async (args, core) => {
+    const words = hmpWords(args['command-line'] as string);
+    if (!words) throw new QmpError('GenericError', 'unterminated string');
+    if (words.length === 0) return '';
+    const [cmd, ...rest] = words;
+    switch (cmd) {
+      case 'qemu-io':
+        return crlf(await qemuIo(core, rest));
+      case 'trace-event':
+        return crlf(traceEvent(core, rest));
+      default:
+        return crlf(`unknown command: '${cmd}'\n`);
+    }
+  }),
+];

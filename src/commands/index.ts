@@ -1,0 +1,13 @@
+/**
+ * The command table: every QMP command bitmirror answers, collected from the per-domain modules.
+ */
+import type { CommandDef } from './registry.js';
+import { blockdevCommands } from './blockdev.js';
+import { hmpCommands } from './hmp.js';
+import { miscCommands } from './misc.js';
+
+export function allCommands(): CommandDef[] {
+  const table: CommandDef[] = [];
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands);
+  return table;
+}

@@ -1,0 +1,53 @@
+/**
+ * Daemon: wires one Core (graph, events, jobs, bitmaps) to its QMP monitors, opens the nodes given on
+ * the command line, and shuts everything down cleanly (jobs cancelled, nodes flushed and closed).
+ */
+import { promises as fsp } from 'node:fs';
+import { Core } from '../core/core.js';
+import { QmpServer, type ListenAddress } from '../qmp/server.js';
+import { allCommands } from '../commands/index.js';
+import { BLOCK_DRIVERS } from './drivers.js';
+
+export interface DaemonOptions {
+  monitors: ListenAddress[];
+  /** --blockdev values, already parsed (JSON form or key=value form). */
+  blockdevs: Array<{ options: Record<string, unknown>; keyval: boolean }>;
+  tracePatterns: string[];
+  pidfile?: string;
+}
+
+export class Daemon {
+  readonly core = new Core();
+  readonly qmp: QmpServer;
+  private stopping: Promise<void> | undefined;
+  private stoppedResolve!: () => void;
+  /** Resolves when the daemon has shut down. */
+  readonly stopped = new Promise<void>((r) => (this.stoppedResolve = r));
+
+  constructor(private readonly opts: DaemonOptions) {
+    for (const d of BLOCK_DRIVERS) this.core.graph.registerDriver(d);
+    this.qmp = new QmpServer(this.core, allCommands());
+    this.core.requestShutdown = () => void this.stop();
+  }
+
+  async start(): Promise<void> {
+    for (const p of this.opts.tracePatterns) this.core.trace.setState(p, true);
+    for (const b of this.opts.blockdevs) {
+      const node = await this.core.graph.open(b.options, false, { keyval: b.keyval });
+      this.core.monitorOwned.add(node);
+      node.users.set(this.core.monitorOwned, 'monitor');
+    }
+    for (const m of this.opts.monitors) await this.qmp.listen(m);
+    if (this.opts.pidfile) await fsp.writeFile(this.opts.pidfile, `${process.pid}\n`);
+  }
+
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      await this.qmp.close().catch(() => undefined);
+      await this.core.shutdown();
+      if (this.opts.pidfile) await fsp.unlink(this.opts.pidfile).catch(() => undefined);
+      this.stoppedResolve();
+    })();
+    return this.stopping;
+  }
+}

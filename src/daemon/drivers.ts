@@ -1,0 +1,9 @@
+/**
+ * The block drivers a daemon can open. One list, so blockdev-add, --blockdev and blockdev-create agree.
+ */
+import type { BlockDriver } from '../block/graph.js';
+import { fileDriver } from '../block/drivers/file.js';
+import { rawDriver } from '../block/drivers/raw.js';
+import { nullDriver } from '../block/drivers/null.js';
+
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, rawDriver, nullDriver];

@@ -1,0 +1,71 @@
+/**
+ * Start a bitmirror daemon (or qemu-storage-daemon, for comparisons) as a child process on a unix
+ * socket and connect a QMP client to it. Used by the CLI workflows and the tests.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import * as path from 'node:path';
+import { QmpClient } from '../qmp/client.js';
+
+/** bin/bitmirror, found from this module's place in dist/src/daemon/. */
+export const BITMIRROR_BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/bitmirror');
+
+export interface SpawnedDaemon {
+  proc: ChildProcess;
+  qmp: QmpClient;
+  socket: string;
+  /** stderr collected so far (trace output, internal errors). */
+  stderr: () => string;
+  /** quit over QMP (or SIGTERM if that fails) and wait for the process to exit; resolves with its exit code. */
+  stop(): Promise<number | null>;
+  /** SIGKILL, for crash tests. */
+  kill(): Promise<void>;
+}
+
+export async function spawnDaemon(socket: string, extraArgs: string[] = [], program: 'bitmirror' | 'qemu-storage-daemon' = 'bitmirror'): Promise<SpawnedDaemon> {
+  const args = ['--chardev', `socket,path=${socket},server=on,wait=off,id=mon0`, '--monitor', 'chardev=mon0', ...extraArgs];
+  const proc = program === 'bitmirror' ? spawn(process.execPath, [BITMIRROR_BIN, 'daemon', ...args], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  proc.stderr!.setEncoding('utf8');
+  proc.stderr!.on('data', (d: string) => (err += d));
+  proc.stdout!.resume();
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  let qmp: QmpClient | undefined;
+  for (let i = 0; i < 200 && !qmp; i++) {
+    if (proc.exitCode !== null) throw new Error(`${program} exited with ${proc.exitCode}: ${err}`);
+    try {
+      qmp = await QmpClient.connect(socket);
+    } catch {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  if (!qmp) {
+    proc.kill('SIGKILL');
+    throw new Error(`${program} did not open its monitor socket: ${err}`);
+  }
+  const client = qmp;
+  return {
+    proc,
+    qmp: client,
+    socket,
+    stderr: () => err,
+    async stop() {
+      if (proc.exitCode !== null) return proc.exitCode;
+      try {
+        await client.execute('quit');
+      } catch {
+        proc.kill('SIGTERM');
+      }
+      const t = setTimeout(() => proc.kill('SIGKILL'), 30_000);
+      const code = await exited;
+      clearTimeout(t);
+      client.close();
+      return code;
+    },
+    async kill() {
+      proc.kill('SIGKILL');
+      await exited;
+      client.close();
+    },
+  };
+}

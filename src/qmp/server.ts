@@ -1,0 +1,193 @@
+/**
+ * The QMP monitor: unix and TCP socket servers, one session per client, the greeting, capability
+ * negotiation, dispatch of commands through the command table and delivery of events. Commands of one
+ * client run one at a time, in order (as QEMU's monitor does without OOB); clients are independent.
+ * A client that goes away mid-command harms nothing: the command finishes and its reply is dropped.
+ */
+import * as net from 'node:net';
+import { promises as fsp } from 'node:fs';
+import { QmpError, errorMessage } from '../errors.js';
+import { encodeQmp, JsonStreamParser, type JsonMessage } from './json.js';
+import { visit } from '../qapi/schema.js';
+import type { CommandDef } from '../commands/registry.js';
+import type { Core } from '../core/core.js';
+import { tracer } from '../trace/trace.js';
+
+/** The QEMU version we answer with (greeting and query-version): the release whose behaviour we follow. */
+export const QEMU_COMPAT_VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: 'bitmirror-0.1.0' };
+
+const traceDispatch = tracer.point('monitor_qmp_cmd_in_band');
+const traceRespond = tracer.point('monitor_qmp_respond');
+
+export type ListenAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
+
+export class QmpServer {
+  private readonly servers: net.Server[] = [];
+  private readonly sessions = new Set<QmpSession>();
+  readonly commands = new Map<string, CommandDef>();
+
+  constructor(
+    readonly core: Core,
+    commands: CommandDef[],
+  ) {
+    for (const c of commands) this.commands.set(c.name, c);
+    core.events.on((name, data, timestamp) => {
+      for (const s of this.sessions) s.sendEvent(name, data, timestamp);
+    });
+  }
+
+  async listen(addr: ListenAddress): Promise<void> {
+    const server = net.createServer((sock) => this.accept(sock));
+    server.on('error', () => undefined);
+    if (addr.kind === 'unix') {
+      // A stale socket file from a previous run would make listen fail with EADDRINUSE.
+      await fsp.unlink(addr.path).catch(() => undefined);
+    }
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      if (addr.kind === 'unix') server.listen(addr.path, () => resolve());
+      else server.listen(addr.port, addr.host, () => resolve());
+    });
+    this.servers.push(server);
+  }
+
+  private accept(sock: net.Socket): void {
+    const session = new QmpSession(this, sock);
+    this.sessions.add(session);
+    sock.on('close', () => this.sessions.delete(session));
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sessions) s.destroy();
+    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+    for (const s of this.servers) {
+      const a = s.address();
+      if (typeof a === 'string') await fsp.unlink(a).catch(() => undefined);
+    }
+  }
+}
+
+type Reply = Record<string, unknown>;
+
+class QmpSession {
+  private negotiated = false;
+  private oob = false;
+  private queue: Promise<void> = Promise.resolve();
+  private readonly parser: JsonStreamParser;
+  private alive = true;
+  private readonly decoder = new TextDecoder('utf-8');
+
+  constructor(
+    private readonly server: QmpServer,
+    private readonly sock: net.Socket,
+  ) {
+    this.parser = new JsonStreamParser((m) => this.onMessage(m));
+    sock.setNoDelay(true);
+    sock.on('data', (chunk: Buffer) => this.parser.feed(this.decoder.decode(chunk, { stream: true })));
+    sock.on('error', () => this.destroy());
+    sock.on('close', () => (this.alive = false));
+    this.send({ QMP: { version: QEMU_COMPAT_VERSION, capabilities: ['oob'] } });
+  }
+
+  destroy(): void {
+    this.alive = false;
+    this.sock.destroy();
+  }
+
+  sendEvent(name: string, data: Record<string, unknown> | undefined, timestamp: { seconds: number; microseconds: number }): void {
+    if (!this.negotiated) return;
+    const ev: Reply = { event: name };
+    if (data !== undefined) ev.data = data;
+    ev.timestamp = timestamp;
+    this.send(ev);
+  }
+
+  private send(msg: Reply): void {
+    if (!this.alive || this.sock.destroyed) return;
+    traceRespond({ msg: encodeQmp(msg).slice(0, 200) });
+    this.sock.write(encodeQmp(msg) + '\r\n');
+  }
+
+  private onMessage(m: JsonMessage): void {
+    if (!m.ok) {
+      // Parse errors are answered in order with the rest, without an id (it could not be read).
+      this.enqueue(async () => this.send({ error: { class: 'GenericError', desc: `JSON parse error, ${m.error}` } }));
+      return;
+    }
+    const req = m.value;
+    const id = isObject(req) ? req.id : undefined;
+    const isOob = isObject(req) && 'exec-oob' in req && this.oob;
+    const run = async () => {
+      const reply = await this.dispatch(req);
+      if (id !== undefined) reply.id = id;
+      this.send(reply);
+    };
+    // exec-oob overtakes queued in-band commands, as in QEMU.
+    if (isOob) void run();
+    else this.enqueue(run);
+  }
+
+  private enqueue(fn: () => Promise<void>): void {
+    this.queue = this.queue.then(fn).catch(() => undefined);
+  }
+
+  private async dispatch(req: unknown): Promise<Reply> {
+    try {
+      return { return: (await this.execute(req)) ?? {} };
+    } catch (err) {
+      if (err instanceof QmpError) return { error: { class: err.errorClass, desc: err.message } };
+      return { error: { class: 'GenericError', desc: errorMessage(err) } };
+    }
+  }
+
+  private async execute(req: unknown): Promise<unknown> {
+    if (!isObject(req)) throw new QmpError('GenericError', 'QMP input must be a JSON object');
+    let name: string | undefined;
+    let oob = false;
+    for (const [k, v] of Object.entries(req)) {
+      if (k === 'execute' || (k === 'exec-oob' && this.oob)) {
+        if (typeof v !== 'string') throw new QmpError('GenericError', `QMP input member '${k}' must be a string`);
+        name = v;
+        oob = k === 'exec-oob';
+      } else if (k === 'arguments') {
+        if (!isObject(v)) throw new QmpError('GenericError', "QMP input member 'arguments' must be an object");
+      } else if (k !== 'id') {
+        throw new QmpError('GenericError', `QMP input member '${k}' is unexpected`);
+      }
+    }
+    if (name === undefined) throw new QmpError('GenericError', "QMP input lacks member 'execute'");
+    const args = (req.arguments ?? {}) as Record<string, unknown>;
+
+    if (!this.negotiated) {
+      if (name !== 'qmp_capabilities') throw new QmpError('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
+      return this.capabilities(args);
+    }
+    if (name === 'qmp_capabilities') throw new QmpError('CommandNotFound', 'Capabilities negotiation is already complete, command ignored');
+    const cmd = this.server.commands.get(name);
+    if (!cmd) throw new QmpError('CommandNotFound', `The command ${name} has not been found`);
+    if (oob && !cmd.allowOob) throw new QmpError('GenericError', `The command ${name} does not support OOB`);
+    const checked = cmd.boxed ? args : (visit({ kind: 'object', name: cmd.name, members: cmd.args }, args, '') as Record<string, unknown>);
+    traceDispatch({ id: encodeQmp(req.id ?? null), cmd: name });
+    return cmd.handler(checked, this.server.core);
+  }
+
+  private capabilities(args: Record<string, unknown>): unknown {
+    for (const k of Object.keys(args)) if (k !== 'enable') throw new QmpError('GenericError', `Parameter '${k}' is unexpected`);
+    const enable = args.enable;
+    if (enable !== undefined) {
+      if (!Array.isArray(enable)) throw new QmpError('GenericError', "Invalid parameter type for 'enable', expected: array");
+      for (const cap of enable) {
+        if (typeof cap !== 'string') throw new QmpError('GenericError', "Invalid parameter type for 'null', expected: string");
+        // QEMU 7.2 names list elements 'null' in this message.
+        if (cap !== 'oob') throw new QmpError('GenericError', `Parameter 'null' does not accept value '${cap}'`);
+      }
+      if (enable.includes('oob')) this.oob = true;
+    }
+    this.negotiated = true;
+    return {};
+  }
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
