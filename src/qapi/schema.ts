@@ -173,6 +173,7 @@ function visitInt(name: string, value: unknown, path: string, opts: VisitOptions
   const [lo, hi] = INT_RANGES[name];
   if (big < lo || big > hi) {
     if (C_TYPE[name]) throw genericError(`Parameter '${path}' expects ${C_TYPE[name]}`);
+    if (name === 'size' || name === 'uint64') throw genericError(`Parameter '${path}' expects a non-negative number below 2^64`);
     throw genericError(`Invalid parameter type for '${path}', expected: integer`);
   }
   return value;

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the peer tools bitmirror is checked against (Debian packages): qemu-img/qemu-io/qemu-nbd
+# (qemu-utils), qemu-storage-daemon (qemu-system-common), nbdinfo/nbdcopy (libnbd-bin), and the
+# toolchain node-gyp needs for the native addon. Needs root (or sudo) and Debian's package lists.
+set -euo pipefail
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+command -v g++ >/dev/null || need+=(g++)
+command -v make >/dev/null || need+=(make)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+SUDO=
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"

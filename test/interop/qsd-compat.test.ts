@@ -1,0 +1,121 @@
+/**
+ * The same QMP script against qemu-storage-daemon 7.2 and bitmirror: the replies must be equal (the
+ * version and auto-generated node names aside). HMP qemu-io, which qemu-storage-daemon lacks, writes
+ * data through bitmirror that QEMU's own qemu-io then reads back.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { spawnDaemon } from '../../src/daemon/spawn.js';
+
+const haveQsd = (() => {
+  try {
+    execFileSync('qemu-storage-daemon', ['--version']);
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+/** Replace generated node names ('#block…') so the two daemons' replies compare. */
+function mask(v: unknown): unknown {
+  return JSON.parse(JSON.stringify(v).replace(/#block\d+/g, '#block'));
+}
+
+async function runScript(program: 'bitmirror' | 'qemu-storage-daemon', img: string, dir: string): Promise<unknown[]> {
+  const d = await spawnDaemon(path.join(dir, `${program}.sock`), ['--blockdev', `driver=file,node-name=cli0,filename=${img}`], program);
+  const replies: unknown[] = [];
+  const r = async (cmd: string, args?: Record<string, unknown>) => replies.push(mask(await d.qmp.request(cmd, args)));
+  try {
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: 'cli0' });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: 'cli0' });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: { driver: 'file' } });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: { driver: 'file', filename: 5 } });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: 7 });
+    await r('blockdev-add', { driver: 'nope', 'node-name': 'disk1' });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: 'cli0', size: -1 });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: 'cli0', size: 1.5 });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: 'cli0', bogus: 1 });
+    await r('blockdev-add', { driver: 'raw', 'node-name': '1bad', file: 'cli0' });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: 'nonode' });
+    await r('blockdev-add', { driver: 'file', 'node-name': 'disk1', filename: '/nonexistent/x' });
+    await r('blockdev-add', { driver: 'null-co', 'node-name': 'null0', size: 1048576, 'read-zeroes': true });
+    await r('blockdev-add', { driver: 'raw', 'node-name': 'disk2', file: { driver: 'file', filename: img, 'read-only': true }, 'read-only': true });
+    await r('query-named-block-nodes');
+    await r('query-named-block-nodes', { flat: true });
+    await r('blockdev-del', { 'node-name': 'cli0' });
+    await r('blockdev-del', { 'node-name': 'nonode' });
+    await r('blockdev-del', { 'node-name': 'disk0' });
+    await r('blockdev-del', { 'node-name': 'disk2' });
+    await r('blockdev-del', { 'node-name': 'null0' });
+    await r('query-named-block-nodes', { flat: true });
+  } finally {
+    assert.equal(await d.stop(), 0);
+  }
+  return replies;
+}
+
+test('a qemu-storage-daemon QMP script gives the same replies from bitmirror', { skip: !haveQsd && 'qemu-storage-daemon not installed' }, async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-qsd-'));
+  const img = path.join(dir, 'a.raw');
+  await fsp.writeFile(img, Buffer.alloc(1 << 20));
+  const theirs = await runScript('qemu-storage-daemon', img, dir);
+  const ours = await runScript('bitmirror', img, dir);
+  for (let i = 0; i < theirs.length; i++) assert.deepEqual(ours[i], theirs[i], `reply ${i}`);
+  await fsp.rm(dir, { recursive: true, force: true });
+});
+
+test('HMP qemu-io writes through bitmirror are read back by QEMU qemu-io', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-qio-'));
+  const img = path.join(dir, 'a.raw');
+  await fsp.writeFile(img, Buffer.alloc(2 << 20));
+  const d = await spawnDaemon(path.join(dir, 'q.sock'));
+  try {
+    await d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', filename: img } });
+    assert.equal((await d.qmp.hmp('qemu-io disk0 "write -P 0xab 0 64k"')).split('\r\n')[0], 'wrote 65536/65536 bytes at offset 0');
+    assert.equal((await d.qmp.hmp('qemu-io disk0 "write -P 0xcd 1000 3000"')).split('\r\n')[0], 'wrote 3000/3000 bytes at offset 1000');
+    assert.equal((await d.qmp.hmp('qemu-io disk0 "write -z 1M 4k"')).split('\r\n')[0], 'wrote 4096/4096 bytes at offset 1048576');
+    assert.match(await d.qmp.hmp('qemu-io disk0 "read -P 0xab 0 1000"'), /^read 1000\/1000 bytes at offset 0\r\n/);
+    assert.match(await d.qmp.hmp('qemu-io disk0 "read -P 0xac 512 64k"'), /^Pattern verification failed at offset 512, 65536 bytes\r\n/);
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "read -P 0xac 0 2G"'), 'length cannot exceed 2147483136, given 2G\r\n');
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "write 0x200000 512"'), 'write failed: Input/output error\r\n');
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "write -P 0x1ff 0 512"'), '0x1ff is not a valid pattern byte\r\n');
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "read 0 abc"'), 'Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- abc\r\n');
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "bogus"'), 'command "bogus" not found\r\n');
+    assert.equal(await d.qmp.hmp('qemu-io nonode "read 0 512"'), "Error: Cannot find device='' nor node-name='nonode'\r\n");
+    assert.equal(await d.qmp.hmp('qemu-io disk0 write 0 512'), 'qemu-io: extraneous characters at the end of line\r\nTry "help qemu-io" for more information\r\n');
+    assert.equal(await d.qmp.hmp('foo'), "unknown command: 'foo'\r\n");
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "aio_write -P 0x11 1536k 4k"'), '');
+    assert.match(await d.qmp.hmp('qemu-io disk0 "aio_flush"'), /^wrote 4096\/4096 bytes at offset 1572864\r\n/);
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "flush"'), '');
+    await d.qmp.execute('blockdev-del', { 'node-name': 'disk0' });
+  } finally {
+    assert.equal(await d.stop(), 0);
+  }
+  const out = execFileSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 0 1000', '-c', 'read -P 0xcd 1000 3000', '-c', 'read -P 0xab 4000 61536', '-c', 'read -P 0 1M 4k', '-c', 'read -P 0x11 1536k 4k', img]).toString();
+  assert.doesNotMatch(out, /Pattern verification failed/);
+  assert.equal(out.match(/^read /gm)?.length, 5);
+  await fsp.rm(dir, { recursive: true, force: true });
+});
+
+test('trace-event via HMP and QMP, with globs', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-trace-'));
+  const d = await spawnDaemon(path.join(dir, 'q.sock'), ['--trace', 'monitor_qmp_cmd_*']);
+  try {
+    const st = await d.qmp.execute<Array<{ name: string; state: string }>>('trace-event-get-state', { name: 'monitor_qmp_*' });
+    assert.deepEqual(st.find((s) => s.name === 'monitor_qmp_cmd_in_band')?.state, 'enabled');
+    assert.equal(await d.qmp.hmp('trace-event monitor_qmp_respond on'), '');
+    assert.equal(await d.qmp.hmp('trace-event zzz on'), 'unknown event "zzz"\r\n');
+    const r = await d.qmp.request('trace-event-set-state', { name: 'nomatchzz', enable: true });
+    assert.deepEqual(r.error, { class: 'GenericError', desc: 'unknown event "nomatchzz"' });
+    await d.qmp.execute('query-version');
+    assert.match(d.stderr(), /monitor_qmp_cmd_in_band .*cmd=query-version/);
+    assert.match(d.stderr(), /monitor_qmp_respond /);
+  } finally {
+    await d.stop();
+  }
+  await fsp.rm(dir, { recursive: true, force: true });
+});
