@@ -299,7 +299,8 @@ test('a sparse and a full 64 TiB bitmap stay small', () => {
   for (let i = 0; i < 1000; i++) hb.set(i * 2 ** 36, 65536);
   assert.equal(hb.count(), 1000 * 65536);
   assert.ok(hb.memoryUsage() < 16 << 20, `sparse: ${hb.memoryUsage()}`);
-  assert.equal(hb.nextDirty(2 ** 36 + 1), 2 * 2 ** 36);
+  assert.equal(hb.nextDirty(2 ** 36 + 1), 2 ** 36 + 1);
+  assert.equal(hb.nextDirty(2 ** 36 + 65536), 2 * 2 ** 36);
   hb.setAll();
   assert.equal(hb.count(), size);
   assert.ok(hb.memoryUsage() < 1 << 20, `full: ${hb.memoryUsage()}`);
