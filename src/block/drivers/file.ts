@@ -1,16 +1,132 @@
 /**
- * The `file` protocol driver: a regular file (or block device) on the host. Reads and writes go to the
- * file at the same offsets; flush is fdatasync, as in QEMU's file-posix.
+ * The `file` protocol driver: a regular file (or block device) on the host, as QEMU's file-posix.
+ *
+ * - Reads and writes go to the file at the same offsets; flush is fdatasync.
+ * - Block status comes from lseek(SEEK_DATA/SEEK_HOLE): holes read as zeroes (zero, not data).
+ * - Discard punches a hole when the node's `discard` option is 'unmap' (QEMU's default 'ignore' makes
+ *   it a no-op); write-zeroes uses FALLOC_FL_ZERO_RANGE, or punches a hole when the caller allows
+ *   unmapping and discard=unmap, and falls back to writing zeroes where the file system cannot.
+ * - cache.direct=on opens with O_DIRECT: the request alignment is probed (512…4096), I/O goes through
+ *   4096-aligned bounce buffers, and a tail that is not a multiple of the alignment (an image whose size
+ *   is not) goes through a second, buffered descriptor.
+ * - Image locking is QEMU's, byte for byte, so QEMU and bitmirror see each other's claims (below).
+ * - `aio` (threads|native|io_uring) is accepted for compatibility; Node's libuv thread pool does all I/O.
+ *
+ * Locking. QEMU's file-posix turns block permissions into shared OFD locks on single bytes: byte
+ * 100+i while it holds permission bit i, byte 200+i while it does not let others have bit i. Bits:
+ * 0 consistent read, 1 write, 2 write unchanged, 3 resize. Before using permissions it checks that no
+ * other open file description locks 200+i for a bit it wants ("Failed to get "write" lock") or 100+i for
+ * a bit it refuses to share ("Failed to get shared "write" lock"). bitmirror has no permission system
+ * through the graph, so a file node claims what QEMU's format layer claims on its file child:
+ *   read-write:  consistent read + write + resize, shares neither write nor resize;
+ *   read-only:   consistent read, shares neither write nor resize (a backing file, qemu-img info);
+ *   force-share: consistent read, shares everything (qemu-img -U).
+ * So qemu-io/qemu-img cannot write an image bitmirror holds, and qemu-img info needs -U, exactly as for
+ * an image a QEMU guest holds.
  */
 import { promises as fsp, constants as fsc } from 'node:fs';
-import { genericError, strerror, errorCode } from '../../errors.js';
-import { BlockNode, type ImageInfo, type WriteFlags } from '../node.js';
+import { genericError, strerror, errorCode, QmpError } from '../../errors.js';
+import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { bool, enumOf, str, int } from '../../qapi/schema.js';
+import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, EAGAIN, EACCES } from '../native.js';
+
+// ---- QEMU's lock bytes ------------------------------------------------------------------------------
+
+export const RAW_LOCK_PERM_BASE = 100;
+export const RAW_LOCK_SHARED_BASE = 200;
+export const BLK_PERM_CONSISTENT_READ = 0x1;
+export const BLK_PERM_WRITE = 0x2;
+export const BLK_PERM_WRITE_UNCHANGED = 0x4;
+export const BLK_PERM_RESIZE = 0x8;
+export const BLK_PERM_ALL = 0xf;
+const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
+
+export type LockingMode = 'auto' | 'on' | 'off';
+
+/** The permissions a file node holds and shares, as QEMU's format layer would claim them. */
+export function filePermissions(readOnly: boolean, forceShare: boolean): { perm: number; shared: number } {
+  if (readOnly && forceShare) return { perm: BLK_PERM_CONSISTENT_READ, shared: BLK_PERM_ALL };
+  const shared = BLK_PERM_ALL & ~(BLK_PERM_WRITE | BLK_PERM_RESIZE);
+  if (readOnly) return { perm: BLK_PERM_CONSISTENT_READ, shared };
+  return { perm: BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE, shared };
+}
+
+/** A QmpError that also carries QEMU's hint line, printed by command-line front ends after the message. */
+export type HintedError = QmpError & { hint?: string };
+
+function lockError(message: string, errno: number): QmpError {
+  // QEMU leaves strerror out when the byte is simply taken (EAGAIN/EACCES).
+  if (errno === EAGAIN || errno === EACCES) return genericError(message);
+  return genericError(`${message}: ${strerror(errnoCode(errno))}`);
+}
+
+/**
+ * Lock bytes for `perm` and ~`shared` on fd, then check nobody else's bytes conflict. Throws QEMU's
+ * message, with the "Is another process using the image" hint, after releasing what it took.
+ */
+export function applyImageLocks(fd: number, filename: string, perm: number, shared: number): void {
+  const n = nativeAddon();
+  if (!n) throw genericError(`Cannot lock '${filename}': ${nativeLoadError() ?? 'native addon unavailable'}`);
+  const taken: number[] = [];
+  const release = (): void => {
+    for (const off of taken) n.unlockByte(fd, off);
+  };
+  try {
+    for (let i = 0; i < PERM_NAMES.length; i++) {
+      const bit = 1 << i;
+      for (const [want, base] of [
+        [(perm & bit) !== 0, RAW_LOCK_PERM_BASE],
+        [(shared & bit) === 0, RAW_LOCK_SHARED_BASE],
+      ] as const) {
+        if (!want) continue;
+        const r = n.lockByte(fd, base + i, false);
+        if (r < 0) throw lockError(`Failed to lock byte ${base + i}`, -r);
+        taken.push(base + i);
+      }
+    }
+    for (let i = 0; i < PERM_NAMES.length; i++) {
+      if (!(perm & (1 << i))) continue;
+      const r = n.testByte(fd, RAW_LOCK_SHARED_BASE + i, true);
+      if (r !== 0) throw lockError(`Failed to get "${PERM_NAMES[i]}" lock`, r > 0 ? EAGAIN : -r);
+    }
+    for (let i = 0; i < PERM_NAMES.length; i++) {
+      if (shared & (1 << i)) continue;
+      const r = n.testByte(fd, RAW_LOCK_PERM_BASE + i, true);
+      if (r !== 0) throw lockError(`Failed to get shared "${PERM_NAMES[i]}" lock`, r > 0 ? EAGAIN : -r);
+    }
+  } catch (err) {
+    release();
+    if (err instanceof QmpError) (err as HintedError).hint = `Is another process using the image [${filename}]?`;
+    throw err;
+  }
+}
+
+// ---- the node -------------------------------------------------------------------------------------
+
+export interface FileNodeOptions {
+  noFlush: boolean;
+  /** discard=unmap: discard and write-zeroes with may-unmap punch holes. */
+  discardUnmap: boolean;
+  /** cache.direct=on: the descriptor has O_DIRECT. */
+  direct: boolean;
+  /** Regular file (false for block devices: no SEEK_DATA games, no zero-init). */
+  regular: boolean;
+  /** Whether lock bytes are held (locking=on, or auto with OFD support). */
+  locked: boolean;
+}
+
+const MEM_ALIGN = 4096;
 
 export class FileNode extends BlockNode {
   readonly driver = 'file';
   private size: number;
+  /** Cleared when the file system turns out not to support them. */
+  private canSeekHoles = true;
+  private canZeroRange = true;
+  private canPunch = true;
+  /** For O_DIRECT: a buffered descriptor for the unaligned tail of an image. */
+  private tailFh: fsp.FileHandle | undefined;
 
   constructor(
     nodeName: string,
@@ -18,10 +134,15 @@ export class FileNode extends BlockNode {
     readonly filename: string,
     private readonly fh: fsp.FileHandle,
     size: number,
-    private readonly noFlush: boolean,
+    readonly fileOptions: FileNodeOptions,
   ) {
     super(nodeName, readOnly);
     this.size = size;
+  }
+
+  /** The OS file descriptor (for tests and diagnostics). */
+  get fd(): number {
+    return this.fh.fd;
   }
 
   length(): number {
@@ -29,33 +150,116 @@ export class FileNode extends BlockNode {
   }
 
   protected async doRead(offset: number, bytes: number): Promise<Buffer> {
+    if (this.fileOptions.direct) return this.directRead(offset, bytes);
     const buf = Buffer.allocUnsafe(bytes);
-    let done = 0;
-    while (done < bytes) {
-      const { bytesRead } = await this.fh.read(buf, done, bytes - done, offset + done);
-      if (bytesRead === 0) {
-        // Past the end of a file that shrank under us: reads as zeroes, as with a sparse tail.
-        buf.fill(0, done);
-        break;
-      }
-      done += bytesRead;
-    }
+    await readFully(this.fh, buf, 0, bytes, offset);
     return buf;
   }
 
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.fh.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
-    }
+    if (this.fileOptions.direct) await this.directWrite(offset, data);
+    else await writeFully(this.fh, data, 0, data.length, offset);
     if (offset + data.length > this.size) this.size = offset + data.length;
     if (flags.fua) await this.doFlush();
   }
 
+  // O_DIRECT: memory, offset and length must all be aligned. The generic layer aligns offset and length
+  // to requestAlignment, except at the end of an image whose size is not a multiple of it.
+  private async directRead(offset: number, bytes: number): Promise<Buffer> {
+    const n = nativeAddon()!;
+    const align = this.requestAlignment;
+    const padded = Math.ceil(bytes / align) * align;
+    const buf = n.alignedBuffer(padded, MEM_ALIGN);
+    await readFully(this.fh, buf, 0, padded, offset, true);
+    return buf.subarray(0, bytes);
+  }
+
+  private async directWrite(offset: number, data: Buffer): Promise<void> {
+    const n = nativeAddon()!;
+    const align = this.requestAlignment;
+    const head = Math.floor(data.length / align) * align;
+    if (head > 0) {
+      const aligned = n.bufferAddress(data) % MEM_ALIGN === 0;
+      const buf = aligned ? data : n.alignedBuffer(head, MEM_ALIGN);
+      if (!aligned) data.copy(buf, 0, 0, head);
+      await writeFully(this.fh, buf, 0, head, offset);
+    }
+    if (head < data.length) {
+      this.tailFh ??= await fsp.open(this.filename, fsc.O_RDWR);
+      await writeFully(this.tailFh, data, head, data.length - head, offset + head);
+      await this.tailFh.datasync();
+    }
+  }
+
   protected async doFlush(): Promise<void> {
-    if (this.noFlush || this.readOnly) return;
+    if (this.fileOptions.noFlush || this.readOnly) return;
     await this.fh.datasync();
+  }
+
+  protected override async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    const n = nativeAddon();
+    const end = Math.min(offset + bytes, this.size);
+    const data = { bytes: end - offset, zero: false, data: true, allocated: true };
+    if (!n || !this.canSeekHoles || !this.fileOptions.regular) return data;
+    const d = await n.seek(this.fh.fd, offset, n.SEEK_DATA);
+    if (d === -ENXIO) {
+      // No data at or after offset: a hole up to the end of the file (or we are past its end).
+      return { bytes: end - offset, zero: true, data: false, allocated: true };
+    }
+    if (d < 0) {
+      if (isUnsupported(d)) this.canSeekHoles = false;
+      return data;
+    }
+    if (d > offset) return { bytes: Math.min(d, end) - offset, zero: true, data: false, allocated: true };
+    // offset is in data: it lasts until the next hole (there is always one at the end of the file).
+    const h = await n.seek(this.fh.fd, offset, n.SEEK_HOLE);
+    if (h <= offset) return data; // raced with a concurrent change, or an error: say data
+    return { bytes: Math.min(h, end) - offset, zero: false, data: true, allocated: true };
+  }
+
+  protected override async doDiscard(offset: number, bytes: number): Promise<void> {
+    if (!this.fileOptions.discardUnmap) return;
+    await this.punchHole(offset, bytes);
+  }
+
+  /** Punch a hole; false when the file system cannot (discard is advisory, so that is no error). */
+  private async punchHole(offset: number, bytes: number): Promise<boolean> {
+    const n = nativeAddon();
+    if (!n || !this.canPunch || !this.fileOptions.regular) return false;
+    const r = await n.fallocate(this.fh.fd, n.FALLOC_FL_PUNCH_HOLE | n.FALLOC_FL_KEEP_SIZE, offset, bytes);
+    if (r < 0) {
+      if (isUnsupported(r)) {
+        this.canPunch = false;
+        return false;
+      }
+      check(r);
+    }
+    await this.extendTo(offset + bytes);
+    return true;
+  }
+
+  /** KEEP_SIZE leaves a file shorter than a range that reached our (in-memory) end: grow it. */
+  private async extendTo(end: number): Promise<void> {
+    if (end < this.size) return;
+    const st = await this.fh.stat();
+    if (st.size < end) await this.fh.truncate(end);
+  }
+
+  protected override async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    const n = nativeAddon();
+    if (n && this.fileOptions.regular) {
+      if (flags.mayUnmap && this.fileOptions.discardUnmap && (await this.punchHole(offset, bytes))) return;
+      if (this.canZeroRange) {
+        const r = await n.fallocate(this.fh.fd, n.FALLOC_FL_ZERO_RANGE, offset, bytes);
+        if (r === 0) {
+          if (flags.fua) await this.doFlush();
+          return;
+        }
+        if (!isUnsupported(r)) check(r);
+        this.canZeroRange = false;
+      }
+    }
+    await super.doWriteZeroes(offset, bytes, flags);
   }
 
   /** Protocol nodes grow when a format driver writes past their end (qcow2 allocation). */
@@ -71,16 +275,58 @@ export class FileNode extends BlockNode {
   }
 
   protected override async doClose(): Promise<void> {
+    // Closing the descriptor releases its OFD locks.
+    await this.tailFh?.close();
     await this.fh.close();
   }
 
   override hasZeroInit(): boolean {
-    return true;
+    return this.fileOptions.regular;
   }
 
   imageInfo(): ImageInfo {
     return { filename: this.filename, format: 'file', 'virtual-size': this.size, 'dirty-flag': false };
   }
+}
+
+async function readFully(fh: fsp.FileHandle, buf: Buffer, start: number, bytes: number, pos: number, direct = false): Promise<void> {
+  let done = 0;
+  while (done < bytes) {
+    const { bytesRead } = await fh.read(buf, start + done, bytes - done, pos + done);
+    done += bytesRead;
+    // With O_DIRECT a short read only happens at the end of the file (and a retry would be unaligned).
+    if (bytesRead === 0 || (direct && done < bytes)) {
+      // Past the end of the file (a sparse tail, or a file that shrank under us): zeroes.
+      buf.fill(0, start + done, start + bytes);
+      break;
+    }
+  }
+}
+
+async function writeFully(fh: fsp.FileHandle, buf: Buffer, start: number, bytes: number, pos: number): Promise<void> {
+  let done = 0;
+  while (done < bytes) {
+    const { bytesWritten } = await fh.write(buf, start + done, bytes - done, pos + done);
+    done += bytesWritten;
+  }
+}
+
+/**
+ * QEMU's raw_probe_alignment for O_DIRECT: the smallest of 512…4096 that a read accepts. A read
+ * at offset 0 is checked for alignment before end-of-file, so an empty file probes as well.
+ */
+async function probeDirectAlignment(fh: fsp.FileHandle): Promise<number> {
+  const n = nativeAddon()!;
+  const buf = n.alignedBuffer(MEM_ALIGN, MEM_ALIGN);
+  for (const align of [512, 1024, 2048, 4096]) {
+    try {
+      await fh.read(buf, 0, align, 0);
+      return align;
+    } catch (err) {
+      if (errorCode(err) !== 'EINVAL') throw err;
+    }
+  }
+  return MEM_ALIGN;
 }
 
 export const fileDriver: BlockDriver = {
@@ -98,28 +344,66 @@ export const fileDriver: BlockDriver = {
     const filename = opts.filename as string;
     let readOnly = opts['read-only'] as boolean;
     const cache = (opts.cache ?? {}) as { direct?: boolean; 'no-flush'?: boolean };
+    const direct = cache.direct === true;
+    const locking = (opts.locking as LockingMode | undefined) ?? 'auto';
+    const forceShare = opts['force-share'] === true;
+    if (forceShare && !readOnly) throw genericError('force-share=on can only be used with read-only images');
+    if (opts.aio === 'native' && !direct) {
+      throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
+    }
+    const n = nativeAddon();
+    if (direct && !n) throw genericError(`cache.direct=on is not available: ${nativeLoadError()}`);
+    const extra = direct ? n!.O_DIRECT : 0;
+
     let fh: fsp.FileHandle;
     try {
-      fh = await fsp.open(filename, readOnly ? fsc.O_RDONLY : fsc.O_RDWR);
+      fh = await fsp.open(filename, (readOnly ? fsc.O_RDONLY : fsc.O_RDWR) | extra);
     } catch (err) {
       const code = errorCode(err);
       // auto-read-only: fall back to read-only when the file cannot be opened for writing.
       if (!readOnly && opts['auto-read-only'] === true && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
-        fh = await fsp.open(filename, fsc.O_RDONLY).catch((e2) => {
+        fh = await fsp.open(filename, fsc.O_RDONLY | extra).catch((e2) => {
           throw genericError(`Could not open '${filename}': ${strerror(errorCode(e2))}`);
         });
         readOnly = true;
+      } else if (direct && code === 'EINVAL') {
+        throw genericError(`Could not open '${filename}': filesystem does not support O_DIRECT`);
       } else {
         throw genericError(`Could not open '${filename}': ${strerror(code)}`);
       }
     }
-    const st = await fh.stat();
-    if (st.isDirectory()) {
-      await fh.close();
-      throw genericError(`'${filename}' is a directory`);
+    try {
+      const st = await fh.stat();
+      if (st.isDirectory()) throw genericError(`'${filename}' is a directory`);
+      const size = st.isBlockDevice() ? await blockDeviceSize(fh) : st.size;
+
+      let locked = false;
+      if (locking !== 'off') {
+        const ofd = n ? n.ofdSupported(fh.fd) : -1;
+        if (ofd === 0) {
+          const { perm, shared } = filePermissions(readOnly, forceShare);
+          applyImageLocks(fh.fd, filename, perm, shared);
+          locked = true;
+        } else if (locking === 'on') {
+          throw genericError(
+            n ? `Failed to lock '${filename}': OFD locks are not supported: ${strerror(errnoCode(-ofd))}` : `Cannot lock '${filename}': ${nativeLoadError()}`,
+          );
+        }
+      }
+
+      const node = new FileNode(nodeName, readOnly, filename, fh, size, {
+        noFlush: cache['no-flush'] === true,
+        discardUnmap: opts.discard === 'unmap',
+        direct,
+        regular: st.isFile(),
+        locked,
+      });
+      if (direct) node.requestAlignment = await probeDirectAlignment(fh);
+      return node;
+    } catch (err) {
+      await fh.close().catch(() => undefined);
+      throw err;
     }
-    const size = st.isBlockDevice() ? await blockDeviceSize(fh) : st.size;
-    return new FileNode(nodeName, readOnly, filename, fh, size, cache['no-flush'] === true);
   },
 };
 

@@ -1,0 +1,185 @@
+/**
+ * The file driver's use of the native addon: block status from SEEK_DATA/SEEK_HOLE, discard as a
+ * punched hole, write-zeroes as ZERO_RANGE, O_DIRECT with aligned buffers.
+ */
+import { test } from 'node:test';
+import { strict as assert } from 'node:assert';
+import { mkdtempSync, rmSync, writeFileSync, truncateSync, statSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { BlockGraph } from '../../src/block/graph.js';
+import { fileDriver, FileNode } from '../../src/block/drivers/file.js';
+import { nativeAddon } from '../../src/block/native.js';
+import type { BlockNode, BlockStatus } from '../../src/block/node.js';
+
+const MiB = 1 << 20;
+
+function tmp(): { dir: string; done: () => void } {
+  const dir = mkdtempSync(join(tmpdir(), 'bm-file-'));
+  return { dir, done: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+async function open(opts: Record<string, unknown>): Promise<{ graph: BlockGraph; node: FileNode }> {
+  const graph = new BlockGraph();
+  graph.registerDriver(fileDriver);
+  const node = (await graph.open({ driver: 'file', locking: 'off', ...opts })) as FileNode;
+  return { graph, node };
+}
+
+/** The whole map of a node as [offset, bytes, zero, data] runs. */
+async function map(node: BlockNode): Promise<[number, number, boolean, boolean][]> {
+  const out: [number, number, boolean, boolean][] = [];
+  for (let off = 0; off < node.length(); ) {
+    const st: BlockStatus = await node.blockStatus(off, node.length() - off);
+    const last = out[out.length - 1];
+    if (last && last[2] === st.zero && last[3] === st.data) last[1] += st.bytes;
+    else out.push([off, st.bytes, st.zero, st.data]);
+    assert.equal(st.allocated, true);
+    off += st.bytes;
+  }
+  return out;
+}
+
+function blocksUsed(path: string): number {
+  return statSync(path).blocks * 512;
+}
+
+test('native addon is built', () => {
+  assert.ok(nativeAddon(), 'run npm run build:native');
+});
+
+test('block status of a sparse file: holes read as zero, not data', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 'sparse.img');
+    writeFileSync(f, '');
+    truncateSync(f, 4 * MiB);
+    const { graph, node } = await open({ filename: f });
+    assert.deepEqual(await map(node), [[0, 4 * MiB, true, false]]);
+    await node.write(MiB, Buffer.alloc(64 * 1024, 0xab));
+    assert.deepEqual(await map(node), [
+      [0, MiB, true, false],
+      [MiB, 64 * 1024, false, true],
+      [MiB + 64 * 1024, 3 * MiB - 64 * 1024, true, false],
+    ]);
+    // A request smaller than the run stops at its end.
+    const st = await node.blockStatus(MiB + 4096, 4096);
+    assert.deepEqual(st, { bytes: 4096, zero: false, data: true, allocated: true });
+    await graph.closeAll();
+  } finally {
+    t.done();
+  }
+});
+
+test('discard punches a hole only with discard=unmap', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 'd.img');
+    writeFileSync(f, Buffer.alloc(2 * MiB, 0x5a));
+    {
+      const { graph, node } = await open({ filename: f });
+      await node.discard(0, MiB);
+      assert.deepEqual(await map(node), [[0, 2 * MiB, false, true]], 'discard=ignore is a no-op');
+      await graph.closeAll();
+    }
+    const { graph, node } = await open({ filename: f, discard: 'unmap' });
+    const before = blocksUsed(f);
+    await node.discard(0, MiB);
+    assert.deepEqual(await map(node), [
+      [0, MiB, true, false],
+      [MiB, MiB, false, true],
+    ]);
+    assert.ok(blocksUsed(f) <= before - MiB, 'space is freed');
+    assert.equal(statSync(f).size, 2 * MiB, 'size is kept');
+    assert.ok((await node.read(0, MiB)).equals(Buffer.alloc(MiB)));
+    assert.ok((await node.read(MiB, MiB)).equals(Buffer.alloc(MiB, 0x5a)));
+    await graph.closeAll();
+  } finally {
+    t.done();
+  }
+});
+
+test('write-zeroes: ZERO_RANGE keeps allocation, may-unmap with discard=unmap punches', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 'z.img');
+    writeFileSync(f, Buffer.alloc(2 * MiB, 0x77));
+    const { graph, node } = await open({ filename: f, discard: 'unmap' });
+    const before = blocksUsed(f);
+    await node.writeZeroes(0, MiB);
+    assert.ok((await node.read(0, MiB)).equals(Buffer.alloc(MiB)));
+    assert.ok(blocksUsed(f) >= before - 64 * 1024, 'ZERO_RANGE does not deallocate');
+    await node.writeZeroes(MiB, MiB, { mayUnmap: true });
+    assert.ok((await node.read(MiB, MiB)).equals(Buffer.alloc(MiB)));
+    const st = await node.blockStatus(MiB, MiB);
+    assert.deepEqual([st.zero, st.data], [true, false]);
+    assert.equal(statSync(f).size, 2 * MiB);
+    // Unaligned write-zeroes in the middle of data.
+    await node.write(0, Buffer.alloc(8192, 1));
+    await node.writeZeroes(100, 1000);
+    const b = await node.read(0, 8192);
+    assert.equal(b.subarray(100, 1100).every((x) => x === 0), true);
+    assert.equal(b[99], 1);
+    assert.equal(b[1100], 1);
+    await graph.closeAll();
+  } finally {
+    t.done();
+  }
+});
+
+test('write-zeroes past a punched tail keeps the file size', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 't.img');
+    writeFileSync(f, Buffer.alloc(MiB, 3));
+    const { graph, node } = await open({ filename: f, discard: 'unmap' });
+    await node.writeZeroes(MiB - 4096, 4096, { mayUnmap: true });
+    assert.equal(statSync(f).size, MiB);
+    await graph.closeAll();
+  } finally {
+    t.done();
+  }
+});
+
+test('cache.direct=on: O_DIRECT with probed alignment, unaligned requests and tail', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 'direct.img');
+    const size = MiB + 1000; // not a multiple of any alignment
+    const content = Buffer.alloc(size);
+    for (let i = 0; i < size; i++) content[i] = (i * 7) & 0xff;
+    writeFileSync(f, content);
+    const { graph, node } = await open({ filename: f, cache: { direct: true }, aio: 'native' });
+    assert.ok([512, 1024, 2048, 4096].includes(node.requestAlignment), `alignment ${node.requestAlignment}`);
+    assert.ok((await node.read(0, size)).equals(content));
+    assert.ok((await node.read(13, 777)).equals(content.subarray(13, 790)));
+    const patch = Buffer.alloc(5000, 0xee);
+    await node.write(3, patch);
+    patch.copy(content, 3);
+    await node.write(size - 10, Buffer.alloc(10, 0xcd));
+    content.fill(0xcd, size - 10);
+    await node.writeZeroes(8192, 4096);
+    content.fill(0, 8192, 8192 + 4096);
+    await node.flush();
+    assert.ok((await node.read(0, size)).equals(content));
+    await graph.closeAll();
+    assert.ok(readFileSync(f).equals(content));
+  } finally {
+    t.done();
+  }
+});
+
+test('aio=native without cache.direct is refused as QEMU does', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 'a.img');
+    writeFileSync(f, Buffer.alloc(4096));
+    await assert.rejects(open({ filename: f, aio: 'native' }), {
+      message: 'aio=native was specified, but it requires cache.direct=on, which was not specified.',
+    });
+    const { graph } = await open({ filename: f, aio: 'io_uring' });
+    await graph.closeAll();
+  } finally {
+    t.done();
+  }
+});
