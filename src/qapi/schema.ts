@@ -157,7 +157,6 @@ export function visit(schema: Schema, value: unknown, path: string, opts: VisitO
 }
 
 function visitInt(name: string, value: unknown, path: string, opts: VisitOptions): number {
-  let big: bigint;
   if (opts.keyval && typeof value === 'string') {
     const m = name === 'size' ? /^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)[bB]?\s*$/.exec(value) : /^\s*(-?(?:0x[0-9a-fA-F]+|\d+))\s*$/.exec(value);
     if (!m) throw genericError(`Parameter '${path}' expects ${name === 'size' ? 'a size value' : 'a number'}`);
@@ -169,7 +168,7 @@ function visitInt(name: string, value: unknown, path: string, opts: VisitOptions
     }
   }
   if (typeof value !== 'number' || !Number.isInteger(value)) throw genericError(`Invalid parameter type for '${path}', expected: integer`);
-  big = BigInt(value);
+  const big = BigInt(value);
   const [lo, hi] = INT_RANGES[name];
   if (big < lo || big > hi) {
     if (C_TYPE[name]) throw genericError(`Parameter '${path}' expects ${C_TYPE[name]}`);

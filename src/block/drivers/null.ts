@@ -5,7 +5,7 @@
  */
 import { BlockNode, type BlockStatus, type ImageInfo } from '../node.js';
 import type { BlockDriver } from '../graph.js';
-import { bool, int, size } from '../../qapi/schema.js';
+import { bool, size } from '../../qapi/schema.js';
 
 export class NullNode extends BlockNode {
   readonly driver = 'null-co';
@@ -46,4 +46,3 @@ export const nullDriver: BlockDriver = {
     return new NullNode(nodeName, opts['read-only'] as boolean, (opts.size as number | undefined) ?? 2 ** 30, (opts['read-zeroes'] as boolean | undefined) ?? false);
   },
 };
-void int;

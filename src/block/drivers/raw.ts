@@ -5,7 +5,7 @@
 import { genericError } from '../../errors.js';
 import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
-import { alternate, object, size, str } from '../../qapi/schema.js';
+import { alternate, size } from '../../qapi/schema.js';
 
 export class RawNode extends BlockNode {
   readonly driver = 'raw';
@@ -69,5 +69,3 @@ export const rawDriver: BlockDriver = {
     return new RawNode(nodeName, opts['read-only'] as boolean, file, offset, sz);
   },
 };
-void object;
-void str;

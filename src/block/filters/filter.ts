@@ -1,0 +1,73 @@
+/**
+ * A filter node: sits above another node (its child) and passes every request down, so that jobs can
+ * put themselves in the I/O path (mirror-top, copy-before-write) and be taken out again at the end.
+ * Guest-visible data is the child's; block status, sizes and cluster facts are the child's too.
+ */
+import { BlockNode, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../node.js';
+
+export abstract class FilterNode extends BlockNode {
+  /** QEMU's filters hold their child as 'backing' (mirror_top) or 'file' (copy-before-write). */
+  constructor(
+    nodeName: string,
+    child: BlockNode,
+    private readonly childRole: 'backing' | 'file',
+  ) {
+    super(nodeName, child.readOnly);
+    this.attachChild(childRole, child);
+  }
+
+  /** The filtered node. */
+  get filtered(): BlockNode {
+    return this.child(this.childRole)!.node;
+  }
+
+  override primaryChild(): BlockNode | undefined {
+    return this.filtered;
+  }
+  /** A filter has no backing file of its own, even when its child edge is called 'backing'. */
+  override backing(): BlockNode | undefined {
+    return undefined;
+  }
+  override formatLayer(): BlockNode {
+    return this.filtered.formatLayer();
+  }
+  override isAllocatedAbove(base: BlockNode | undefined, offset: number, bytes: number): Promise<{ allocated: boolean; bytes: number }> {
+    return this.filtered.isAllocatedAbove(base, offset, bytes);
+  }
+
+  length(): number {
+    return this.filtered.length();
+  }
+  protected doRead(offset: number, bytes: number): Promise<Buffer> {
+    return this.filtered.read(offset, bytes);
+  }
+  protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    return this.filtered.write(offset, data, flags);
+  }
+  protected override doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    return this.filtered.writeZeroes(offset, bytes, flags);
+  }
+  protected override doDiscard(offset: number, bytes: number): Promise<void> {
+    return this.filtered.discard(offset, bytes);
+  }
+  protected doFlush(): Promise<void> {
+    return this.filtered.flush();
+  }
+  protected override doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    return this.filtered.blockStatus(offset, bytes);
+  }
+  /** A filter never owns its child's lifetime: closing it must not close the source. */
+  override async close(): Promise<void> {
+    await this.tracker.drain();
+  }
+  override nodeInfo(): NodeInfo {
+    return this.filtered.nodeInfo();
+  }
+  override hasZeroInit(): boolean {
+    return this.filtered.hasZeroInit();
+  }
+  imageInfo(): ImageInfo {
+    const c = this.filtered.imageInfo();
+    return { ...c, format: this.driver };
+  }
+}

@@ -1,0 +1,86 @@
+/**
+ * `bitmirror daemon`'s command line: qemu-storage-daemon's options in both forms, clean exits on
+ * SIGTERM and quit (with data flushed), and clear messages (no stack traces) for bad options.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { BITMIRROR_BIN, spawnDaemon } from '../../src/daemon/spawn.js';
+import { QmpClient } from '../../src/qmp/client.js';
+
+function runCli(args: string[]): { status: number | null; stderr: string } {
+  const r = spawnSync(process.execPath, [BITMIRROR_BIN, 'daemon', ...args], { encoding: 'utf8', timeout: 20_000 });
+  return { status: r.status, stderr: r.stderr };
+}
+
+test('bad options get a one-line message and a non-zero exit', () => {
+  const cases: Array<[string[], RegExp]> = [
+    [['--bogus'], /unrecognized option '--bogus'/],
+    [['--chardev'], /requires an argument/],
+    [['--monitor', 'chardev=nope'], /chardev "nope" not found/],
+    [['--chardev', 'socket,id=m'], /path=… or host=…,port=…/],
+    [['--blockdev', 'driver=file'], /Parameter 'filename' is missing/],
+    [['--blockdev', 'driver=nope,node-name=x'], /Parameter 'driver' does not accept value 'nope'/],
+    [['--blockdev', 'driver=file,filename=/nonexistent/x,node-name=f'], /Could not open '\/nonexistent\/x': No such file or directory/],
+    [['--blockdev', '{"driver": '], /invalid JSON/],
+    [['--blockdev', 'driver=null-co,node-name=n,size=abc'], /Parameter 'size' expects a size value/],
+  ];
+  for (const [args, re] of cases) {
+    const r = runCli(args);
+    assert.notEqual(r.status, 0, args.join(' '));
+    assert.match(r.stderr, re, args.join(' '));
+    assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+  }
+});
+
+test('--blockdev in dotted and JSON form, --pidfile, TCP monitor, SIGTERM flushes and exits 0', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-cli-'));
+  const img = path.join(dir, 'a.raw');
+  await fsp.writeFile(img, Buffer.alloc(1 << 20));
+  const pidfile = path.join(dir, 'pid');
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const proc = spawn(
+    process.execPath,
+    [
+      BITMIRROR_BIN, 'daemon',
+      '--chardev', `socket,id=t0,host=127.0.0.1,port=${port},server=on,wait=off`,
+      '--monitor', 'chardev=t0',
+      '--blockdev', `driver=file,node-name=f0,filename=${img}`,
+      '--blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'd0', file: 'f0' }),
+      '--pidfile', pidfile,
+    ],
+    { stdio: 'ignore' },
+  );
+  const exited = new Promise<number | null>((r) => proc.once('exit', (c) => r(c)));
+  let qmp: QmpClient | undefined;
+  for (let i = 0; i < 200 && !qmp; i++) {
+    try {
+      qmp = await QmpClient.connect({ host: '127.0.0.1', port });
+    } catch {
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  assert.ok(qmp);
+  assert.equal((await fsp.readFile(pidfile, 'utf8')).trim(), String(proc.pid));
+  const nodes = await qmp.execute<Array<{ 'node-name': string; drv: string }>>('query-named-block-nodes');
+  assert.deepEqual(nodes.map((n) => [n['node-name'], n.drv]), [['d0', 'raw'], ['f0', 'file']]);
+  await qmp.hmp('qemu-io d0 "write -P 0x77 4k 4k"');
+  proc.kill('SIGTERM');
+  assert.equal(await exited, 0);
+  qmp.close();
+  const data = await fsp.readFile(img);
+  assert.ok(data.subarray(4096, 8192).every((b) => b === 0x77));
+  await assert.rejects(fsp.access(pidfile), 'pidfile removed on exit');
+  await fsp.rm(dir, { recursive: true, force: true });
+});
+
+test('quit replies, then the daemon exits 0', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-quit-'));
+  const d = await spawnDaemon(path.join(dir, 'q.sock'));
+  assert.deepEqual(await d.qmp.execute('quit'), {});
+  assert.equal(await d.stop(), 0);
+  await fsp.rm(dir, { recursive: true, force: true });
+});

@@ -1,0 +1,67 @@
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { JsonStreamParser, encodeQmp, type JsonMessage } from '../../src/qmp/json.js';
+import { parseKeyval, visit, object, str, size, bool, uint32, arrayOf } from '../../src/qapi/schema.js';
+
+function parseAll(chunks: string[]): JsonMessage[] {
+  const out: JsonMessage[] = [];
+  const p = new JsonStreamParser((m) => out.push(m));
+  for (const c of chunks) p.feed(c);
+  p.end();
+  return out;
+}
+
+test('stream framing: split, joined, byte-at-a-time', () => {
+  const text = '{"execute": "a", "arguments": {"s": "x}{\\"y", "n": [1, -2.5e3, true, null]}}{"execute":"b"}\n';
+  const whole = parseAll([text]);
+  assert.equal(whole.length, 2);
+  assert.deepEqual(whole[0], { ok: true, value: { execute: 'a', arguments: { s: 'x}{"y', n: [1, -2500, true, null] } } });
+  const bytewise = parseAll([...text]);
+  assert.deepEqual(bytewise, whole);
+});
+
+test('parse errors use QEMU wording and the stream recovers', () => {
+  const msgs = parseAll(['{"a":}', '{"a" 1}', '{"a":1,"a":2}', '{"a":nul}', '{1:2}', '{"b":1}']);
+  assert.deepEqual(
+    msgs.map((m) => (m.ok ? 'ok' : m.error)),
+    ['expecting value', 'missing : in object pair', 'duplicate key', "invalid keyword 'nul'", 'key is not a string in object', 'ok'],
+  );
+});
+
+test('single quotes, escapes and unicode', () => {
+  const [m] = parseAll(["{'a': 'it''s'}"]);
+  assert.equal(m.ok, false);
+  const [n] = parseAll(["{'a': 'q\\'s \\u00e9'}"]);
+  assert.deepEqual(n, { ok: true, value: { a: "q's é" } });
+});
+
+test('deep nesting is refused, not a stack overflow', () => {
+  const msgs = parseAll(['['.repeat(5000)]);
+  assert.equal(msgs[0].ok, false);
+});
+
+test('encoder writes ASCII with QEMU separators', () => {
+  assert.equal(encodeQmp({ a: [1, 'é\n'], b: { c: true } }), '{"a": [1, "\\u00e9\\n"], "b": {"c": true}}');
+});
+
+test('keyval parsing as QEMU: dots nest, ",," escapes, implied key, lists', () => {
+  assert.deepEqual(parseKeyval('qcow2,node-name=a,file.driver=file,file.filename=x,,y.img', 'driver'), {
+    driver: 'qcow2',
+    'node-name': 'a',
+    file: { driver: 'file', filename: 'x,y.img' },
+  });
+  assert.deepEqual(parseKeyval('l.0=a,l.1=b'), { l: ['a', 'b'] });
+  assert.throws(() => parseKeyval('a.b=1,a=2'), /used inconsistently/);
+});
+
+test('schema visitor messages', () => {
+  const s = object('T', { name: str, '*size': size, '*flag': bool, '*g': uint32, '*list': arrayOf(str) });
+  assert.throws(() => visit(s, {}, ''), { message: "Parameter 'name' is missing" });
+  assert.throws(() => visit(s, { name: 1 }, ''), { message: "Invalid parameter type for 'name', expected: string" });
+  assert.throws(() => visit(s, { name: 'a', x: 1 }, ''), { message: "Parameter 'x' is unexpected" });
+  assert.throws(() => visit(s, { name: 'a', size: -1 }, ''), { message: "Parameter 'size' expects a non-negative number below 2^64" });
+  assert.throws(() => visit(s, { name: 'a', g: 2 ** 32 }, ''), { message: "Parameter 'g' expects uint32_t" });
+  assert.throws(() => visit(s, { name: 'a', flag: 'on' }, ''), { message: "Invalid parameter type for 'flag', expected: boolean" });
+  assert.deepEqual(visit(s, { name: 'a', size: '1M', flag: 'on' }, '', { keyval: true }), { name: 'a', size: 1048576, flag: true });
+  assert.throws(() => visit(s, { name: 'a', flag: 'maybe' }, '', { keyval: true }), { message: "Parameter 'flag' expects 'on' or 'off'" });
+});
