@@ -5,9 +5,11 @@ import type { CommandDef } from './registry.js';
 import { blockdevCommands } from './blockdev.js';
 import { hmpCommands } from './hmp.js';
 import { miscCommands } from './misc.js';
+import { bitmapCommands } from './bitmaps.js';
+import { transactionCommands } from './transaction.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands);
   return table;
 }

@@ -6,19 +6,22 @@
 import { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { EventBus } from './events.js';
+import { BitmapManager } from '../bitmap/manager.js';
 import { tracer } from '../trace/trace.js';
 
 export class Core {
   readonly graph = new BlockGraph();
   readonly events = new EventBus();
   readonly trace = tracer;
+  /** Dirty bitmaps of every node, and the write observers that feed them. */
+  readonly bitmaps = new BitmapManager();
   /** Nodes added by blockdev-add (the monitor holds a reference; only those may be blockdev-del'd). */
   readonly monitorOwned = new Set<BlockNode>();
   /**
    * The `dirty-bitmaps` member of query-named-block-nodes for a node (undefined when it has none).
    * The bitmap layer sets this when it is wired in.
    */
-  dirtyBitmapInfo: (node: BlockNode) => unknown[] | undefined = () => undefined;
+  dirtyBitmapInfo: (node: BlockNode) => unknown[] | undefined = (node) => this.bitmaps.info(node);
   /** Called to stop the daemon (QMP quit). Set by the daemon. */
   requestShutdown: () => void = () => undefined;
   /** Actions to run at shutdown before nodes are closed (cancel jobs, stop exports), in registration order. */
