@@ -1,0 +1,38 @@
+/**
+ * The qcow2 format driver. `qcow2Driver` opens nodes (blockdev-add driver=qcow2); `createQcow2` formats
+ * a protocol node (blockdev-create). See node.ts for I/O, open.ts for open-time checks.
+ */
+import type { BlockDriver } from '../../graph.js';
+import { alternate, any, bool, enumOf, int, object, str } from '../../../qapi/schema.js';
+import { openQcow2 } from './open.js';
+
+export { createQcow2, type Qcow2CreateOptions } from './create.js';
+export { Qcow2Node, type BitmapToStore } from './node.js';
+export type { StoredBitmap } from './bitmaps.js';
+
+const BlockdevRef = alternate('BlockdevRef', str, any);
+const BlockdevRefOrNull = alternate('BlockdevRefOrNull', str, { kind: 'null' }, any);
+
+export const qcow2Driver: BlockDriver = {
+  name: 'qcow2',
+  options: {
+    file: BlockdevRef,
+    '*backing': BlockdevRefOrNull,
+    '*lazy-refcounts': bool,
+    '*pass-discard-request': bool,
+    '*pass-discard-snapshot': bool,
+    '*pass-discard-other': bool,
+    '*discard-no-unref': bool,
+    '*overlap-check': any,
+    '*cache-size': int,
+    '*l2-cache-size': int,
+    '*l2-cache-entry-size': int,
+    '*refcount-cache-size': int,
+    '*cache-clean-interval': int,
+    '*encrypt': object('BlockdevQcow2Encryption', { format: enumOf('BlockdevQcow2EncryptionFormat', ['aes', 'luks']), '*key-secret': str }),
+    '*data-file': BlockdevRef,
+  },
+  open(nodeName, opts, ctx) {
+    return openQcow2(nodeName, opts, ctx);
+  },
+};

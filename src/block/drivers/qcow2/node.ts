@@ -1,0 +1,664 @@
+/**
+ * Qcow2Node: guest I/O through L1/L2 tables, cluster allocation with crash-safe ordering, zero
+ * clusters, discard, block status, and the persistent-bitmap storage API.
+ *
+ * Concurrency: a reader/writer lock. Reads, and writes into clusters that are already allocated with
+ * refcount 1 (COPIED), share it; anything that changes metadata (allocation, zeroing, discard, flush)
+ * holds it alone, so no cluster is allocated twice and no cluster is freed under a request using it.
+ *
+ * Durability (formats.md §1.9): L2 tables and refcount blocks are cached and written back on flush,
+ * eviction, or before a cluster is freed, always in the order refcount blocks → flush → L2 tables →
+ * flush. Data written into a new cluster completes before its L2 entry is updated in the cache, and
+ * write-back runs under the exclusive lock, so the flush before the L2 write covers that data. New L2
+ * tables are written and flushed before the L1 entry that points at them (synchronous L1 write).
+ * Refcounts are only decremented after the entry that referenced the cluster is durable.
+ */
+import { BlockIOError, genericError } from '../../../errors.js';
+import { BlockNode, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  COMPAT_LAZY_REFCOUNTS,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  serializeHeader,
+  type Qcow2Header,
+} from './header.js';
+import { Refcounts, type MetadataRange } from './refcount.js';
+import { COPIED_HI, decodeL1, decodeL2, encodeEntry, RWLock, TableCache, type L2Entry } from './tables.js';
+import { decompressCluster } from './compressed.js';
+import { walkReferences } from './walk.js';
+import { BME_FLAG_AUTO, BME_FLAG_IN_USE, parseBitmapDirectory, serializeBitmapDirectory, type StoredBitmap } from './bitmaps.js';
+
+interface Mapping {
+  entry: L2Entry;
+  /** Bytes from the queried offset that share this mapping (host-contiguous for normal clusters). */
+  bytes: number;
+  l1Index: number;
+  l2Index: number;
+}
+
+/** A bitmap to store: its name, granularity, flags, and serialized data (formats.md §2.4). */
+export interface BitmapToStore {
+  name: string;
+  granularity: number;
+  /** Enabled bitmaps are stored with the 'auto' flag. */
+  auto: boolean;
+  /** Serialized bits, LSB first, ceil(ceil(size/granularity)/8) bytes. */
+  data: Buffer;
+}
+
+export class Qcow2Node extends BlockNode {
+  readonly driver = 'qcow2';
+  readonly cs: number;
+  readonly clusterBits: number;
+  readonly l2Entries: number;
+  readonly v3: boolean;
+  private readonly l2cache: TableCache;
+  private readonly lock = new RWLock();
+  /** The dirty bit is set on disk for this session (lazy refcounts). */
+  private markedDirty = false;
+  /** We set the dirty bit ourselves (lazy refcounts): not shown as dirty-flag while open. */
+  private dirtySetByUs = false;
+  private lastCompressed?: { offset: number; data: Buffer };
+  unmapAllowed = false;
+
+  constructor(
+    nodeName: string,
+    readOnly: boolean,
+    file: BlockNode,
+    readonly header: Qcow2Header,
+    private readonly l1: Buffer,
+    readonly rc: Refcounts,
+    readonly backingDisplayName: string | undefined,
+  ) {
+    super(nodeName, readOnly);
+    this.attachChild('file', file);
+    this.clusterBits = header.clusterBits;
+    this.cs = 2 ** header.clusterBits;
+    this.l2Entries = this.cs / 8;
+    this.v3 = header.version === 3;
+    this.l2cache = new TableCache(file, this.cs, Math.max(16, Math.floor((16 << 20) / this.cs)));
+    this.markedDirty = (header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  get file(): BlockNode {
+    return this.child('file')!.node;
+  }
+
+  length(): number {
+    return this.header.size;
+  }
+
+  override nodeInfo(): NodeInfo {
+    return { clusterSize: this.cs };
+  }
+
+  override hasZeroInit(): boolean {
+    return this.header.backingFile === undefined && !this.backing();
+  }
+
+  // ---- metadata helpers ---------------------------------------------------------------------------
+
+  /** Metadata ranges that must never be handed out or overwritten with guest data. */
+  metadataRanges(): MetadataRange[] {
+    return [
+      { offset: 0, bytes: this.cs, what: 'qcow2 header' },
+      { offset: this.header.l1TableOffset, bytes: this.header.l1Size * 8, what: 'active L1 table' },
+      ...this.rc.metadataRanges(),
+    ];
+  }
+
+  private isReserved = (cluster: number): boolean => {
+    const off = cluster * this.cs;
+    if (cluster === 0) return true;
+    const l1End = this.header.l1TableOffset + this.header.l1Size * 8;
+    if (off < l1End && off + this.cs > this.header.l1TableOffset) return true;
+    const rtEnd = this.rc.tableOffset + this.rc.tableClusters * this.cs;
+    return off < rtEnd && off + this.cs > this.rc.tableOffset;
+  };
+
+  private async readFile(off: number, n: number): Promise<Buffer> {
+    const avail = Math.max(0, Math.min(n, this.file.length() - off));
+    const b = avail > 0 ? await this.file.read(off, avail) : Buffer.alloc(0);
+    return b.length === n ? b : Buffer.concat([b, Buffer.alloc(n - b.length)]);
+  }
+
+  private checkHostOffset(off: number, what: string): void {
+    if (off + this.cs > 2 ** 56 || off >= Math.max(this.file.length(), (this.rc.highestAllocated + 1) * this.cs)) {
+      throw new BlockIOError('EIO', `qcow2: ${what} at offset ${off} is beyond the end of the image file`);
+    }
+  }
+
+  private async l2Table(l1Index: number): Promise<{ table: Buffer; offset: number; copied: boolean } | undefined> {
+    if (l1Index >= this.header.l1Size) return undefined;
+    const e = decodeL1(this.l1, l1Index);
+    if (!e.offset) return undefined;
+    if (e.bad) throw new BlockIOError('EIO', `qcow2: ${e.bad}`);
+    if (e.offset % this.cs) throw new BlockIOError('EIO', `qcow2: L2 table offset ${e.offset} is not cluster aligned`);
+    this.checkHostOffset(e.offset, 'L2 table');
+    return { table: await this.l2cache.get(e.offset), offset: e.offset, copied: e.copied };
+  }
+
+  /** The mapping of `offset` and how far it extends (at most `max` bytes, within one L2 table). */
+  private async lookup(offset: number, max: number): Promise<Mapping> {
+    const gc = Math.floor(offset / this.cs);
+    const l1Index = Math.floor(gc / this.l2Entries);
+    const l2Index = gc % this.l2Entries;
+    const inCluster = offset % this.cs;
+    const tableEnd = (l1Index + 1) * this.l2Entries * this.cs;
+    const limit = Math.min(offset + max, tableEnd, this.header.size);
+    const t = await this.l2Table(l1Index);
+    if (!t) {
+      return { entry: { type: 'unallocated', offset: 0, copied: false, csize: 0 }, bytes: limit - offset, l1Index, l2Index };
+    }
+    const first = decodeL2(t.table, l2Index, this.clusterBits, this.v3);
+    if (first.bad) throw new BlockIOError('EIO', `qcow2: ${first.bad} (guest offset ${offset})`);
+    let end = (gc + 1) * this.cs;
+    if (first.type !== 'compressed') {
+      for (let i = l2Index + 1; end < limit; i++) {
+        const d = decodeL2(t.table, i, this.clusterBits, this.v3);
+        if (d.type !== first.type || d.copied !== first.copied || d.bad) break;
+        if ((first.type === 'normal' || first.type === 'zero-alloc') && d.offset !== first.offset + (i - l2Index) * this.cs) break;
+        end += this.cs;
+      }
+    }
+    if (first.type === 'normal' || first.type === 'zero-alloc') this.checkHostOffset(first.offset, 'data cluster');
+    void inCluster;
+    return { entry: first, bytes: Math.min(end, limit) - offset, l1Index, l2Index };
+  }
+
+  // ---- read ---------------------------------------------------------------------------------------
+
+  protected async doRead(offset: number, bytes: number): Promise<Buffer> {
+    return this.lock.withShared(() => this.readUnlocked(offset, bytes));
+  }
+
+  private async readUnlocked(offset: number, bytes: number): Promise<Buffer> {
+    const out = Buffer.alloc(bytes);
+    let pos = 0;
+    while (pos < bytes) {
+      const off = offset + pos;
+      const m = await this.lookup(off, bytes - pos);
+      const n = m.bytes;
+      const e = m.entry;
+      switch (e.type) {
+        case 'unallocated': {
+          const b = this.backing();
+          if (b && off < b.length()) {
+            const k = Math.min(n, b.length() - off);
+            (await b.read(off, k)).copy(out, pos);
+          }
+          break;
+        }
+        case 'zero-plain':
+        case 'zero-alloc':
+          break;
+        case 'normal':
+          (await this.readFile(e.offset + (off % this.cs), n)).copy(out, pos);
+          break;
+        case 'compressed': {
+          const data = await this.readCompressed(e);
+          data.copy(out, pos, off % this.cs, (off % this.cs) + n);
+          break;
+        }
+      }
+      pos += n;
+    }
+    return out;
+  }
+
+  private async readCompressed(e: L2Entry): Promise<Buffer> {
+    if (this.lastCompressed?.offset === e.offset) return this.lastCompressed.data;
+    if (e.offset + e.csize > this.file.length() + 512) throw new BlockIOError('EIO', 'qcow2: compressed cluster is beyond the end of the image file');
+    const raw = await this.readFile(e.offset, e.csize);
+    const data = decompressCluster(raw, this.cs);
+    this.lastCompressed = { offset: e.offset, data };
+    return data;
+  }
+
+  // ---- write --------------------------------------------------------------------------------------
+
+  protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    let pos = 0;
+    while (pos < data.length) {
+      const off = offset + pos;
+      // Fast path: overwrite clusters that are allocated and exclusively ours.
+      const done = await this.lock.withShared(async () => {
+        const m = await this.lookup(off, data.length - pos);
+        if (m.entry.type !== 'normal' || !m.entry.copied) return 0;
+        await this.file.write(m.entry.offset + (off % this.cs), data.subarray(pos, pos + m.bytes));
+        return m.bytes;
+      });
+      if (done) {
+        pos += done;
+        continue;
+      }
+      pos += await this.lock.withExclusive(() => this.allocatingWrite(off, data.subarray(pos)));
+    }
+    if (flags.fua) await this.doFlush();
+  }
+
+  /** Before the first allocation of a session with lazy refcounts, set the dirty bit (durably). */
+  private async markDirtyIfLazy(): Promise<void> {
+    if (this.markedDirty || !(this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS)) return;
+    await this.writebackMetadata();
+    this.header.incompatibleFeatures |= INCOMPAT_DIRTY;
+    await this.writeHeader();
+    this.markedDirty = true;
+    this.dirtySetByUs = true;
+  }
+
+  /** Write one run of clusters that need allocation (exclusive lock held). Returns bytes written. */
+  private async allocatingWrite(offset: number, data: Buffer): Promise<number> {
+    await this.markDirtyIfLazy();
+    const m = await this.lookup(offset, data.length);
+    const e = m.entry;
+    if (e.type === 'normal' && e.copied) {
+      await this.file.write(e.offset + (offset % this.cs), data.subarray(0, m.bytes));
+      return m.bytes;
+    }
+    const gStart = offset - (offset % this.cs);
+    const gEnd = Math.min(this.header.size, Math.ceil((offset + m.bytes) / this.cs) * this.cs);
+    const nClusters = Math.ceil((gEnd - gStart) / this.cs);
+    const t = await this.ensureL2(m.l1Index);
+
+    // Build the new clusters: old contents (COW) under the new data.
+    const buf = Buffer.alloc(nClusters * this.cs);
+    const headLen = offset - gStart;
+    const tailStart = offset + m.bytes;
+    if (headLen > 0) (await this.readUnlocked(gStart, Math.min(this.cs, gEnd - gStart))).copy(buf, 0);
+    const lastStart = gStart + (nClusters - 1) * this.cs;
+    if (tailStart < gEnd && !(headLen > 0 && lastStart === gStart)) {
+      (await this.readUnlocked(lastStart, gEnd - lastStart)).copy(buf, lastStart - gStart);
+    }
+    data.copy(buf, headLen, 0, m.bytes);
+
+    let host: number;
+    const reuse = e.type === 'zero-alloc' && e.copied;
+    if (reuse) host = e.offset;
+    else host = await this.rc.alloc(nClusters, this.isReserved);
+    await this.file.write(host, buf);
+
+    const old: L2Entry[] = [];
+    for (let k = 0; k < nClusters; k++) {
+      const idx = m.l2Index + k;
+      const prev = decodeL2(t.table, idx, this.clusterBits, this.v3);
+      if (!reuse && (prev.type === 'normal' || prev.type === 'compressed' || prev.type === 'zero-alloc')) old.push(prev);
+      encodeEntry(t.table, idx, host + k * this.cs, COPIED_HI);
+    }
+    this.l2cache.markDirty(t.offset);
+    if (old.length) await this.freeEntries(old);
+    await this.maybeWriteback();
+    return m.bytes;
+  }
+
+  /** The L2 table for `l1Index`, allocated (or copied, if shared) if needed (§1.9 step 3). */
+  private async ensureL2(l1Index: number): Promise<{ table: Buffer; offset: number }> {
+    const cur = await this.l2Table(l1Index);
+    if (cur && cur.copied) return cur;
+    const newOff = await this.rc.alloc(1, this.isReserved);
+    const content = cur ? Buffer.from(cur.table) : Buffer.alloc(this.cs);
+    await this.rc.flush();
+    await this.file.write(newOff, content);
+    await this.file.flush();
+    this.l2cache.putClean(newOff, content);
+    encodeEntry(this.l1, l1Index, newOff, COPIED_HI);
+    await this.file.write(this.header.l1TableOffset + l1Index * 8, Buffer.from(this.l1.subarray(l1Index * 8, l1Index * 8 + 8)));
+    await this.file.flush();
+    if (cur) {
+      // The shared table lost one reference (the active L1's); the clusters it maps are now also
+      // referenced by the copy, which the snapshot's own count already accounted for.
+      this.l2cache.drop(cur.offset);
+      await this.rc.free(cur.offset);
+    }
+    return { table: content, offset: newOff };
+  }
+
+  /** Drop references to host clusters whose L2 entries were just replaced (in the cache). */
+  private async freeEntries(old: L2Entry[]): Promise<void> {
+    await this.writebackMetadata();
+    for (const e of old) {
+      if (e.type === 'compressed') {
+        const first = Math.floor(e.offset / this.cs);
+        const last = Math.floor((e.offset + e.csize - 1) / this.cs);
+        for (let c = first; c <= last; c++) await this.rc.update(c, -1);
+        if (this.lastCompressed?.offset === e.offset) this.lastCompressed = undefined;
+      } else {
+        await this.rc.free(e.offset);
+      }
+    }
+  }
+
+  /** Refcount blocks → flush → L2 tables → flush (exclusive lock held). */
+  private async writebackMetadata(): Promise<void> {
+    const l2Dirty = this.l2cache.isDirty();
+    if (!l2Dirty && !this.rc.cache.isDirty()) return;
+    await this.rc.cache.writeback();
+    await this.file.flush();
+    if (l2Dirty) {
+      await this.l2cache.writeback();
+      await this.file.flush();
+    }
+  }
+
+  private async maybeWriteback(): Promise<void> {
+    if (this.l2cache.overfull() || this.rc.cache.overfull()) await this.writebackMetadata();
+  }
+
+  // ---- write zeroes / discard ---------------------------------------------------------------------
+
+  protected override async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    if (!this.v3) return super.doWriteZeroes(offset, bytes, flags);
+    const end = offset + bytes;
+    const aStart = Math.ceil(offset / this.cs) * this.cs;
+    const aEnd = end === this.header.size ? end : Math.floor(end / this.cs) * this.cs;
+    if (aStart >= aEnd) {
+      await this.doWrite(offset, Buffer.alloc(bytes), flags);
+      return;
+    }
+    if (offset < aStart) await this.doWrite(offset, Buffer.alloc(aStart - offset), {});
+    const unmap = flags.mayUnmap === true && this.unmapAllowed;
+    await this.lock.withExclusive(() => this.zeroClusters(aStart, aEnd, unmap ? 'unmap' : 'zero'));
+    if (aEnd < end) await this.doWrite(aEnd, Buffer.alloc(end - aEnd), {});
+    if (flags.fua) await this.doFlush();
+  }
+
+  protected override async doDiscard(offset: number, bytes: number): Promise<void> {
+    if (!this.unmapAllowed) return;
+    const end = offset + bytes;
+    const aStart = Math.ceil(offset / this.cs) * this.cs;
+    const aEnd = end === this.header.size ? end : Math.floor(end / this.cs) * this.cs;
+    if (aStart >= aEnd) return;
+    await this.lock.withExclusive(() => this.zeroClusters(aStart, aEnd, 'discard'));
+  }
+
+  /**
+   * Change whole clusters in [start, end) to zero clusters ('zero': keep allocation where we own it;
+   * 'unmap': free it) or discard them ('discard': unallocated, or zero when a backing file would show
+   * through on v3). Freed clusters are released after the new entries are durable.
+   */
+  private async zeroClusters(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
+    await this.markDirtyIfLazy();
+    const hasBacking = !!this.backing();
+    const old: L2Entry[] = [];
+    for (let off = start; off < end; ) {
+      const m = await this.lookup(off, end - off);
+      const n = m.bytes;
+      const nCl = Math.ceil(n / this.cs);
+      const e = m.entry;
+      const want: 'keep' | 'zero-plain' | 'unallocated' | 'zero-alloc' =
+        mode === 'discard'
+          ? hasBacking && this.v3
+            ? e.type === 'zero-plain'
+              ? 'keep'
+              : 'zero-plain'
+            : e.type === 'unallocated'
+              ? 'keep'
+              : 'unallocated'
+          : e.type === 'zero-plain' || (e.type === 'unallocated' && !hasBacking)
+            ? 'keep'
+            : e.type === 'zero-alloc'
+              ? mode === 'unmap' || !e.copied
+                ? 'zero-plain'
+                : 'keep'
+              : e.type === 'normal' && e.copied && mode === 'zero'
+                ? 'zero-alloc'
+                : 'zero-plain';
+      if (want !== 'keep') {
+        const t = await this.ensureL2(m.l1Index);
+        for (let k = 0; k < nCl; k++) {
+          const idx = m.l2Index + k;
+          const prev = decodeL2(t.table, idx, this.clusterBits, this.v3);
+          if (want === 'zero-alloc') {
+            encodeEntry(t.table, idx, prev.offset, COPIED_HI, 1);
+            continue;
+          }
+          if (prev.type === 'normal' || prev.type === 'compressed' || prev.type === 'zero-alloc') old.push(prev);
+          encodeEntry(t.table, idx, 0, 0, want === 'zero-plain' ? 1 : 0);
+        }
+        this.l2cache.markDirty(t.offset);
+      }
+      off += n;
+    }
+    if (old.length) await this.freeEntries(old);
+    await this.maybeWriteback();
+  }
+
+  // ---- flush / close ------------------------------------------------------------------------------
+
+  protected async doFlush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.lock.withExclusive(async () => {
+      await this.writebackMetadata();
+      await this.file.flush();
+    });
+  }
+
+  protected override async doClose(): Promise<void> {
+    if (!this.readOnly) {
+      await this.lock.withExclusive(async () => {
+        await this.writebackMetadata();
+        if (this.markedDirty && this.header.incompatibleFeatures & INCOMPAT_DIRTY) {
+          await this.file.flush();
+          this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+          await this.writeHeader();
+          this.markedDirty = false;
+          this.dirtySetByUs = false;
+        }
+        await this.file.flush();
+      });
+    }
+    this.l2cache.clear();
+    this.rc.cache.clear();
+  }
+
+  /** Rewrite the first cluster from `header` and flush. */
+  async writeHeader(): Promise<void> {
+    const buf = serializeHeader(this.header, this.cs);
+    this.header.headerLength = this.v3 ? buf.readUInt32BE(100) : 72;
+    await this.file.write(0, buf);
+    await this.file.flush();
+  }
+
+  // ---- block status -------------------------------------------------------------------------------
+
+  protected override async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    return this.lock.withShared(async () => {
+      const m = await this.lookup(offset, bytes);
+      const n = Math.min(m.bytes, bytes);
+      switch (m.entry.type) {
+        case 'unallocated': {
+          const hasBacking = !!this.backing();
+          return { bytes: n, zero: !hasBacking, data: false, allocated: false, ...(hasBacking ? {} : { depth: 0 }) };
+        }
+        case 'zero-plain':
+        case 'zero-alloc':
+          return { bytes: n, zero: true, data: false, allocated: true, depth: 1 };
+        default:
+          return { bytes: n, zero: false, data: true, allocated: true, depth: 1 };
+      }
+    });
+  }
+
+  // ---- info ---------------------------------------------------------------------------------------
+
+  imageInfo(): ImageInfo {
+    const f = this.file.imageInfo();
+    const h = this.header;
+    const info: ImageInfo = {
+      filename: f.filename,
+      format: 'qcow2',
+      'virtual-size': h.size,
+      'cluster-size': this.cs,
+      'dirty-flag': (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n && !this.dirtySetByUs,
+    };
+    if (h.backingFile !== undefined) {
+      info['backing-filename'] = h.backingFile;
+      if (this.backingDisplayName) info['full-backing-filename'] = this.backingDisplayName;
+      if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
+    }
+    const b = this.backing();
+    if (b) info['backing-image'] = b.imageInfo();
+    const data: Record<string, unknown> = { compat: this.v3 ? '1.1' : '0.10' };
+    if (this.v3) {
+      data['compression-type'] = h.compressionType === 1 ? 'zstd' : 'zlib';
+      data['lazy-refcounts'] = (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+      if (this.bitmapsValid()) {
+        data.bitmaps = this.cachedBitmaps.map((bm) => ({
+          flags: [...(bm.inUse ? ['in-use'] : []), ...(bm.auto ? ['auto'] : [])],
+          name: bm.name,
+          granularity: bm.granularity,
+        }));
+      }
+      data['refcount-bits'] = this.rc.bits;
+      data.corrupt = (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+      data['extended-l2'] = false;
+    } else {
+      data['compression-type'] = 'zlib';
+      data['refcount-bits'] = this.rc.bits;
+    }
+    info['format-specific'] = { type: 'qcow2', data };
+    return info;
+  }
+
+  // ---- persistent bitmaps -------------------------------------------------------------------------
+
+  /** The bitmap directory as loaded at open (or after the last change through this API). */
+  cachedBitmaps: StoredBitmap[] = [];
+
+  bitmapsValid(): boolean {
+    return !!this.header.bitmaps && (this.header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+  }
+
+  /** The bitmaps stored in the image (empty when there is no consistent bitmaps extension). */
+  listStoredBitmaps(): StoredBitmap[] {
+    return this.bitmapsValid() ? this.cachedBitmaps.map((b) => ({ ...b })) : [];
+  }
+
+  /** The serialized data of a stored bitmap: ceil(ceil(size/granularity)/8) bytes, LSB first. */
+  async readBitmapData(bm: StoredBitmap): Promise<Buffer> {
+    const bits = Math.ceil(this.header.size / bm.granularity);
+    const bytes = Math.ceil(bits / 8);
+    const out = Buffer.alloc(bytes);
+    const table = await this.readFile(bm.tableOffset, bm.tableSize * 8);
+    for (let k = 0; k < bm.tableSize && k * this.cs < bytes; k++) {
+      const e = table.readBigUInt64BE(k * 8);
+      const off = Number(e & 0x00fffffffffffe00n);
+      const n = Math.min(this.cs, bytes - k * this.cs);
+      if (off) {
+        this.checkHostOffset(off, 'bitmap data cluster');
+        (await this.readFile(off, n)).copy(out, k * this.cs);
+      } else if (e & 1n) {
+        out.fill(0xff, k * this.cs, k * this.cs + n);
+      }
+    }
+    // Unused tail bits read as zero.
+    if (bits % 8) out[bytes - 1] &= (1 << (bits % 8)) - 1;
+    return out;
+  }
+
+  /**
+   * Set or clear in_use on the named bitmaps in place (QEMU's sequence: clear autoclear bit 0, write
+   * header, flush → rewrite the directory in place → set the bit again, write header, flush).
+   */
+  async setBitmapsInUse(names: string[] | 'all', inUse: boolean): Promise<void> {
+    if (this.readOnly) throw new BlockIOError('EPERM');
+    if (!this.bitmapsValid()) return;
+    await this.lock.withExclusive(async () => {
+      const bm = this.header.bitmaps!;
+      const dir = await this.readFile(bm.directoryOffset, bm.directorySize);
+      for (const b of this.cachedBitmaps) {
+        if (names !== 'all' && !names.includes(b.name)) continue;
+        b.flags = inUse ? b.flags | BME_FLAG_IN_USE : b.flags & ~BME_FLAG_IN_USE;
+        b.inUse = inUse;
+        dir.writeUInt32BE(b.flags, b.dirOffset + 12);
+      }
+      this.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+      await this.writeHeader();
+      await this.file.write(bm.directoryOffset, dir);
+      await this.file.flush();
+      this.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+      await this.writeHeader();
+    });
+  }
+
+  /**
+   * Replace the stored bitmaps by `list` (§2.5): new data clusters (only those with a set bit), new
+   * tables and a new directory, then the header, then the old clusters are freed. An empty list
+   * removes the extension.
+   */
+  async storeBitmaps(list: BitmapToStore[]): Promise<void> {
+    if (this.readOnly) throw new BlockIOError('EPERM');
+    if (!this.v3) throw genericError('Cannot store dirty bitmaps in qcow2 v2 files');
+    await this.lock.withExclusive(async () => {
+      const entries: Array<{ name: string; tableOffset: number; tableSize: number; flags: number; granularityBits: number }> = [];
+      const names = new Set<string>();
+      for (const b of list) {
+        if (names.has(b.name)) throw genericError(`Bitmap already exists: ${b.name}`);
+        names.add(b.name);
+        const gbits = Math.log2(b.granularity);
+        if (!Number.isInteger(gbits) || gbits < 9 || gbits > 31) throw genericError('Granularity must be power of 2 and at least 512');
+        const bytes = Math.ceil(Math.ceil(this.header.size / b.granularity) / 8);
+        const tableSize = Math.max(1, Math.ceil(bytes / this.cs));
+        const table = Buffer.alloc(Math.ceil((tableSize * 8) / this.cs) * this.cs);
+        for (let k = 0; k < tableSize; k++) {
+          const chunk = b.data.subarray(k * this.cs, Math.min(bytes, (k + 1) * this.cs));
+          if (!chunk.some((x) => x !== 0)) continue;
+          const off = await this.rc.alloc(1, this.isReserved);
+          const cl = Buffer.alloc(this.cs);
+          chunk.copy(cl);
+          await this.file.write(off, cl);
+          table.writeBigUInt64BE(BigInt(off), k * 8);
+        }
+        const tOff = await this.rc.alloc(table.length / this.cs, this.isReserved);
+        await this.file.write(tOff, table);
+        entries.push({ name: b.name, tableOffset: tOff, tableSize, flags: b.auto ? BME_FLAG_AUTO : 0, granularityBits: gbits });
+      }
+      const oldExt = this.bitmapsValid() ? this.header.bitmaps : undefined;
+      const oldBitmaps = oldExt ? this.cachedBitmaps : [];
+      if (entries.length) {
+        const dir = serializeBitmapDirectory(entries);
+        const dOff = await this.rc.alloc(Math.ceil(dir.length / this.cs), this.isReserved);
+        await this.file.write(dOff, dir);
+        await this.writebackMetadata();
+        await this.rc.flush();
+        await this.file.flush();
+        this.header.bitmaps = { nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: dOff };
+        this.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+        this.cachedBitmaps = parseBitmapDirectory(dir, entries.length);
+      } else {
+        await this.writebackMetadata();
+        await this.file.flush();
+        this.header.bitmaps = undefined;
+        this.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+        this.cachedBitmaps = [];
+      }
+      await this.writeHeader();
+      // Free the old directory, tables and data.
+      if (oldExt) {
+        for (const b of oldBitmaps) {
+          const t = await this.readFile(b.tableOffset, b.tableSize * 8);
+          for (let k = 0; k < b.tableSize; k++) {
+            const off = Number(t.readBigUInt64BE(k * 8) & 0x00fffffffffffe00n);
+            if (off) await this.rc.free(off);
+          }
+          await this.rc.free(b.tableOffset, Math.ceil((b.tableSize * 8) / this.cs));
+        }
+        await this.rc.free(oldExt.directoryOffset, Math.ceil(oldExt.directorySize / this.cs));
+      }
+      await this.rc.flush();
+    });
+  }
+
+  // ---- repair -------------------------------------------------------------------------------------
+
+  /** Rebuild refcounts from the metadata (opening a dirty image read-write), then clear the dirty bit. */
+  async repairRefcounts(): Promise<void> {
+    const w = await walkReferences(this.file, this.header, this.bitmapsValid());
+    const fileClusters = Math.ceil(this.file.length() / this.cs);
+    await this.rc.rebuild(w.refs, Math.max(w.end, fileClusters));
+    this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+    await this.writeHeader();
+    this.markedDirty = false;
+  }
+}

@@ -1,0 +1,262 @@
+/**
+ * Opening a qcow2 image: read and validate the header and the tables it points to, refuse what we
+ * cannot handle (with a message naming the problem, before anything is written), open the backing
+ * chain, and repair refcounts of a dirty (lazy refcounts) image opened read-write.
+ */
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { genericError, errorMessage } from '../../../errors.js';
+import type { BlockNode } from '../../node.js';
+import type { OpenContext } from '../../graph.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  INCOMPAT_COMPRESSION,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+  INCOMPAT_MASK,
+  MAX_L1_BYTES,
+  MAX_REFTABLE_BYTES,
+  QCOW_MAGIC,
+  parseHeader,
+  unknownFeaturesMessage,
+  type Qcow2Header,
+} from './header.js';
+import { checkCompressionType } from './compressed.js';
+import { Refcounts } from './refcount.js';
+import { decodeL1 } from './tables.js';
+import { Qcow2Node } from './node.js';
+import { checkBitmapEntry, parseBitmapDirectory } from './bitmaps.js';
+
+/** How many backing files deep a chain may go. */
+export const MAX_BACKING_DEPTH = 32;
+
+async function readAt(file: BlockNode, off: number, n: number): Promise<Buffer> {
+  const avail = Math.max(0, Math.min(n, file.length() - off));
+  const b = avail > 0 ? await file.read(off, avail) : Buffer.alloc(0);
+  return b.length === n ? b : Buffer.concat([b, Buffer.alloc(n - b.length)]);
+}
+
+function hex(n: number): string {
+  return '0x' + n.toString(16);
+}
+
+/** Validate the header against the file; throws a clear error for anything we must not open. */
+export function validateHeader(h: Qcow2Header, fileLength: number, readOnly: boolean): void {
+  const cs = 2 ** h.clusterBits;
+  const unknown = h.incompatibleFeatures & ~INCOMPAT_MASK;
+  if (unknown) throw genericError(unknownFeaturesMessage(h, unknown));
+  if (h.incompatibleFeatures & INCOMPAT_DATA_FILE || h.hasDataFileExt) throw genericError('qcow2: external data files are not supported');
+  if (h.incompatibleFeatures & INCOMPAT_EXTL2) throw genericError('qcow2: images with extended L2 entries are not supported');
+  if (h.cryptMethod !== 0 || h.hasCryptoExt) throw genericError('qcow2: encrypted images are not supported');
+  if ((h.compressionType !== 0) !== ((h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n)) {
+    throw genericError('qcow2: compression_type field and the compression type feature bit disagree');
+  }
+  checkCompressionType(h.compressionType);
+  if (h.version === 2 && h.refcountOrder !== 4) throw genericError('qcow2: version 2 images must have 16-bit refcounts');
+  if (!readOnly && h.incompatibleFeatures & INCOMPAT_CORRUPT) throw genericError('qcow2: Image is corrupt; cannot be opened read/write');
+
+  const l2Entries = cs / 8;
+  const needL1 = Math.ceil(h.size / (cs * l2Entries));
+  if (needL1 * 8 > MAX_L1_BYTES) throw genericError(`qcow2: image size ${h.size} is too large for cluster size ${cs} (needs an L1 table of ${needL1 * 8} bytes)`);
+  if (h.l1Size * 8 > MAX_L1_BYTES) throw genericError('Active L1 table too large');
+  if (h.l1Size < needL1) throw genericError('L1 table is too small');
+  if (h.l1Size > 0) {
+    if (h.l1TableOffset === 0 || h.l1TableOffset % cs) throw genericError('Invalid L1 table offset');
+    if (h.l1TableOffset + h.l1Size * 8 > fileLength) {
+      throw genericError(`qcow2: L1 table (offset ${hex(h.l1TableOffset)}, ${h.l1Size * 8} bytes) lies beyond the end of the image file (${fileLength} bytes)`);
+    }
+  }
+  if (h.refcountTableClusters === 0 || h.refcountTableOffset === 0 || h.refcountTableOffset % cs) throw genericError('Invalid reference count table offset');
+  if (h.refcountTableClusters * cs > MAX_REFTABLE_BYTES) throw genericError('Reference count table too large');
+  if (h.refcountTableOffset >= fileLength) {
+    throw genericError(`qcow2: refcount table (offset ${hex(h.refcountTableOffset)}) lies beyond the end of the image file (${fileLength} bytes)`);
+  }
+  if (h.nbSnapshots > 65536) throw genericError('Too many snapshots');
+  if (h.nbSnapshots && (h.snapshotsOffset % cs || h.snapshotsOffset >= fileLength)) throw genericError('Invalid snapshot table offset');
+}
+
+function overlaps(a: number, an: number, b: number, bn: number): boolean {
+  return a < b + bn && b < a + an;
+}
+
+/** Checks needed before writing: refcount blocks and L2 tables must not sit on other metadata. */
+function validateForWrite(h: Qcow2Header, refTable: number[], l1: Buffer, fileLength: number): void {
+  const cs = 2 ** h.clusterBits;
+  const fixed = [
+    { offset: 0, bytes: cs, what: 'qcow2 header' },
+    { offset: h.l1TableOffset, bytes: h.l1Size * 8, what: 'active L1 table' },
+    { offset: h.refcountTableOffset, bytes: h.refcountTableClusters * cs, what: 'refcount table' },
+  ];
+  const seen = new Map<number, number>();
+  refTable.forEach((off, i) => {
+    if (!off) return;
+    if (off % cs) throw genericError(`qcow2: refcount block ${i} (offset ${hex(off)}) is not cluster aligned; cannot be opened read/write`);
+    if (off >= fileLength) throw genericError(`qcow2: refcount block ${i} (offset ${hex(off)}) lies beyond the end of the image file; cannot be opened read/write`);
+    for (const m of fixed) {
+      if (overlaps(off, cs, m.offset, m.bytes)) throw genericError(`qcow2: refcount block ${i} (offset ${hex(off)}) overlaps with the ${m.what}; cannot be opened read/write`);
+    }
+    const dup = seen.get(off);
+    if (dup !== undefined) throw genericError(`qcow2: refcount blocks ${dup} and ${i} share offset ${hex(off)}; cannot be opened read/write`);
+    seen.set(off, i);
+  });
+  for (let i = 0; i < h.l1Size; i++) {
+    const e = decodeL1(l1, i);
+    if (!e.offset) continue;
+    if (e.bad) throw genericError(`qcow2: ${e.bad}; cannot be opened read/write`);
+    if (e.offset % cs) throw genericError(`qcow2: L2 table ${i} (offset ${hex(e.offset)}) is not cluster aligned; cannot be opened read/write`);
+    for (const m of fixed) {
+      if (overlaps(e.offset, cs, m.offset, m.bytes)) throw genericError(`qcow2: L2 table ${i} (offset ${hex(e.offset)}) overlaps with the ${m.what}; cannot be opened read/write`);
+    }
+    if (seen.has(e.offset)) throw genericError(`qcow2: L2 table ${i} (offset ${hex(e.offset)}) overlaps with refcount block ${seen.get(e.offset)}; cannot be opened read/write`);
+  }
+}
+
+/** Read just the backing name and format of a qcow2 file on the host (for chain checks). */
+async function peekBacking(filename: string): Promise<{ qcow2: boolean; backing?: string; format?: string }> {
+  const fh = await fsp.open(filename, 'r');
+  try {
+    const head = Buffer.alloc(2 * 1024 * 1024);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    const buf = head.subarray(0, bytesRead);
+    if (buf.length < 4 || buf.readUInt32BE(0) !== QCOW_MAGIC) return { qcow2: false };
+    const h = parseHeader(buf.length >= 2 ** buf.readUInt32BE(20) ? buf.subarray(0, 2 ** buf.readUInt32BE(20)) : buf);
+    return { qcow2: true, backing: h.backingFile, format: h.backingFormat };
+  } finally {
+    await fh.close();
+  }
+}
+
+function resolveBacking(imageFilename: string, backing: string): string {
+  if (path.isAbsolute(backing) || backing.includes('://') || backing.startsWith('json:')) return backing;
+  return path.join(path.dirname(imageFilename), backing);
+}
+
+/** Follow the chain below `imageFilename` through the headers: refuse loops and chains too deep. */
+async function checkBackingChain(imageFilename: string, backing: string, format: string | undefined): Promise<void> {
+  const seen = new Set<string>();
+  seen.add(await fsp.realpath(imageFilename).catch(() => path.resolve(imageFilename)));
+  let cur = resolveBacking(imageFilename, backing);
+  let fmt = format;
+  for (let depth = 1; ; depth++) {
+    if (depth > MAX_BACKING_DEPTH) throw genericError(`Backing chain of '${imageFilename}' is more than ${MAX_BACKING_DEPTH} files deep`);
+    let real: string;
+    try {
+      real = await fsp.realpath(cur);
+    } catch {
+      return; // the open will report the missing file
+    }
+    if (seen.has(real)) throw genericError(`Backing file '${cur}' of '${imageFilename}' creates a loop in the backing chain`);
+    seen.add(real);
+    if (fmt !== undefined && fmt !== 'qcow2') return;
+    let p: Awaited<ReturnType<typeof peekBacking>>;
+    try {
+      p = await peekBacking(real);
+    } catch {
+      return;
+    }
+    if (!p.qcow2 || p.backing === undefined) return;
+    cur = resolveBacking(real, p.backing);
+    fmt = p.format;
+  }
+}
+
+async function probeFormat(filename: string): Promise<string> {
+  try {
+    const fh = await fsp.open(filename, 'r');
+    try {
+      const b = Buffer.alloc(4);
+      const { bytesRead } = await fh.read(b, 0, 4, 0);
+      return bytesRead === 4 && b.readUInt32BE(0) === QCOW_MAGIC ? 'qcow2' : 'raw';
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return 'raw';
+  }
+}
+
+export async function openQcow2(nodeName: string, opts: Record<string, unknown>, ctx: OpenContext): Promise<Qcow2Node> {
+  const readOnly = opts['read-only'] === true;
+  const file = await ctx.openChild(opts.file, readOnly, 'file');
+  const fileLength = file.length();
+  if (fileLength < 72) throw genericError(fileLength < 4 ? 'Image is not in qcow2 format' : `qcow2: image file is truncated (${fileLength} bytes, shorter than a qcow2 header)`);
+  const first = await readAt(file, 0, 104);
+  if (first.readUInt32BE(0) !== QCOW_MAGIC) throw genericError('Image is not in qcow2 format');
+  const bits = first.readUInt32BE(20);
+  if (bits < 9 || bits > 21) throw genericError(`Unsupported cluster size: 2^${bits}`);
+  const cs = 2 ** bits;
+  const h = parseHeader(await readAt(file, 0, cs));
+  validateHeader(h, fileLength, readOnly);
+
+  const l1 = await readAt(file, h.l1TableOffset, h.l1Size * 8);
+  const rtBytes = h.refcountTableClusters * cs;
+  const { table: refTable, bad } = Refcounts.parseTable(await readAt(file, h.refcountTableOffset, rtBytes), rtBytes / 8);
+  if (!readOnly) {
+    if (bad) throw genericError(`qcow2: ${bad}; cannot be opened read/write`);
+    validateForWrite(h, refTable, l1, fileLength);
+  }
+
+  // Bitmaps: a set autoclear bit 0 vouches for the extension; without it the extension is ignored.
+  if (h.bitmaps && !(h.autoclearFeatures & AUTOCLEAR_BITMAPS)) h.bitmaps = undefined;
+  let storedBitmaps: ReturnType<typeof parseBitmapDirectory> = [];
+  if (h.bitmaps) {
+    const b = h.bitmaps;
+    if (b.nbBitmaps === 0 || b.nbBitmaps > 65535) throw genericError('qcow2: bitmaps extension has an invalid number of bitmaps');
+    if (b.directorySize > 1024 * 65535 || b.directoryOffset % cs || b.directoryOffset + b.directorySize > fileLength) {
+      throw genericError('qcow2: bitmap directory lies outside the image file');
+    }
+    storedBitmaps = parseBitmapDirectory(await readAt(file, b.directoryOffset, b.directorySize), b.nbBitmaps);
+    for (const bm of storedBitmaps) {
+      const problem = checkBitmapEntry(bm, cs, h.size);
+      if (problem) throw genericError(`qcow2: bitmap '${bm.name}' is invalid: ${problem}`);
+    }
+  }
+
+  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, refTable, async (off, clusters) => {
+    const b = Buffer.alloc(12);
+    b.writeBigUInt64BE(BigInt(off), 0);
+    b.writeUInt32BE(clusters, 8);
+    await file.write(48, b);
+    await file.flush();
+    h.refcountTableOffset = off;
+    h.refcountTableClusters = clusters;
+  });
+
+  // Backing chain.
+  let backing: BlockNode | undefined;
+  let backingDisplay: string | undefined;
+  const fileName = file.imageInfo().filename;
+  if (opts.backing !== undefined && opts.backing !== null) {
+    backing = await ctx.openChild(opts.backing, true, 'backing');
+  } else if (opts.backing === undefined && h.backingFile !== undefined && h.backingFile !== '') {
+    const full = resolveBacking(fileName, h.backingFile);
+    backingDisplay = full;
+    await checkBackingChain(fileName, h.backingFile, h.backingFormat);
+    const fmt = h.backingFormat ?? (await probeFormat(full));
+    try {
+      backing = await ctx.openChild({ driver: fmt, file: { driver: 'file', filename: full } }, true, 'backing');
+    } catch (err) {
+      throw genericError(`Could not open backing file: ${errorMessage(err)}`);
+    }
+  }
+
+  const node = new Qcow2Node(nodeName, readOnly, file, h, l1, rc, backingDisplay);
+  node.cachedBitmaps = storedBitmaps;
+  node.unmapAllowed = opts.discard === 'unmap';
+  if (backing) node.attachChild('backing', backing);
+  if (!readOnly) {
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      await node.repairRefcounts();
+    } else {
+      // A writer must clear autoclear bits it does not know (and bit 0 when the extension is ignored).
+      const known = h.bitmaps ? AUTOCLEAR_BITMAPS : 0n;
+      if (h.autoclearFeatures & ~known) {
+        h.autoclearFeatures &= known;
+        await node.writeHeader();
+      }
+    }
+  }
+  return node;
+}

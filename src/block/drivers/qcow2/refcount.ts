@@ -1,0 +1,366 @@
+/**
+ * qcow2 refcounts: the refcount table (held in memory), refcount blocks (through a write-back cache),
+ * cluster allocation (lowest free cluster first, as QEMU) and freeing, new refcount blocks, growing the
+ * refcount table, and rebuilding the whole structure from a walk of the image (dirty-bit repair).
+ *
+ * Ordering (formats.md §1.9): a refcount may be too high but never too low. New refcount blocks and
+ * tables are written and flushed before anything points at them; callers write back this cache and
+ * flush before writing an L2/L1 entry that references a newly allocated cluster, and only decrement
+ * refcounts after the entry that referenced the cluster is durable.
+ */
+import { BlockIOError, genericError } from '../../../errors.js';
+import type { BlockNode } from '../../node.js';
+import { TableCache } from './tables.js';
+
+const REFT_OFF_MASK_LO = 0xfffffe00;
+
+export interface MetadataRange {
+  offset: number;
+  bytes: number;
+  what: string;
+}
+
+export class Refcounts {
+  readonly bits: number;
+  readonly entriesPerBlock: number;
+  readonly cs: number;
+  /** Refcount block offsets, one per table entry (0 = none). */
+  table: number[];
+  tableOffset: number;
+  tableClusters: number;
+  readonly cache: TableCache;
+  /** Lowest cluster index that may be free (QEMU's free_cluster_index). */
+  private freeHint = 0;
+  /** Highest cluster index handed out in this session (it may not be written yet). */
+  highestAllocated = 0;
+  private readonly maxRefcount: number;
+
+  constructor(
+    private readonly file: BlockNode,
+    readonly clusterBits: number,
+    readonly refcountOrder: number,
+    tableOffset: number,
+    tableClusters: number,
+    table: number[],
+    /** Persist the refcount table location (12 bytes at header offset 48) and flush. */
+    private readonly writeHeaderRefTable: (offset: number, clusters: number) => Promise<void>,
+  ) {
+    this.cs = 2 ** clusterBits;
+    this.bits = 2 ** refcountOrder;
+    this.entriesPerBlock = (this.cs * 8) / this.bits;
+    this.table = table;
+    this.tableOffset = tableOffset;
+    this.tableClusters = tableClusters;
+    this.maxRefcount = this.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
+    this.cache = new TableCache(file, this.cs, Math.max(8, Math.floor((4 << 20) / this.cs)));
+  }
+
+  static parseTable(buf: Buffer, entries: number): { table: number[]; bad?: string } {
+    const table: number[] = [];
+    let bad: string | undefined;
+    for (let i = 0; i < entries; i++) {
+      const hi = buf.readUInt32BE(i * 8);
+      const lo = buf.readUInt32BE(i * 8 + 4);
+      if (lo & 0x1ff && !bad) bad = `Refcount table entry ${i} has reserved bits set`;
+      table.push(hi * 2 ** 32 + ((lo & REFT_OFF_MASK_LO) >>> 0));
+    }
+    return { table, bad };
+  }
+
+  // ---- entry codec ----
+
+  readEntry(block: Buffer, i: number): number {
+    switch (this.bits) {
+      case 64: {
+        const v = block.readBigUInt64BE(i * 8);
+        return v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(v);
+      }
+      case 32:
+        return block.readUInt32BE(i * 4);
+      case 16:
+        return block.readUInt16BE(i * 2);
+      case 8:
+        return block[i];
+      default: {
+        const bit = i * this.bits;
+        return (block[bit >> 3] >> (bit & 7)) & ((1 << this.bits) - 1);
+      }
+    }
+  }
+
+  writeEntry(block: Buffer, i: number, v: number): void {
+    switch (this.bits) {
+      case 64:
+        block.writeBigUInt64BE(BigInt(v), i * 8);
+        return;
+      case 32:
+        block.writeUInt32BE(v, i * 4);
+        return;
+      case 16:
+        block.writeUInt16BE(v, i * 2);
+        return;
+      case 8:
+        block[i] = v;
+        return;
+      default: {
+        const bit = i * this.bits;
+        const mask = ((1 << this.bits) - 1) << (bit & 7);
+        block[bit >> 3] = (block[bit >> 3] & ~mask) | ((v << (bit & 7)) & mask);
+      }
+    }
+  }
+
+  // ---- lookups ----
+
+  async get(cluster: number): Promise<number> {
+    const ti = Math.floor(cluster / this.entriesPerBlock);
+    if (ti >= this.table.length || this.table[ti] === 0) return 0;
+    const block = await this.cache.get(this.table[ti]);
+    return this.readEntry(block, cluster % this.entriesPerBlock);
+  }
+
+  /** Clusters the refcount structure itself occupies. */
+  metadataRanges(): MetadataRange[] {
+    const r: MetadataRange[] = [{ offset: this.tableOffset, bytes: this.tableClusters * this.cs, what: 'refcount table' }];
+    this.table.forEach((b, i) => {
+      if (b) r.push({ offset: b, bytes: this.cs, what: `refcount block ${i}` });
+    });
+    return r;
+  }
+
+  // ---- updates ----
+
+  /** Add `delta` to the refcount of `cluster`, creating the refcount block if needed. */
+  async update(cluster: number, delta: number): Promise<void> {
+    const ti = Math.floor(cluster / this.entriesPerBlock);
+    await this.ensureBlock(ti);
+    const boff = this.table[ti];
+    const block = await this.cache.get(boff);
+    const i = cluster % this.entriesPerBlock;
+    const v = this.readEntry(block, i) + delta;
+    if (v < 0) throw new BlockIOError('EIO', `qcow2: refcount of cluster ${cluster} would become negative`);
+    if (v > this.maxRefcount) throw new BlockIOError('ERANGE', `qcow2: refcount of cluster ${cluster} overflows`);
+    this.writeEntry(block, i, v);
+    this.cache.markDirty(boff);
+    if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
+  }
+
+  /** Free `n` clusters starting at host offset `offset` (the references to them must already be gone from disk). */
+  async free(offset: number, n = 1): Promise<void> {
+    const c0 = Math.floor(offset / this.cs);
+    for (let c = c0; c < c0 + n; c++) await this.update(c, -1);
+  }
+
+  /**
+   * Allocate `n` contiguous clusters (lowest free run) with refcount 1; returns the host offset.
+   * `isReserved` lets the caller exclude clusters it knows to be metadata (belt and braces).
+   */
+  async alloc(n: number, isReserved?: (cluster: number) => boolean): Promise<number> {
+    for (let attempt = 0; attempt < 1000; attempt++) {
+      let start = this.freeHint;
+      let firstFree = -1;
+      let run = 0;
+      let c = start;
+      while (run < n) {
+        const ti = Math.floor(c / this.entriesPerBlock);
+        const free = ti >= this.table.length || this.table[ti] === 0 ? true : (await this.get(c)) === 0;
+        if (free && !(isReserved && isReserved(c))) {
+          if (firstFree < 0) firstFree = c;
+          run++;
+        } else {
+          run = 0;
+          start = c + 1;
+        }
+        c++;
+      }
+      if ((start + n) * this.cs > 2 ** 56) throw new BlockIOError('EFBIG');
+      if (firstFree >= 0) this.freeHint = firstFree;
+      // Make sure every block covering the run exists; creating one may take clusters of the run.
+      const tiFirst = Math.floor(start / this.entriesPerBlock);
+      const tiLast = Math.floor((start + n - 1) / this.entriesPerBlock);
+      let changed = false;
+      for (let ti = tiFirst; ti <= tiLast; ti++) {
+        if (ti >= this.table.length || this.table[ti] === 0) {
+          await this.ensureBlock(ti);
+          changed = true;
+        }
+      }
+      if (changed) continue; // search again (QEMU's -EAGAIN)
+      for (let k = 0; k < n; k++) await this.update(start + k, 1);
+      if (start === this.freeHint) this.freeHint = start + n;
+      this.highestAllocated = Math.max(this.highestAllocated, start + n - 1);
+      return start * this.cs;
+    }
+    throw new BlockIOError('EIO', 'qcow2: cluster allocation does not converge');
+  }
+
+  private rangeReserved(c: number, n: number, isReserved: (cluster: number) => boolean): boolean {
+    for (let k = 0; k < n; k++) if (isReserved(c + k)) return true;
+    return false;
+  }
+
+  /** Create refcount block `ti` if it does not exist (formats.md §1.9 step 5). */
+  private async ensureBlock(ti: number): Promise<void> {
+    if (ti < this.table.length && this.table[ti] !== 0) return;
+    if (ti >= this.tableClusters * (this.cs / 8)) {
+      await this.growTable(ti);
+      if (this.table[ti]) return;
+    }
+    // Find a free cluster for the block without touching refcounts.
+    let c = this.freeHint;
+    for (;;) {
+      const cti = Math.floor(c / this.entriesPerBlock);
+      if (cti === ti) break; // inside its own range: it describes itself
+      if (cti >= this.table.length || this.table[cti] === 0) {
+        // A free cluster in another missing block's range: use the first cluster of our own range
+        // instead, unless that range lies below (then it would already have been found).
+        c = ti * this.entriesPerBlock;
+        break;
+      }
+      if ((await this.get(c)) === 0) break;
+      c++;
+    }
+    const self = Math.floor(c / this.entriesPerBlock) === ti;
+    const block = Buffer.alloc(this.cs);
+    if (self) {
+      this.writeEntry(block, c % this.entriesPerBlock, 1);
+    } else {
+      await this.update(c, 1);
+      await this.flush();
+    }
+    this.highestAllocated = Math.max(this.highestAllocated, c);
+    await this.file.write(c * this.cs, block);
+    await this.file.flush();
+    while (this.table.length <= ti) this.table.push(0);
+    this.table[ti] = c * this.cs;
+    const e = Buffer.alloc(8);
+    e.writeBigUInt64BE(BigInt(c * this.cs));
+    await this.file.write(this.tableOffset + ti * 8, e);
+    await this.file.flush();
+  }
+
+  /** Write back dirty refcount blocks and flush the file. */
+  async flush(): Promise<void> {
+    if (!this.cache.isDirty()) return;
+    await this.cache.writeback();
+    await this.file.flush();
+  }
+
+  /**
+   * Grow the refcount table so that it has an entry `ti` (§1.9 step 6): the new table and the refcount
+   * blocks that describe it go past everything in use, describing themselves; then the header switches.
+   */
+  private async growTable(ti: number): Promise<void> {
+    await this.flush();
+    const entriesPerCluster = this.cs / 8;
+    const fileClusters = Math.ceil(this.file.length() / this.cs);
+    const S = Math.max(fileClusters, this.highestAllocated + 1, 1);
+    const minEntries = Math.max(ti + 1, Math.ceil((this.table.length * 3) / 2));
+    const plan = planSelfDescribing(S, minEntries, this.entriesPerBlock, entriesPerCluster, (i) => i < this.table.length && this.table[i] !== 0);
+    if (plan.tableClusters * this.cs > 8 * 1024 * 1024 * 8) throw new BlockIOError('EFBIG');
+    const newTable = [...this.table];
+    while (newTable.length < plan.tableClusters * entriesPerCluster) newTable.push(0);
+    const blocks = new Map<number, Buffer>();
+    plan.blockIndices.forEach((bti, k) => {
+      newTable[bti] = (plan.start + plan.tableClusters + k) * this.cs;
+      blocks.set(bti, Buffer.alloc(this.cs));
+    });
+    for (let c = plan.start; c < plan.end; c++) {
+      const bti = Math.floor(c / this.entriesPerBlock);
+      const b = blocks.get(bti);
+      if (!b) throw new BlockIOError('EIO', 'qcow2: refcount table growth plan is inconsistent');
+      this.writeEntry(b, c % this.entriesPerBlock, 1);
+    }
+    for (const [bti, b] of blocks) await this.file.write(newTable[bti], b);
+    await this.file.flush();
+    const tbuf = Buffer.alloc(plan.tableClusters * this.cs);
+    newTable.forEach((o, i) => tbuf.writeBigUInt64BE(BigInt(o), i * 8));
+    await this.file.write(plan.start * this.cs, tbuf);
+    await this.file.flush();
+    const oldOffset = this.tableOffset;
+    const oldClusters = this.tableClusters;
+    await this.writeHeaderRefTable(plan.start * this.cs, plan.tableClusters);
+    this.table = newTable;
+    this.tableOffset = plan.start * this.cs;
+    this.tableClusters = plan.tableClusters;
+    this.highestAllocated = Math.max(this.highestAllocated, plan.end - 1);
+    await this.free(oldOffset, oldClusters);
+  }
+
+  /**
+   * Replace the whole refcount structure by one computed from `refs` (cluster index → reference
+   * count), placed past `endCluster` (§1.9 dirty-bit repair). Old table and blocks become free.
+   */
+  async rebuild(refs: Map<number, number> | number[], endCluster: number): Promise<void> {
+    const entriesPerCluster = this.cs / 8;
+    const count = (c: number) => (Array.isArray(refs) ? (refs[c] ?? 0) : (refs.get(c) ?? 0));
+    const used = new Set<number>();
+    const keys = Array.isArray(refs) ? refs.keys() : refs.keys();
+    for (const c of keys) if (count(c) > 0) used.add(Math.floor(c / this.entriesPerBlock));
+    const S = Math.max(endCluster, 1);
+    const plan = planSelfDescribing(S, 1, this.entriesPerBlock, entriesPerCluster, () => false, used);
+    const newTable = new Array<number>(plan.tableClusters * entriesPerCluster).fill(0);
+    const blocks = new Map<number, Buffer>();
+    plan.blockIndices.forEach((bti, k) => {
+      newTable[bti] = (plan.start + plan.tableClusters + k) * this.cs;
+      blocks.set(bti, Buffer.alloc(this.cs));
+    });
+    const set = (c: number, v: number) => {
+      const b = blocks.get(Math.floor(c / this.entriesPerBlock))!;
+      this.writeEntry(b, c % this.entriesPerBlock, Math.min(v, this.maxRefcount));
+    };
+    for (const c of Array.isArray(refs) ? refs.keys() : refs.keys()) if (count(c) > 0) set(c, count(c));
+    for (let c = plan.start; c < plan.end; c++) set(c, 1);
+    for (const [bti, b] of blocks) await this.file.write(newTable[bti], b);
+    const tbuf = Buffer.alloc(plan.tableClusters * this.cs);
+    newTable.forEach((o, i) => tbuf.writeBigUInt64BE(BigInt(o), i * 8));
+    await this.file.write(plan.start * this.cs, tbuf);
+    await this.file.flush();
+    await this.writeHeaderRefTable(plan.start * this.cs, plan.tableClusters);
+    this.cache.clear();
+    this.table = newTable;
+    this.tableOffset = plan.start * this.cs;
+    this.tableClusters = plan.tableClusters;
+    this.highestAllocated = plan.end - 1;
+    this.freeHint = 0;
+  }
+}
+
+export interface StructurePlan {
+  start: number;
+  end: number;
+  tableClusters: number;
+  /** Refcount table indices that get a new block, in the order the blocks are laid out. */
+  blockIndices: number[];
+}
+
+/**
+ * Lay out a refcount table followed by new refcount blocks from cluster `start` on, such that the
+ * blocks cover themselves and the table (and every index in `alsoNeeded`), and the table has an entry
+ * for every block. `exists(ti)` says a block already exists for index ti.
+ */
+export function planSelfDescribing(
+  start: number,
+  minEntries: number,
+  entriesPerBlock: number,
+  entriesPerCluster: number,
+  exists: (ti: number) => boolean,
+  alsoNeeded: Set<number> = new Set(),
+): StructurePlan {
+  let tableClusters = Math.max(1, Math.ceil(minEntries / entriesPerCluster));
+  let nBlocks = 0;
+  for (let iter = 0; iter < 100; iter++) {
+    const end = start + tableClusters + nBlocks;
+    const needed = new Set<number>();
+    for (const ti of alsoNeeded) if (!exists(ti)) needed.add(ti);
+    for (let ti = Math.floor(start / entriesPerBlock); ti <= Math.floor((end - 1) / entriesPerBlock); ti++) if (!exists(ti)) needed.add(ti);
+    const maxTi = Math.max(minEntries - 1, ...needed);
+    const tc = Math.max(tableClusters, Math.ceil((maxTi + 1) / entriesPerCluster));
+    if (needed.size === nBlocks && tc === tableClusters) {
+      return { start, end, tableClusters, blockIndices: [...needed].sort((a, b) => a - b) };
+    }
+    nBlocks = needed.size;
+    tableClusters = tc;
+  }
+  throw genericError('qcow2: cannot lay out the refcount structure');
+}

@@ -1,0 +1,229 @@
+/**
+ * L1/L2 entry codecs, a bounded write-back cache of one-cluster metadata tables (L2 tables and refcount
+ * blocks), and the metadata lock. Entries are handled as two 32-bit halves to stay in plain numbers.
+ */
+import type { BlockNode } from '../../node.js';
+
+export const COPIED_HI = 0x80000000;
+export const COMPRESSED_HI = 0x40000000;
+/** L1/L2 offset mask 0x00fffffffffffe00 split into halves. */
+const OFF_HI = 0x00ffffff;
+const OFF_LO = 0xfffffe00;
+/** L2 standard reserved bits 0x3f000000000001fe. */
+const L2_RES_HI = 0x3f000000;
+const L2_RES_LO = 0x1fe;
+/** L1 reserved bits 0x7f000000000001ff. */
+const L1_RES_HI = 0x7f000000;
+const L1_RES_LO = 0x1ff;
+
+export type ClusterType = 'unallocated' | 'zero-plain' | 'zero-alloc' | 'normal' | 'compressed';
+
+export interface L2Entry {
+  type: ClusterType;
+  /** Host offset of a normal/zero-alloc cluster, or the byte offset of compressed data. */
+  offset: number;
+  copied: boolean;
+  /** Compressed: bytes of compressed data on disk (upper bound). */
+  csize: number;
+  /** Reserved bits set or an unaligned offset: the entry is corrupt. */
+  bad?: string;
+}
+
+export function readHalves(buf: Buffer, off: number): [number, number] {
+  return [buf.readUInt32BE(off), buf.readUInt32BE(off + 4)];
+}
+
+export function decodeL1(buf: Buffer, index: number): { offset: number; copied: boolean; bad?: string } {
+  const [hi, lo] = readHalves(buf, index * 8);
+  const offset = (hi & OFF_HI) * 2 ** 32 + ((lo & OFF_LO) >>> 0);
+  const r: { offset: number; copied: boolean; bad?: string } = { offset, copied: (hi & COPIED_HI) !== 0 };
+  if (hi & L1_RES_HI || lo & L1_RES_LO) r.bad = `L1 entry ${index} has reserved bits set`;
+  return r;
+}
+
+export function encodeEntry(buf: Buffer, index: number, offset: number, hiFlags: number, loFlags = 0): void {
+  const hi = (Math.floor(offset / 2 ** 32) | hiFlags) >>> 0;
+  const lo = ((offset % 2 ** 32) | loFlags) >>> 0;
+  buf.writeUInt32BE(hi, index * 8);
+  buf.writeUInt32BE(lo, index * 8 + 4);
+}
+
+export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: boolean): L2Entry {
+  const [hi, lo] = readHalves(buf, index * 8);
+  if (hi & COMPRESSED_HI) {
+    // Compressed descriptor: x = 62 - (cluster_bits - 8) offset bits, then the sector count.
+    const e = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo);
+    const x = BigInt(62 - (clusterBits - 8));
+    const coffset = Number(e & ((1n << x) - 1n));
+    const nsec = Number((e >> x) & ((1n << BigInt(clusterBits - 8)) - 1n)) + 1;
+    const r: L2Entry = { type: 'compressed', offset: coffset, copied: false, csize: nsec * 512 - (coffset % 512) };
+    if (hi & COPIED_HI) r.bad = 'compressed cluster with the copied flag';
+    return r;
+  }
+  const offset = (hi & OFF_HI) * 2 ** 32 + ((lo & OFF_LO) >>> 0);
+  const copied = (hi & COPIED_HI) !== 0;
+  const zero = v3 && (lo & 1) !== 0;
+  let type: ClusterType;
+  if (zero) type = offset ? 'zero-alloc' : 'zero-plain';
+  else type = offset ? 'normal' : 'unallocated';
+  const r: L2Entry = { type, offset, copied, csize: 0 };
+  if (hi & L2_RES_HI || lo & L2_RES_LO || (!v3 && lo & 1)) r.bad = 'L2 entry has reserved bits set';
+  if (offset % 2 ** clusterBits !== 0) r.bad = 'data cluster is not properly aligned';
+  return r;
+}
+
+/** A FIFO reader/writer lock: data I/O into mapped clusters shares it; metadata changes hold it alone. */
+export class RWLock {
+  private readers = 0;
+  private writer = false;
+  private queue: Array<{ write: boolean; go: () => void }> = [];
+
+  async shared(): Promise<void> {
+    if (!this.writer && this.queue.length === 0) {
+      this.readers++;
+      return;
+    }
+    await new Promise<void>((go) => this.queue.push({ write: false, go }));
+  }
+  async exclusive(): Promise<void> {
+    if (!this.writer && this.readers === 0 && this.queue.length === 0) {
+      this.writer = true;
+      return;
+    }
+    await new Promise<void>((go) => this.queue.push({ write: true, go }));
+  }
+  releaseShared(): void {
+    this.readers--;
+    this.pump();
+  }
+  releaseExclusive(): void {
+    this.writer = false;
+    this.pump();
+  }
+  private pump(): void {
+    while (this.queue.length > 0 && !this.writer) {
+      const next = this.queue[0];
+      if (next.write) {
+        if (this.readers > 0) return;
+        this.queue.shift();
+        this.writer = true;
+        next.go();
+        return;
+      }
+      this.queue.shift();
+      this.readers++;
+      next.go();
+    }
+  }
+  async withShared<T>(fn: () => Promise<T>): Promise<T> {
+    await this.shared();
+    try {
+      return await fn();
+    } finally {
+      this.releaseShared();
+    }
+  }
+  async withExclusive<T>(fn: () => Promise<T>): Promise<T> {
+    await this.exclusive();
+    try {
+      return await fn();
+    } finally {
+      this.releaseExclusive();
+    }
+  }
+}
+
+/**
+ * Bounded cache of one-cluster tables at host offsets. Dirty tables are written only by writeback()
+ * (called by the owner under the exclusive metadata lock, after whatever must be durable first);
+ * get() evicts clean tables only, so the cache may exceed its capacity until the owner writes back.
+ */
+export class TableCache {
+  private readonly tables = new Map<number, Buffer>();
+  private readonly dirty = new Set<number>();
+  /** Loads in progress, so that two readers of one table share a single read. */
+  private readonly loading = new Map<number, Promise<Buffer>>();
+
+  constructor(
+    private readonly file: BlockNode,
+    private readonly clusterSize: number,
+    readonly capacity: number,
+  ) {}
+
+  async get(offset: number): Promise<Buffer> {
+    const t = this.tables.get(offset);
+    if (t) {
+      // LRU: move to the end of the insertion order.
+      this.tables.delete(offset);
+      this.tables.set(offset, t);
+      return t;
+    }
+    let p = this.loading.get(offset);
+    if (!p) {
+      p = (async () => {
+        const buf = Buffer.from(await this.file.read(offset, Math.min(this.clusterSize, Math.max(0, this.file.length() - offset))));
+        const full = buf.length === this.clusterSize ? buf : Buffer.concat([buf, Buffer.alloc(this.clusterSize - buf.length)]);
+        this.insert(offset, full);
+        return full;
+      })();
+      this.loading.set(offset, p);
+      p.finally(() => this.loading.delete(offset)).catch(() => undefined);
+    }
+    return p;
+  }
+
+  /** Put a table that was just created (its content is `buf`), marked dirty. */
+  put(offset: number, buf: Buffer): void {
+    this.insert(offset, buf);
+    this.dirty.add(offset);
+  }
+
+  private insert(offset: number, buf: Buffer): void {
+    this.tables.set(offset, buf);
+    if (this.tables.size > this.capacity) {
+      for (const k of this.tables.keys()) {
+        if (this.tables.size <= this.capacity) break;
+        if (!this.dirty.has(k) && k !== offset) this.tables.delete(k);
+      }
+    }
+  }
+
+  /** Put a table whose content is already on disk. */
+  putClean(offset: number, buf: Buffer): void {
+    this.insert(offset, buf);
+    this.dirty.delete(offset);
+  }
+
+  markDirty(offset: number): void {
+    this.dirty.add(offset);
+  }
+
+  isDirty(): boolean {
+    return this.dirty.size > 0;
+  }
+
+  overfull(): boolean {
+    return this.tables.size > this.capacity;
+  }
+
+  /** Forget a table (its cluster was freed); a pending write is dropped. */
+  drop(offset: number): void {
+    this.tables.delete(offset);
+    this.dirty.delete(offset);
+  }
+
+  /** Write every dirty table to the file (no flush). */
+  async writeback(): Promise<void> {
+    const offsets = [...this.dirty].sort((a, b) => a - b);
+    for (const off of offsets) {
+      const t = this.tables.get(off);
+      this.dirty.delete(off);
+      if (t) await this.file.write(off, t);
+    }
+  }
+
+  clear(): void {
+    this.tables.clear();
+    this.dirty.clear();
+  }
+}
