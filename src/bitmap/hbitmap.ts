@@ -625,11 +625,15 @@ export class HBitmap {
       let page = L.pages[pi];
       if (page === ONES) page = new Int32Array(PAGE_WORDS).fill(-1);
       else if (!page) page = new Int32Array(PAGE_WORDS);
-      for (; wi < end; wi++) {
-        let v = dv.getInt32((wi - w0) * 4, true);
-        if (wi === totalWords - 1 && tailBits !== 0) v &= rangeMask(0, tailBits - 1);
-        page[wi - base] = v;
+      if (LITTLE_ENDIAN) {
+        // The serialised bytes are the page's own little-endian bytes: one copy.
+        const src = (wi - w0) * 4;
+        new Uint8Array(page.buffer, page.byteOffset + (wi - base) * 4, (end - wi) * 4).set(buf.subarray(src, src + (end - wi) * 4));
+        wi = end;
+      } else {
+        for (; wi < end; wi++) page[wi - base] = dv.getInt32((wi - w0) * 4, true);
       }
+      if (end === totalWords && tailBits !== 0) page[totalWords - 1 - base] &= rangeMask(0, tailBits - 1);
       let pc = 0;
       for (let w = 0; w < PAGE_WORDS; w++) if (page[w] !== 0) pc += popcnt32(page[w]);
       L.popc[pi] = pc;
