@@ -10,7 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BlockGraph } from '../../src/block/graph.js';
-import { fileDriver, type HintedError } from '../../src/block/drivers/file.js';
+import { fileDriver, claimFormatPermissions, releaseFilePermissions, FileNode, type HintedError } from '../../src/block/drivers/file.js';
+import type { BlockNode } from '../../src/block/node.js';
 import { rawDriver } from '../../src/block/drivers/raw.js';
 
 const HAVE_QEMU = existsSync('/usr/bin/qemu-io') && existsSync('/usr/bin/qemu-img') && existsSync('/usr/bin/qemu-storage-daemon');
@@ -32,6 +33,18 @@ function setup(): { dir: string; img: string; graph: BlockGraph; done: () => Pro
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** Open a node and claim on its file what QEMU's format layer (or a guest) would: 'holding' the image. */
+async function hold(graph: BlockGraph, opts: Record<string, unknown>): Promise<BlockNode> {
+  const node = await graph.open(opts);
+  try {
+    claimFormatPermissions(node);
+  } catch (err) {
+    await graph.remove(node);
+    throw err;
+  }
+  return node;
 }
 
 function run(cmd: string, args: string[]): { status: number | null; out: string } {
@@ -64,7 +77,7 @@ async function stop(child: ChildProcess): Promise<void> {
 test('qemu-io and qemu-img refuse to write an image bitmirror holds read-write', { skip }, async () => {
   const t = setup();
   try {
-    await t.graph.open({ driver: 'file', 'node-name': 'f', filename: t.img });
+    await hold(t.graph, { driver: 'file', 'node-name': 'f', filename: t.img });
     const w = run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]);
     assert.notEqual(w.status, 0);
     assert.match(w.out, /Failed to get "write" lock/);
@@ -87,7 +100,7 @@ test('qemu-img info of a qcow2 image bitmirror holds needs -U, as for a running 
   const q = join(t.dir, 'disk.qcow2');
   try {
     assert.equal(run('qemu-img', ['create', '-q', '-f', 'qcow2', q, '1M']).status, 0);
-    await t.graph.open({ driver: 'file', 'node-name': 'f', filename: q });
+    await hold(t.graph, { driver: 'file', 'node-name': 'f', filename: q });
     const info = run('qemu-img', ['info', q]);
     assert.notEqual(info.status, 0);
     assert.match(info.out, /Failed to get shared "write" lock/);
@@ -101,7 +114,7 @@ test('qemu-img info of a qcow2 image bitmirror holds needs -U, as for a running 
 test('read-only: QEMU may read (qemu-img info -U / read-only share) but not write', { skip }, async () => {
   const t = setup();
   try {
-    await t.graph.open({ driver: 'file', 'node-name': 'f', filename: t.img, 'read-only': true });
+    await hold(t.graph, { driver: 'file', 'node-name': 'f', filename: t.img, 'read-only': true });
     const w = run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]);
     assert.notEqual(w.status, 0);
     assert.match(w.out, /Failed to get "write" lock/);
@@ -115,8 +128,8 @@ test('read-only: QEMU may read (qemu-img info -U / read-only share) but not writ
 test('force-share and locking=off take no conflicting locks', { skip }, async () => {
   const t = setup();
   try {
-    await t.graph.open({ driver: 'file', 'node-name': 'a', filename: t.img, 'read-only': true, 'force-share': true });
-    await t.graph.open({ driver: 'file', 'node-name': 'b', filename: t.img, locking: 'off' });
+    await hold(t.graph, { driver: 'file', 'node-name': 'a', filename: t.img, 'read-only': true, 'force-share': true });
+    await hold(t.graph, { driver: 'file', 'node-name': 'b', filename: t.img, locking: 'off' });
     assert.equal(run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]).status, 0);
     await assert.rejects(t.graph.open({ driver: 'file', 'node-name': 'c', filename: t.img, 'force-share': true }), {
       message: 'force-share=on can only be used with read-only images',
@@ -132,18 +145,18 @@ test('bitmirror refuses an image qemu-storage-daemon holds (qcow2 over file)', {
   assert.equal(run('qemu-img', ['create', '-q', '-f', 'qcow2', q, '1M']).status, 0);
   const qsd = await holdWithQemu('qemu-storage-daemon', ['--blockdev', `driver=qcow2,node-name=q,file.driver=file,file.filename=${q}`], q);
   try {
-    const err = (await t.graph.open({ driver: 'file', 'node-name': 'f', filename: q }).then(
+    const err = (await hold(t.graph, { driver: 'file', 'node-name': 'f', filename: q }).then(
       () => assert.fail('opened an image QEMU holds'),
       (e: unknown) => e,
     )) as HintedError;
     assert.equal(err.message, 'Failed to get "write" lock');
     assert.equal(err.hint, `Is another process using the image [${q}]?`);
     // Read-only without force-share: QEMU does not share write, we do not share it either: refused.
-    await assert.rejects(t.graph.open({ driver: 'file', 'node-name': 'r', filename: q, 'read-only': true }), {
+    await assert.rejects(hold(t.graph, { driver: 'file', 'node-name': 'r', filename: q, 'read-only': true }), {
       message: 'Failed to get shared "write" lock',
     });
     // qemu-img info -U equivalent works.
-    await t.graph.open({ driver: 'file', 'node-name': 'u', filename: q, 'read-only': true, 'force-share': true });
+    await hold(t.graph, { driver: 'file', 'node-name': 'u', filename: q, 'read-only': true, 'force-share': true });
     // Nothing was left locked by the failed opens: only 'u' is open.
     assert.deepEqual(t.graph.allNodes().map((n) => n.nodeName), ['u']);
   } finally {
@@ -157,13 +170,13 @@ test('bitmirror refuses an image a background qemu-io holds, with QEMU message',
   // Interactive qemu-io keeps the image open (read-write, sharing everything) while stdin is open.
   const qio = await holdWithQemu('qemu-io', ['-f', 'raw', t.img], t.img, true);
   try {
-    await assert.rejects(t.graph.open({ driver: 'file', 'node-name': 'f', filename: t.img }), (e: HintedError) => {
+    await assert.rejects(hold(t.graph, { driver: 'file', 'node-name': 'f', filename: t.img }), (e: HintedError) => {
       assert.equal(e.message, 'Failed to get shared "write" lock');
       assert.equal(e.hint, `Is another process using the image [${t.img}]?`);
       return true;
     });
     // locking=off opens anyway.
-    await t.graph.open({ driver: 'file', 'node-name': 'g', filename: t.img, locking: 'off' });
+    await hold(t.graph, { driver: 'file', 'node-name': 'g', filename: t.img, locking: 'off' });
   } finally {
     qio.stdin?.end();
     await stop(qio);
@@ -185,7 +198,7 @@ test('bitmirror refuses an image qemu-storage-daemon exports read-write over NBD
   );
   try {
     // The export takes write and refuses to share resize: QEMU's qcow2 layer would report the same.
-    await assert.rejects(t.graph.open({ driver: 'file', 'node-name': 'f', filename: t.img }), { message: 'Failed to get "resize" lock' });
+    await assert.rejects(hold(t.graph, { driver: 'file', 'node-name': 'f', filename: t.img }), { message: 'Failed to get "resize" lock' });
   } finally {
     await stop(qsd);
     await t.done();
@@ -195,8 +208,29 @@ test('bitmirror refuses an image qemu-storage-daemon exports read-write over NBD
 test('two bitmirror nodes on one file conflict, as two QEMU users do', { skip }, async () => {
   const t = setup();
   try {
-    await t.graph.open({ driver: 'file', 'node-name': 'a', filename: t.img });
-    await assert.rejects(t.graph.open({ driver: 'file', 'node-name': 'b', filename: t.img }), { message: 'Failed to get "write" lock' });
+    await hold(t.graph, { driver: 'file', 'node-name': 'a', filename: t.img });
+    await assert.rejects(hold(t.graph, { driver: 'file', 'node-name': 'b', filename: t.img }), { message: 'Failed to get "write" lock' });
+    // Claims can be dropped and taken again (a user detaching, another attaching).
+    releaseFilePermissions(t.graph.lookup('a'));
+    await hold(t.graph, { driver: 'file', 'node-name': 'c', filename: t.img });
+    assert.throws(() => claimFormatPermissions(t.graph.lookup('a')), { message: 'Failed to get "write" lock' });
+    assert.equal((t.graph.lookup('a') as FileNode).perm, 0, 'a failed claim leaves the old permissions');
+  } finally {
+    await t.done();
+  }
+});
+
+test('unclaimed nodes take no locks, as QEMU nodes without users', { skip }, async () => {
+  const t = setup();
+  try {
+    // Same as qemu-storage-daemon --blockdev driver=file plus a raw node and a read-only second node.
+    await t.graph.open({ driver: 'file', 'node-name': 'f', filename: t.img });
+    await t.graph.open({ driver: 'raw', 'node-name': 'r', file: 'f' });
+    await t.graph.open({ driver: 'raw', 'node-name': 'ro', 'read-only': true, file: { driver: 'file', filename: t.img, 'read-only': true } });
+    assert.equal(run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]).status, 0);
+    // Claiming through raw reaches the file node.
+    claimFormatPermissions(t.graph.lookup('r'));
+    assert.match(run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]).out, /Failed to get "write" lock/);
   } finally {
     await t.done();
   }

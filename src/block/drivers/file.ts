@@ -17,12 +17,16 @@
  * 0 consistent read, 1 write, 2 write unchanged, 3 resize. Before using permissions it checks that no
  * other open file description locks 200+i for a bit it wants ("Failed to get "write" lock") or 100+i for
  * a bit it refuses to share ("Failed to get shared "write" lock"). bitmirror has no permission system
- * through the graph, so a file node claims what QEMU's format layer claims on its file child:
+ * through the graph; as in QEMU, a freshly opened file node (alone or under raw) holds no permission
+ * and takes no lock byte, so two nodes on one file and qemu-io beside a bare node all work as they do
+ * with qemu-storage-daemon. Users claim permissions explicitly: setPermissions / claimFilePermissions,
+ * or claimFormatPermissions for what QEMU's format layer claims on its file child:
  *   read-write:  consistent read + write + resize, shares neither write nor resize;
  *   read-only:   consistent read, shares neither write nor resize (a backing file, qemu-img info);
  *   force-share: consistent read, shares everything (qemu-img -U).
- * So qemu-io/qemu-img cannot write an image bitmirror holds, and qemu-img info needs -U, exactly as for
- * an image a QEMU guest holds.
+ * With that claim qemu-io/qemu-img cannot write the image and qemu-img info of a qcow2 needs -U,
+ * exactly as for an image a QEMU guest holds. The qcow2 driver, writable exports and job targets are
+ * the users expected to claim.
  */
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { genericError, strerror, errorCode, QmpError } from '../../errors.js';
@@ -61,29 +65,34 @@ function lockError(message: string, errno: number): QmpError {
   return genericError(`${message}: ${strerror(errnoCode(errno))}`);
 }
 
+/** The lock bytes that express holding `perm` and not sharing ~`shared`. */
+function lockBytesFor(perm: number, shared: number): Set<number> {
+  const bytes = new Set<number>();
+  for (let i = 0; i < PERM_NAMES.length; i++) {
+    if (perm & (1 << i)) bytes.add(RAW_LOCK_PERM_BASE + i);
+    if (!(shared & (1 << i))) bytes.add(RAW_LOCK_SHARED_BASE + i);
+  }
+  return bytes;
+}
+
 /**
- * Lock bytes for `perm` and ~`shared` on fd, then check nobody else's bytes conflict. Throws QEMU's
- * message, with the "Is another process using the image" hint, after releasing what it took.
+ * Change the lock bytes held on fd from `held` to those for (`perm`, `shared`), as QEMU's
+ * raw_handle_perm_lock: take the union first, check that no other open file description holds a byte
+ * that conflicts with the new permissions, then drop what is no longer needed. On failure the bytes are
+ * back as they were and QEMU's message is thrown with its "Is another process using the image" hint.
+ * `held` is updated in place.
  */
-export function applyImageLocks(fd: number, filename: string, perm: number, shared: number): void {
+export function applyImageLocks(fd: number, filename: string, held: Set<number>, perm: number, shared: number): void {
   const n = nativeAddon();
   if (!n) throw genericError(`Cannot lock '${filename}': ${nativeLoadError() ?? 'native addon unavailable'}`);
-  const taken: number[] = [];
-  const release = (): void => {
-    for (const off of taken) n.unlockByte(fd, off);
-  };
+  const want = lockBytesFor(perm, shared);
+  const before = new Set(held);
   try {
-    for (let i = 0; i < PERM_NAMES.length; i++) {
-      const bit = 1 << i;
-      for (const [want, base] of [
-        [(perm & bit) !== 0, RAW_LOCK_PERM_BASE],
-        [(shared & bit) === 0, RAW_LOCK_SHARED_BASE],
-      ] as const) {
-        if (!want) continue;
-        const r = n.lockByte(fd, base + i, false);
-        if (r < 0) throw lockError(`Failed to lock byte ${base + i}`, -r);
-        taken.push(base + i);
-      }
+    for (const off of [...want].sort((a, b) => a - b)) {
+      if (held.has(off)) continue;
+      const r = n.lockByte(fd, off, false);
+      if (r < 0) throw lockError(`Failed to lock byte ${off}`, -r);
+      held.add(off);
     }
     for (let i = 0; i < PERM_NAMES.length; i++) {
       if (!(perm & (1 << i))) continue;
@@ -96,10 +105,51 @@ export function applyImageLocks(fd: number, filename: string, perm: number, shar
       if (r !== 0) throw lockError(`Failed to get shared "${PERM_NAMES[i]}" lock`, r > 0 ? EAGAIN : -r);
     }
   } catch (err) {
-    release();
+    for (const off of [...held]) {
+      if (!before.has(off)) {
+        n.unlockByte(fd, off);
+        held.delete(off);
+      }
+    }
     if (err instanceof QmpError) (err as HintedError).hint = `Is another process using the image [${filename}]?`;
     throw err;
   }
+  for (const off of [...held]) {
+    if (!want.has(off)) {
+      n.unlockByte(fd, off);
+      held.delete(off);
+    }
+  }
+}
+
+/**
+ * Claim permissions on the file node under `node` (through raw and filters), as a QEMU user does when
+ * it attaches: a format driver (qcow2) on its file child, a writable export, a job's target, a guest.
+ * Pass filePermissions(readOnly, forceShare) for what QEMU's format layer claims. Throws QEMU's lock
+ * error (see HintedError) when another process's claims conflict. No-op where there is no file node.
+ */
+export function claimFilePermissions(node: BlockNode, perm: number, shared: number): void {
+  let n: BlockNode | undefined = node;
+  while (n && !(n instanceof FileNode)) n = n.primaryChild();
+  n?.setPermissions(perm, shared);
+}
+
+/**
+ * Claim on the file node under `node` what QEMU's format layer claims on its file child, given that
+ * node's read-only and force-share options: what a qcow2 node, a guest device or a mirror target
+ * holds. Throws QEMU's lock error on conflict.
+ */
+export function claimFormatPermissions(node: BlockNode): void {
+  let n: BlockNode | undefined = node;
+  while (n && !(n instanceof FileNode)) n = n.primaryChild();
+  if (!n) return;
+  const { perm, shared } = filePermissions(n.readOnly, n.fileOptions.forceShare);
+  n.setPermissions(perm, shared);
+}
+
+/** Drop every claim on the file node under `node` (the user detached). */
+export function releaseFilePermissions(node: BlockNode): void {
+  claimFilePermissions(node, 0, BLK_PERM_ALL);
 }
 
 // ---- the node -------------------------------------------------------------------------------------
@@ -112,8 +162,10 @@ export interface FileNodeOptions {
   direct: boolean;
   /** Regular file (false for block devices: no SEEK_DATA games, no zero-init). */
   regular: boolean;
-  /** Whether lock bytes are held (locking=on, or auto with OFD support). */
-  locked: boolean;
+  /** force-share=on (read-only): claims share everything, as qemu-img -U. */
+  forceShare: boolean;
+  /** Whether permissions are expressed as lock bytes (locking=on, or auto with OFD support). */
+  locking: boolean;
 }
 
 const MEM_ALIGN = 4096;
@@ -127,6 +179,11 @@ export class FileNode extends BlockNode {
   private canPunch = true;
   /** For O_DIRECT: a buffered descriptor for the unaligned tail of an image. */
   private tailFh: fsp.FileHandle | undefined;
+  /** Current permissions (QEMU's BLK_PERM_* bits): none taken, everything shared until a user claims. */
+  perm = 0;
+  shared = BLK_PERM_ALL;
+  /** Lock bytes currently held on the descriptor. */
+  private readonly lockBytes = new Set<number>();
 
   constructor(
     nodeName: string,
@@ -138,6 +195,18 @@ export class FileNode extends BlockNode {
   ) {
     super(nodeName, readOnly);
     this.size = size;
+  }
+
+  /**
+   * Set the permissions this node holds and shares (QEMU's bdrv_child_perm result for the file node),
+   * updating the lock bytes. Throws QEMU's "Failed to get ... lock" error on conflict, leaving the old
+   * permissions in place.
+   */
+  setPermissions(perm: number, shared: number): void {
+    if (this.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_RESIZE)) throw genericError('Block node is read-only');
+    if (this.fileOptions.locking) applyImageLocks(this.fh.fd, this.filename, this.lockBytes, perm, shared);
+    this.perm = perm;
+    this.shared = shared;
   }
 
   /** The OS file descriptor (for tests and diagnostics). */
@@ -377,13 +446,13 @@ export const fileDriver: BlockDriver = {
       if (st.isDirectory()) throw genericError(`'${filename}' is a directory`);
       const size = st.isBlockDevice() ? await blockDeviceSize(fh) : st.size;
 
-      let locked = false;
+      // As in QEMU, a node takes no permissions (so no lock bytes) until a user claims them
+      // (claimFilePermissions); here we only check that locking is possible.
+      let lockingOn = false;
       if (locking !== 'off') {
         const ofd = n ? n.ofdSupported(fh.fd) : -1;
         if (ofd === 0) {
-          const { perm, shared } = filePermissions(readOnly, forceShare);
-          applyImageLocks(fh.fd, filename, perm, shared);
-          locked = true;
+          lockingOn = true;
         } else if (locking === 'on') {
           throw genericError(
             n ? `Failed to lock '${filename}': OFD locks are not supported: ${strerror(errnoCode(-ofd))}` : `Cannot lock '${filename}': ${nativeLoadError()}`,
@@ -396,7 +465,8 @@ export const fileDriver: BlockDriver = {
         discardUnmap: opts.discard === 'unmap',
         direct,
         regular: st.isFile(),
-        locked,
+        forceShare,
+        locking: lockingOn,
       });
       if (direct) node.requestAlignment = await probeDirectAlignment(fh);
       return node;
