@@ -47,6 +47,15 @@ export class BlockGraph {
   private readonly drivers = new Map<string, BlockDriver>();
   private readonly nodes = new Map<string, BlockNode>();
   private autoNameCounter = 0;
+  /**
+   * Run before a node is closed and dropped (blockdev-del, shutdown): layers above the graph hook in
+   * here to let go of what they keep per node (dirty bitmaps are stored and released).
+   */
+  readonly beforeClose: Array<(node: BlockNode) => Promise<void>> = [];
+
+  private async runBeforeClose(node: BlockNode): Promise<void> {
+    for (const hook of this.beforeClose) await hook(node);
+  }
 
   registerDriver(d: BlockDriver): void {
     this.drivers.set(d.name, d);
@@ -157,6 +166,7 @@ export class BlockGraph {
    * (nested nodes opened with it), as QEMU's refcounting does.
    */
   async remove(node: BlockNode): Promise<void> {
+    await this.runBeforeClose(node);
     this.nodes.delete(node.nodeName);
     await node.close();
     const children = node.children.map((c) => c.node);
@@ -189,6 +199,7 @@ export class BlockGraph {
     // Close parents before children so that a format driver can still flush into its file.
     const order = this.allNodes().reverse();
     for (const n of order) {
+      await this.runBeforeClose(n).catch(() => undefined);
       await n.close().catch(() => undefined);
     }
     this.nodes.clear();

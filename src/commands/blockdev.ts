@@ -67,7 +67,7 @@ export async function blockDeviceInfo(core: Core, node: BlockNode, flat: boolean
     file: image.filename,
   };
   if (image['backing-filename'] !== undefined) info['backing_file'] = image['backing-filename'];
-  const bitmaps = core.dirtyBitmapInfo(node);
+  const bitmaps = core.bitmaps.info(node);
   if (bitmaps !== undefined) info['dirty-bitmaps'] = bitmaps;
   return info;
 }

@@ -17,15 +17,15 @@ export class Core {
   readonly bitmaps = new BitmapManager();
   /** Nodes added by blockdev-add (the monitor holds a reference; only those may be blockdev-del'd). */
   readonly monitorOwned = new Set<BlockNode>();
-  /**
-   * The `dirty-bitmaps` member of query-named-block-nodes for a node (undefined when it has none).
-   * The bitmap layer sets this when it is wired in.
-   */
-  dirtyBitmapInfo: (node: BlockNode) => unknown[] | undefined = (node) => this.bitmaps.info(node);
   /** Called to stop the daemon (QMP quit). Set by the daemon. */
   requestShutdown: () => void = () => undefined;
   /** Actions to run at shutdown before nodes are closed (cancel jobs, stop exports), in registration order. */
   readonly shutdownHooks: Array<() => Promise<void>> = [];
+
+  constructor() {
+    // A node's bitmaps go with it (persistent ones are stored by the node's format driver first).
+    this.graph.beforeClose.push(async (node) => this.bitmaps.releaseAll(node));
+  }
 
   async shutdown(): Promise<void> {
     for (const hook of this.shutdownHooks) await hook().catch(() => undefined);

@@ -52,7 +52,7 @@ test('writes, write-zeroes and discards mark enabled bitmaps only', async () => 
     { name: 'off', recording: false, persistent: false, busy: false, granularity: 65536, count: 0 },
     { name: 'a', recording: true, persistent: false, busy: false, granularity: 65536, count: 458752 + 65536 },
   ]);
-  assert.deepEqual(core.dirtyBitmapInfo(node), info);
+  assert.deepEqual(core.bitmaps.info(node), info);
   const a = core.bitmaps.get(node, 'a');
   assert.deepEqual([...a.dirtyAreas()], [
     { offset: 0, bytes: 65536 },
