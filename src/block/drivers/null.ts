@@ -42,7 +42,8 @@ export const nullDriver: BlockDriver = {
   name: 'null-co',
   options: { '*size': size, '*latency-ns': { kind: 'int', name: 'uint64' }, '*read-zeroes': bool },
   async open(nodeName, opts) {
-    // QEMU's default size for null-co is 1 GiB.
-    return new NullNode(nodeName, opts['read-only'] as boolean, (opts.size as number | undefined) ?? 2 ** 30, (opts['read-zeroes'] as boolean | undefined) ?? false);
+    // QEMU's default size for null-co is 1 GiB; sizes are rounded up to whole 512-byte sectors.
+    const size = Math.ceil(((opts.size as number | undefined) ?? 2 ** 30) / 512) * 512;
+    return new NullNode(nodeName, opts['read-only'] as boolean, size, (opts['read-zeroes'] as boolean | undefined) ?? false);
   },
 };
