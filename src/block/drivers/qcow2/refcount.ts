@@ -268,9 +268,11 @@ export class Refcounts {
     for (let c = plan.start; c < plan.end; c++) {
       const bti = Math.floor(c / this.entriesPerBlock);
       const b = blocks.get(bti);
-      if (!b) throw new BlockIOError('EIO', 'qcow2: refcount table growth plan is inconsistent');
-      this.writeEntry(b, c % this.entriesPerBlock, 1);
+      // Clusters in ranges that already have a block are counted there (they are free: past the end).
+      if (b) this.writeEntry(b, c % this.entriesPerBlock, 1);
+      else await this.update(c, 1);
     }
+    await this.cache.writeback();
     for (const [bti, b] of blocks) await this.file.write(newTable[bti], b);
     await this.file.flush();
     const tbuf = Buffer.alloc(plan.tableClusters * this.cs);
