@@ -5,5 +5,6 @@ import type { BlockDriver } from '../block/graph.js';
 import { fileDriver } from '../block/drivers/file.js';
 import { rawDriver } from '../block/drivers/raw.js';
 import { nullDriver } from '../block/drivers/null.js';
+import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, rawDriver, nullDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, rawDriver, nullDriver, blkdebugDriver];

@@ -34,7 +34,22 @@ export class NullNode extends BlockNode {
     return this.readZeroes;
   }
   imageInfo(): ImageInfo {
-    return { filename: `null-co://`, format: 'null-co', 'virtual-size': this.size, 'dirty-flag': false };
+    return { filename: this.filename(), format: 'null-co', 'virtual-size': this.size };
+  }
+
+  /**
+   * QEMU names a null-co node "null-co://" when it was opened on defaults, and otherwise by a json:
+   * pseudo-filename of the options that differ (in the member order QEMU prints them).
+   */
+  private filename(): string {
+    const o = this.openOptions;
+    const explicit: Record<string, unknown> = {};
+    if (o['read-zeroes'] !== undefined) explicit['read-zeroes'] = o['read-zeroes'];
+    if (o['latency-ns'] !== undefined) explicit['latency-ns'] = o['latency-ns'];
+    if (Object.keys(explicit).length === 0 && o.size === undefined) return 'null-co://';
+    explicit.driver = 'null-co';
+    if (o.size !== undefined) explicit.size = o.size;
+    return `json:${JSON.stringify(explicit).replace(/":/g, '": ').replace(/,"/g, ', "')}`;
   }
 }
 

@@ -67,7 +67,8 @@ export abstract class FilterNode extends BlockNode {
     return this.filtered.hasZeroInit();
   }
   imageInfo(): ImageInfo {
-    const c = this.filtered.imageInfo();
+    // QEMU shows the filtered node's image under the filter's format name, without format details.
+    const { 'format-specific': _specific, ...c } = this.filtered.imageInfo();
     return { ...c, format: this.driver };
   }
 }
