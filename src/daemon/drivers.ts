@@ -6,5 +6,6 @@ import { fileDriver } from '../block/drivers/file.js';
 import { rawDriver } from '../block/drivers/raw.js';
 import { nullDriver } from '../block/drivers/null.js';
 import { blkdebugDriver } from '../block/drivers/blkdebug.js';
+import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, rawDriver, nullDriver, blkdebugDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver];
