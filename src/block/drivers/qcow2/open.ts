@@ -187,7 +187,10 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   const bits = first.readUInt32BE(20);
   if (bits < 9 || bits > 21) throw genericError(`Unsupported cluster size: 2^${bits}`);
   const cs = 2 ** bits;
+  const truncated = (need: number) => genericError(`qcow2: image file is truncated (${fileLength} bytes, the header needs ${need})`);
+  if (first.readUInt32BE(4) === 3 && fileLength < 104) throw truncated(104);
   const h = parseHeader(await readAt(file, 0, cs));
+  if (fileLength < h.headerLength) throw truncated(h.headerLength);
   validateHeader(h, fileLength, readOnly);
 
   const l1 = await readAt(file, h.l1TableOffset, h.l1Size * 8);

@@ -1,0 +1,115 @@
+/**
+ * Damaged and unsupported images: each open fails with an error naming the problem, nothing crashes,
+ * and the file's bytes are unchanged.
+ */
+import { test } from 'node:test';
+import { strict as assert } from 'node:assert';
+import { readFile, writeFile, truncate } from 'node:fs/promises';
+import * as path from 'node:path';
+import { mustRun, newGraph, openQcow2File, tempDir } from './qcow2-util.js';
+
+async function expectRefused(img: string, pattern: RegExp, extra: Record<string, unknown> = {}): Promise<void> {
+  const before = await readFile(img);
+  const g = newGraph();
+  await assert.rejects(openQcow2File(g, img, extra), (err: Error) => {
+    assert.match(err.message, pattern);
+    return true;
+  });
+  await g.closeAll();
+  assert.ok((await readFile(img)).equals(before), 'file unchanged');
+}
+
+async function fresh(dir: string, name = 'a.qcow2', opts: string[] = []): Promise<string> {
+  const img = path.join(dir, name);
+  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', ...opts, img, '1G']);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 128k', img]);
+  return img;
+}
+
+async function patch(img: string, fn: (b: Buffer) => void): Promise<void> {
+  const b = await readFile(img);
+  fn(b);
+  await writeFile(img, b);
+}
+
+const cases: Array<[string, (dir: string) => Promise<string>, RegExp, Record<string, unknown>?]> = [
+  ['bad magic', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeUInt32BE(0x12345678, 0)); return i; }, /not in qcow2 format/],
+  ['truncated to 100 bytes', async (d) => { const i = await fresh(d); await truncate(i, 100); return i; }, /beyond the end of the image file|truncated/],
+  ['truncated to 40 bytes', async (d) => { const i = await fresh(d); await truncate(i, 40); return i; }, /truncated|not in qcow2 format/],
+  ['truncated inside the L1 table', async (d) => { const i = await fresh(d); await truncate(i, 0x30008); return i; }, /L1 table .* beyond the end of the image file/],
+  ['L1 beyond EOF', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x100000000n, 40)); return i; }, /L1 table .* beyond the end of the image file/],
+  ['refcount table beyond EOF', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x7000000000n, 48)); return i; }, /refcount table .* beyond the end/],
+  ['refcount block pointing at the L1 table', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x30000n, 0x10000)); return i; }, /refcount block 0 .* overlaps with the active L1 table/],
+  ['refcount block pointing at the header', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x10000n, 0x10008)); return i; }, /refcount block 1 .* overlaps with the refcount table/],
+  ['L2 table pointing at the refcount block', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x8000000000020000n, 0x30000)); return i; }, /L2 table 0 .* overlaps with refcount block 0/],
+  ['huge virtual size', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(1n << 62n, 24)); return i; }, /too large/],
+  ['size larger than the L1 table covers', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(1n << 45n, 24)); return i; }, /L1 table is too small/],
+  ['unknown incompatible feature', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x20n, 72)); return i; }, /Unsupported qcow2 feature\(s\): Unknown incompatible feature: 20/],
+  ['corrupt bit (read-write)', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x2n, 72)); return i; }, /Image is corrupt; cannot be opened read\/write/],
+  ['external data file', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x4n, 72)); return i; }, /external data files are not supported/],
+  ['zstd compression', async (d) => { const i = await fresh(d); await patch(i, (b) => { b.writeBigUInt64BE(0x8n, 72); b[104] = 1; }); return i; }, /zstd/],
+  ['unsupported version', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeUInt32BE(4, 4)); return i; }, /Unsupported qcow2 version 4/],
+  ['cluster bits out of range', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeUInt32BE(30, 20)); return i; }, /Unsupported cluster size/],
+  ['refcount order 7', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeUInt32BE(7, 96)); return i; }, /Reference count entry width too large/],
+  ['backing loop', async (d) => {
+    const a = path.join(d, 'a.qcow2');
+    const b = path.join(d, 'b.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', a, '1M']);
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'a.qcow2', '-F', 'qcow2', b]);
+    await mustRun('qemu-img', ['rebase', '-u', '-b', 'b.qcow2', '-F', 'qcow2', a]);
+    return b;
+  }, /loop in the backing chain/],
+  ['missing backing file', async (d) => {
+    const b = path.join(d, 'b.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', 'nonexistent.qcow2', '-F', 'qcow2', b, '1M']);
+    return b;
+  }, /Could not open backing file: Could not open '.*nonexistent.qcow2': No such file or directory/],
+];
+
+for (const [name, make, pattern, extra] of cases) {
+  test(`damaged image refused: ${name}`, async () => {
+    const { dir, cleanup } = await tempDir();
+    try {
+      const img = await make(dir);
+      await expectRefused(img, pattern, extra);
+    } finally {
+      await cleanup();
+    }
+  });
+}
+
+test('corrupt bit: read-only open works and reads data', async () => {
+  const { dir, cleanup } = await tempDir();
+  try {
+    const img = await fresh(dir);
+    await patch(img, (b) => b.writeBigUInt64BE(0x2n, 72));
+    const before = await readFile(img);
+    const g = newGraph();
+    const n = await openQcow2File(g, img, { 'read-only': true });
+    assert.ok((await n.read(0, 4096)).equals(Buffer.alloc(4096, 0x42)));
+    const fs = n.imageInfo()['format-specific'] as unknown as { data: { corrupt: boolean } };
+    assert.equal(fs.data.corrupt, true);
+    await g.closeAll();
+    assert.ok((await readFile(img)).equals(before));
+  } finally {
+    await cleanup();
+  }
+});
+
+test('L2 entry pointing beyond EOF gives EIO on read, no crash', async () => {
+  const { dir, cleanup } = await tempDir();
+  try {
+    const img = await fresh(dir);
+    // L1[0] = 0x40000 (L2); L2[0] data at 0x50000 → point it far past the end.
+    await patch(img, (b) => b.writeBigUInt64BE(0x8000001000000000n, 0x40000));
+    const before = await readFile(img);
+    const g = newGraph();
+    const n = await openQcow2File(g, img, { 'read-only': true });
+    await assert.rejects(n.read(0, 512), /beyond the end of the image file/);
+    assert.ok((await n.read(64 << 10, 512)).equals(Buffer.alloc(512, 0x42)));
+    await g.closeAll();
+    assert.ok((await readFile(img)).equals(before));
+  } finally {
+    await cleanup();
+  }
+});
