@@ -44,11 +44,15 @@ export interface WriteRequest {
 /**
  * Something that must see every write to a node: dirty bitmaps mark ranges after a write completes;
  * a mirror job waits for overlapping copies before a write and, in write-blocking mode, copies it to
- * the target after. `before` may reject to fail the write; `after` runs only for writes that succeeded.
+ * the target after. `beforeWrite` may reject to fail the write. Every observer whose `beforeWrite` ran
+ * (or that has none and was registered when the write began) gets `afterWrite` exactly once, also when
+ * the write failed (`error` set): a failed write may have changed part of the range, so bitmaps mark
+ * it anyway, and a job counting writes in flight is never left waiting. The write completes only
+ * after every `afterWrite` has.
  */
 export interface WriteObserver {
   beforeWrite?(req: WriteRequest): Promise<void> | void;
-  afterWrite?(req: WriteRequest): Promise<void> | void;
+  afterWrite?(req: WriteRequest, error?: unknown): Promise<void> | void;
 }
 
 /** A named edge from a parent node to a child: 'file', 'backing', 'image', 'target'. */
@@ -290,14 +294,28 @@ export abstract class BlockNode {
 
   private async writeRequest(req: WriteRequest): Promise<void> {
     const tracked = this.tracker.begin(req.kind, req.offset, req.bytes);
+    // Observers registered when the write begins are the ones that see it end.
+    const observers = [...this.observers];
+    const notified: WriteObserver[] = [];
+    let error: unknown;
     try {
       await this.tracker.waitForSerialising(tracked);
-      for (const o of this.observers) if (o.beforeWrite) await o.beforeWrite(req);
+      for (const o of observers) {
+        if (o.beforeWrite) await o.beforeWrite(req);
+        notified.push(o);
+      }
       await this.alignedWrite(req, tracked);
-      for (const o of [...this.observers]) if (o.afterWrite) await o.afterWrite(req);
+    } catch (err) {
+      error = err;
+    }
+    try {
+      for (const o of notified) if (o.afterWrite) await o.afterWrite(req, error);
+    } catch (err) {
+      error ??= err;
     } finally {
       this.tracker.end(tracked);
     }
+    if (error !== undefined) throw error;
   }
 
   private async alignedRead(offset: number, bytes: number): Promise<Buffer> {
