@@ -249,7 +249,8 @@ export function serializeHeader(h: Qcow2Header, clusterSize: number): Buffer {
   };
   if (h.backingFormat !== undefined) put(EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, 'latin1'));
   for (const e of h.unknownExtensions) if (e.type === EXT_DATA_FILE || e.type === EXT_CRYPTO) put(e.type, e.data);
-  if (h.version === 3) {
+  // QEMU 7.2 writes the feature table only for clusters of at least 8 KiB (checked with qemu-img create).
+  if (h.version === 3 && clusterSize >= 8192) {
     const t = Buffer.alloc(48 * FEATURE_TABLE.length);
     FEATURE_TABLE.forEach(([type, bit, name], i) => {
       t[i * 48] = type;
