@@ -7,9 +7,11 @@ import { hmpCommands } from './hmp.js';
 import { miscCommands } from './misc.js';
 import { bitmapCommands } from './bitmaps.js';
 import { transactionCommands } from './transaction.js';
+import { jobCommands } from './jobs.js';
+import { createCommands } from './create.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands);
   return table;
 }

@@ -8,6 +8,7 @@ import type { BlockNode } from '../block/node.js';
 import { EventBus } from './events.js';
 import { BitmapManager } from '../bitmap/manager.js';
 import { tracer } from '../trace/trace.js';
+import { JobRegistry } from '../jobs/registry.js';
 
 export class Core {
   readonly graph = new BlockGraph();
@@ -21,8 +22,12 @@ export class Core {
   requestShutdown: () => void = () => undefined;
   /** Actions to run at shutdown before nodes are closed (cancel jobs, stop exports), in registration order. */
   readonly shutdownHooks: Array<() => Promise<void>> = [];
+  /** Every job (create, mirror, backup, …) by id; query-jobs, job-* and block-job-* look here. */
+  readonly jobs = new JobRegistry(this.events);
 
   constructor() {
+    // Jobs first: their abort/clean hooks still need the nodes.
+    this.shutdownHooks.push(() => this.jobs.cancelAll());
     // A node's bitmaps go with it (persistent ones are stored by the node's format driver first).
     this.graph.beforeClose.push(async (node) => this.bitmaps.releaseAll(node));
   }
