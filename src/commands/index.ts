@@ -9,9 +9,10 @@ import { bitmapCommands } from './bitmaps.js';
 import { transactionCommands } from './transaction.js';
 import { jobCommands } from './jobs.js';
 import { createCommands } from './create.js';
+import { mirrorCommands } from './mirror.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands);
   return table;
 }

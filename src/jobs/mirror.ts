@@ -1,0 +1,617 @@
+/**
+ * The mirror job: copy a live node to a target while writes continue, converge, then (on job-complete)
+ * switch over so the target takes the source's place in the graph.
+ *
+ * How it follows QEMU's block/mirror.c, and where it goes further:
+ * - A mirror_top filter is inserted above the source (filter-node-name, or an implicit one), as QEMU does.
+ * - Writes are observed on the source node itself, not only in the filter: every write that reaches the
+ *   source, by any path (through the filter, HMP qemu-io on the source, a second export), is tracked
+ *   (background mode) or copied synchronously (write-blocking mode) exactly once. In QEMU writes below
+ *   the filter silently leave the target different.
+ * - The working bitmap is the job's own (disabled, filled by the initial block-status scan and by writes),
+ *   or the caller's (`bitmap` with sync=full: the unmerged upstream series), or a private copy of the
+ *   caller's (`sync=bitmap|incremental` with `bitmap-mode`: Proxmox VE's variant).
+ * - Bits are reset before a chunk is read, so a write that lands during the copy sets them again and the
+ *   chunk is copied again: no write is lost. Up to 16 copies run at once within buf-size.
+ * - Completing (job-complete, or a soft cancel after READY) needs a moment in which nothing is dirty and
+ *   no write is half-done. QEMU drains the graph for it. Here the job switches to copying every new
+ *   write synchronously (as write-blocking does), copies what is left, and waits until the writes it has
+ *   seen begin have ended; after that the target equals the source and stays so until the switch.
+ * - Partial clusters: a write into a target cluster that is unallocated in a target without a backing
+ *   file (a "diff" target) is widened to the whole cluster with the missing part read from the source,
+ *   so the target never holds a cluster with partial data (the pitfall both bitmap-mirror patches document).
+ */
+import { genericError, errorMessage } from '../errors.js';
+import type { BlockNode, WriteObserver, WriteRequest } from '../block/node.js';
+import type { BlockGraph } from '../block/graph.js';
+import { MirrorTopNode } from '../block/filters/mirror-top.js';
+import type { BitmapManager } from '../bitmap/manager.js';
+import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
+import { Job, type JobOptions, type OnError } from './job.js';
+import type { JobRegistry } from './registry.js';
+import { tracer } from '../trace/trace.js';
+
+export type MirrorSync = 'full' | 'top' | 'none';
+export type CopyMode = 'background' | 'write-blocking';
+export type BitmapSyncMode = 'on-success' | 'never' | 'always';
+
+/** QEMU's constants (block/mirror.c). */
+export const MAX_IN_FLIGHT = 16;
+export const MAX_IO_BYTES = 1 << 20;
+export const DEFAULT_MIRROR_BUF_SIZE = 16 << 20;
+const SLICE_MS = 100;
+
+const traceStart = tracer.point('mirror_start');
+const traceIteration = tracer.point('mirror_one_iteration');
+const traceYield = tracer.point('mirror_yield');
+const traceBeforeFlush = tracer.point('mirror_before_flush');
+const traceBeforeSleep = tracer.point('mirror_before_sleep');
+const traceActiveWrite = tracer.point('mirror_sync_write');
+const traceDirty = tracer.point('mirror_dirty_init');
+
+export interface MirrorJobOptions extends JobOptions {
+  graph: BlockGraph;
+  bitmaps: BitmapManager;
+  /** The node whose data is copied (QEMU's `bs`). */
+  source: BlockNode;
+  target: BlockNode;
+  /** Node to replace by the target on completion (default: the source). */
+  replaces?: BlockNode;
+  sync: MirrorSync;
+  granularity: number;
+  bufSize: number;
+  onSourceError: OnError;
+  onTargetError: OnError;
+  copyMode: CopyMode;
+  /** Write zeroes with MAY_UNMAP (blockdev-mirror always; drive-mirror's `unmap`). */
+  unmap: boolean;
+  /** The target already reads as zeroes: zero ranges of the source need no copy. */
+  targetIsZero: boolean;
+  filterNodeName?: string;
+  /** The caller's bitmap used as the working bitmap (sync=full + bitmap). */
+  workingBitmap?: DirtyBitmap;
+  /** Proxmox's variant: the caller's bitmap seeds a private one and is updated per `bitmapMode` at the end. */
+  syncBitmap?: { bitmap: DirtyBitmap; mode: BitmapSyncMode };
+  /** Widen writes into unallocated clusters of a no-backing target to whole clusters (see above). */
+  fillPartialClusters: boolean;
+  /** drive-mirror: nodes the job opened itself and closes when done unless they were pivoted to. */
+  ownedTarget?: boolean;
+}
+
+interface InFlightOp {
+  offset: number;
+  bytes: number;
+  done: Promise<void>;
+}
+
+export class MirrorJob extends Job {
+  readonly type = 'mirror' as const;
+  private readonly o: MirrorJobOptions;
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  readonly filter: MirrorTopNode;
+  private readonly bitmap: DirtyBitmap;
+  private readonly bitmapIsLocal: boolean;
+  private readonly granularity: number;
+  private copyMode: CopyMode;
+
+  /** Copies and synchronous writes in flight, by chunk range; a chunk is in at most one. */
+  private readonly inFlight = new Set<InFlightOp>();
+  private copiesInFlight = 0;
+  private bytesInFlight = 0;
+  private bufFree: number;
+  /** Writes to the source that began while the observer was installed and have not ended. */
+  private activeWrites = 0;
+  private activeWriteBytes = 0;
+  private activeWritesIdle: Array<() => void> = [];
+  private cursor = 0;
+  private failure: unknown;
+  private shouldComplete = false;
+  /** Every new write is copied synchronously (write-blocking mode, or while completing). */
+  private finalSync = false;
+  private activelySynced = false;
+  private observer: WriteObserver | undefined;
+  private pivoted = false;
+  private abandoned = false;
+  private readonly blockerReason = 'block device is in use by block job: mirror';
+
+  constructor(registry: JobRegistry, o: MirrorJobOptions) {
+    super(registry, o);
+    this.o = o;
+    this.source = o.source;
+    this.target = o.target;
+    this.granularity = o.granularity;
+    this.copyMode = o.copyMode;
+    this.bufFree = o.bufSize;
+    // The filter goes above the source: its parents become the filter's.
+    const name = o.filterNodeName ?? o.graph.generateNodeName();
+    this.filter = new MirrorTopNode(name, o.source);
+    if (!o.filterNodeName) this.filter.implicit = true;
+    if (o.workingBitmap) {
+      this.bitmap = o.workingBitmap;
+      this.bitmapIsLocal = false;
+      o.bitmaps.setBusy(this.bitmap, true);
+    } else {
+      this.bitmap = o.bitmaps.createAnonymous(this.filter, o.granularity, { disabled: true });
+      this.bitmapIsLocal = true;
+      if (o.syncBitmap) {
+        o.bitmaps.merge(this.bitmap, o.syncBitmap.bitmap);
+        o.bitmaps.setBusy(o.syncBitmap.bitmap, true);
+      }
+    }
+  }
+
+  /** Put the filter in the graph, start observing writes, block other users. Throws with nothing changed. */
+  install(): void {
+    const { graph } = this.o;
+    graph.add(this.filter);
+    for (const edge of [...this.source.parents]) {
+      if (edge.parent === this.filter) continue;
+      this.source.parents.delete(edge);
+      edge.node = this.filter;
+      this.filter.parents.add(edge);
+    }
+    this.observer = {
+      beforeWrite: (req) => this.beforeSourceWrite(req),
+      afterWrite: (req, err) => this.afterSourceWrite(req, err),
+    };
+    this.source.addWriteObserver(this.observer);
+    // From here on the job records writes itself: the caller's bitmap stops recording (as in the series).
+    if (!this.bitmapIsLocal) this.bitmap.disabled = true;
+    this.source.blockers.set(this, this.blockerReason);
+    this.target.blockers.set(this, this.blockerReason);
+    this.target.users.set(this, 'mirror target');
+    traceStart({ job: this.id, source: this.source.nodeName, target: this.target.nodeName, granularity: this.granularity });
+  }
+
+  // ---- the copy loop ------------------------------------------------------------------------------
+
+  protected async run(): Promise<void> {
+    const size = this.source.length();
+    if (this.target.length() !== size) throw genericError('Source and target image have different sizes');
+    if (size > 0 && this.o.sync !== 'none' && this.bitmapIsLocal && !this.o.syncBitmap) await this.dirtyInit(size);
+    for (;;) {
+      if (this.failure !== undefined) throw this.failure;
+      await this.pausePoint();
+      if (this.isCancelled()) return;
+      const cnt = this.bitmap.count();
+      this.progressSetRemaining(this.bytesInFlight + cnt + this.activeWriteBytes);
+      const sliceEnd = Date.now() + SLICE_MS;
+      let worked = false;
+      while (Date.now() < sliceEnd && this.failure === undefined && !this.isCancelled()) {
+        if (this.bitmap.count() > 0 && this.copiesInFlight < MAX_IN_FLIGHT && this.bufFree >= this.granularity) {
+          const started = await this.iteration(size);
+          if (!started) break;
+          worked = true;
+          if (this.speed > 0) await this.ratelimitSleep();
+        } else break;
+      }
+      if (this.failure !== undefined) continue;
+      if (this.copiesInFlight > 0 && (this.bitmap.count() === 0 || this.copiesInFlight >= MAX_IN_FLIGHT || this.bufFree < this.granularity || !worked)) {
+        traceYield({ job: this.id, in_flight: this.copiesInFlight, cnt: this.bitmap.count() });
+        await this.waitForAnyCopy();
+        continue;
+      }
+      if (this.bitmap.count() > 0 || this.copiesInFlight > 0) continue;
+      // Nothing dirty, nothing being copied.
+      if (!this.isReady() && this.status === 'running') {
+        traceBeforeFlush({ job: this.id });
+        if (!(await this.flushTarget())) continue;
+        if (this.bitmap.count() > 0 || this.copiesInFlight > 0) continue;
+        this.progressSetRemaining(0);
+        this.transitionToReady();
+        if (this.copyMode === 'write-blocking') this.activelySynced = true;
+      }
+      if (this.shouldComplete || (this.cancelRequested && this.isReady())) {
+        if (await this.converge()) return;
+        continue;
+      }
+      if (this.copyMode === 'write-blocking' && this.activeWrites === 0) this.activelySynced = true;
+      traceBeforeSleep({ job: this.id });
+      await this.sleep(SLICE_MS);
+    }
+  }
+
+  /**
+   * The final step before completion: copy every new write synchronously, copy what is still dirty,
+   * wait for half-done writes, flush. True when the target now equals the source.
+   */
+  private async converge(): Promise<boolean> {
+    this.finalSync = true;
+    await this.waitActiveWritesIdle();
+    if (this.failure !== undefined || this.bitmap.count() > 0 || this.copiesInFlight > 0) return false;
+    if (!(await this.flushTarget())) return false;
+    return this.bitmap.count() === 0 && this.copiesInFlight === 0 && this.failure === undefined;
+  }
+
+  /** mirror_dirty_init: mark what must be copied, from block status. */
+  private async dirtyInit(size: number): Promise<void> {
+    const base = this.o.sync === 'top' ? this.source.formatLayer().backing() : undefined;
+    // A target that does not read as zeroes needs zero ranges of the source written too. As upstream
+    // QEMU (10.1+) does, look before assuming: a freshly created target reads as zeroes.
+    const copyZeroes = this.o.sync === 'full' && !this.o.targetIsZero && !(await this.readsAllZeroes(this.target, size));
+    traceDirty({ job: this.id, copyZeroes });
+    if (copyZeroes) {
+      this.bitmap.setDirty(0, size);
+      return;
+    }
+    let offset = 0;
+    while (offset < size) {
+      if (this.isCancelled()) return;
+      const want = Math.min(size - offset, 1 << 30);
+      const st = await this.source.isAllocatedAbove(base, offset, want);
+      if (st.allocated) this.bitmap.setDirty(offset, st.bytes);
+      offset += st.bytes;
+    }
+  }
+
+  /** One mirror_iteration: pick a dirty run of chunks, reset its bits, start copying it. */
+  private async iteration(size: number): Promise<boolean> {
+    let area = this.bitmap.nextDirtyArea(this.cursor, size);
+    if (!area) {
+      this.cursor = 0;
+      area = this.bitmap.nextDirtyArea(0, size);
+      if (!area) return false;
+    }
+    const g = this.granularity;
+    let offset = Math.floor(area.offset / g) * g;
+    // Wait for whatever is in flight on the first chunk, then take a run that is not in flight.
+    await this.waitInFlight(offset, Math.min(g, size - offset));
+    if (!this.bitmap.isDirty(offset)) {
+      this.cursor = offset + g;
+      return true;
+    }
+    // One operation copies at most max_io_bytes, so that up to MAX_IN_FLIGHT of them run side by side.
+    const maxBytes = Math.min(this.bufFree, Math.max(this.o.bufSize / 16, MAX_IO_BYTES));
+    let bytes = 0;
+    while (offset + bytes < size && bytes < maxBytes && this.bitmap.isDirty(offset + bytes) && !this.overlapsInFlight(offset + bytes, g)) bytes += g;
+    if (bytes === 0) return true;
+    bytes = Math.min(bytes, size - offset);
+    this.cursor = offset + bytes;
+    traceIteration({ job: this.id, offset, bytes });
+    // Reset before reading: a write during the copy sets the bits again and the chunks are copied again.
+    this.bitmap.resetDirty(offset, bytes);
+    const cost = Math.ceil(bytes / g) * g;
+    this.bufFree -= cost;
+    this.bytesInFlight += bytes;
+    this.copiesInFlight++;
+    const op: InFlightOp = { offset, bytes, done: Promise.resolve() };
+    op.done = this.copyRange(offset, bytes).finally(() => {
+      this.inFlight.delete(op);
+      this.bufFree += cost;
+      this.bytesInFlight -= bytes;
+      this.copiesInFlight--;
+      this.kick();
+    });
+    this.inFlight.add(op);
+    return true;
+  }
+
+  /** Copy [offset, offset+bytes): data, zeroes, or nothing, piece by piece as block status says. */
+  private async copyRange(offset: number, bytes: number): Promise<void> {
+    const maxIo = Math.max(this.o.bufSize / 16, MAX_IO_BYTES);
+    const end = offset + bytes;
+    let pos = offset;
+    while (pos < end) {
+      const want = Math.min(end - pos, maxIo);
+      let st: { bytes: number; zero: boolean };
+      try {
+        st = await this.chainStatus(pos, want);
+      } catch (err) {
+        this.ioError('read', err, pos, end - pos);
+        return;
+      }
+      const n = Math.min(st.bytes, want);
+      if (st.zero) {
+        try {
+          await this.targetWriteZeroes(pos, n);
+        } catch (err) {
+          this.ioError('write', err, pos, n);
+          return;
+        }
+      } else {
+        let data: Buffer;
+        try {
+          data = await this.source.read(pos, n);
+        } catch (err) {
+          this.ioError('read', err, pos, n);
+          return;
+        }
+        try {
+          await this.targetWrite(pos, data);
+        } catch (err) {
+          this.ioError('write', err, pos, n);
+          return;
+        }
+      }
+      this.progressUpdate(n);
+      this.ratelimitProcessed(n);
+      pos += n;
+    }
+  }
+
+  /** bdrv_co_is_all_zeroes: whether the whole node reads as zeroes, from block status alone. */
+  private async readsAllZeroes(node: BlockNode, size: number): Promise<boolean> {
+    for (let offset = 0; offset < size; ) {
+      if (this.isCancelled()) return false;
+      const st = await this.chainStatus(offset, Math.min(size - offset, 1 << 30), node);
+      if (!st.zero) return false;
+      offset += st.bytes;
+    }
+    return true;
+  }
+
+  /** Whether [offset, +bytes) of the source (or `top`) reads as zeroes, through its backing chain. */
+  private async chainStatus(offset: number, bytes: number, top: BlockNode = this.source): Promise<{ bytes: number; zero: boolean }> {
+    let node: BlockNode | undefined = top.formatLayer();
+    let want = bytes;
+    while (node) {
+      const st = await node.blockStatus(offset, want);
+      if (st.allocated || !node.backing()) return { bytes: st.bytes, zero: st.zero };
+      want = st.bytes;
+      const next: BlockNode = node.backing()!;
+      if (offset >= next.length()) return { bytes: want, zero: true };
+      want = Math.min(want, next.length() - offset);
+      node = next.formatLayer();
+    }
+    return { bytes: want, zero: false };
+  }
+
+  /** A copy failed: its bits are dirty again, and the error policy decides what happens to the job. */
+  private ioError(op: 'read' | 'write', err: unknown, offset: number, bytes: number): void {
+    this.bitmap.setDirty(offset, bytes);
+    this.activelySynced = false;
+    const action = this.errorAction(op === 'read' ? this.o.onSourceError : this.o.onTargetError, op, err);
+    if (action === 'report' && this.failure === undefined) this.failure = err;
+  }
+
+  private async flushTarget(): Promise<boolean> {
+    try {
+      await this.target.flush();
+      return true;
+    } catch (err) {
+      this.activelySynced = false;
+      const action = this.errorAction(this.o.onTargetError, 'write', err);
+      if (action === 'report' && this.failure === undefined) this.failure = err;
+      return false;
+    }
+  }
+
+  // ---- writes to the target -----------------------------------------------------------------------
+
+  private async targetWrite(offset: number, data: Buffer): Promise<void> {
+    const widened = await this.widenToClusters(offset, data.length, data);
+    if (widened) return this.target.write(widened.offset, widened.data);
+    return this.target.write(offset, data);
+  }
+
+  private async targetWriteZeroes(offset: number, bytes: number): Promise<void> {
+    const widened = await this.widenToClusters(offset, bytes, undefined);
+    if (widened) return this.target.write(widened.offset, widened.data);
+    return this.target.writeZeroes(offset, bytes, { mayUnmap: this.o.unmap });
+  }
+
+  /**
+   * For a no-backing target with clusters: when the range starts or ends inside a cluster that is not
+   * allocated in the target, return the whole-cluster write (missing parts read from the source).
+   */
+  private async widenToClusters(offset: number, bytes: number, data: Buffer | undefined): Promise<{ offset: number; data: Buffer } | undefined> {
+    if (!this.o.fillPartialClusters) return undefined;
+    const cs = this.target.nodeInfo().clusterSize;
+    if (!cs || (offset % cs === 0 && (offset + bytes) % cs === 0) || this.target.formatLayer().backing()) return undefined;
+    const size = this.target.length();
+    const start = Math.floor(offset / cs) * cs;
+    const end = Math.min(size, Math.ceil((offset + bytes) / cs) * cs);
+    const headPartial = offset > start && !(await this.targetAllocated(start, cs));
+    const tailPartial = offset + bytes < end && !(await this.targetAllocated(Math.floor((offset + bytes) / cs) * cs, cs));
+    if (!headPartial && !tailPartial) return undefined;
+    const newStart = headPartial ? start : offset;
+    const newEnd = tailPartial ? end : offset + bytes;
+    const buf = Buffer.alloc(newEnd - newStart);
+    if (newStart < offset) (await this.source.read(newStart, offset - newStart)).copy(buf, 0);
+    if (data) data.copy(buf, offset - newStart);
+    if (newEnd > offset + bytes) (await this.source.read(offset + bytes, newEnd - offset - bytes)).copy(buf, offset + bytes - newStart);
+    return { offset: newStart, data: buf };
+  }
+
+  private async targetAllocated(offset: number, bytes: number): Promise<boolean> {
+    const layer = this.target.formatLayer();
+    const st = await layer.blockStatus(offset, Math.min(bytes, layer.length() - offset));
+    return st.allocated;
+  }
+
+  // ---- writes to the source (the observer) --------------------------------------------------------
+
+  private syncWrites(): boolean {
+    return (this.copyMode === 'write-blocking' || this.finalSync) && this.failure === undefined && !this.isCancelled() && !this.isCompleted();
+  }
+
+  private async beforeSourceWrite(req: WriteRequest): Promise<void> {
+    this.activeWrites++;
+    this.activeWriteBytes += req.bytes;
+    if (!this.syncWrites()) return;
+    // A synchronous copy must not race a background copy of the same chunks (which could land later
+    // with older data): wait for those, then hold the chunks while this write is in flight.
+    const g = this.granularity;
+    const start = Math.floor(req.offset / g) * g;
+    const end = Math.ceil((req.offset + req.bytes) / g) * g;
+    await this.waitInFlight(start, end - start);
+    let release!: () => void;
+    const op: InFlightOp = { offset: start, bytes: end - start, done: new Promise<void>((r) => (release = r)) };
+    this.inFlight.add(op);
+    activeOps.set(req, { op, release });
+  }
+
+  private async afterSourceWrite(req: WriteRequest, err: unknown): Promise<void> {
+    const held = activeOps.get(req);
+    activeOps.delete(req);
+    try {
+      if (err !== undefined || !held || !this.syncWrites() || req.kind === 'discard') {
+        // Not copied now: the chunks are copied by the loop. (A failed or discarded range may hold
+        // anything, so it is copied from what the source reads.)
+        this.bitmap.setDirty(req.offset, req.bytes);
+        if (this.activelySynced && (err !== undefined || req.kind !== 'discard' || !held)) this.activelySynced = false;
+        this.kick();
+        return;
+      }
+      await this.syncTargetWrite(req);
+    } finally {
+      if (held) {
+        this.inFlight.delete(held.op);
+        held.release();
+      }
+      this.activeWrites--;
+      this.activeWriteBytes -= req.bytes;
+      if (this.activeWrites === 0) {
+        const w = this.activeWritesIdle;
+        this.activeWritesIdle = [];
+        for (const f of w) f();
+      }
+    }
+  }
+
+  /** do_sync_target_write: copy a guest write to the target before it completes. */
+  private async syncTargetWrite(req: WriteRequest): Promise<void> {
+    const g = this.granularity;
+    let start = req.offset;
+    let end = req.offset + req.bytes;
+    // A partial head or tail chunk that is still dirty is left to the background copy (its other
+    // bytes differ on the target anyway); a clean one is in sync, so writing just our bytes keeps it so.
+    if (start % g !== 0 && this.bitmap.isDirty(start)) start = Math.min(end, Math.ceil(start / g) * g);
+    if (end % g !== 0 && end > start && this.bitmap.isDirty(end - 1)) end = Math.max(start, Math.floor(end / g) * g);
+    if (end <= start) return;
+    traceActiveWrite({ job: this.id, offset: start, bytes: end - start });
+    this.bitmap.resetDirtyInside(start, end - start);
+    try {
+      if (req.kind === 'write') await this.targetWrite(start, req.data!.subarray(start - req.offset, end - req.offset));
+      else await this.targetWriteZeroes(start, end - start);
+    } catch (e) {
+      const s = Math.floor(start / g) * g;
+      this.bitmap.setDirty(s, Math.min(this.source.length(), Math.ceil(end / g) * g) - s);
+      this.activelySynced = false;
+      const action = this.errorAction(this.o.onTargetError, 'write', e);
+      if (action === 'report' && this.failure === undefined) this.failure = e;
+      this.kick();
+    }
+  }
+
+  // ---- in-flight bookkeeping ----------------------------------------------------------------------
+
+  private overlapsInFlight(offset: number, bytes: number): boolean {
+    for (const op of this.inFlight) if (offset < op.offset + op.bytes && op.offset < offset + bytes) return true;
+    return false;
+  }
+
+  private async waitInFlight(offset: number, bytes: number): Promise<void> {
+    for (;;) {
+      let blocker: InFlightOp | undefined;
+      for (const op of this.inFlight) {
+        if (offset < op.offset + op.bytes && op.offset < offset + bytes) {
+          blocker = op;
+          break;
+        }
+      }
+      if (!blocker) return;
+      await blocker.done.catch(() => undefined);
+    }
+  }
+
+  private async waitForAnyCopy(): Promise<void> {
+    const copies = [...this.inFlight].map((op) => op.done.catch(() => undefined));
+    if (copies.length === 0) return;
+    await Promise.race([...copies, this.yieldUntilKicked(SLICE_MS)]);
+  }
+
+  private waitActiveWritesIdle(): Promise<void> {
+    if (this.activeWrites === 0) return Promise.resolve();
+    return new Promise((r) => this.activeWritesIdle.push(r));
+  }
+
+  // ---- verbs --------------------------------------------------------------------------------------
+
+  protected override doComplete(): void {
+    if (!this.isReady()) throw genericError(`The active block job '${this.id}' cannot be completed`);
+    if (this.o.replaces && !this.o.graph.find(this.o.replaces.nodeName)) throw genericError(`Node name '${this.o.replaces.nodeName}' not found`);
+    this.o.replaces?.blockers.set(this, 'block device is in use by block-job-complete');
+    this.shouldComplete = true;
+  }
+
+  /** Before READY every cancel is a force cancel; after it a soft cancel completes without pivot. */
+  protected override onCancel(force: boolean): boolean {
+    return force || !this.isReady();
+  }
+
+  protected override doChange(opts: Record<string, unknown>): void {
+    const want = opts['copy-mode'] as CopyMode;
+    if (want === this.copyMode) return;
+    if (want !== 'write-blocking') throw genericError(`Change to copy mode '${want}' is not implemented`);
+    if (this.copyMode !== 'background') throw genericError(`Expected current copy mode 'background', got '${this.copyMode}'`);
+    this.copyMode = 'write-blocking';
+    this.kick();
+  }
+
+  protected override extraBlockJobInfo(): Record<string, unknown> {
+    return { 'actively-synced': this.activelySynced };
+  }
+
+  // ---- finalization -------------------------------------------------------------------------------
+
+  /** mirror_exit_common on success: pivot when completing. */
+  protected override async prepare(): Promise<void> {
+    if (!this.shouldComplete) return;
+    const toReplace = this.o.replaces ?? this.source;
+    if (!this.o.graph.find(toReplace.nodeName) && toReplace !== this.source) {
+      throw genericError(`Can no longer replace '${toReplace.nodeName}' by '${this.target.nodeName}', because it can no longer be guaranteed that doing so would not lead to an abrupt change of visible data`);
+    }
+    // The filter's parents and the replaced node's parents now use the target.
+    this.o.graph.replace(this.filter, this.target);
+    this.o.graph.replace(toReplace, this.target, this.filter);
+    this.pivoted = true;
+  }
+
+  /** Undo what the constructor and install() did, for a job that fails before it starts. */
+  async abandon(): Promise<void> {
+    this.abandoned = true;
+    await this.clean();
+  }
+
+  protected override async clean(): Promise<void> {
+    const { graph, bitmaps } = this.o;
+    if (this.observer) this.source.removeWriteObserver(this.observer);
+    this.observer = undefined;
+    // Take the filter out: whoever still uses it uses the source again.
+    graph.replace(this.filter, this.source);
+    this.filter.detachChild('backing');
+    if (graph.find(this.filter.nodeName) === this.filter) await graph.remove(this.filter).catch(() => undefined);
+    this.source.blockers.delete(this);
+    this.target.blockers.delete(this);
+    this.target.users.delete(this);
+    this.o.replaces?.blockers.delete(this);
+    const succeeded = this.error === undefined;
+    if (this.bitmapIsLocal) {
+      if (this.o.syncBitmap) {
+        const { bitmap: user, mode } = this.o.syncBitmap;
+        bitmaps.setBusy(user, false);
+        if (!this.abandoned && (mode === 'always' || (mode === 'on-success' && succeeded))) {
+          bitmaps.clear(user);
+          bitmaps.merge(user, this.bitmap);
+        }
+      }
+      bitmaps.release(this.bitmap);
+    } else {
+      bitmaps.setBusy(this.bitmap, false);
+      this.bitmap.disabled = false;
+    }
+    if (this.o.ownedTarget && !this.pivoted && graph.find(this.target.nodeName) === this.target && this.target.parents.size === 0) {
+      await graph.remove(this.target).catch(() => undefined);
+    }
+  }
+
+  /** For tests and the CLI: a short description. */
+  describe(): string {
+    return `mirror ${this.source.nodeName} -> ${this.target.nodeName} (${errorMessage(this.failure ?? 'ok')})`;
+  }
+}
+
+/** The chunks a synchronous write holds while in flight, by request. */
+const activeOps = new WeakMap<WriteRequest, { op: InFlightOp; release: () => void }>();
