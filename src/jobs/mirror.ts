@@ -254,7 +254,7 @@ export class MirrorJob extends Job {
       if (!area) return false;
     }
     const g = this.granularity;
-    let offset = Math.floor(area.offset / g) * g;
+    const offset = Math.floor(area.offset / g) * g;
     // Wait for whatever is in flight on the first chunk, then take a run that is not in flight.
     await this.waitInFlight(offset, Math.min(g, size - offset));
     if (!this.bitmap.isDirty(offset)) {
