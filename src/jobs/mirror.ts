@@ -275,6 +275,9 @@ export class MirrorJob extends Job {
     this.bufFree -= cost;
     this.bytesInFlight += bytes;
     this.copiesInFlight++;
+    // Account the bytes when the copy is launched, as mirror_iteration does: accounting on completion
+    // let a whole MAX_IN_FLIGHT batch start before the speed limit saw a single byte.
+    this.ratelimitProcessed(bytes);
     const op: InFlightOp = { offset, bytes, done: Promise.resolve() };
     op.done = this.copyRange(offset, bytes).finally(() => {
       this.inFlight.delete(op);
@@ -325,7 +328,6 @@ export class MirrorJob extends Job {
         }
       }
       this.progressUpdate(n);
-      this.ratelimitProcessed(n);
       pos += n;
     }
   }

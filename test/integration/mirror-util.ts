@@ -1,0 +1,165 @@
+/**
+ * Helpers for the mirror tests (integration and interop): a daemon in a temp dir, qcow2 images made by
+ * qemu-img, writes through HMP qemu-io, event collection, and qemu-img compare.
+ */
+import { execFile } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as assert from 'node:assert/strict';
+import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
+import type { QmpEvent } from '../../src/qmp/client.js';
+
+export const MiB = 1 << 20;
+export const KiB = 1024;
+export const SIZE = 64 * MiB;
+
+export function sh(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(cmd, args, { maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
+      const c = err ? (err as { code?: unknown }).code : 0;
+      resolve({ code: typeof c === 'number' ? c : err ? 1 : 0, stdout: String(stdout), stderr: String(stderr) });
+    });
+  });
+}
+
+export async function mustSh(cmd: string, args: string[]): Promise<string> {
+  const r = await sh(cmd, args);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
+  return r.stdout;
+}
+
+export const haveQsd = await sh('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
+
+export interface Env {
+  dir: string;
+  d: SpawnedDaemon;
+  f(name: string): string;
+  /** stop the daemon and remove the directory. */
+  done(): Promise<void>;
+}
+
+export async function setup(prefix: string, program: 'bitmirror' | 'qemu-storage-daemon' = 'bitmirror'): Promise<Env> {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), `bm-${prefix}-`));
+  const d = await spawnDaemon(path.join(dir, 'qmp.sock'), [], program);
+  return {
+    dir,
+    d,
+    f: (name) => path.join(dir, name),
+    async done() {
+      const code = await d.stop();
+      await fsp.rm(dir, { recursive: true, force: true });
+      assert.equal(code, 0, `daemon exit code; stderr: ${d.stderr()}`);
+    },
+  };
+}
+
+export async function qcow2(file: string, size = SIZE, opts: string[] = []): Promise<string> {
+  await mustSh('qemu-img', ['create', '-f', 'qcow2', ...opts, file, String(size)]);
+  return file;
+}
+
+/** blockdev-add a qcow2 over file (or over blkdebug with `debug` options). */
+export async function addQcow2(env: Env, node: string, file: string, extra: Record<string, unknown> = {}, debug?: Record<string, unknown>): Promise<void> {
+  const fileNode = { driver: 'file', filename: file };
+  const child = debug ? { driver: 'blkdebug', image: fileNode, ...debug } : fileNode;
+  await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': node, file: child, ...extra });
+}
+
+/** HMP qemu-io; fails the test when qemu-io reports an error. */
+export async function io(env: Env, node: string, cmd: string): Promise<string> {
+  const out = await env.d.qmp.hmp(`qemu-io ${node} "${cmd}"`);
+  if (!/^(wrote|read|discard|flush)|^$/.test(out) || /error|failed/i.test(out)) throw new Error(`qemu-io ${node} ${cmd}: ${out}`);
+  return out;
+}
+
+/** Write back the nodes' metadata caches so that qemu-img sees what the daemon wrote. */
+export async function flush(env: Env, ...nodes: string[]): Promise<void> {
+  for (const n of nodes) await io(env, n, 'flush');
+}
+
+export async function compare(a: string, b: string, extra: string[] = []): Promise<{ identical: boolean; out: string }> {
+  const r = await sh('qemu-img', ['compare', '-U', ...extra, a, b]);
+  return { identical: r.code === 0, out: r.stdout + r.stderr };
+}
+
+export async function assertIdentical(a: string, b: string, extra: string[] = []): Promise<void> {
+  const r = await compare(a, b, extra);
+  assert.ok(r.identical, `qemu-img compare ${a} ${b}: ${r.out}`);
+}
+
+export async function query<T = Record<string, unknown>>(env: Env, id: string): Promise<T | undefined> {
+  const jobs = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-block-jobs');
+  return jobs.find((j) => j.device === id) as T | undefined;
+}
+
+/** The bitmaps of a node, by name (anonymous ones under ''), from query-named-block-nodes. */
+export async function bitmaps(env: Env, node: string): Promise<Record<string, Record<string, unknown>>> {
+  const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
+  const n = nodes.find((x) => x['node-name'] === node);
+  const out: Record<string, Record<string, unknown>> = {};
+  for (const b of (n?.['dirty-bitmaps'] ?? []) as Array<Record<string, unknown>>) out[(b.name as string | undefined) ?? ''] = b;
+  return out;
+}
+
+export async function bitmapCount(env: Env, node: string, name: string): Promise<number> {
+  const b = (await bitmaps(env, node))[name];
+  assert.ok(b, `bitmap ${name} on ${node}`);
+  return b.count as number;
+}
+
+/** The job events (JOB_STATUS_CHANGE status names, BLOCK_JOB_* names) for a job, consumed until `until`. */
+export async function waitStatus(env: Env, id: string, status: string, timeoutMs = 60_000): Promise<void> {
+  await env.d.qmp.waitEvent('JOB_STATUS_CHANGE', { id, status }, timeoutMs);
+}
+
+export async function poll(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Summarise events: status changes as their status, block-job events as NAME{selected fields}. */
+export function summarise(events: QmpEvent[], fields: string[] = []): string[] {
+  return events.map((e) => {
+    if (e.event === 'JOB_STATUS_CHANGE') return String(e.data?.status);
+    const sel = fields.filter((f) => e.data && f in e.data).map((f) => `${f}=${JSON.stringify(e.data![f])}`);
+    return sel.length ? `${e.event}{${sel.join(',')}}` : e.event;
+  });
+}
+
+/** Take every event received so far (consuming them). */
+export function drain(env: Env): QmpEvent[] {
+  return env.d.qmp.events.splice(0);
+}
+
+/** Wait for an event and drain everything up to and including it; returns the drained list. */
+export async function eventsUntil(env: Env, name: string, match: Record<string, unknown> = {}, timeoutMs = 60_000): Promise<QmpEvent[]> {
+  const seen: QmpEvent[] = [];
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const q = env.d.qmp.events;
+    while (q.length) {
+      const e = q.shift()!;
+      seen.push(e);
+      if (e.event === name && Object.entries(match).every(([k, v]) => e.data?.[k] === v)) return seen;
+    }
+    if (Date.now() > end) throw new Error(`timed out waiting for ${name}; saw ${summarise(seen).join(' ')}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** The QMP error of a command that must fail. */
+export async function qmpError(env: Env, cmd: string, args: Record<string, unknown>): Promise<{ class: string; desc: string }> {
+  const r = await env.d.qmp.request(cmd, args);
+  assert.ok('error' in r, `${cmd} ${JSON.stringify(args)} should fail, got ${JSON.stringify(r)}`);
+  return r.error as { class: string; desc: string };
+}
+
+/** Create a qcow2 image and add it as `node`, with qemu-img options. */
+export async function newTarget(env: Env, node: string, file: string, size = SIZE, opts: string[] = []): Promise<void> {
+  await qcow2(file, size, opts);
+  await addQcow2(env, node, file);
+}
