@@ -11,6 +11,7 @@ import type { Core } from '../core/core.js';
 import type { BlockNode } from '../block/node.js';
 import { CreateJob, createFile, PREALLOC_MODES, type FileCreateOptions } from '../jobs/create.js';
 import { createQcow2, type Qcow2CreateOptions } from '../block/drivers/qcow2/index.js';
+import { FileNode, BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE } from '../block/drivers/file.js';
 
 /** QEMU's BlockdevDriver enum (7.2 plus what bitmirror adds), the discriminator of the union. */
 const BLOCKDEV_DRIVERS = [
@@ -79,10 +80,39 @@ async function openCreateTarget(core: Core, ref: unknown): Promise<{ node: Block
       );
     }
     if (node.readOnly) throw genericError('Block node is read-only');
-    return { node, release: async () => undefined };
+    return { node, release: claimForCreate(node) };
   }
   const node = await core.graph.open(ref as Record<string, unknown>);
-  return { node, release: () => core.graph.remove(node) };
+  let releaseClaim: () => Promise<void>;
+  try {
+    releaseClaim = claimForCreate(node);
+  } catch (err) {
+    await core.graph.remove(node);
+    throw err;
+  }
+  return {
+    node,
+    release: async () => {
+      await releaseClaim();
+      await core.graph.remove(node);
+    },
+  };
+}
+
+/**
+ * Take write and resize on the file under `node` (sharing all but resize) for the create, so that a
+ * QEMU process or another node using the image makes it fail with QEMU's lock error; released after.
+ * A file node that someone already claims is left alone (its claim already excludes others).
+ */
+function claimForCreate(node: BlockNode): () => Promise<void> {
+  let leaf: BlockNode | undefined = node;
+  while (leaf && !(leaf instanceof FileNode)) leaf = leaf.primaryChild();
+  if (!(leaf instanceof FileNode) || leaf.perm !== 0) return async () => undefined;
+  const file = leaf;
+  file.setPermissions(BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL & ~BLK_PERM_RESIZE);
+  return async () => {
+    if (!file.isClosed()) file.setPermissions(0, BLK_PERM_ALL);
+  };
 }
 
 export const createCommands: CommandDef[] = [
