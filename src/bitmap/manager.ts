@@ -22,13 +22,36 @@ import type { HBitmap } from './hbitmap.js';
  * Nodes without them cannot have persistent bitmaps, as in QEMU ("Can't store persistent bitmaps").
  */
 export interface PersistentBitmapStore {
-  /** Throw (QmpError with QEMU's message) when a new persistent bitmap cannot be stored. */
-  canStoreNewDirtyBitmap(name: string, granularity: number): void | Promise<void>;
+  /**
+   * Throw (QmpError with QEMU's message) when a new persistent bitmap cannot be stored;
+   * `persistentNames` are the node's persistent bitmaps in memory (they count toward the limits).
+   */
+  canStoreNewDirtyBitmap(name: string, granularity: number, persistentNames?: string[]): void | Promise<void>;
   /** Remove a persistent bitmap from the image (block-dirty-bitmap-remove). */
   removePersistentDirtyBitmap?(name: string): void | Promise<void>;
+  /**
+   * The bitmaps stored in the image, in storage order, read when the node is opened. A read-write
+   * node marks them in use on disk before returning (a crash then leaves them inconsistent).
+   */
+  loadPersistentDirtyBitmaps?(): Promise<LoadedDirtyBitmap[]>;
+  /**
+   * Write these bitmaps back (the node is closing) and mark them consistent; stored bitmaps not in
+   * the list (inconsistent ones) are kept as they are.
+   */
+  storePersistentDirtyBitmaps?(list: Array<{ name: string; granularity: number; auto: boolean; data: Buffer }>): Promise<void>;
 }
 
-function persistentStore(node: BlockNode): PersistentBitmapStore | undefined {
+/** A bitmap found in an image. Inconsistent ones (in use on disk at open) have no data. */
+export interface LoadedDirtyBitmap {
+  name: string;
+  granularity: number;
+  enabled: boolean;
+  inconsistent: boolean;
+  /** Serialized bits (qcow2 order: bit n in byte n/8, least significant first). */
+  data?: Buffer;
+}
+
+export function persistentStore(node: BlockNode): PersistentBitmapStore | undefined {
   const n = node as Partial<PersistentBitmapStore>;
   return typeof n.canStoreNewDirtyBitmap === 'function' ? (n as PersistentBitmapStore) : undefined;
 }
@@ -114,7 +137,10 @@ export class BitmapManager {
     if (opts.persistent) {
       const store = persistentStore(node);
       if (!store) throw genericError(`Can't store persistent bitmaps to ${node.nodeName}: Operation not supported`);
-      await store.canStoreNewDirtyBitmap(name, granularity);
+      const persistentNames = this.list(node)
+        .filter((b) => b.persistent && b.name !== undefined)
+        .map((b) => b.name!);
+      await store.canStoreNewDirtyBitmap(name, granularity, persistentNames);
     }
     return this.create(node, name, granularity, { persistent: opts.persistent, disabled: opts.disabled });
   }

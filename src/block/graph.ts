@@ -53,6 +53,12 @@ export class BlockGraph {
    */
   readonly beforeClose: Array<(node: BlockNode) => Promise<void>> = [];
 
+  /**
+   * Run after a node is opened by open() (each nested child too) and entered in the graph; a failing
+   * hook fails the open (dirty bitmaps stored in the image are loaded here).
+   */
+  readonly afterOpen: Array<(node: BlockNode) => Promise<void>> = [];
+
   private async runBeforeClose(node: BlockNode): Promise<void> {
     for (const hook of this.beforeClose) await hook(node);
   }
@@ -110,6 +116,7 @@ export class BlockGraph {
       return await this.openInner(checked, inheritedReadOnly, opened, '', visitOpts);
     } catch (err) {
       for (const n of opened.reverse()) {
+        if (this.nodes.get(n.nodeName) === n) await this.runBeforeClose(n).catch(() => undefined);
         this.nodes.delete(n.nodeName);
         await n.close().catch(() => undefined);
       }
@@ -152,6 +159,7 @@ export class BlockGraph {
     }
     this.nodes.set(nodeName, node);
     opened.push(node);
+    for (const hook of this.afterOpen) await hook(node);
     return node;
   }
 

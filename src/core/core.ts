@@ -7,6 +7,7 @@ import { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { EventBus } from './events.js';
 import { BitmapManager } from '../bitmap/manager.js';
+import { loadPersistentBitmaps, storePersistentBitmaps } from '../bitmap/persistence.js';
 import { tracer } from '../trace/trace.js';
 import { JobRegistry } from '../jobs/registry.js';
 
@@ -28,8 +29,19 @@ export class Core {
   constructor() {
     // Jobs first: their abort/clean hooks still need the nodes.
     this.shutdownHooks.push(() => this.jobs.cancelAll());
-    // A node's bitmaps go with it (persistent ones are stored by the node's format driver first).
-    this.graph.beforeClose.push(async (node) => this.bitmaps.releaseAll(node));
+    // Bitmaps stored in an image are loaded when it opens; persistent ones are written back before the
+    // node closes (a failure is reported on stderr and fails blockdev-del, which keeps the node), then
+    // a node's bitmaps go with it.
+    this.graph.afterOpen.push(async (node) => void (await loadPersistentBitmaps(this.bitmaps, node)));
+    this.graph.beforeClose.push(async (node) => {
+      try {
+        await storePersistentBitmaps(this.bitmaps, node);
+      } catch (err) {
+        process.stderr.write(`bitmirror: ${err instanceof Error ? err.message : String(err)}\n`);
+        throw err;
+      }
+      this.bitmaps.releaseAll(node);
+    });
   }
 
   async shutdown(): Promise<void> {

@@ -5,9 +5,10 @@
 import type { BlockDriver } from '../../graph.js';
 import { alternate, any, bool, enumOf, int, object, str } from '../../../qapi/schema.js';
 import { openQcow2 } from './open.js';
+import { claimFormatPermissions } from '../file.js';
 
 export { createQcow2, type Qcow2CreateOptions } from './create.js';
-export { Qcow2Node, type BitmapToStore } from './node.js';
+export { Qcow2Node, type BitmapToStore, type BitmapToKeep } from './node.js';
 export type { StoredBitmap } from './bitmaps.js';
 
 const BlockdevRef = alternate('BlockdevRef', str, any);
@@ -32,7 +33,16 @@ export const qcow2Driver: BlockDriver = {
     '*encrypt': object('BlockdevQcow2Encryption', { format: enumOf('BlockdevQcow2EncryptionFormat', ['aes', 'luks']), '*key-secret': str }),
     '*data-file': BlockdevRef,
   },
-  open(nodeName, opts, ctx) {
-    return openQcow2(nodeName, opts, ctx);
+  async open(nodeName, opts, ctx) {
+    const node = await openQcow2(nodeName, opts, ctx);
+    // Like QEMU's qcow2 on its file child: a writable image takes the write lock and shares neither
+    // write nor resize, so qemu-img/qemu-io cannot write it behind our back (and we refuse theirs).
+    try {
+      claimFormatPermissions(node);
+    } catch (err) {
+      await node.close().catch(() => undefined);
+      throw err;
+    }
+    return node;
   },
 };

@@ -27,7 +27,17 @@ import { Refcounts, type MetadataRange } from './refcount.js';
 import { COPIED_HI, decodeL1, decodeL2, encodeEntry, RWLock, TableCache, type L2Entry } from './tables.js';
 import { decompressCluster } from './compressed.js';
 import { walkReferences } from './walk.js';
-import { BME_FLAG_AUTO, BME_FLAG_IN_USE, parseBitmapDirectory, serializeBitmapDirectory, type StoredBitmap } from './bitmaps.js';
+import { BME_FLAG_AUTO, BME_FLAG_IN_USE, BME_MAX_PHYS_SIZE, parseBitmapDirectory, serializeBitmapDirectory, type StoredBitmap } from './bitmaps.js';
+import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../../../bitmap/manager.js';
+
+/** QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE (formats.md §2.7). */
+const MAX_BITMAPS = 65535;
+const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS;
+
+/** Size of a directory entry for a name of `nameBytes` bytes and no extra data (formats.md §2.2). */
+function dirEntrySize(nameBytes: number): number {
+  return Math.ceil((24 + nameBytes) / 8) * 8;
+}
 
 interface Mapping {
   entry: L2Entry;
@@ -47,7 +57,13 @@ export interface BitmapToStore {
   data: Buffer;
 }
 
-export class Qcow2Node extends BlockNode {
+/** Keep the stored entry of this name as it is on disk (flags, table and data): an inconsistent bitmap. */
+export interface BitmapToKeep {
+  name: string;
+  keep: true;
+}
+
+export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   readonly driver = 'qcow2';
   readonly cs: number;
   readonly clusterBits: number;
@@ -587,15 +603,23 @@ export class Qcow2Node extends BlockNode {
    * tables and a new directory, then the header, then the old clusters are freed. An empty list
    * removes the extension.
    */
-  async storeBitmaps(list: BitmapToStore[]): Promise<void> {
-    if (this.readOnly) throw new BlockIOError('EPERM');
+  async storeBitmaps(list: Array<BitmapToStore | BitmapToKeep>): Promise<void> {
+    if (this.readOnly) throw new BlockIOError('EPERM', 'No write access');
     if (!this.v3) throw genericError('Cannot store dirty bitmaps in qcow2 v2 files');
     await this.lock.withExclusive(async () => {
       const entries: Array<{ name: string; tableOffset: number; tableSize: number; flags: number; granularityBits: number }> = [];
       const names = new Set<string>();
+      const kept = new Set<StoredBitmap>();
       for (const b of list) {
         if (names.has(b.name)) throw genericError(`Bitmap already exists: ${b.name}`);
         names.add(b.name);
+        if ('keep' in b) {
+          const old = this.bitmapsValid() ? this.cachedBitmaps.find((c) => c.name === b.name) : undefined;
+          if (!old) continue;
+          kept.add(old);
+          entries.push({ name: old.name, tableOffset: old.tableOffset, tableSize: old.tableSize, flags: old.flags, granularityBits: old.granularityBits });
+          continue;
+        }
         const gbits = Math.log2(b.granularity);
         if (!Number.isInteger(gbits) || gbits < 9 || gbits > 31) throw genericError('Granularity must be power of 2 and at least 512');
         const bytes = Math.ceil(Math.ceil(this.header.size / b.granularity) / 8);
@@ -637,6 +661,7 @@ export class Qcow2Node extends BlockNode {
       // Free the old directory, tables and data.
       if (oldExt) {
         for (const b of oldBitmaps) {
+          if (kept.has(b)) continue;
           const t = await this.readFile(b.tableOffset, b.tableSize * 8);
           for (let k = 0; k < b.tableSize; k++) {
             const off = Number(t.readBigUInt64BE(k * 8) & 0x00fffffffffffe00n);
@@ -648,6 +673,71 @@ export class Qcow2Node extends BlockNode {
       }
       await this.rc.flush();
     });
+  }
+
+  // ---- PersistentBitmapStore (the bitmap layer's view, src/bitmap/persistence.ts) ----------------
+
+  /**
+   * qcow2_co_can_store_new_dirty_bitmap: may a new persistent bitmap `name` be added, given the
+   * persistent bitmaps the node already has in memory (`persistentNames`)? QEMU's checks and messages.
+   */
+  canStoreNewDirtyBitmap(name: string, granularity: number, persistentNames: string[] = []): void {
+    if (persistentNames.includes(name)) throw genericError(`Bitmap already exists: ${name}`);
+    const fail = (msg: string): never => {
+      throw genericError(`Can't make bitmap '${name}' persistent in '${this.nodeName}': ${msg}`);
+    };
+    if (!this.v3) fail('Cannot store dirty bitmaps in qcow2 v2 files');
+    const gbits = Math.log2(granularity);
+    if (gbits > 31) fail('Granularity exceeds maximum (2147483648 bytes)');
+    if (gbits < 9) fail('Granularity is under minimum (512 bytes)');
+    const bytes = Math.ceil(Math.ceil(this.header.size / granularity) / 8);
+    if (Math.ceil(bytes / this.cs) * this.cs > BME_MAX_PHYS_SIZE) fail('Too much space will be occupied by the bitmap. Use larger granularity');
+    if (Buffer.byteLength(name) > 1023) fail('Name length exceeds maximum (1023 characters)');
+    const all = [...persistentNames, name];
+    if (all.length > MAX_BITMAPS) fail('Maximum number of persistent bitmaps is already reached');
+    if (all.reduce((n, x) => n + dirEntrySize(Buffer.byteLength(x)), 0) > MAX_BITMAP_DIRECTORY_SIZE) fail('Not enough space in the bitmap directory');
+  }
+
+  /**
+   * qcow2_load_dirty_bitmaps: the stored bitmaps with their bits; one found with in_use comes back
+   * inconsistent and empty. On a read-write node every loaded bitmap is then marked in_use on disk,
+   * so that a crash before the next store leaves them inconsistent (formats.md §2.5).
+   */
+  async loadPersistentDirtyBitmaps(): Promise<LoadedDirtyBitmap[]> {
+    const out: LoadedDirtyBitmap[] = [];
+    const loaded: string[] = [];
+    for (const bm of this.listStoredBitmaps()) {
+      if (bm.inUse) {
+        out.push({ name: bm.name, granularity: bm.granularity, enabled: false, inconsistent: true });
+        continue;
+      }
+      out.push({ name: bm.name, granularity: bm.granularity, enabled: bm.auto, inconsistent: false, data: await this.readBitmapData(bm) });
+      loaded.push(bm.name);
+    }
+    if (!this.readOnly && loaded.length) await this.setBitmapsInUse(loaded, true);
+    return out;
+  }
+
+  /**
+   * qcow2_store_persistent_dirty_bitmaps: write `list` (in_use cleared); stored entries not in the
+   * list (inconsistent bitmaps) are kept as they are. Nothing is written when there is nothing to store.
+   */
+  async storePersistentDirtyBitmaps(list: BitmapToStore[]): Promise<void> {
+    const stored = this.listStoredBitmaps();
+    if (!list.length && !stored.length) return;
+    // As QEMU: entries already in the directory keep their place, new ones go to the end.
+    const byName = new Map(list.map((b) => [b.name, b]));
+    const out: Array<BitmapToStore | BitmapToKeep> = stored.map((b) => byName.get(b.name) ?? { name: b.name, keep: true });
+    const onDisk = new Set(stored.map((b) => b.name));
+    out.push(...list.filter((b) => !onDisk.has(b.name)));
+    await this.storeBitmaps(out);
+  }
+
+  /** qcow2_co_remove_persistent_dirty_bitmap: drop `name` from the image and free its clusters. */
+  async removePersistentDirtyBitmap(name: string): Promise<void> {
+    const stored = this.listStoredBitmaps();
+    if (!stored.some((b) => b.name === name)) return;
+    await this.storeBitmaps(stored.filter((b) => b.name !== name).map((b) => ({ name: b.name, keep: true })));
   }
 
   // ---- repair -------------------------------------------------------------------------------------

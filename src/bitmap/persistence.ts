@@ -1,0 +1,77 @@
+/**
+ * Persistent dirty bitmaps across open and close (formats.md §2.5, reference §2.4): what the bitmap
+ * layer does with a node that implements PersistentBitmapStore (qcow2).
+ *
+ *   loadPersistentBitmaps   after the node is opened: one persistent DirtyBitmap per stored bitmap
+ *                           (enabled = the 'auto' flag); in_use on disk → inconsistent (empty,
+ *                           disabled, only removable); a read-only node → readonly bitmaps.
+ *   storePersistentBitmaps  before the node is closed: the persistent bitmaps' bits are written back
+ *                           and in_use cleared. A failure is thrown with QEMU's wording ("Lost
+ *                           persistent bitmaps during inactivation of node ...") and never ignored.
+ */
+import { genericError, type QmpError } from '../errors.js';
+import type { BlockNode } from '../block/node.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
+import { persistentStore, type BitmapManager } from './manager.js';
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** Load the node's stored bitmaps into the manager. On failure nothing is left attached and the error is thrown. */
+export async function loadPersistentBitmaps(manager: BitmapManager, node: BlockNode): Promise<DirtyBitmap[]> {
+  const store = persistentStore(node);
+  if (!store?.loadPersistentDirtyBitmaps) return [];
+  const created: DirtyBitmap[] = [];
+  try {
+    const list = await store.loadPersistentDirtyBitmaps();
+    for (const s of list) {
+      const bm = manager.create(node, s.name, s.granularity, { persistent: true, disabled: !s.enabled || s.inconsistent });
+      created.push(bm);
+      if (s.inconsistent) bm.inconsistent = true;
+      else if (s.data) bm.loadFromBuffer(s.data);
+      if (node.readOnly) bm.readonly = true;
+    }
+    return created;
+  } catch (err) {
+    for (const bm of created) manager.release(bm);
+    throw genericError(`Could not load persistent bitmaps of node '${node.nodeName}': ${message(err)}`);
+  }
+}
+
+/** The node's persistent bitmaps that are written back at close: not read-only, not inconsistent, not being removed. */
+function bitmapsToStore(manager: BitmapManager, node: BlockNode): DirtyBitmap[] {
+  // The manager lists newest first; store in creation order.
+  return manager
+    .list(node)
+    .reverse()
+    .filter((b) => b.persistent && b.name !== undefined && !b.readonly && !b.inconsistent && !b.skipStore);
+}
+
+/**
+ * Write the node's persistent bitmaps into its image (qcow2_store_persistent_dirty_bitmaps). Nodes
+ * without persistent storage, and read-only nodes with only read-only bitmaps, are left alone.
+ */
+export async function storePersistentBitmaps(manager: BitmapManager, node: BlockNode): Promise<void> {
+  const store = persistentStore(node);
+  const list = bitmapsToStore(manager, node);
+  if (!store?.storePersistentDirtyBitmaps) {
+    if (list.length) throw lostError(node, `Can't store persistent bitmaps to ${node.nodeName}`);
+    return;
+  }
+  if (node.readOnly) {
+    if (list.length) throw lostError(node, 'No write access');
+    return;
+  }
+  try {
+    await store.storePersistentDirtyBitmaps(
+      list.map((b) => ({ name: b.name!, granularity: b.granularity, auto: b.enabled, data: b.toBuffer() })),
+    );
+  } catch (err) {
+    throw lostError(node, message(err));
+  }
+}
+
+function lostError(node: BlockNode, msg: string): QmpError {
+  return genericError(`Lost persistent bitmaps during inactivation of node '${node.nodeName}': ${msg}`);
+}
