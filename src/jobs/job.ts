@@ -137,7 +137,9 @@ export abstract class Job {
   /** Running code right now (not sleeping, yielded or paused). */
   private _busy = false;
   private sleeping = false;
-  private wake: (() => void) | undefined;
+  /** Resolvers of the job's current yields (normally one; more when a yield is raced and abandoned). */
+  private readonly waiters = new Set<() => void>();
+  private yields = 0;
 
   private started = false;
   /** A cancel was requested (soft or force). */
@@ -336,30 +338,34 @@ export abstract class Job {
 
   /** Wake the job if it is sleeping or yielded (QEMU's job_enter). */
   kick(): void {
-    const w = this.wake;
-    this.wake = undefined;
-    w?.();
+    const waiters = [...this.waiters];
+    this.waiters.clear();
+    for (const w of waiters) w();
   }
 
-  /** Yield until kicked (or until `timeoutMs` has passed). The job is not busy meanwhile. */
+  /**
+   * Yield until kicked (or until `timeoutMs` has passed). The job is not busy meanwhile. It may return
+   * early for any kick (pause, cancel, complete, set-speed, an I/O completion the job kicks for), so
+   * callers re-check their condition. Safe to race against other promises: an abandoned wait ends at
+   * the next kick or its timeout and never disturbs later ones.
+   */
   protected async yieldUntilKicked(timeoutMs?: number): Promise<void> {
+    this.yields++;
     this._busy = false;
     try {
       await new Promise<void>((resolve) => {
         let timer: NodeJS.Timeout | undefined;
-        this.wake = () => {
+        const waiter = (): void => {
           if (timer) clearTimeout(timer);
+          this.waiters.delete(waiter);
           resolve();
         };
-        if (timeoutMs !== undefined) {
-          timer = setTimeout(() => {
-            this.wake = undefined;
-            resolve();
-          }, timeoutMs);
-        }
+        this.waiters.add(waiter);
+        if (timeoutMs !== undefined) timer = setTimeout(waiter, timeoutMs);
       });
     } finally {
-      this._busy = true;
+      this.yields--;
+      this._busy = this.yields === 0 && !this.hasRunEnded;
     }
   }
 
