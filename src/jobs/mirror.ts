@@ -167,6 +167,20 @@ export class MirrorJob extends Job {
   // ---- the copy loop ------------------------------------------------------------------------------
 
   protected async run(): Promise<void> {
+    try {
+      await this.runLoop();
+    } finally {
+      // mirror_run's exit path: a failed or cancelled job still waits for the copies it started, so
+      // that none writes to the target (or changes the bitmap and progress) after the job has ended.
+      await this.waitAllCopies();
+    }
+  }
+
+  private async waitAllCopies(): Promise<void> {
+    while (this.copiesInFlight > 0) await Promise.all([...this.inFlight].map((op) => op.done.catch(() => undefined)));
+  }
+
+  private async runLoop(): Promise<void> {
     const size = this.source.length();
     if (this.target.length() !== size) throw genericError('Source and target image have different sizes');
     if (size > 0 && this.o.sync !== 'none' && this.bitmapIsLocal && !this.o.syncBitmap) await this.dirtyInit(size);
@@ -290,7 +304,11 @@ export class MirrorJob extends Job {
     return true;
   }
 
-  /** Copy [offset, offset+bytes): data, zeroes, or nothing, piece by piece as block status says. */
+  /**
+   * Copy [offset, offset+bytes): data, zeroes, or nothing, piece by piece as block status says. On an
+   * error the whole rest of the range is dirty again, not only the failed piece: its bits were reset
+   * when the copy began and the pieces after the failed one are never copied.
+   */
   private async copyRange(offset: number, bytes: number): Promise<void> {
     const maxIo = Math.max(this.o.bufSize / 16, MAX_IO_BYTES);
     const end = offset + bytes;
@@ -309,7 +327,7 @@ export class MirrorJob extends Job {
         try {
           await this.targetWriteZeroes(pos, n);
         } catch (err) {
-          this.ioError('write', err, pos, n);
+          this.ioError('write', err, pos, end - pos);
           return;
         }
       } else {
@@ -317,13 +335,13 @@ export class MirrorJob extends Job {
         try {
           data = await this.source.read(pos, n);
         } catch (err) {
-          this.ioError('read', err, pos, n);
+          this.ioError('read', err, pos, end - pos);
           return;
         }
         try {
           await this.targetWrite(pos, data);
         } catch (err) {
-          this.ioError('write', err, pos, n);
+          this.ioError('write', err, pos, end - pos);
           return;
         }
       }
