@@ -168,12 +168,23 @@ export class BlkdebugNode extends BlockNode {
   override async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
     if (this.parentNeedsIoEvents()) this.debugEvent('write_aio');
     this.rmwEvents(offset, data.length);
+    await this.growFor(offset + data.length);
     return super.write(offset, data, flags);
   }
 
   override async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
     this.rmwEvents(offset, bytes);
+    await this.growFor(offset + bytes);
     return super.writeZeroes(offset, bytes, flags);
+  }
+
+  /**
+   * A growable image (a file node) grows when a format driver above writes past its end (qcow2
+   * allocating clusters); without this every allocating write through blkdebug failed with EIO.
+   */
+  private async growFor(end: number): Promise<void> {
+    const img = this.image as BlockNode & { truncate?: (n: number) => Promise<void> };
+    if (end > this.length() && !this.readOnly && typeof img.truncate === 'function') await img.truncate(end);
   }
 
   override async read(offset: number, bytes: number): Promise<Buffer> {
