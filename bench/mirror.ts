@@ -1,0 +1,108 @@
+/**
+ * Mirror benchmark: a full mirror of a qcow2 holding ~1.5 GiB of data into a new qcow2, bitmirror vs
+ * qemu-storage-daemon on the same files in the same run, and vs `cp` of the image file; then an
+ * incremental mirror (working bitmap with 1% of the clusters dirty) vs the full one. Each mirror runs
+ * to READY and is soft-cancelled (a complete copy, no pivot), timed from blockdev-mirror to the end.
+ * BM_MIRROR_MIB shrinks the data size (default 1536).
+ */
+import { execFile } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnDaemon } from '../src/daemon/spawn.js';
+
+export const title = 'mirror: full qcow2 mirror vs qemu-storage-daemon and cp; incremental (1% dirty) vs full';
+
+type Row = Record<string, string | number>;
+
+function sh(cmd: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(cmd, args, { maxBuffer: 64 << 20 }, (err, stdout, stderr) => (err ? reject(new Error(`${cmd}: ${String(stderr)}`)) : resolve(String(stdout))));
+  });
+}
+
+async function have(cmd: string): Promise<boolean> {
+  return sh(cmd, ['--version']).then(
+    () => true,
+    () => false,
+  );
+}
+
+/** One mirror src -> new target through a daemon; returns seconds. `prepare` runs before timing starts. */
+async function timedMirror(
+  program: 'bitmirror' | 'qemu-storage-daemon',
+  dir: string,
+  src: string,
+  tgt: string,
+  size: number,
+  opts: { prepare?: (hmp: (c: string) => Promise<string>, exec: (c: string, a: Record<string, unknown>) => Promise<unknown>) => Promise<void>; bitmap?: string; backing?: string } = {},
+): Promise<number> {
+  await fsp.rm(tgt, { force: true });
+  await sh('qemu-img', ['create', '-f', 'qcow2', ...(opts.backing ? ['-b', opts.backing, '-F', 'qcow2'] : []), tgt, String(size)]);
+  const d = await spawnDaemon(path.join(dir, `${program}.sock`), [], program);
+  try {
+    const q = d.qmp;
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'src', file: { driver: 'file', filename: src } });
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: tgt } });
+    if (opts.prepare) await opts.prepare((c) => q.hmp(c), (c, a) => q.execute(c, a));
+    const t0 = performance.now();
+    await q.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...(opts.bitmap ? { bitmap: opts.bitmap } : {}) });
+    await q.waitEvent('BLOCK_JOB_READY', { device: 'j' }, 600_000);
+    await q.execute('block-job-cancel', { device: 'j' });
+    await q.waitEvent('BLOCK_JOB_COMPLETED', { device: 'j' }, 600_000);
+    await q.execute('blockdev-del', { 'node-name': 'tgt' });
+    return (performance.now() - t0) / 1000;
+  } finally {
+    await d.stop();
+  }
+}
+
+export async function run(): Promise<Row[]> {
+  const mib = Number(process.env.BM_MIRROR_MIB ?? 1536);
+  const dataBytes = mib << 20;
+  const size = dataBytes + (512 << 20);
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-bench-mirror-'));
+  const rows: Row[] = [];
+  try {
+    const src = path.join(dir, 'src.qcow2');
+    await sh('qemu-img', ['create', '-f', 'qcow2', src, String(size)]);
+    // Data in 256 MiB writes with varying patterns.
+    const cmds: string[] = [];
+    for (let off = 0, i = 1; off < dataBytes; off += 256 << 20, i++) cmds.push('-c', `write -P ${i} ${off} ${Math.min(256 << 20, dataBytes - off)}`);
+    await sh('qemu-io', ['-f', 'qcow2', ...cmds, src]);
+    const mb = dataBytes / (1 << 20);
+
+    const bm = await timedMirror('bitmirror', dir, src, path.join(dir, 'bm.qcow2'), size);
+    rows.push({ case: `full mirror ${mb} MiB`, tool: 'bitmirror', seconds: bm, 'MiB/s': mb / bm });
+    if (await have('qemu-storage-daemon')) {
+      const qs = await timedMirror('qemu-storage-daemon', dir, src, path.join(dir, 'qsd.qcow2'), size);
+      rows.push({ case: `full mirror ${mb} MiB`, tool: 'qemu-storage-daemon', seconds: qs, 'MiB/s': mb / qs, 'bitmirror/this': bm / qs });
+    } else rows.push({ case: `full mirror ${mb} MiB`, tool: 'qemu-storage-daemon (not installed)', seconds: 0 });
+    const t0 = performance.now();
+    await sh('cp', ['--sparse=always', src, path.join(dir, 'cp.qcow2')]);
+    const cp = (performance.now() - t0) / 1000;
+    rows.push({ case: `full mirror ${mb} MiB`, tool: 'cp', seconds: cp, 'MiB/s': mb / cp, 'bitmirror/this': bm / cp });
+    await fsp.rm(path.join(dir, 'cp.qcow2'), { force: true });
+    await fsp.rm(path.join(dir, 'qsd.qcow2'), { force: true });
+
+    // Incremental: 1% of the data clusters (64 KiB) dirtied after the bitmap is added.
+    const clusters = dataBytes / 65536;
+    const dirty = Math.max(1, Math.round(clusters / 100));
+    const inc = await timedMirror('bitmirror', dir, src, path.join(dir, 'inc.qcow2'), size, {
+      bitmap: 'b0',
+      backing: path.join(dir, 'bm.qcow2'),
+      prepare: async (hmp, exec) => {
+        await exec('block-dirty-bitmap-add', { node: 'src', name: 'b0', granularity: 65536 });
+        let seed = 12345;
+        for (let i = 0; i < dirty; i++) {
+          seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+          await hmp(`qemu-io src "write -P 0xee ${(seed % clusters) * 65536} 64k"`);
+        }
+      },
+    });
+    rows.push({ case: `incremental, ${dirty} of ${clusters} clusters dirty`, tool: 'bitmirror', seconds: inc, 'MiB/s': (dirty * 64) / 1024 / inc, 'full/incremental': bm / inc });
+  } finally {
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+  return rows;
+}
