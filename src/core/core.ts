@@ -37,13 +37,8 @@ export class Core {
       try {
         await storePersistentBitmaps(this.bitmaps, node);
       } catch (err) {
+        // The node stays open with its bitmaps (blockdev-del keeps its reference until the close worked).
         process.stderr.write(`bitmirror: ${err instanceof Error ? err.message : String(err)}\n`);
-        // The node stays open with its bitmaps. blockdev-del dropped the monitor's reference before
-        // closing: give it back, so that the node can be deleted once the bitmap is dealt with.
-        if (node.users.size === 0 && node.parents.size === 0) {
-          this.monitorOwned.add(node);
-          node.users.set(this.monitorOwned, 'monitor');
-        }
         throw err;
       }
       this.bitmaps.releaseAll(node);
