@@ -51,7 +51,9 @@ const COMMON: Members = {
 /** The device must be a root node (nothing above it), as qmp_get_root_bs requires. */
 function rootNode(core: Core, name: string): BlockNode {
   const node = core.graph.lookup(name);
-  if (node.parents.size > 0) throw genericError('Need a root block node');
+  // A job's BlockBackend is a parent in QEMU: the filter and the target of a running mirror are no roots.
+  const jobUse = [...node.users.values()].some((u) => u === 'mirror target' || u === 'mirror filter');
+  if (node.parents.size > 0 || jobUse) throw genericError('Need a root block node');
   return node;
 }
 
@@ -135,6 +137,11 @@ async function startMirror(
     const name = args.replaces as string;
     replaces = core.graph.find(name);
     if (!replaces) throw genericError(`Failed to find node with node-name='${name}'`);
+    // bdrv_recurse_can_replace, checked before the size as QEMU does: only the source itself (or the
+    // data node under a filter source) can be replaced without an abrupt change of visible data.
+    if (replaces !== source && replaces !== source.formatLayer()) {
+      throw genericError(`Cannot replace '${name}' by a node mirrored from '${source.nodeName}', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data`);
+    }
     if (replaces.length() !== target.length()) throw genericError('cannot replace image with a mirror image of different size');
   }
   const bufSize = (args['buf-size'] as number | undefined) ?? 0;

@@ -161,6 +161,7 @@ export class MirrorJob extends Job {
     this.source.blockers.set(this, this.blockerReason);
     this.target.blockers.set(this, this.blockerReason);
     this.target.users.set(this, 'mirror target');
+    this.filter.users.set(this, 'mirror filter');
     traceStart({ job: this.id, source: this.source.nodeName, target: this.target.nodeName, granularity: this.granularity });
   }
 
@@ -601,6 +602,7 @@ export class MirrorJob extends Job {
     this.observer = undefined;
     // Take the filter out: whoever still uses it uses the source again.
     graph.replace(this.filter, this.source);
+    this.filter.users.delete(this);
     this.filter.detachChild('backing');
     if (graph.find(this.filter.nodeName) === this.filter) await graph.remove(this.filter).catch(() => undefined);
     this.source.blockers.delete(this);

@@ -262,7 +262,7 @@ test('start-time refusals with QEMU messages', async () => {
       [{ ...base, sync: 'incremental' }, "Must provide a valid bitmap name for 'incremental' sync mode"],
       [{ ...base, 'job-id': '1bad' }, "Invalid job ID '1bad'"],
       [{ ...base, replaces: 'nope' }, "Failed to find node with node-name='nope'"],
-      [{ ...base, replaces: 'small' }, 'cannot replace image with a mirror image of different size'],
+      [{ ...base, replaces: 'small' }, "Cannot replace 'small' by a node mirrored from 'src', because it cannot be guaranteed that doing so would not lead to an abrupt change of visible data"],
     ];
     for (const [args, msg] of cases) {
       const e = await qmpError(env, 'blockdev-mirror', args);
