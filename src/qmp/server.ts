@@ -69,10 +69,15 @@ export class QmpServer {
 
 type Reply = Record<string, unknown>;
 
+/** Requests a client may have queued before we stop reading its socket, and where we read again. */
+const QUEUE_HIGH = 64;
+const QUEUE_LOW = 16;
+
 class QmpSession {
   private negotiated = false;
   private oob = false;
   private queue: Promise<void> = Promise.resolve();
+  private queued = 0;
   private readonly parser: JsonStreamParser;
   private alive = true;
   private readonly decoder = new TextDecoder('utf-8');
@@ -104,8 +109,9 @@ class QmpSession {
 
   private send(msg: Reply): void {
     if (!this.alive || this.sock.destroyed) return;
-    traceRespond({ msg: encodeQmp(msg).slice(0, 200) });
-    this.sock.write(encodeQmp(msg) + '\r\n');
+    const text = encodeQmp(msg);
+    traceRespond({ msg: text.length > 200 ? text.slice(0, 200) : text });
+    this.sock.write(text + '\r\n');
   }
 
   private onMessage(m: JsonMessage): void {
@@ -127,8 +133,21 @@ class QmpSession {
     else this.enqueue(run);
   }
 
+  /**
+   * Queue a request behind the client's earlier ones. A client that pipelines faster than commands
+   * complete is throttled: past QUEUE_HIGH queued requests its socket stops being read (as QEMU's
+   * monitor suspends), so it cannot make the daemon buffer without bound.
+   */
   private enqueue(fn: () => Promise<void>): void {
-    this.queue = this.queue.then(fn).catch(() => undefined);
+    this.queued++;
+    if (this.queued >= QUEUE_HIGH && !this.sock.isPaused()) this.sock.pause();
+    this.queue = this.queue
+      .then(fn)
+      .catch(() => undefined)
+      .finally(() => {
+        this.queued--;
+        if (this.queued <= QUEUE_LOW && this.sock.isPaused() && this.alive) this.sock.resume();
+      });
   }
 
   private async dispatch(req: unknown): Promise<Reply> {

@@ -191,3 +191,21 @@ test('query-qmp-schema lists every command with its argument names', async () =>
   const names = (await d.qmp.execute<Array<{ name: string }>>('query-commands')).map((c) => c.name).filter((n) => n !== 'qmp_capabilities');
   for (const n of names) assert.ok(byName.has(n), n);
 });
+
+test('a client pipelining hundreds of commands gets every reply, in order', async () => {
+  const s = await rawSession();
+  await s.next();
+  s.send('{"execute":"qmp_capabilities"}');
+  await s.next();
+  const n = 500;
+  let batch = '';
+  for (let i = 0; i < n; i++) batch += `{"execute":"query-version","id":${i}}`;
+  s.send(batch);
+  const replies = await s.next(n);
+  assert.deepEqual(
+    replies.map((r) => r.id),
+    Array.from({ length: n }, (_, i) => i),
+  );
+  assert.ok(replies.every((r) => 'return' in r));
+  s.close();
+});
