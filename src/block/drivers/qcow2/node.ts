@@ -39,6 +39,22 @@ function dirEntrySize(nameBytes: number): number {
   return Math.ceil((24 + nameBytes) / 8) * 8;
 }
 
+/** Guest clusters [gStart, gEnd) getting new host clusters whose L2 entries are not linked yet. */
+interface InFlightAllocation {
+  gStart: number;
+  gEnd: number;
+  nClusters: number;
+  host: number;
+  /** A zero-alloc run that is ours: its host clusters are written in place, nothing allocated. */
+  reuse: boolean;
+  /** Bytes of the request this allocation covers (from the request's offset). */
+  bytes: number;
+  l1Index: number;
+  l2Index: number;
+  done: Promise<void>;
+  resolve: () => void;
+}
+
 interface Mapping {
   entry: L2Entry;
   /** Bytes from the queried offset that share this mapping (host-contiguous for normal clusters). */
@@ -76,6 +92,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   /** We set the dirty bit ourselves (lazy refcounts): not shown as dirty-flag while open. */
   private dirtySetByUs = false;
   private lastCompressed?: { offset: number; data: Buffer };
+  private readonly allocsInFlight = new Set<InFlightAllocation>();
   unmapAllowed = false;
 
   constructor(
@@ -249,7 +266,14 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         pos += done;
         continue;
       }
-      pos += await this.lock.withExclusive(() => this.allocatingWrite(off, data.subarray(pos)));
+      const a = await this.lock.withExclusive(() => this.prepareAllocation(off, data.length - pos));
+      if (a === undefined) continue; // became allocated meanwhile: the fast path takes it
+      if ('wait' in a) {
+        await a.wait; // an allocation of the same clusters is in flight
+        continue;
+      }
+      await this.completeAllocation(a, off, data.subarray(pos, pos + a.bytes));
+      pos += a.bytes;
     }
     if (flags.fua) await this.doFlush();
   }
@@ -264,48 +288,87 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     this.dirtySetByUs = true;
   }
 
-  /** Write one run of clusters that need allocation (exclusive lock held). Returns bytes written. */
-  private async allocatingWrite(offset: number, data: Buffer): Promise<number> {
+  /** An allocation in flight that overlaps guest clusters [start, end) (byte offsets), if any. */
+  private allocationOverlapping(start: number, end: number): InFlightAllocation | undefined {
+    for (const a of this.allocsInFlight) if (a.gStart < end && start < a.gEnd) return a;
+    return undefined;
+  }
+
+  /**
+   * Step 1 of an allocating write (exclusive lock held): the run of clusters at `offset` that needs
+   * new host clusters, its L2 table made ours, and the host clusters allocated (refcounts raised in
+   * the cache) in one contiguous run. The guest clusters are marked in flight so that no other request
+   * allocates or zeroes them until the L2 entries are linked. Returns undefined when the clusters are
+   * now allocated and ours (overwrite them), or { wait } when another allocation of some
+   * of these clusters is in flight.
+   */
+  private async prepareAllocation(offset: number, len: number): Promise<InFlightAllocation | { wait: Promise<void> } | undefined> {
     await this.markDirtyIfLazy();
-    const m = await this.lookup(offset, data.length);
+    const m = await this.lookup(offset, len);
     const e = m.entry;
-    if (e.type === 'normal' && e.copied) {
-      await this.file.write(e.offset + (offset % this.cs), data.subarray(0, m.bytes));
-      return m.bytes;
-    }
+    if (e.type === 'normal' && e.copied) return undefined;
     const gStart = offset - (offset % this.cs);
     const gEnd = Math.min(this.header.size, Math.ceil((offset + m.bytes) / this.cs) * this.cs);
+    const busy = this.allocationOverlapping(gStart, gEnd);
+    if (busy) return { wait: busy.done }; // (wrapped: an async function would adopt the promise)
     const nClusters = Math.ceil((gEnd - gStart) / this.cs);
-    const t = await this.ensureL2(m.l1Index);
-
-    // Build the new clusters: old contents (COW) under the new data.
-    const buf = Buffer.alloc(nClusters * this.cs);
-    const headLen = offset - gStart;
-    const tailStart = offset + m.bytes;
-    if (headLen > 0) (await this.readUnlocked(gStart, Math.min(this.cs, gEnd - gStart))).copy(buf, 0);
-    const lastStart = gStart + (nClusters - 1) * this.cs;
-    if (tailStart < gEnd && !(headLen > 0 && lastStart === gStart)) {
-      (await this.readUnlocked(lastStart, gEnd - lastStart)).copy(buf, lastStart - gStart);
-    }
-    data.copy(buf, headLen, 0, m.bytes);
-
-    let host: number;
+    await this.ensureL2(m.l1Index);
     const reuse = e.type === 'zero-alloc' && e.copied;
-    if (reuse) host = e.offset;
-    else host = await this.rc.alloc(nClusters, this.isReserved);
-    await this.file.write(host, buf);
+    const host = reuse ? e.offset : await this.rc.alloc(nClusters, this.isReserved);
+    let resolve!: () => void;
+    const a: InFlightAllocation = { gStart, gEnd, nClusters, host, reuse, bytes: m.bytes, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
+    this.allocsInFlight.add(a);
+    return a;
+  }
 
-    const old: L2Entry[] = [];
-    for (let k = 0; k < nClusters; k++) {
-      const idx = m.l2Index + k;
-      const prev = decodeL2(t.table, idx, this.clusterBits, this.v3);
-      if (!reuse && (prev.type === 'normal' || prev.type === 'compressed' || prev.type === 'zero-alloc')) old.push(prev);
-      encodeEntry(t.table, idx, host + k * this.cs, COPIED_HI);
+  /**
+   * Steps 2 and 3 (no lock held while the data is written, so allocating writes run side by side as
+   * in QEMU): build the clusters (old contents under the new data, only for partial clusters), write
+   * them in one request, then link the L2 entries under the exclusive lock and drop references to
+   * replaced clusters. The data is written before its L2 entries change in the cache, and the
+   * write-back's flush after the refcount blocks covers it (formats.md §1.9, steps 1-2).
+   */
+  private async completeAllocation(a: InFlightAllocation, offset: number, data: Buffer): Promise<void> {
+    try {
+      try {
+        const headLen = offset - a.gStart;
+        const tailStart = offset + a.bytes;
+        const full = a.nClusters * this.cs;
+        let buf: Buffer;
+        if (headLen === 0 && a.bytes === full) {
+          buf = data;
+        } else {
+          buf = Buffer.alloc(full);
+          const lastStart = a.gStart + (a.nClusters - 1) * this.cs;
+          if (headLen > 0) (await this.lock.withShared(() => this.readUnlocked(a.gStart, Math.min(this.cs, a.gEnd - a.gStart)))).copy(buf, 0);
+          if (tailStart < a.gEnd && !(headLen > 0 && lastStart === a.gStart)) {
+            (await this.lock.withShared(() => this.readUnlocked(lastStart, a.gEnd - lastStart))).copy(buf, lastStart - a.gStart);
+          }
+          data.copy(buf, headLen);
+        }
+        await this.file.write(a.host, buf);
+      } catch (err) {
+        // Nothing references the new clusters: give them back.
+        if (!a.reuse) await this.lock.withExclusive(() => this.rc.free(a.host, a.nClusters)).catch(() => undefined);
+        throw err;
+      }
+      await this.lock.withExclusive(async () => {
+        const t = await this.ensureL2(a.l1Index);
+        const old: L2Entry[] = [];
+        for (let k = 0; k < a.nClusters; k++) {
+          const idx = a.l2Index + k;
+          const prev = decodeL2(t.table, idx, this.clusterBits, this.v3);
+          if (!a.reuse && (prev.type === 'normal' || prev.type === 'compressed' || prev.type === 'zero-alloc')) old.push(prev);
+          encodeEntry(t.table, idx, a.host + k * this.cs, COPIED_HI);
+        }
+        this.l2cache.markDirty(t.offset);
+        if (old.length) await this.freeEntries(old);
+        await this.maybeWriteback();
+      });
+    } finally {
+      this.allocsInFlight.delete(a);
+      a.resolve();
     }
-    this.l2cache.markDirty(t.offset);
-    if (old.length) await this.freeEntries(old);
-    await this.maybeWriteback();
-    return m.bytes;
   }
 
   /** The L2 table for `l1Index`, allocated (or copied, if shared) if needed (§1.9 step 3). */
@@ -374,7 +437,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     }
     if (offset < aStart) await this.doWrite(offset, Buffer.alloc(aStart - offset), {});
     const unmap = flags.mayUnmap === true && this.unmapAllowed;
-    await this.lock.withExclusive(() => this.zeroClusters(aStart, aEnd, unmap ? 'unmap' : 'zero'));
+    await this.zeroClustersWhenIdle(aStart, aEnd, unmap ? 'unmap' : 'zero');
     if (aEnd < end) await this.doWrite(aEnd, Buffer.alloc(end - aEnd), {});
     if (flags.fua) await this.doFlush();
   }
@@ -385,7 +448,21 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     const aStart = Math.ceil(offset / this.cs) * this.cs;
     const aEnd = end === this.header.size ? end : Math.floor(end / this.cs) * this.cs;
     if (aStart >= aEnd) return;
-    await this.lock.withExclusive(() => this.zeroClusters(aStart, aEnd, 'discard'));
+    await this.zeroClustersWhenIdle(aStart, aEnd, 'discard');
+  }
+
+  /** zeroClusters under the exclusive lock, once no allocation of these clusters is in flight. */
+  private async zeroClustersWhenIdle(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
+    for (;;) {
+      const busy = await this.lock.withExclusive(async () => {
+        const a = this.allocationOverlapping(start, end);
+        if (a) return { wait: a.done };
+        await this.zeroClusters(start, end, mode);
+        return undefined;
+      });
+      if (!busy) return;
+      await busy.wait;
+    }
   }
 
   /**
