@@ -4,7 +4,7 @@
  * (on a node given by name or inline). Every other driver QEMU knows is accepted by the union and
  * refused with "Driver does not support blockdev-create", as QEMU refuses raw and null-co.
  */
-import { genericError, QmpError } from '../errors.js';
+import { genericError } from '../errors.js';
 import { alternate, any, bool, enumOf, int, size, str, visit, type Members, type Schema } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
@@ -51,19 +51,6 @@ export const BLOCKDEV_CREATE_OPTIONS: Schema = {
   discriminator: 'driver',
   variants: { file: FILE_CREATE, qcow2: QCOW2_CREATE },
 };
-
-/** QEMU's input visitor names only the member, not its path, when an enum value is refused. */
-function checkOptions(options: unknown): Record<string, unknown> {
-  try {
-    return visit(BLOCKDEV_CREATE_OPTIONS, options, 'options') as Record<string, unknown>;
-  } catch (err) {
-    if (err instanceof QmpError) {
-      const m = /^Parameter '(?:[^']*\.)?([^'.]+)' does not accept value '(.*)'$/s.exec(err.message);
-      if (m) throw genericError(`Parameter '${m[1]}' does not accept value '${m[2]}'`);
-    }
-    throw err;
-  }
-}
 
 /**
  * The protocol node a format is created on: a node-name, or inline options opened for the job and
@@ -117,7 +104,7 @@ function claimForCreate(node: BlockNode): () => Promise<void> {
 
 export const createCommands: CommandDef[] = [
   command('blockdev-create', { 'job-id': str, options: any }, (args, core) => {
-    const opts = checkOptions(args.options);
+    const opts = visit(BLOCKDEV_CREATE_OPTIONS, args.options, 'options') as Record<string, unknown>;
     const driver = opts.driver as string;
     if (!CREATORS.has(driver)) throw genericError('Driver does not support blockdev-create');
     let work: () => Promise<void>;

@@ -64,6 +64,16 @@ function join(path: string, name: string): string {
   return path ? `${path}.${name}` : name;
 }
 
+/**
+ * The name QEMU 7.2's generic visitor code prints where it has only the member's own name, not its
+ * path: a refused enum value, an alternate of no matching type, a uint8/16/32 out of range. List
+ * elements have no name there, so QEMU prints 'null' ("Parameter 'null' does not accept value 'x'").
+ */
+function bareName(path: string): string {
+  if (path === '' || path.endsWith(']')) return 'null';
+  return path.slice(path.lastIndexOf('.') + 1);
+}
+
 /** The name QEMU's error messages use for a schema type ("integer", "object", …). */
 function typeWord(s: Schema): string {
   switch (s.kind) {
@@ -114,7 +124,7 @@ export function visit(schema: Schema, value: unknown, path: string, opts: VisitO
       return value;
     case 'enum': {
       if (typeof value !== 'string') throw invalidType(path, schema);
-      if (!schema.values.includes(value)) throw genericError(`Parameter '${path}' does not accept value '${value}'`);
+      if (!schema.values.includes(value)) throw genericError(`Parameter '${bareName(path)}' does not accept value '${value}'`);
       return value;
     }
     case 'bool':
@@ -159,7 +169,7 @@ export function visit(schema: Schema, value: unknown, path: string, opts: VisitO
 function visitInt(name: string, value: unknown, path: string, opts: VisitOptions): number {
   if (opts.keyval && typeof value === 'string') {
     const m = name === 'size' ? /^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)[bB]?\s*$/.exec(value) : /^\s*(-?(?:0x[0-9a-fA-F]+|\d+))\s*$/.exec(value);
-    if (!m) throw genericError(`Parameter '${path}' expects ${name === 'size' ? 'a size value' : 'a number'}`);
+    if (!m) throw genericError(`Parameter '${path}' expects ${name === 'size' ? 'a size value' : 'integer'}`);
     if (name === 'size') {
       const mult: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
       value = Math.round(Number(m[1]) * mult[m[2].toLowerCase()]);
@@ -167,15 +177,33 @@ function visitInt(name: string, value: unknown, path: string, opts: VisitOptions
       value = Number(m[1]);
     }
   }
-  if (typeof value !== 'number' || !Number.isInteger(value)) throw genericError(`Invalid parameter type for '${path}', expected: integer`);
+  // QEMU 7.2 reads every unsigned type as a uint64 first (full path, "expects uint64" when the value is
+  // no integer), then checks the narrower range (member name only, "expects uint32_t").
+  const unsigned = name !== 'int' && name !== 'int64';
+  const notInteger = () =>
+    unsigned && !opts.keyval ? genericError(`Parameter '${path}' expects uint64`) : genericError(`Invalid parameter type for '${path}', expected: integer`);
+  if (typeof value !== 'number' || !Number.isInteger(value)) throw notInteger();
   const big = BigInt(value);
   const [lo, hi] = INT_RANGES[name];
   if (big < lo || big > hi) {
-    if (C_TYPE[name]) throw genericError(`Parameter '${path}' expects ${C_TYPE[name]}`);
-    if (name === 'size' || name === 'uint64') throw genericError(`Parameter '${path}' expects a non-negative number below 2^64`);
-    throw genericError(`Invalid parameter type for '${path}', expected: integer`);
+    if (C_TYPE[name]) throw genericError(`Parameter '${bareName(path)}' expects ${C_TYPE[name]}`);
+    // QEMU takes a negative uint64/size as its two's complement (2^64 + value) for backward
+    // compatibility; a JS number cannot hold that exactly, so we refuse it with QEMU's uint64 message.
+    if (unsigned && !opts.keyval) throw genericError(`Parameter '${path}' expects uint64`);
+    if (unsigned) throw genericError(`Parameter '${path}' expects a non-negative number below 2^64`);
+    throw notInteger();
   }
   return value;
+}
+
+/**
+ * A driver option that QAPI declares 'int' but the driver reads through QemuOpts as a size (raw's
+ * offset/size, null's size): QEMU refuses a negative one there, with QemuOpts' message.
+ */
+export function qemuOptSize(opts: Record<string, unknown>, key: string): number | undefined {
+  const v = opts[key] as number | undefined;
+  if (v !== undefined && v < 0) throw genericError(`Parameter '${key}' expects a non-negative number below 2^64`);
+  return v;
 }
 
 function visitMembers(
@@ -216,7 +244,7 @@ function visitAlternate(schema: Extract<Schema, { kind: 'alternate' }>, value: u
   else if (typeof value === 'boolean') branch = byKind('bool');
   else if (Array.isArray(value)) branch = byKind('array');
   else if (isObject(value)) branch = byKind('object') ?? byKind('union') ?? byKind('any');
-  if (!branch) throw genericError(`Invalid parameter type for '${path}', expected: ${schema.name}`);
+  if (!branch) throw genericError(`Invalid parameter type for '${bareName(path)}', expected: ${schema.name}`);
   return visit(branch, value, path, opts);
 }
 

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { JsonStreamParser, encodeQmp, type JsonMessage } from '../../src/qmp/json.js';
-import { parseKeyval, visit, object, str, size, bool, uint32, arrayOf } from '../../src/qapi/schema.js';
+import { parseKeyval, visit, object, str, size, bool, uint32, arrayOf, enumOf, alternate } from '../../src/qapi/schema.js';
 
 function parseAll(chunks: string[]): JsonMessage[] {
   const out: JsonMessage[] = [];
@@ -59,9 +59,21 @@ test('schema visitor messages', () => {
   assert.throws(() => visit(s, {}, ''), { message: "Parameter 'name' is missing" });
   assert.throws(() => visit(s, { name: 1 }, ''), { message: "Invalid parameter type for 'name', expected: string" });
   assert.throws(() => visit(s, { name: 'a', x: 1 }, ''), { message: "Parameter 'x' is unexpected" });
-  assert.throws(() => visit(s, { name: 'a', size: -1 }, ''), { message: "Parameter 'size' expects a non-negative number below 2^64" });
+  assert.throws(() => visit(s, { name: 'a', size: -1 }, ''), { message: "Parameter 'size' expects uint64" });
+  assert.throws(() => visit(s, { name: 'a', size: '10' }, 'options'), { message: "Parameter 'options.size' expects uint64" });
+  assert.throws(() => visit(s, { name: 'a', size: 1.5 }, ''), { message: "Parameter 'size' expects uint64" });
+  assert.throws(() => visit(s, { name: 'a', g: 'x' }, ''), { message: "Parameter 'g' expects uint64" });
   assert.throws(() => visit(s, { name: 'a', g: 2 ** 32 }, ''), { message: "Parameter 'g' expects uint32_t" });
   assert.throws(() => visit(s, { name: 'a', flag: 'on' }, ''), { message: "Invalid parameter type for 'flag', expected: boolean" });
+  // QEMU 7.2 names only the member (list elements: 'null') for enums, alternates and uintN ranges,
+  // and the full path for everything else (checked against qemu-storage-daemon 7.2).
+  const outer = object('O', { list: arrayOf(object('E', { kind: enumOf('K', ['a']), '*g': uint32 })), '*alt': arrayOf(alternate('Alt', str, object('B', {}))) });
+  assert.throws(() => visit(outer, { list: [{ kind: 'b' }] }, ''), { message: "Parameter 'kind' does not accept value 'b'" });
+  assert.throws(() => visit(outer, { list: [{ kind: 'a', g: 2 ** 32 }] }, ''), { message: "Parameter 'g' expects uint32_t" });
+  assert.throws(() => visit(outer, { list: [{ kind: 'a', g: 'x' }] }, ''), { message: "Parameter 'list[0].g' expects uint64" });
+  assert.throws(() => visit(outer, { list: [{ kind: 'a', z: 1 }] }, ''), { message: "Parameter 'list[0].z' is unexpected" });
+  assert.throws(() => visit(outer, { list: [], alt: [3] }, ''), { message: "Invalid parameter type for 'null', expected: Alt" });
+  assert.throws(() => visit(arrayOf(enumOf('K', ['a'])), ['b'], 'enable'), { message: "Parameter 'null' does not accept value 'b'" });
   assert.deepEqual(visit(s, { name: 'a', size: '1M', flag: 'on' }, '', { keyval: true }), { name: 'a', size: 1048576, flag: true });
   assert.throws(() => visit(s, { name: 'a', flag: 'maybe' }, '', { keyval: true }), { message: "Parameter 'flag' expects 'on' or 'off'" });
 });

@@ -5,7 +5,7 @@
  */
 import { BlockNode, type BlockStatus, type ImageInfo } from '../node.js';
 import type { BlockDriver } from '../graph.js';
-import { bool, size } from '../../qapi/schema.js';
+import { bool, int, qemuOptSize } from '../../qapi/schema.js';
 
 export class NullNode extends BlockNode {
   readonly driver = 'null-co';
@@ -55,10 +55,11 @@ export class NullNode extends BlockNode {
 
 export const nullDriver: BlockDriver = {
   name: 'null-co',
-  options: { '*size': size, '*latency-ns': { kind: 'int', name: 'uint64' }, '*read-zeroes': bool },
+  // size is 'int' in QAPI, read as a size (QemuOpts); QEMU 7.2 aborts on a negative one, we refuse it.
+  options: { '*size': int, '*latency-ns': { kind: 'int', name: 'uint64' }, '*read-zeroes': bool },
   async open(nodeName, opts) {
     // QEMU's default size for null-co is 1 GiB; sizes are rounded up to whole 512-byte sectors.
-    const size = Math.ceil(((opts.size as number | undefined) ?? 2 ** 30) / 512) * 512;
+    const size = Math.ceil((qemuOptSize(opts, 'size') ?? 2 ** 30) / 512) * 512;
     return new NullNode(nodeName, opts['read-only'] as boolean, size, (opts['read-zeroes'] as boolean | undefined) ?? false);
   },
 };

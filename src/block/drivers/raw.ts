@@ -5,7 +5,7 @@
 import { genericError } from '../../errors.js';
 import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
-import { alternate, size } from '../../qapi/schema.js';
+import { alternate, int, qemuOptSize } from '../../qapi/schema.js';
 
 export class RawNode extends BlockNode {
   readonly driver = 'raw';
@@ -57,11 +57,12 @@ export const BlockdevRef = alternate('BlockdevRef', { kind: 'str' }, { kind: 'an
 
 export const rawDriver: BlockDriver = {
   name: 'raw',
-  options: { file: BlockdevRef, '*offset': size, '*size': size },
+  // QAPI's types are 'int'; the driver reads them as sizes (QemuOpts), which refuses negatives.
+  options: { file: BlockdevRef, '*offset': int, '*size': int },
   async open(nodeName, opts, ctx) {
     const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file');
-    const offset = (opts.offset as number | undefined) ?? 0;
-    const sz = opts.size as number | undefined;
+    const offset = qemuOptSize(opts, 'offset') ?? 0;
+    const sz = qemuOptSize(opts, 'size');
     if (offset > file.length()) throw genericError('The sum of offset (' + offset + ') and size (0) has to be smaller or equal to the  actual size of the containing file (' + file.length() + ')');
     if (sz !== undefined && offset + sz > file.length()) {
       throw genericError(`The sum of offset (${offset}) and size (${sz}) has to be smaller or equal to the  actual size of the containing file (${file.length()})`);
