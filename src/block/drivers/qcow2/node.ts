@@ -5,6 +5,9 @@
  * Concurrency: a reader/writer lock. Reads, and writes into clusters that are already allocated with
  * refcount 1 (COPIED), share it; anything that changes metadata (allocation, zeroing, discard, flush)
  * holds it alone, so no cluster is allocated twice and no cluster is freed under a request using it.
+ * An allocating write holds it alone only to allocate and, after its data is written without the lock,
+ * to link the L2 entries; meanwhile its guest clusters are "in flight" and other allocations or
+ * zeroing of them wait (QEMU's cluster allocation dependencies).
  *
  * Durability (formats.md §1.9): L2 tables and refcount blocks are cached and written back on flush,
  * eviction, or before a cluster is freed, always in the order refcount blocks → flush → L2 tables →
@@ -47,6 +50,8 @@ interface InFlightAllocation {
   host: number;
   /** A zero-alloc run that is ours: its host clusters are written in place, nothing allocated. */
   reuse: boolean;
+  /** The clusters' old contents read as zeroes (no copy-on-write reads). */
+  cowZero: boolean;
   /** Bytes of the request this allocation covers (from the request's offset). */
   bytes: number;
   l1Index: number;
@@ -207,13 +212,16 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   }
 
   private async readUnlocked(offset: number, bytes: number): Promise<Buffer> {
-    const out = Buffer.alloc(bytes);
+    let out: Buffer | undefined;
     let pos = 0;
     while (pos < bytes) {
       const off = offset + pos;
       const m = await this.lookup(off, bytes - pos);
       const n = m.bytes;
       const e = m.entry;
+      // One host-contiguous run covers the whole request: the file's buffer is the answer (no copy).
+      if (pos === 0 && n >= bytes && e.type === 'normal') return this.readFile(e.offset + (off % this.cs), bytes);
+      out ??= Buffer.alloc(bytes);
       switch (e.type) {
         case 'unallocated': {
           const b = this.backing();
@@ -237,7 +245,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       }
       pos += n;
     }
-    return out;
+    return out ?? Buffer.alloc(0);
   }
 
   private async readCompressed(e: L2Entry): Promise<Buffer> {
@@ -314,9 +322,11 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     const nClusters = Math.ceil((gEnd - gStart) / this.cs);
     await this.ensureL2(m.l1Index);
     const reuse = e.type === 'zero-alloc' && e.copied;
+    // The old contents of the run read as zeroes: partial clusters need no copy-on-write reads.
+    const cowZero = e.type === 'zero-plain' || e.type === 'zero-alloc' || (e.type === 'unallocated' && !this.backing());
     const host = reuse ? e.offset : await this.rc.alloc(nClusters, this.isReserved);
     let resolve!: () => void;
-    const a: InFlightAllocation = { gStart, gEnd, nClusters, host, reuse, bytes: m.bytes, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
+    const a: InFlightAllocation = { gStart, gEnd, nClusters, host, reuse, cowZero, bytes: m.bytes, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
     this.allocsInFlight.add(a);
     return a;
   }
@@ -340,8 +350,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         } else {
           buf = Buffer.alloc(full);
           const lastStart = a.gStart + (a.nClusters - 1) * this.cs;
-          if (headLen > 0) (await this.lock.withShared(() => this.readUnlocked(a.gStart, Math.min(this.cs, a.gEnd - a.gStart)))).copy(buf, 0);
-          if (tailStart < a.gEnd && !(headLen > 0 && lastStart === a.gStart)) {
+          if (headLen > 0 && !a.cowZero) (await this.lock.withShared(() => this.readUnlocked(a.gStart, Math.min(this.cs, a.gEnd - a.gStart)))).copy(buf, 0);
+          if (tailStart < a.gEnd && !a.cowZero && !(headLen > 0 && lastStart === a.gStart)) {
             (await this.lock.withShared(() => this.readUnlocked(lastStart, a.gEnd - lastStart))).copy(buf, lastStart - a.gStart);
           }
           data.copy(buf, headLen);
