@@ -63,8 +63,12 @@ export class BlockGraph {
     for (const hook of this.beforeClose) await hook(node);
   }
 
+  /** The BlockdevOptions union, built once per set of drivers (every open and nested child reads it). */
+  private optionsSchema: Schema | undefined;
+
   registerDriver(d: BlockDriver): void {
     this.drivers.set(d.name, d);
+    this.optionsSchema = undefined;
   }
 
   driverNames(): string[] {
@@ -73,15 +77,16 @@ export class BlockGraph {
 
   /** The BlockdevOptions union over every registered driver, for argument checking and the schema. */
   blockdevOptionsSchema(): Schema {
+    if (this.optionsSchema) return this.optionsSchema;
     const variants: Record<string, Members> = {};
     for (const d of this.drivers.values()) variants[d.name] = d.options;
-    return {
+    return (this.optionsSchema = {
       kind: 'union',
       name: 'BlockdevOptions',
       base: { ...COMMON_BLOCKDEV_MEMBERS, driver: { kind: 'enum', name: 'BlockdevDriver', values: this.driverNames() } },
       discriminator: 'driver',
       variants,
-    };
+    });
   }
 
   /** All nodes in creation order (query-named-block-nodes lists newest first; callers reverse). */

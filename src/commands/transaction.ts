@@ -6,7 +6,7 @@
  *
  * Kinds register themselves with registerTransactionAction(), so backup and snapshot actions can be
  * added by their own modules; the argument schema (the TransactionAction union) is built from the
- * registered kinds each time it is read.
+ * registered kinds when first read after a kind is added.
  */
 import { genericError } from '../errors.js';
 import { enumOf, object, type Members, type Schema } from '../qapi/schema.js';
@@ -51,14 +51,13 @@ export interface TransactionActionKind {
 }
 
 const kinds = new Map<string, TransactionActionKind>();
+/** The transaction command's arguments, built once per set of kinds (not on every request). */
+let argsCache: Members | undefined;
 
 /** Add an action kind (backup, snapshot, …). Kinds appear in the schema in registration order. */
 export function registerTransactionAction(kind: TransactionActionKind): void {
   kinds.set(kind.type, kind);
-}
-
-export function transactionActionKinds(): string[] {
-  return [...kinds.keys()];
+  argsCache = undefined;
 }
 
 function transactionActionSchema(): Schema {
@@ -74,10 +73,10 @@ function transactionActionSchema(): Schema {
 }
 
 function transactionArgs(): Members {
-  return {
+  return (argsCache ??= {
     actions: { kind: 'array', of: transactionActionSchema() },
     '*properties': object('TransactionProperties', { '*completion-mode': enumOf('ActionCompletionMode', ['individual', 'grouped']) }),
-  };
+  });
 }
 
 /** A state that checks completion-mode before the action's own prepare (action_check_completion_mode). */
