@@ -5,9 +5,13 @@
  * Concurrency: a reader/writer lock. Reads, and writes into clusters that are already allocated with
  * refcount 1 (COPIED), share it; anything that changes metadata (allocation, zeroing, discard, flush)
  * holds it alone, so no cluster is allocated twice and no cluster is freed under a request using it.
- * An allocating write holds it alone only to allocate and, after its data is written without the lock,
- * to link the L2 entries; meanwhile its guest clusters are "in flight" and other allocations or
- * zeroing of them wait (QEMU's cluster allocation dependencies).
+ * A second lock, `meta`, serialises metadata changes. An allocating write that frees nothing takes
+ * only `meta` (readers and overwrites go on meanwhile: they never see a mapping change under them,
+ * since an allocation only fills entries that were not allocated-and-ours): once to allocate and once,
+ * after its data is written with no lock held, to link the L2 entries. Meanwhile its guest clusters are
+ * "in flight" and other allocations or zeroing of them wait (QEMU's cluster allocation dependencies).
+ * Whatever frees clusters (or copies a shared L2 table) takes `lock` alone and then `meta`; flush takes
+ * `meta` only.
  *
  * Durability (formats.md §1.9): L2 tables and refcount blocks are cached and written back on flush,
  * eviction, or before a cluster is freed, always in the order refcount blocks → flush → L2 tables →
@@ -52,6 +56,8 @@ interface InFlightAllocation {
   reuse: boolean;
   /** The clusters' old contents read as zeroes (no copy-on-write reads). */
   cowZero: boolean;
+  /** Linking replaces allocated clusters, which are then freed. */
+  frees: boolean;
   /** Bytes of the request this allocation covers (from the request's offset). */
   bytes: number;
   l1Index: number;
@@ -92,6 +98,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   readonly v3: boolean;
   private readonly l2cache: TableCache;
   private readonly lock = new RWLock();
+  /** Serialises metadata changes (allocation, L2 linking, write-back); taken after `lock` when both are. */
+  private readonly meta = new RWLock();
   /** The dirty bit is set on disk for this session (lazy refcounts). */
   private markedDirty = false;
   /** We set the dirty bit ourselves (lazy refcounts): not shown as dirty-flag while open. */
@@ -274,8 +282,9 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         pos += done;
         continue;
       }
-      const a = await this.lock.withExclusive(() => this.prepareAllocation(off, data.length - pos));
-      if (a === undefined) continue; // became allocated meanwhile: the fast path takes it
+      let a = await this.withMeta(() => this.prepareAllocation(off, data.length - pos, false));
+      if (a && 'exclusive' in a) a = await this.withAll(() => this.prepareAllocation(off, data.length - pos, true));
+      if (a === undefined || 'exclusive' in a) continue; // became allocated meanwhile: the fast path takes it
       if ('wait' in a) {
         await a.wait; // an allocation of the same clusters is in flight
         continue;
@@ -284,6 +293,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       pos += a.bytes;
     }
     if (flags.fua) await this.doFlush();
+  }
+
+  private withMeta<T>(fn: () => Promise<T>): Promise<T> {
+    return this.meta.withExclusive(fn);
+  }
+
+  /** Both locks: no reader, writer or metadata change runs meanwhile. */
+  private withAll<T>(fn: () => Promise<T>): Promise<T> {
+    return this.lock.withExclusive(() => this.meta.withExclusive(fn));
   }
 
   /** Before the first allocation of a session with lazy refcounts, set the dirty bit (durably). */
@@ -310,23 +328,34 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    * now allocated and ours (overwrite them), or { wait } when another allocation of some
    * of these clusters is in flight.
    */
-  private async prepareAllocation(offset: number, len: number): Promise<InFlightAllocation | { wait: Promise<void> } | undefined> {
-    await this.markDirtyIfLazy();
+  private async prepareAllocation(
+    offset: number,
+    len: number,
+    exclusive: boolean,
+  ): Promise<InFlightAllocation | { wait: Promise<void> } | { exclusive: true } | undefined> {
     const m = await this.lookup(offset, len);
     const e = m.entry;
     if (e.type === 'normal' && e.copied) return undefined;
+    // Copying a shared L2 table frees the old one: readers must not be using it.
+    if (!exclusive && m.l1Index < this.header.l1Size) {
+      const l1e = decodeL1(this.l1, m.l1Index);
+      if (l1e.offset && !l1e.copied) return { exclusive: true };
+    }
     const gStart = offset - (offset % this.cs);
     const gEnd = Math.min(this.header.size, Math.ceil((offset + m.bytes) / this.cs) * this.cs);
     const busy = this.allocationOverlapping(gStart, gEnd);
     if (busy) return { wait: busy.done }; // (wrapped: an async function would adopt the promise)
     const nClusters = Math.ceil((gEnd - gStart) / this.cs);
+    await this.markDirtyIfLazy();
     await this.ensureL2(m.l1Index);
     const reuse = e.type === 'zero-alloc' && e.copied;
     // The old contents of the run read as zeroes: partial clusters need no copy-on-write reads.
     const cowZero = e.type === 'zero-plain' || e.type === 'zero-alloc' || (e.type === 'unallocated' && !this.backing());
     const host = reuse ? e.offset : await this.rc.alloc(nClusters, this.isReserved);
     let resolve!: () => void;
-    const a: InFlightAllocation = { gStart, gEnd, nClusters, host, reuse, cowZero, bytes: m.bytes, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
+    // Replaced clusters are freed when the new ones are linked (then readers must be out of the way).
+    const frees = !reuse && (e.type === 'normal' || e.type === 'compressed' || e.type === 'zero-alloc');
+    const a: InFlightAllocation = { gStart, gEnd, nClusters, host, reuse, cowZero, frees, bytes: m.bytes, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
     this.allocsInFlight.add(a);
     return a;
   }
@@ -359,10 +388,10 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         await this.file.write(a.host, buf);
       } catch (err) {
         // Nothing references the new clusters: give them back.
-        if (!a.reuse) await this.lock.withExclusive(() => this.rc.free(a.host, a.nClusters)).catch(() => undefined);
+        if (!a.reuse) await this.withMeta(() => this.rc.free(a.host, a.nClusters)).catch(() => undefined);
         throw err;
       }
-      await this.lock.withExclusive(async () => {
+      const link = async () => {
         const t = await this.ensureL2(a.l1Index);
         const old: L2Entry[] = [];
         for (let k = 0; k < a.nClusters; k++) {
@@ -374,7 +403,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         this.l2cache.markDirty(t.offset);
         if (old.length) await this.freeEntries(old);
         await this.maybeWriteback();
-      });
+      };
+      await (a.frees ? this.withAll(link) : this.withMeta(link));
     } finally {
       this.allocsInFlight.delete(a);
       a.resolve();
@@ -464,7 +494,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   /** zeroClusters under the exclusive lock, once no allocation of these clusters is in flight. */
   private async zeroClustersWhenIdle(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
     for (;;) {
-      const busy = await this.lock.withExclusive(async () => {
+      const busy = await this.withAll(async () => {
         const a = this.allocationOverlapping(start, end);
         if (a) return { wait: a.done };
         await this.zeroClusters(start, end, mode);
@@ -531,7 +561,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   protected async doFlush(): Promise<void> {
     if (this.readOnly) return;
-    await this.lock.withExclusive(async () => {
+    await this.withMeta(async () => {
       await this.writebackMetadata();
       await this.file.flush();
     });
@@ -539,7 +569,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   protected override async doClose(): Promise<void> {
     if (!this.readOnly) {
-      await this.lock.withExclusive(async () => {
+      await this.withAll(async () => {
         await this.writebackMetadata();
         if (this.markedDirty && this.header.incompatibleFeatures & INCOMPAT_DIRTY) {
           await this.file.flush();
@@ -667,7 +697,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   async setBitmapsInUse(names: string[] | 'all', inUse: boolean): Promise<void> {
     if (this.readOnly) throw new BlockIOError('EPERM');
     if (!this.bitmapsValid()) return;
-    await this.lock.withExclusive(async () => {
+    await this.withAll(async () => {
       const bm = this.header.bitmaps!;
       const dir = await this.readFile(bm.directoryOffset, bm.directorySize);
       for (const b of this.cachedBitmaps) {
@@ -693,7 +723,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   async storeBitmaps(list: Array<BitmapToStore | BitmapToKeep>): Promise<void> {
     if (this.readOnly) throw new BlockIOError('EPERM', 'No write access');
     if (!this.v3) throw genericError('Cannot store dirty bitmaps in qcow2 v2 files');
-    await this.lock.withExclusive(async () => {
+    await this.withAll(async () => {
       const entries: Array<{ name: string; tableOffset: number; tableSize: number; flags: number; granularityBits: number }> = [];
       const names = new Set<string>();
       const kept = new Set<StoredBitmap>();
