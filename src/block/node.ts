@@ -352,6 +352,13 @@ export abstract class BlockNode {
 }
 
 /** Round `n` up to a multiple of `align` (a power of two or any positive integer). */
+/** The node at the bottom of `node`'s data path through primary children (filters, raw): where its bytes live. */
+export function protocolLeaf(node: BlockNode): BlockNode {
+  let n = node;
+  for (let c = n.primaryChild(); c; c = n.primaryChild()) n = c;
+  return n;
+}
+
 export function alignUp(n: number, align: number): number {
   return Math.ceil(n / align) * align;
 }

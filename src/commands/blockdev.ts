@@ -6,19 +6,12 @@ import { genericError } from '../errors.js';
 import { bool, str } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
-import type { BlockNode, ImageInfo } from '../block/node.js';
-import { FileNode } from '../block/drivers/file.js';
-
-/** The node at the bottom of a node's data path (file child of file child …): where its bytes live. */
-function protocolLeaf(node: BlockNode): BlockNode {
-  let n = node;
-  for (let c = n.primaryChild(); c; c = n.primaryChild()) n = c;
-  return n;
-}
+import { protocolLeaf, type BlockNode, type ImageInfo } from '../block/node.js';
+import { fileNodeBelow } from '../block/drivers/file.js';
 
 async function actualSize(node: BlockNode): Promise<number | undefined> {
-  const leaf = protocolLeaf(node);
-  if (!(leaf instanceof FileNode)) return undefined;
+  const leaf = fileNodeBelow(node);
+  if (!leaf) return undefined;
   try {
     const st = await fsp.stat(leaf.filename);
     return st.blocks * 512;

@@ -11,7 +11,7 @@ import type { Core } from '../core/core.js';
 import type { BlockNode } from '../block/node.js';
 import { CreateJob, createFile, PREALLOC_MODES, type FileCreateOptions } from '../jobs/create.js';
 import { createQcow2, type Qcow2CreateOptions } from '../block/drivers/qcow2/index.js';
-import { FileNode, BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE } from '../block/drivers/file.js';
+import { fileNodeBelow, BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE } from '../block/drivers/file.js';
 
 /** QEMU's BlockdevDriver enum (7.2 plus what bitmirror adds), the discriminator of the union. */
 const BLOCKDEV_DRIVERS = [
@@ -92,10 +92,8 @@ async function openCreateTarget(core: Core, ref: unknown): Promise<{ node: Block
  * A file node that someone already claims is left alone (its claim already excludes others).
  */
 function claimForCreate(node: BlockNode): () => Promise<void> {
-  let leaf: BlockNode | undefined = node;
-  while (leaf && !(leaf instanceof FileNode)) leaf = leaf.primaryChild();
-  if (!(leaf instanceof FileNode) || leaf.perm !== 0) return async () => undefined;
-  const file = leaf;
+  const file = fileNodeBelow(node);
+  if (!file || file.perm !== 0) return async () => undefined;
   file.setPermissions(BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL & ~BLK_PERM_RESIZE);
   return async () => {
     if (!file.isClosed()) file.setPermissions(0, BLK_PERM_ALL);

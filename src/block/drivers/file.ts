@@ -30,7 +30,7 @@
  */
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { genericError, strerror, errorCode, QmpError } from '../../errors.js';
-import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import { BlockNode, protocolLeaf, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { bool, enumOf, str, int } from '../../qapi/schema.js';
 import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, EAGAIN, EACCES } from '../native.js';
@@ -129,9 +129,13 @@ export function applyImageLocks(fd: number, filename: string, held: Set<number>,
  * error (see HintedError) when another process's claims conflict. No-op where there is no file node.
  */
 export function claimFilePermissions(node: BlockNode, perm: number, shared: number): void {
-  let n: BlockNode | undefined = node;
-  while (n && !(n instanceof FileNode)) n = n.primaryChild();
-  n?.setPermissions(perm, shared);
+  fileNodeBelow(node)?.setPermissions(perm, shared);
+}
+
+/** The file node at the bottom of `node`'s data path (through raw and filters), if its bytes live in one. */
+export function fileNodeBelow(node: BlockNode): FileNode | undefined {
+  const leaf = protocolLeaf(node);
+  return leaf instanceof FileNode ? leaf : undefined;
 }
 
 /**
@@ -140,8 +144,7 @@ export function claimFilePermissions(node: BlockNode, perm: number, shared: numb
  * holds. Throws QEMU's lock error on conflict.
  */
 export function claimFormatPermissions(node: BlockNode): void {
-  let n: BlockNode | undefined = node;
-  while (n && !(n instanceof FileNode)) n = n.primaryChild();
+  const n = fileNodeBelow(node);
   if (!n) return;
   const { perm, shared } = filePermissions(n.readOnly, n.fileOptions.forceShare);
   n.setPermissions(perm, shared);
