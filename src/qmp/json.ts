@@ -13,29 +13,47 @@ type Token =
   | { t: 'keyword'; v: string }
   | { t: 'error'; v: string };
 
-/** The result of one message: a value, or a parse error message (without the "JSON parse error, " prefix). */
-export type JsonMessage = { ok: true; value: unknown } | { ok: false; error: string };
+/**
+ * The result of one message: a value, or a parse error message (without the "JSON parse error, " prefix),
+ * or (`limit`) one of QEMU's limit messages, which it sends without that prefix.
+ */
+export type JsonMessage = { ok: true; value: unknown } | { ok: false; error: string; limit?: true };
 
 const MAX_DEPTH = 1024;
-/** QEMU's limits on a single token and a single message; past them the message is dropped with an error. */
-const MAX_TOKEN_BYTES = 64 << 20;
+/**
+ * QEMU's limits on one message (json-streamer): the size of all its tokens together, their number, and
+ * the nesting depth; past one the message is dropped with QEMU's error. The size bounds the memory an
+ * endless message can make us hold.
+ */
+const MAX_MESSAGE_BYTES = 64 << 20;
 const MAX_MESSAGE_TOKENS = 2 << 20;
 
 export class JsonStreamParser {
   private tokens: Token[] = [];
   private depth = 0;
+  /** Characters of the message so far (tokens and the partial one, not whitespace between them). */
+  private bytes = 0;
   // Lexer state for a token split across chunks.
   private partial = '';
   private partialKind: 'none' | 'string' | 'number' | 'keyword' = 'none';
   private quote = '"';
   private escaped = false;
 
-  constructor(private readonly onMessage: (m: JsonMessage) => void) {}
+  constructor(
+    private readonly onMessage: (m: JsonMessage) => void,
+    /** The message size limit (tests make it small). */
+    private readonly maxBytes = MAX_MESSAGE_BYTES,
+  ) {}
 
   /** Feed a chunk of input (UTF-8 decoded text). */
   feed(text: string): void {
     for (let i = 0; i < text.length; i++) {
       const c = text[i];
+      const space = c === ' ' || c === '\t' || c === '\n' || c === '\r';
+      if ((this.partialKind !== 'none' || !space) && ++this.bytes > this.maxBytes) {
+        this.abort('JSON token size limit exceeded');
+        continue;
+      }
       if (this.partialKind === 'string') {
         this.partial += c;
         if (this.escaped) this.escaped = false;
@@ -45,18 +63,16 @@ export class JsonStreamParser {
           this.partialKind = 'none';
           this.partial = '';
         }
-        if (this.partial.length > MAX_TOKEN_BYTES) this.abort('token too large');
         continue;
       }
       if (this.partialKind === 'number' || this.partialKind === 'keyword') {
         if (this.partialKind === 'number' ? /[0-9eE+\-.]/.test(c) : /[a-zA-Z0-9_]/.test(c)) {
           this.partial += c;
-          if (this.partial.length > MAX_TOKEN_BYTES) this.abort('token too large');
           continue;
         }
         this.finishScalar();
       }
-      if (c === ' ' || c === '\t' || c === '\n' || c === '\r') continue;
+      if (space) continue;
       if (c === '"' || c === "'") {
         this.partialKind = 'string';
         this.quote = c;
@@ -71,7 +87,7 @@ export class JsonStreamParser {
       } else if (c === '{' || c === '[') {
         this.depth++;
         this.pushToken({ t: 'punct', v: c });
-        if (this.depth > MAX_DEPTH) this.abort('nesting too deep');
+        if (this.depth > MAX_DEPTH) this.abort('JSON nesting depth limit exceeded');
       } else if (c === '}' || c === ']') {
         this.depth--;
         this.pushToken({ t: 'punct', v: c });
@@ -103,23 +119,26 @@ export class JsonStreamParser {
 
   private pushToken(tok: Token): void {
     this.tokens.push(tok);
-    if (this.tokens.length > MAX_MESSAGE_TOKENS) return this.abort('too many tokens');
+    if (this.tokens.length > MAX_MESSAGE_TOKENS) return this.abort('JSON token count limit exceeded');
     // A message is complete when we are back at depth 0 (or went below it on a stray closer).
     if (this.depth <= 0) this.flush();
   }
 
+  /** Drop the message with one of QEMU's limit errors. */
   private abort(reason: string): void {
     this.tokens = [];
     this.depth = 0;
+    this.bytes = 0;
     this.partialKind = 'none';
     this.partial = '';
-    this.onMessage({ ok: false, error: reason });
+    this.onMessage({ ok: false, error: reason, limit: true });
   }
 
   private flush(): void {
     const tokens = this.tokens;
     this.tokens = [];
     this.depth = 0;
+    this.bytes = 0;
     this.onMessage(parseTokens(tokens));
   }
 }

@@ -117,7 +117,8 @@ class QmpSession {
   private onMessage(m: JsonMessage): void {
     if (!m.ok) {
       // Parse errors are answered in order with the rest, without an id (it could not be read).
-      this.enqueue(async () => this.send({ error: { class: 'GenericError', desc: `JSON parse error, ${m.error}` } }));
+      const desc = m.limit ? m.error : `JSON parse error, ${m.error}`;
+      this.enqueue(async () => this.send({ error: { class: 'GenericError', desc } }));
       return;
     }
     const req = m.value;

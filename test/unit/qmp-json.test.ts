@@ -37,7 +37,23 @@ test('single quotes, escapes and unicode', () => {
 
 test('deep nesting is refused, not a stack overflow', () => {
   const msgs = parseAll(['['.repeat(5000)]);
-  assert.equal(msgs[0].ok, false);
+  assert.deepEqual(msgs[0], { ok: false, error: 'JSON nesting depth limit exceeded', limit: true });
+});
+
+test('an endless message is dropped at the size limit (QEMU json-streamer), and the stream recovers', () => {
+  const msgs: JsonMessage[] = [];
+  const p = new JsonStreamParser((m) => msgs.push(m), 1000);
+  p.feed('[' + '1, '.repeat(1000));
+  assert.deepEqual(msgs[0], { ok: false, error: 'JSON token size limit exceeded', limit: true });
+  // As in QEMU, the rest of the dropped message is read as whatever it looks like; then a new one parses.
+  p.feed('1] {"execute": "x"}');
+  assert.deepEqual(msgs.at(-1), { ok: true, value: { execute: 'x' } });
+  const big = new JsonStreamParser((m) => msgs.push(m), 1000);
+  msgs.length = 0;
+  big.feed(`"${'a'.repeat(5000)}`);
+  // One unterminated token: dropped each time it reaches the limit, never held whole.
+  assert.equal(msgs.length, 4);
+  for (const m of msgs) assert.deepEqual(m, { ok: false, error: 'JSON token size limit exceeded', limit: true });
 });
 
 test('encoder writes ASCII with QEMU separators', () => {
