@@ -182,7 +182,11 @@ class QmpSession {
       if (name !== 'qmp_capabilities') throw new QmpError('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
       return this.capabilities(args);
     }
-    if (name === 'qmp_capabilities') throw new QmpError('CommandNotFound', 'Capabilities negotiation is already complete, command ignored');
+    if (name === 'qmp_capabilities') {
+      // QEMU checks the arguments before it finds negotiation already done.
+      capabilitiesEnabled(args);
+      throw new QmpError('CommandNotFound', 'Capabilities negotiation is already complete, command ignored');
+    }
     const cmd = this.server.commands.get(name);
     if (!cmd) throw new QmpError('CommandNotFound', `The command ${name} has not been found`);
     if (oob && !cmd.allowOob) throw new QmpError('GenericError', `The command ${name} does not support OOB`);
@@ -192,20 +196,24 @@ class QmpSession {
   }
 
   private capabilities(args: Record<string, unknown>): unknown {
-    for (const k of Object.keys(args)) if (k !== 'enable') throw new QmpError('GenericError', `Parameter '${k}' is unexpected`);
-    const enable = args.enable;
-    if (enable !== undefined) {
-      if (!Array.isArray(enable)) throw new QmpError('GenericError', "Invalid parameter type for 'enable', expected: array");
-      for (const cap of enable) {
-        if (typeof cap !== 'string') throw new QmpError('GenericError', "Invalid parameter type for 'null', expected: string");
-        // QEMU 7.2 names list elements 'null' in this message.
-        if (cap !== 'oob') throw new QmpError('GenericError', `Parameter 'null' does not accept value '${cap}'`);
-      }
-      if (enable.includes('oob')) this.oob = true;
-    }
+    if (capabilitiesEnabled(args).includes('oob')) this.oob = true;
     this.negotiated = true;
     return {};
   }
+}
+
+/** qmp_capabilities' arguments, checked with QEMU's messages: the capabilities to enable. */
+function capabilitiesEnabled(args: Record<string, unknown>): string[] {
+  for (const k of Object.keys(args)) if (k !== 'enable') throw new QmpError('GenericError', `Parameter '${k}' is unexpected`);
+  const enable = args.enable;
+  if (enable === undefined) return [];
+  if (!Array.isArray(enable)) throw new QmpError('GenericError', "Invalid parameter type for 'enable', expected: array");
+  for (const cap of enable) {
+    if (typeof cap !== 'string') throw new QmpError('GenericError', "Invalid parameter type for 'null', expected: string");
+    // QEMU 7.2 names list elements 'null' in this message.
+    if (cap !== 'oob') throw new QmpError('GenericError', `Parameter 'null' does not accept value '${cap}'`);
+  }
+  return enable as string[];
 }
 
 function isObject(v: unknown): v is Record<string, unknown> {

@@ -73,6 +73,9 @@ test('greeting and capability negotiation behave as QEMU', async () => {
   assert.deepEqual(await s.next(), [{ return: {}, id: 'neg' }]);
   s.send('{"execute":"qmp_capabilities"}');
   assert.deepEqual(await s.next(), [{ error: { class: 'CommandNotFound', desc: 'Capabilities negotiation is already complete, command ignored' } }]);
+  // Arguments are checked first (qemu-storage-daemon 7.2 replies so).
+  s.send('{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}');
+  assert.deepEqual(await s.next(), [{ error: { class: 'GenericError', desc: "Parameter 'null' does not accept value 'x'" } }]);
   s.close();
 });
 
