@@ -21,6 +21,7 @@
  * Refcounts are only decremented after the entry that referenced the cluster is durable.
  */
 import { BlockIOError, genericError } from '../../../errors.js';
+import { nativeAddon } from '../../native.js';
 import { BlockNode, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
 import {
   AUTOCLEAR_BITMAPS,
@@ -377,7 +378,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         if (headLen === 0 && a.bytes === full) {
           buf = data;
         } else {
-          buf = Buffer.alloc(full);
+          // Page-aligned when the native addon is there, so an O_DIRECT file needs no bounce copy.
+          buf = nativeAddon()?.alignedBuffer(full, 4096) ?? Buffer.alloc(full);
           const lastStart = a.gStart + (a.nClusters - 1) * this.cs;
           if (headLen > 0 && !a.cowZero) (await this.lock.withShared(() => this.readUnlocked(a.gStart, Math.min(this.cs, a.gEnd - a.gStart)))).copy(buf, 0);
           if (tailStart < a.gEnd && !a.cowZero && !(headLen > 0 && lastStart === a.gStart)) {
