@@ -13,7 +13,9 @@ export class EventBus {
   }
 
   emit(name: string, data?: Record<string, unknown>): void {
-    const now = Date.now() * 1000 + Number(process.hrtime.bigint() % 1000n);
+    // Wall-clock microseconds (QEMU's g_get_real_time), from a monotonic source so that events never
+    // go back in time (Date.now() plus hrtime's nanoseconds mod 1000 could, within one millisecond).
+    const now = Math.floor((performance.timeOrigin + performance.now()) * 1000);
     const timestamp = { seconds: Math.floor(now / 1e6), microseconds: now % 1e6 };
     for (const l of this.listeners) l(name, data, timestamp);
   }
