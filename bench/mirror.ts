@@ -39,6 +39,9 @@ async function timedMirror(
 ): Promise<number> {
   await fsp.rm(tgt, { force: true });
   await sh('qemu-img', ['create', '-f', 'qcow2', ...(opts.backing ? ['-b', opts.backing, '-F', 'qcow2'] : []), tgt, String(size)]);
+  // Start each run with no dirty page cache: otherwise the first tool run pays for writing back the
+  // source image just created (and each later one for the previous run's target).
+  await sh('sync', []);
   const d = await spawnDaemon(path.join(dir, `${program}.sock`), [], program);
   try {
     const q = d.qmp;
