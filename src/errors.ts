@@ -48,18 +48,6 @@ const STRERROR: Record<string, string> = {
   EPIPE: 'Broken pipe',
 };
 
-/** Linux errno numbers, for blkdebug's `errno` option and the NBD error mapping. */
-export const ERRNO: Record<string, number> = {
-  EPERM: 1, ENOENT: 2, EIO: 5, ENOMEM: 12, EACCES: 13, EFAULT: 14, EBUSY: 16, EEXIST: 17, ENOTDIR: 20,
-  EISDIR: 21, EINVAL: 22, EFBIG: 27, ENOSPC: 28, EROFS: 30, EPIPE: 32, ERANGE: 34, EAGAIN: 11,
-  ENOTSUP: 95, EOPNOTSUPP: 95, ECONNRESET: 104, ESHUTDOWN: 108, ECANCELED: 125, ENOMEDIUM: 123,
-};
-
-export function errnoName(errno: number): string {
-  for (const [name, n] of Object.entries(ERRNO)) if (n === errno) return name;
-  return `E${errno}`;
-}
-
 export function strerror(code: string): string {
   return STRERROR[code] ?? code;
 }

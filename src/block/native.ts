@@ -61,10 +61,10 @@ export function nativeLoadError(): string | undefined {
 
 const ERRNO_NAMES = new Map<number, string>();
 for (const [name, n] of Object.entries(osc.errno)) if (!ERRNO_NAMES.has(n)) ERRNO_NAMES.set(n, name);
-// Linux has one number for both; QEMU and our ERRNO table say ENOTSUP.
+// Linux has one number for both; QEMU says ENOTSUP (and strerror() in errors.ts knows that name).
 ERRNO_NAMES.set(osc.errno.EOPNOTSUPP, 'ENOTSUP');
 
-/** The code name of a positive errno number ('EIO' for 5). */
+/** The code name of a positive errno number ('EIO' for 5): the one errno-number table (the OS's). */
 export function errnoCode(errno: number): string {
   return ERRNO_NAMES.get(errno) ?? `E${errno}`;
 }

@@ -358,11 +358,3 @@ export function protocolLeaf(node: BlockNode): BlockNode {
   for (let c = n.primaryChild(); c; c = n.primaryChild()) n = c;
   return n;
 }
-
-export function alignUp(n: number, align: number): number {
-  return Math.ceil(n / align) * align;
-}
-
-export function alignDown(n: number, align: number): number {
-  return Math.floor(n / align) * align;
-}

@@ -8,7 +8,7 @@ import { alternate, bool, object, str, uint32, type Members } from '../qapi/sche
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
 import type { BlockNode } from '../block/node.js';
-import type { DirtyBitmap, BlockDirtyInfo } from '../bitmap/dirty-bitmap.js';
+import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { BITMAP_DEFAULT } from '../bitmap/dirty-bitmap.js';
 import type { HBitmap } from '../bitmap/hbitmap.js';
 
@@ -37,11 +37,6 @@ export function lookupBitmap(core: Core, nodeName: string, name: string): { node
   const node = core.graph.find(nodeName);
   if (!node) throw genericError(`Node '${nodeName}' not found`);
   return { node, bitmap: core.bitmaps.get(node, name) };
-}
-
-/** The `dirty-bitmaps` member of BlockDeviceInfo for `node`, newest first; undefined when it has none. */
-export function bitmapInfoForNode(core: Core, node: BlockNode): BlockDirtyInfo[] | undefined {
-  return core.bitmaps.info(node);
 }
 
 // ---- the operations, as transaction actions --------------------------------------------------------

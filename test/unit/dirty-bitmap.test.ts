@@ -4,7 +4,7 @@ import { Core } from '../../src/core/core.js';
 import { NullNode } from '../../src/block/drivers/null.js';
 import type { NodeInfo } from '../../src/block/node.js';
 import { visit, object } from '../../src/qapi/schema.js';
-import { bitmapCommands, bitmapInfoForNode } from '../../src/commands/bitmaps.js';
+import { bitmapCommands } from '../../src/commands/bitmaps.js';
 import { transactionCommands } from '../../src/commands/transaction.js';
 import type { CommandDef } from '../../src/commands/registry.js';
 
@@ -46,7 +46,7 @@ test('writes, write-zeroes and discards mark enabled bitmaps only', async () => 
   await node.write(16 * MiB, Buffer.alloc(256 * 1024, 0xfe));
   await node.writeZeroes(32736 * 1024, 64 * 1024);
   await node.discard(40 * MiB + 100, 10);
-  const info = bitmapInfoForNode(core, node);
+  const info = core.bitmaps.info(node);
   assert.deepEqual(info, [
     { name: 'small', recording: true, persistent: false, busy: false, granularity: 512, count: 512 + 256 * 1024 + 64 * 1024 + 512 },
     { name: 'off', recording: false, persistent: false, busy: false, granularity: 65536, count: 0 },
@@ -67,7 +67,7 @@ test('writes, write-zeroes and discards mark enabled bitmaps only', async () => 
   assert.equal(buf[32], 0x0f);
   // Removing the last bitmap drops the observer; writes still work.
   for (const n of ['a', 'off', 'small']) await qmp(core, 'block-dirty-bitmap-remove', { node: 'n0', name: n });
-  assert.equal(bitmapInfoForNode(core, node), undefined);
+  assert.equal(core.bitmaps.info(node), undefined);
   await node.write(0, Buffer.alloc(512));
 });
 
@@ -130,7 +130,7 @@ test('lookups, busy, readonly and inconsistent checks', async () => {
     assert.equal((err as Error).message, "Bitmap 'a' is inconsistent and cannot be used");
     assert.equal((err as { hint?: string }).hint, 'Try block-dirty-bitmap-remove to delete this bitmap from disk');
   }
-  assert.deepEqual(bitmapInfoForNode(core, node)?.[0], { name: 'a', recording: true, persistent: true, busy: false, granularity: 65536, count: 0, inconsistent: true });
+  assert.deepEqual(core.bitmaps.info(node)?.[0], { name: 'a', recording: true, persistent: true, busy: false, granularity: 65536, count: 0, inconsistent: true });
   await qmp(core, 'block-dirty-bitmap-remove', { node: 'n0', name: 'a' });
 });
 
@@ -185,7 +185,7 @@ test('transactions are all-or-nothing (iotest 236 shape)', async () => {
   await qmp(core, 'block-dirty-bitmap-add', { node: 'n0', name: 'A' });
   await qmp(core, 'block-dirty-bitmap-add', { node: 'n0', name: 'B' });
   for (const off of [0, 1, 2, 3]) await node.write(off * 4 * MiB, Buffer.alloc(65536));
-  const snapshot = () => JSON.stringify(bitmapInfoForNode(core, node));
+  const snapshot = () => JSON.stringify(core.bitmaps.info(node));
   const initial = snapshot();
   const act = (type: string, data: Record<string, unknown>) => ({ type, data });
   assert.equal(
@@ -216,7 +216,7 @@ test('transactions are all-or-nothing (iotest 236 shape)', async () => {
   });
   await node.write(20 * MiB, Buffer.alloc(3 * 65536));
   assert.deepEqual(
-    bitmapInfoForNode(core, node)?.map((b) => [b.name, b.count, b.recording]),
+    core.bitmaps.info(node)?.map((b) => [b.name, b.count, b.recording]),
     [
       ['C', 196608, true],
       ['B', 262144, false],
@@ -249,7 +249,7 @@ test('job API: anonymous bitmaps, copies and successors', async () => {
   assert.equal(anon.count(), 65536);
   assert.equal(frozen.count(), 65536);
   assert.equal(bm.count(), 131072);
-  assert.deepEqual(bitmapInfoForNode(core, node)?.[0], { recording: false, persistent: false, busy: false, granularity: 65536, count: 65536 });
+  assert.deepEqual(core.bitmaps.info(node)?.[0], { recording: false, persistent: false, busy: false, granularity: 65536, count: 65536 });
   core.bitmaps.release(frozen);
   core.bitmaps.release(anon);
   anon.resetDirtyInside(100, MiB);
