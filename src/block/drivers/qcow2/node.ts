@@ -202,10 +202,20 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     if (first.bad) throw new BlockIOError('EIO', `qcow2: ${first.bad} (guest offset ${offset})`);
     let end = (gc + 1) * this.cs;
     if (first.type !== 'compressed') {
+      // The run goes on while the raw entries are what the first one predicts: the same flag bits and,
+      // for host clusters, the next host offset (an entry that differs otherwise just ends the run; the
+      // next lookup decodes it in full). No per-entry objects on this path.
+      const tb = t.table;
+      const hi0 = tb.readUInt32BE(l2Index * 8);
+      const lo0 = tb.readUInt32BE(l2Index * 8 + 4);
+      const hosted = first.type === 'normal' || first.type === 'zero-alloc';
       for (let i = l2Index + 1; end < limit; i++) {
-        const d = decodeL2(t.table, i, this.clusterBits, this.v3);
-        if (d.type !== first.type || d.copied !== first.copied || d.bad) break;
-        if ((first.type === 'normal' || first.type === 'zero-alloc') && d.offset !== first.offset + (i - l2Index) * this.cs) break;
+        const hi = tb.readUInt32BE(i * 8);
+        const lo = tb.readUInt32BE(i * 8 + 4);
+        if (hosted) {
+          const want = first.offset + (i - l2Index) * this.cs;
+          if (hi !== ((hi0 & 0xff000000) | Math.floor(want / 2 ** 32)) >>> 0 || lo !== ((lo0 & 0x1ff) | want % 2 ** 32) >>> 0) break;
+        } else if (hi !== hi0 || lo !== lo0) break;
         end += this.cs;
       }
     }
