@@ -48,6 +48,18 @@ export class JsonStreamParser {
   /** Feed a chunk of input (UTF-8 decoded text). */
   feed(text: string): void {
     for (let i = 0; i < text.length; i++) {
+      if (this.partialKind === 'string' && !this.escaped) {
+        // Fast path: take the run of plain characters up to the next quote or backslash at once.
+        const quote = this.quote.charCodeAt(0);
+        let end = i;
+        for (let ch = text.charCodeAt(end); end < text.length && ch !== quote && ch !== 0x5c; ch = text.charCodeAt(++end));
+        if (end > i && this.bytes + (end - i) <= this.maxBytes) {
+          this.partial += text.slice(i, end);
+          this.bytes += end - i;
+          i = end - 1;
+          continue;
+        }
+      }
       const c = text[i];
       const space = c === ' ' || c === '\t' || c === '\n' || c === '\r';
       if ((this.partialKind !== 'none' || !space) && ++this.bytes > this.maxBytes) {
@@ -146,6 +158,8 @@ export class JsonStreamParser {
 function decodeString(raw: string): Token {
   // raw includes both quotes.
   const body = raw.slice(1, -1);
+  // eslint-disable-next-line no-control-regex
+  if (!/[\\\x00-\x1f]/.test(body)) return { t: 'string', v: body };
   let out = '';
   for (let i = 0; i < body.length; i++) {
     const c = body[i];

@@ -32,6 +32,14 @@ test('single quotes, escapes and unicode', () => {
   const [m] = parseAll(["{'a': 'it''s'}"]);
   assert.equal(m.ok, false);
   const [n] = parseAll(["{'a': 'q\\'s \\u00e9'}"]);
+  assert.deepEqual(parseAll(["{'a': 'say \"hi\"', \"b\": \"it's\"}"]), [{ ok: true, value: { a: 'say "hi"', b: "it's" } }]);
+  assert.deepEqual(parseAll(['{"a": "x\ty"}']), [{ ok: false, error: 'control character in string' }]);
+  // Long strings split anywhere across chunks, escapes included.
+  const long = 'ab\\"c'.repeat(3000);
+  const text = `{"s": "${long}"}`;
+  const chunks: string[] = [];
+  for (let i = 0; i < text.length; i += 97) chunks.push(text.slice(i, i + 97));
+  assert.deepEqual(parseAll(chunks), [{ ok: true, value: { s: 'ab"c'.repeat(3000) } }]);
   assert.deepEqual(n, { ok: true, value: { a: "q's é" } });
 });
 
