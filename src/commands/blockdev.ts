@@ -75,7 +75,7 @@ export const blockdevCommands: CommandDef[] = [
       node.users.set(core.monitorOwned, 'monitor');
       return {};
     },
-    { boxed: true },
+    { boxed: (core) => core.graph.blockdevOptionsSchema() },
   ),
   command('blockdev-del', { 'node-name': str }, async (args, core) => {
     const name = args['node-name'] as string;

@@ -90,6 +90,6 @@ export const jobCommands: CommandDef[] = [
       await job.change(opts);
       return {};
     },
-    { boxed: true },
+    { boxed: () => BLOCK_JOB_CHANGE_OPTIONS },
   ),
 ];

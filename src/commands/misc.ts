@@ -5,10 +5,11 @@
 import { genericError } from '../errors.js';
 import { bool, str, type Members, type Schema } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
+import type { Core } from '../core/core.js';
 import { QEMU_COMPAT_VERSION } from '../qmp/server.js';
 
 /** Builds query-qmp-schema's SchemaInfo list from the command table (commands, their argument objects, enums, arrays). */
-function schemaInfo(commands: CommandDef[]): unknown[] {
+function schemaInfo(commands: CommandDef[], core: Core): unknown[] {
   const out: unknown[] = [];
   const seen = new Set<string>();
   const typeName = (s: Schema): string => {
@@ -79,7 +80,7 @@ function schemaInfo(commands: CommandDef[]): unknown[] {
     return name;
   };
   for (const c of commands) {
-    const argType = objectType(`${c.name}-arg`, c.args);
+    const argType = c.boxed ? typeName(c.boxed(core)) : objectType(`${c.name}-arg`, c.args);
     const info: Record<string, unknown> = { name: c.name, 'meta-type': 'command', 'arg-type': argType, 'ret-type': 'any' };
     if (c.allowOob) info['allow-oob'] = true;
     out.push(info);
@@ -92,7 +93,7 @@ export function miscCommands(all: () => CommandDef[]): CommandDef[] {
   return [
     command('query-version', {}, () => QEMU_COMPAT_VERSION),
     command('query-commands', {}, () => [{ name: 'qmp_capabilities' }, ...all().map((c) => ({ name: c.name }))]),
-    command('query-qmp-schema', {}, () => schemaInfo(all())),
+    command('query-qmp-schema', {}, (_args, core) => schemaInfo(all(), core)),
     command('quit', {}, (_args, core) => {
       // Reply first, then shut down: QEMU answers quit before it exits.
       setImmediate(() => core.requestShutdown());

@@ -3,15 +3,19 @@
  * and shapes the reply: nothing else. Each commands/<domain>.ts module exports its commands as an
  * array of CommandDef; commands/index.ts collects them.
  */
-import type { Members } from '../qapi/schema.js';
+import type { Members, Schema } from '../qapi/schema.js';
 import type { Core } from '../core/core.js';
 
 export interface CommandDef {
   readonly name: string;
   /** Argument members, QAPI style ('*' = optional). */
   readonly args: Members;
-  /** Accept any argument object unchecked (boxed commands that check their own, e.g. blockdev-add). */
-  readonly boxed?: boolean;
+  /**
+   * A boxed command's argument type (a union such as BlockdevOptions): the handler checks its arguments
+   * itself against it, and query-qmp-schema shows it. A function, because the type can depend on the
+   * daemon (the registered block drivers).
+   */
+  readonly boxed?: (core: Core) => Schema;
   readonly allowOob?: boolean;
   /** Runs the command; its return value is the `return` member ({} when undefined). */
   handler(args: Record<string, unknown>, core: Core): unknown | Promise<unknown>;

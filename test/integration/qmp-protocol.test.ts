@@ -193,6 +193,16 @@ test('query-qmp-schema lists every command with its argument names', async () =>
   assert.deepEqual((argType.members as Array<{ name: string }>).map((m) => m.name), ['node-name']);
   const names = (await d.qmp.execute<Array<{ name: string }>>('query-commands')).map((c) => c.name).filter((n) => n !== 'qmp_capabilities');
   for (const n of names) assert.ok(byName.has(n), n);
+  // blockdev-add's argument type is the BlockdevOptions union, so tools can probe driver options.
+  const add = byName.get('blockdev-add')!;
+  const union = byName.get(add['arg-type'] as string)!;
+  assert.equal(union.tag, 'driver');
+  const variants = union.variants as Array<{ case: string; type: string }>;
+  assert.ok(variants.some((v) => v.case === 'qcow2'));
+  const qcow2 = byName.get(variants.find((v) => v.case === 'qcow2')!.type)!;
+  assert.ok((qcow2.members as Array<{ name: string }>).some((m) => m.name === 'backing'));
+  const driverEnum = byName.get((union.members as Array<{ name: string; type: string }>).find((m) => m.name === 'driver')!.type)!;
+  assert.ok((driverEnum.values as string[]).includes('blkdebug'));
 });
 
 test('a client pipelining hundreds of commands gets every reply, in order', async () => {
