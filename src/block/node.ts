@@ -122,6 +122,12 @@ export abstract class BlockNode {
   /** Virtual size in bytes. */
   abstract length(): number;
   protected abstract doRead(offset: number, bytes: number): Promise<Buffer>;
+  /**
+   * Optional: read [offset, offset+buf.length) into `buf`, writing every byte of it (zeroes where the
+   * node reads as zeroes). Drivers that can read in place implement it; for the others readInto goes
+   * through read() (and any override of it) and copies.
+   */
+  protected doReadInto?(offset: number, buf: Buffer): Promise<void>;
   protected abstract doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   /** Default: write a buffer of zeroes. Drivers that can do better (holes, zero clusters) override. */
   protected async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
@@ -211,6 +217,30 @@ export abstract class BlockNode {
     try {
       await this.tracker.waitForSerialising(req);
       return await this.alignedRead(offset, bytes);
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  /**
+   * read() into the caller's buffer: [offset, offset+buf.length) lands in `buf`, every byte of it
+   * written. For callers that reuse buffers (the mirror's pool), so a read allocates nothing.
+   */
+  async readInto(offset: number, buf: Buffer): Promise<void> {
+    const bytes = buf.length;
+    if (!this.doReadInto) {
+      const data = await this.read(offset, bytes);
+      data.copy(buf, 0, 0, bytes);
+      return;
+    }
+    this.checkRequest(offset, bytes);
+    if (bytes === 0) return;
+    const req = this.tracker.begin('read', offset, bytes);
+    try {
+      await this.tracker.waitForSerialising(req);
+      const align = this.requestAlignment;
+      if (align <= 1 || (offset % align === 0 && bytes % align === 0)) await this.doReadInto(offset, buf);
+      else (await this.alignedRead(offset, bytes)).copy(buf, 0, 0, bytes);
     } finally {
       this.tracker.end(req);
     }

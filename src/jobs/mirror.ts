@@ -30,6 +30,7 @@ import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { Job, type JobOptions, type OnError } from './job.js';
 import type { JobRegistry } from './registry.js';
 import { tracer } from '../trace/trace.js';
+import { nativeAddon } from '../block/native.js';
 
 export type MirrorSync = 'full' | 'top' | 'none';
 export type CopyMode = 'background' | 'write-blocking';
@@ -100,6 +101,11 @@ export class MirrorJob extends Job {
   private copiesInFlight = 0;
   private bytesInFlight = 0;
   private bufFree: number;
+  /**
+   * Read buffers of copies that have ended, for the next ones (QEMU's mirror reuses its buf-size the
+   * same way): at most MAX_IN_FLIGHT of them exist, each the size of the largest piece one copy reads.
+   */
+  private readonly bufPool: Buffer[] = [];
   /** Writes to the source that began while the observer was installed and have not ended. */
   private activeWrites = 0;
   private activeWriteBytes = 0;
@@ -332,23 +338,41 @@ export class MirrorJob extends Job {
           return;
         }
       } else {
-        let data: Buffer;
+        // A pooled buffer: the read fills every byte of it, and the target write has ended (with
+        // the buffer no longer in use) before it goes back to the pool.
+        const buf = this.takeBuffer(maxIo);
         try {
-          data = await this.source.read(pos, n);
-        } catch (err) {
-          this.ioError('read', err, pos, end - pos);
-          return;
-        }
-        try {
-          await this.targetWrite(pos, data);
-        } catch (err) {
-          this.ioError('write', err, pos, end - pos);
-          return;
+          const data = n === buf.length ? buf : buf.subarray(0, n);
+          try {
+            await this.source.readInto(pos, data);
+          } catch (err) {
+            this.ioError('read', err, pos, end - pos);
+            return;
+          }
+          try {
+            await this.targetWrite(pos, data);
+          } catch (err) {
+            this.ioError('write', err, pos, end - pos);
+            return;
+          }
+        } finally {
+          this.bufPool.push(buf);
         }
       }
       this.progressUpdate(n);
       pos += n;
     }
+  }
+
+  /** A read buffer of `size` bytes from the pool, or a new one (page-aligned, so O_DIRECT needs no bounce). */
+  private takeBuffer(size: number): Buffer {
+    const len = Math.ceil(size);
+    for (;;) {
+      const b = this.bufPool.pop();
+      if (!b) break;
+      if (b.length === len) return b;
+    }
+    return nativeAddon()?.alignedBuffer(len, 4096) ?? Buffer.allocUnsafeSlow(len);
   }
 
   /** bdrv_co_is_all_zeroes: whether the whole node reads as zeroes, from block status alone. */
@@ -598,6 +622,7 @@ export class MirrorJob extends Job {
 
   protected override async clean(): Promise<void> {
     const { graph, bitmaps } = this.o;
+    this.bufPool.length = 0;
     if (this.observer) this.source.removeWriteObserver(this.observer);
     this.observer = undefined;
     // Take the filter out: whoever still uses it uses the source again.

@@ -228,6 +228,17 @@ export class FileNode extends BlockNode {
     return buf;
   }
 
+  protected override async doReadInto(offset: number, buf: Buffer): Promise<void> {
+    const bytes = buf.length;
+    if (this.fileOptions.direct) {
+      // In place when the buffer meets O_DIRECT's rules (the mirror's pool is page-aligned); else bounce.
+      if (bytes % this.requestAlignment === 0 && nativeAddon()!.bufferAddress(buf) % MEM_ALIGN === 0) await readFully(this.fh, buf, 0, bytes, offset, true);
+      else (await this.directRead(offset, bytes)).copy(buf, 0, 0, bytes);
+      return;
+    }
+    await readFully(this.fh, buf, 0, bytes, offset);
+  }
+
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     if (this.fileOptions.direct) await this.directWrite(offset, data);
     else await writeFully(this.fh, data, 0, data.length, offset);

@@ -28,6 +28,9 @@ export class RawNode extends BlockNode {
   protected doRead(offset: number, bytes: number): Promise<Buffer> {
     return this.file.read(this.offset + offset, bytes);
   }
+  protected override doReadInto(offset: number, buf: Buffer): Promise<void> {
+    return this.file.readInto(this.offset + offset, buf);
+  }
   protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     return this.file.write(this.offset + offset, data, flags);
   }

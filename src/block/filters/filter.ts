@@ -41,6 +41,9 @@ export abstract class FilterNode extends BlockNode {
   protected doRead(offset: number, bytes: number): Promise<Buffer> {
     return this.filtered.read(offset, bytes);
   }
+  protected override doReadInto(offset: number, buf: Buffer): Promise<void> {
+    return this.filtered.readInto(offset, buf);
+  }
   protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     return this.filtered.write(offset, data, flags);
   }

@@ -170,6 +170,13 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     return b.length === n ? b : Buffer.concat([b, Buffer.alloc(n - b.length)]);
   }
 
+  /** readFile into `buf` (all of it): zeroes past the end of the file. */
+  private async readFileInto(off: number, buf: Buffer): Promise<void> {
+    const avail = Math.max(0, Math.min(buf.length, this.file.length() - off));
+    if (avail > 0) await this.file.readInto(off, avail === buf.length ? buf : buf.subarray(0, avail));
+    if (avail < buf.length) buf.fill(0, avail);
+  }
+
   private checkHostOffset(off: number, what: string): void {
     if (off + this.cs > 2 ** 56 || off >= Math.max(this.file.length(), (this.rc.highestAllocated + 1) * this.cs)) {
       throw new BlockIOError('EIO', `qcow2: ${what} at offset ${off} is beyond the end of the image file`);
@@ -230,41 +237,53 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     return this.lock.withShared(() => this.readUnlocked(offset, bytes));
   }
 
+  protected override async doReadInto(offset: number, buf: Buffer): Promise<void> {
+    return this.lock.withShared(() => this.readUnlockedInto(offset, buf));
+  }
+
   private async readUnlocked(offset: number, bytes: number): Promise<Buffer> {
-    let out: Buffer | undefined;
+    if (bytes === 0) return Buffer.alloc(0);
+    // One host-contiguous run covers the whole request: the file's buffer is the answer (no copy).
+    const m = await this.lookup(offset, bytes);
+    if (m.bytes >= bytes && m.entry.type === 'normal') return this.readFile(m.entry.offset + (offset % this.cs), bytes);
+    // Every byte is written by readUnlockedInto: no need to zero the buffer first.
+    const out = Buffer.allocUnsafe(bytes);
+    await this.readUnlockedInto(offset, out);
+    return out;
+  }
+
+  private async readUnlockedInto(offset: number, out: Buffer): Promise<void> {
+    const bytes = out.length;
     let pos = 0;
     while (pos < bytes) {
       const off = offset + pos;
       const m = await this.lookup(off, bytes - pos);
       const n = m.bytes;
       const e = m.entry;
-      // One host-contiguous run covers the whole request: the file's buffer is the answer (no copy).
-      if (pos === 0 && n >= bytes && e.type === 'normal') return this.readFile(e.offset + (off % this.cs), bytes);
-      out ??= Buffer.alloc(bytes);
+      const dst = pos === 0 && n >= bytes ? out : out.subarray(pos, pos + n);
       switch (e.type) {
         case 'unallocated': {
           const b = this.backing();
-          if (b && off < b.length()) {
-            const k = Math.min(n, b.length() - off);
-            (await b.read(off, k)).copy(out, pos);
-          }
+          const k = b && off < b.length() ? Math.min(n, b.length() - off) : 0;
+          if (k > 0) await b!.readInto(off, k === n ? dst : dst.subarray(0, k));
+          if (k < n) dst.fill(0, k);
           break;
         }
         case 'zero-plain':
         case 'zero-alloc':
+          dst.fill(0);
           break;
         case 'normal':
-          (await this.readFile(e.offset + (off % this.cs), n)).copy(out, pos);
+          await this.readFileInto(e.offset + (off % this.cs), dst);
           break;
         case 'compressed': {
           const data = await this.readCompressed(e);
-          data.copy(out, pos, off % this.cs, (off % this.cs) + n);
+          data.copy(dst, 0, off % this.cs, (off % this.cs) + n);
           break;
         }
       }
       pos += n;
     }
-    return out ?? Buffer.alloc(0);
   }
 
   private async readCompressed(e: L2Entry): Promise<Buffer> {
