@@ -75,18 +75,41 @@ export async function run(): Promise<Row[]> {
     await sh('qemu-io', ['-f', 'qcow2', ...cmds, src]);
     const mb = dataBytes / (1 << 20);
 
-    const bm = await timedMirror('bitmirror', dir, src, path.join(dir, 'bm.qcow2'), size);
-    rows.push({ case: `full mirror ${mb} MiB`, tool: 'bitmirror', seconds: bm, 'MiB/s': mb / bm });
-    if (await have('qemu-storage-daemon')) {
-      const qs = await timedMirror('qemu-storage-daemon', dir, src, path.join(dir, 'qsd.qcow2'), size);
-      rows.push({ case: `full mirror ${mb} MiB`, tool: 'qemu-storage-daemon', seconds: qs, 'MiB/s': mb / qs, 'bitmirror/this': bm / qs });
+    // Shared machines make single runs noisy (qemu-storage-daemon's own time varied 1.3–5.3 s for the
+    // same copy): run the tools in alternating order for several rounds and compare medians.
+    const rounds = Math.max(1, Number(process.env.BM_MIRROR_ROUNDS ?? 3));
+    const qsdInstalled = await have('qemu-storage-daemon');
+    const times: Record<string, number[]> = { bitmirror: [], 'qemu-storage-daemon': [], cp: [] };
+    const runCp = async () => {
+      const t0 = performance.now();
+      await sh('cp', ['--sparse=always', src, path.join(dir, 'cp.qcow2')]);
+      const t = (performance.now() - t0) / 1000;
+      await fsp.rm(path.join(dir, 'cp.qcow2'), { force: true });
+      return t;
+    };
+    for (let r = 0; r < rounds; r++) {
+      const order = ['bitmirror', 'qemu-storage-daemon', 'cp'];
+      if (r % 2 === 1) order.reverse();
+      for (const tool of order) {
+        if (tool === 'bitmirror') {
+          await fsp.rm(path.join(dir, 'bm.qcow2'), { force: true });
+          times.bitmirror.push(await timedMirror('bitmirror', dir, src, path.join(dir, 'bm.qcow2'), size));
+        } else if (tool === 'qemu-storage-daemon' && qsdInstalled) {
+          times[tool].push(await timedMirror('qemu-storage-daemon', dir, src, path.join(dir, 'qsd.qcow2'), size));
+          await fsp.rm(path.join(dir, 'qsd.qcow2'), { force: true });
+        } else if (tool === 'cp') times.cp.push(await runCp());
+      }
+    }
+    const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+    const bm = median(times.bitmirror);
+    const spread = (xs: number[]) => `${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)}`;
+    rows.push({ case: `full mirror ${mb} MiB, median of ${rounds}`, tool: 'bitmirror', seconds: bm, range: spread(times.bitmirror), 'MiB/s': mb / bm });
+    if (qsdInstalled) {
+      const qs = median(times['qemu-storage-daemon']);
+      rows.push({ case: `full mirror ${mb} MiB, median of ${rounds}`, tool: 'qemu-storage-daemon', seconds: qs, range: spread(times['qemu-storage-daemon']), 'MiB/s': mb / qs, 'bitmirror/this': bm / qs });
     } else rows.push({ case: `full mirror ${mb} MiB`, tool: 'qemu-storage-daemon (not installed)', seconds: 0 });
-    const t0 = performance.now();
-    await sh('cp', ['--sparse=always', src, path.join(dir, 'cp.qcow2')]);
-    const cp = (performance.now() - t0) / 1000;
-    rows.push({ case: `full mirror ${mb} MiB`, tool: 'cp', seconds: cp, 'MiB/s': mb / cp, 'bitmirror/this': bm / cp });
-    await fsp.rm(path.join(dir, 'cp.qcow2'), { force: true });
-    await fsp.rm(path.join(dir, 'qsd.qcow2'), { force: true });
+    const cp = median(times.cp);
+    rows.push({ case: `full mirror ${mb} MiB, median of ${rounds}`, tool: 'cp', seconds: cp, range: spread(times.cp), 'MiB/s': mb / cp, 'bitmirror/this': bm / cp });
 
     // Incremental: 1% of the data clusters (64 KiB) dirtied after the bitmap is added.
     const clusters = dataBytes / 65536;
