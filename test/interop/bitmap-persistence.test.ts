@@ -334,15 +334,21 @@ test('a persistent bitmap that cannot be stored fails blockdev-del and keeps the
     const img = path.join(dir, 'r.qcow2');
     await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img, '64M']);
     const d = await spawnDaemon(path.join(dir, 'b.sock'));
-    await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'q', 'read-only': true, file: { driver: 'file', filename: img } });
-    await d.qmp.execute('block-dirty-bitmap-add', { node: 'q', name: 'p', persistent: true });
-    const err = await errorOf(d.qmp.execute('blockdev-del', { 'node-name': 'q' }));
-    assert.equal(err, "Lost persistent bitmaps during inactivation of node 'q': No write access");
-    assert.match(d.stderr(), /Lost persistent bitmaps during inactivation of node 'q'/);
-    assert.equal((await dirtyBitmaps(d)).length, 1);
-    await d.qmp.execute('block-dirty-bitmap-remove', { node: 'q', name: 'p' });
-    await d.qmp.execute('blockdev-del', { 'node-name': 'q' });
-    assert.equal(await d.stop(), 0, d.stderr());
+    try {
+      await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'q', 'read-only': true, file: { driver: 'file', filename: img } });
+      await d.qmp.execute('block-dirty-bitmap-add', { node: 'q', name: 'p', persistent: true });
+      const err = await errorOf(d.qmp.execute('blockdev-del', { 'node-name': 'q' }));
+      assert.equal(err, "Lost persistent bitmaps during inactivation of node 'q': No write access");
+      // stderr is a pipe of its own: it may arrive after the QMP reply.
+      for (let i = 0; i < 100 && !/Lost persistent bitmaps/.test(d.stderr()); i++) await new Promise((r) => setTimeout(r, 20));
+      assert.match(d.stderr(), /Lost persistent bitmaps during inactivation of node 'q'/);
+      assert.equal((await dirtyBitmaps(d)).length, 1);
+      await d.qmp.execute('block-dirty-bitmap-remove', { node: 'q', name: 'p' });
+      await d.qmp.execute('blockdev-del', { 'node-name': 'q' });
+      assert.equal(await d.stop(), 0, d.stderr());
+    } finally {
+      if (d.proc.exitCode === null) await d.kill();
+    }
     assert.equal(await infoBitmaps(img), undefined);
   } finally {
     await cleanup();
