@@ -112,6 +112,8 @@ test('trace-event via HMP and QMP, with globs', async () => {
     const r = await d.qmp.request('trace-event-set-state', { name: 'nomatchzz', enable: true });
     assert.deepEqual(r.error, { class: 'GenericError', desc: 'unknown event "nomatchzz"' });
     await d.qmp.execute('query-version');
+    // stderr is a pipe of its own: the trace lines may arrive after the QMP reply.
+    for (let i = 0; i < 100 && !/monitor_qmp_respond /.test(d.stderr()); i++) await new Promise((r) => setTimeout(r, 20));
     assert.match(d.stderr(), /monitor_qmp_cmd_in_band .*cmd=query-version/);
     assert.match(d.stderr(), /monitor_qmp_respond /);
   } finally {
