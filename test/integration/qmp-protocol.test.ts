@@ -27,7 +27,7 @@ after(async () => {
 });
 
 /** A raw connection: send text, collect every JSON message the server sends back. */
-async function rawSession(): Promise<{ send: (s: string) => void; next: (n?: number) => Promise<Array<Record<string, unknown>>>; close: () => void }> {
+async function rawSession(): Promise<{ send: (s: string) => void; next: (n?: number) => Promise<Array<Record<string, unknown>>>; close: () => void; end: () => void }> {
   const sock = net.createConnection(d.socket);
   const msgs: Array<Record<string, unknown>> = [];
   let wake: (() => void) | undefined;
@@ -55,6 +55,7 @@ async function rawSession(): Promise<{ send: (s: string) => void; next: (n?: num
       return out;
     },
     close: () => sock.destroy(),
+    end: () => sock.end(),
   };
 }
 
@@ -135,8 +136,10 @@ test('several clients at once; a client that vanishes mid-command harms nothing'
   a.send('{"execute":"qmp_capabilities"}');
   await a.next();
   a.send(JSON.stringify({ execute: 'blockdev-add', arguments: { driver: 'raw', 'node-name': 'vanish', file: { driver: 'file', filename: img } } }));
+  await a.next();
+  // Send the write and hang up at once (end() flushes what was written; destroy() could drop it).
   a.send('{"execute":"human-monitor-command","arguments":{"command-line":"qemu-io vanish \\"write -P 0x5a 0 4M\\""}}');
-  a.close();
+  a.end();
   const b = d.qmp;
   // The write is finished by the daemon even though its client is gone; poll until it is visible.
   let seen = false;
