@@ -6,20 +6,7 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { KiB, MiB, setup, qcow2, addQcow2, io, flush, assertIdentical, query, poll, bitmaps, qmpError, newTarget, type Env } from './mirror-util.js';
-
-async function withPair(prefix: string, fn: (env: Env, src: string, tgt: string) => Promise<void>): Promise<void> {
-  const env = await setup(prefix);
-  try {
-    const src = await qcow2(env.f('src.qcow2'));
-    await addQcow2(env, 'src', src);
-    const tgt = env.f('tgt.qcow2');
-    await newTarget(env, 'tgt', tgt);
-    await fn(env, src, tgt);
-  } finally {
-    await env.done();
-  }
-}
+import { KiB, MiB, io, flush, assertIdentical, query, poll, bitmaps, qmpError, type Env, withSourceAndTarget } from './mirror-util.js';
 
 /** The job's own bitmap lives on the filter node (anonymous), as in QEMU since 8.2. */
 async function jobDirty(env: Env, filter: string): Promise<number> {
@@ -35,7 +22,7 @@ async function targetHas(env: Env, node: string, pattern: string, off: string, l
 }
 
 test('write-blocking: writes in every phase, through the filter and to the source; bitmap clean after READY', async () => {
-  await withPair('ma-151', async (env, src, tgt) => {
+  await withSourceAndTarget('ma-151', async (env, src, tgt) => {
     const { qmp } = env.d;
     await io(env, 'src', 'write -P 0x01 0 8M');
     // Before the job.
@@ -90,7 +77,7 @@ test('write-blocking: writes in every phase, through the filter and to the sourc
 });
 
 test('write-blocking: 1-byte write into a dirty area while throttled (151 testUnalignedActiveIO)', async () => {
-  await withPair('ma-unal', async (env, src, tgt) => {
+  await withSourceAndTarget('ma-unal', async (env, src, tgt) => {
     const { qmp } = env.d;
     await io(env, 'src', 'write -P 0x01 0 2M');
     await qmp.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', 'copy-mode': 'write-blocking', 'buf-size': 256 * KiB, speed: 1, 'filter-node-name': 'top' });
@@ -106,7 +93,7 @@ test('write-blocking: 1-byte write into a dirty area while throttled (151 testUn
 });
 
 test('write-blocking: many concurrent overlapping writes after READY (151 testIntersectingActiveIO)', async () => {
-  await withPair('ma-conc', async (env, src, tgt) => {
+  await withSourceAndTarget('ma-conc', async (env, src, tgt) => {
     const { qmp } = env.d;
     await io(env, 'src', 'write -P 0x01 0 4M');
     await qmp.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', 'copy-mode': 'write-blocking', 'filter-node-name': 'top' });
@@ -126,7 +113,7 @@ test('write-blocking: many concurrent overlapping writes after READY (151 testIn
 });
 
 test('block-job-change background -> write-blocking: actively-synced, then writes reach the target at once', async () => {
-  await withPair('ma-change', async (env, src, tgt) => {
+  await withSourceAndTarget('ma-change', async (env, src, tgt) => {
     const { qmp } = env.d;
     await io(env, 'src', 'write -P 0x01 0 4M');
     await qmp.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', 'filter-node-name': 'top' });
@@ -155,7 +142,7 @@ test('block-job-change background -> write-blocking: actively-synced, then write
 });
 
 test('background mode: writes directly to the source after READY are mirrored too (no filter involved)', async () => {
-  await withPair('ma-direct', async (env, src, tgt) => {
+  await withSourceAndTarget('ma-direct', async (env, src, tgt) => {
     const { qmp } = env.d;
     await qmp.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full' });
     await qmp.waitEvent('BLOCK_JOB_READY', { device: 'j' });

@@ -10,9 +10,6 @@ import {
   KiB,
   MiB,
   SIZE,
-  setup,
-  qcow2,
-  addQcow2,
   io,
   assertIdentical,
   compare,
@@ -26,20 +23,8 @@ import {
   poll,
   bitmaps,
   type Env,
+  withSourceAndTarget,
 } from './mirror-util.js';
-
-async function withSourceAndTarget(prefix: string, fn: (env: Env, src: string, tgt: string) => Promise<void>): Promise<void> {
-  const env = await setup(prefix);
-  try {
-    const src = await qcow2(env.f('src.qcow2'));
-    await addQcow2(env, 'src', src);
-    const tgt = env.f('tgt.qcow2');
-    await newTarget(env, 'tgt', tgt);
-    await fn(env, src, tgt);
-  } finally {
-    await env.done();
-  }
-}
 
 async function blockFile(env: Env, node: string): Promise<string | undefined> {
   const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });

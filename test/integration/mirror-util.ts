@@ -163,3 +163,17 @@ export async function newTarget(env: Env, node: string, file: string, size = SIZ
   await qcow2(file, size, opts);
   await addQcow2(env, node, file);
 }
+
+/** A daemon with a 64 MiB qcow2 source `src` and an empty qcow2 target `tgt`, torn down afterwards. */
+export async function withSourceAndTarget(prefix: string, fn: (env: Env, src: string, tgt: string) => Promise<void>): Promise<void> {
+  const env = await setup(prefix);
+  try {
+    const src = await qcow2(env.f('src.qcow2'));
+    await addQcow2(env, 'src', src);
+    const tgt = env.f('tgt.qcow2');
+    await newTarget(env, 'tgt', tgt);
+    await fn(env, src, tgt);
+  } finally {
+    await env.done();
+  }
+}
