@@ -77,7 +77,7 @@ export async function runDemo(argv: string[]): Promise<number> {
   const d = await spawnDaemon(path.join(dir, 'qmp.sock'));
   const qmp = d.qmp;
   const io = async (node: string, cmd: string) => {
-    const out = await qmp.hmp(`qemu-io ${node} "${cmd}"`);
+    const out = await qmp.hmpOutput(`qemu-io ${node} "${cmd}"`);
     if (/failed|not found|error/i.test(out)) throw new Error(`qemu-io ${node} "${cmd}": ${out.trim()}`);
     return out;
   };

@@ -2,11 +2,17 @@
  * human-monitor-command, for the two HMP commands tooling and QEMU's iotests lean on:
  * `qemu-io [-d] NODE "CMD"` and `trace-event NAME on|off`. Replies are HMP text with CRLF line ends,
  * as QEMU's monitor returns them; other HMP commands answer "unknown command: 'x'".
+ *
+ * qemu-io's own text goes where QEMU's goes: printed on the daemon's standard output (its errors such
+ * as an unknown command on standard error), and the reply is "" — what scripts written for QEMU
+ * assert. Only what the monitor itself says (a node not found, a bad command line) is the reply.
+ * Beyond QEMU (README): `__org.bitmirror_output: true` returns qemu-io's text as the reply instead,
+ * for callers that want to see what happened (bitmirror's tests and demo).
  */
 import { QmpError } from '../errors.js';
-import { int, str } from '../qapi/schema.js';
+import { bool, int, str } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
-import { QemuIo } from './qemu-io.js';
+import { QemuIo, type QemuIoOutput } from './qemu-io.js';
 import type { Core } from '../core/core.js';
 import type { BlockNode } from '../block/node.js';
 
@@ -40,26 +46,37 @@ function hmpWords(line: string): string[] | undefined {
   return words;
 }
 
-async function qemuIo(core: Core, args: string[]): Promise<string> {
+/** What an HMP command produced: the monitor's own text (the reply) and what qemu-io printed. */
+interface HmpOutput extends QemuIoOutput {
+  monitor: string;
+}
+
+const OUTPUT = '__org.bitmirror_output';
+
+function monitorText(monitor: string): HmpOutput {
+  return { monitor, stdout: '', stderr: '' };
+}
+
+async function qemuIo(core: Core, args: string[]): Promise<HmpOutput> {
   let device = false;
   if (args[0] === '-d') {
     device = true;
     args = args.slice(1);
   }
-  if (args.length === 0) return 'qemu-io: block device name expected\nTry "help qemu-io" for more information\n';
-  if (args.length === 1) return 'qemu-io: command line expected\nTry "help qemu-io" for more information\n';
-  if (args.length > 2) return 'qemu-io: extraneous characters at the end of line\nTry "help qemu-io" for more information\n';
+  if (args.length === 0) return monitorText('qemu-io: block device name expected\nTry "help qemu-io" for more information\n');
+  if (args.length === 1) return monitorText('qemu-io: command line expected\nTry "help qemu-io" for more information\n');
+  if (args.length > 2) return monitorText('qemu-io: extraneous characters at the end of line\nTry "help qemu-io" for more information\n');
   const [name, cmdline] = args;
   // bitmirror has no guest devices (BlockBackends), so -d never finds one.
-  if (device) return `Error: Device '${name}' not found\n`;
+  if (device) return monitorText(`Error: Device '${name}' not found\n`);
   const node = core.graph.find(name);
-  if (!node) return `Error: Cannot find device='' nor node-name='${name}'\n`;
+  if (!node) return monitorText(`Error: Cannot find device='' nor node-name='${name}'\n`);
   let session = sessions.get(node);
   if (!session) {
     session = new QemuIo(node);
     sessions.set(node, session);
   }
-  return session.run(cmdline);
+  return { monitor: '', ...(await session.run(cmdline)) };
 }
 
 function traceEvent(core: Core, args: string[]): string {
@@ -70,18 +87,25 @@ function traceEvent(core: Core, args: string[]): string {
 }
 
 export const hmpCommands: CommandDef[] = [
-  command('human-monitor-command', { 'command-line': str, '*cpu-index': int }, async (args, core) => {
+  command('human-monitor-command', { 'command-line': str, '*cpu-index': int, [`*${OUTPUT}`]: bool }, async (args, core) => {
     const words = hmpWords(args['command-line'] as string);
     if (!words) throw new QmpError('GenericError', 'unterminated string');
     if (words.length === 0) return '';
     const [cmd, ...rest] = words;
+    let out: HmpOutput;
     switch (cmd) {
       case 'qemu-io':
-        return crlf(await qemuIo(core, rest));
+        out = await qemuIo(core, rest);
+        break;
       case 'trace-event':
-        return crlf(traceEvent(core, rest));
+        out = monitorText(traceEvent(core, rest));
+        break;
       default:
-        return crlf(`unknown command: '${cmd}'\n`);
+        out = monitorText(`unknown command: '${cmd}'\n`);
     }
+    if (args[OUTPUT] === true) return crlf(out.monitor + out.stdout + out.stderr);
+    if (out.stdout) process.stdout.write(out.stdout);
+    if (out.stderr) process.stderr.write(out.stderr);
+    return crlf(out.monitor);
   }),
 ];

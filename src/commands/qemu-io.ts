@@ -2,7 +2,8 @@
  * A qemu-io command interpreter over a BlockNode, for HMP's `qemu-io NODE "CMD"`: the way tests and
  * users write "guest" data into a node. Syntax, number parsing (k/M/G suffixes, 0x…) and output text
  * follow qemu-io's ("wrote 65536/65536 bytes at offset 0", "Pattern verification failed at offset 0,
- * 65536 bytes"). Where QEMU prints that text on its stdout and returns "" to HMP, we return the text.
+ * 65536 bytes"). A command's text is split as qemu-io's is: what qemu-io prints on standard output
+ * and what it prints on standard error (an unknown command); human-monitor-command decides where each goes.
  */
 import { errorCode, strerror } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
@@ -11,6 +12,12 @@ import type { BlockNode } from '../block/node.js';
 const MAX_REQUEST = 2147483136;
 
 class UsageError extends Error {}
+
+/** What one qemu-io command printed: on standard output, and on standard error. */
+export interface QemuIoOutput {
+  stdout: string;
+  stderr: string;
+}
 
 interface ParsedArgs {
   flags: Map<string, string | true>;
@@ -121,6 +128,9 @@ const USAGE: Record<string, string> = {
   flush: 'flush -- flush all in-core file state to disk',
 };
 
+/** The commands run() knows, with their short names. */
+const KNOWN_COMMANDS = new Set(['read', 'r', 'write', 'w', 'aio_write', 'discard', 'd', 'flush', 'f', 'aio_flush']);
+
 /** Splits a qemu-io command line into words (qemu-io splits on white space; quotes group words). */
 function splitWords(line: string): string[] {
   const words: string[] = [];
@@ -140,10 +150,16 @@ export class QemuIo {
 
   constructor(private readonly node: BlockNode) {}
 
-  async run(line: string): Promise<string> {
+  async run(line: string): Promise<QemuIoOutput> {
     const words = splitWords(line);
-    if (words.length === 0) return '';
+    if (words.length === 0) return { stdout: '', stderr: '' };
     const [cmd, ...args] = words;
+    // qemu-io prints "command not found" on stderr (fprintf), everything else on stdout (printf).
+    if (!KNOWN_COMMANDS.has(cmd)) return { stdout: '', stderr: `command "${cmd}" not found\n` };
+    return { stdout: await this.runKnown(cmd, args), stderr: '' };
+  }
+
+  private async runKnown(cmd: string, args: string[]): Promise<string> {
     try {
       switch (cmd) {
         case 'read':
@@ -164,7 +180,7 @@ export class QemuIo {
         case 'aio_flush':
           return await this.aioFlush();
         default:
-          return `command "${cmd}" not found\n`;
+          throw new Error(`qemu-io: ${cmd} is listed but not handled`);
       }
     } catch (err) {
       if (err instanceof UsageError) return `${USAGE[cmd] ?? cmd}\n`;

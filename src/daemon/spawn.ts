@@ -16,6 +16,8 @@ export interface SpawnedDaemon {
   socket: string;
   /** stderr collected so far (trace output, internal errors). */
   stderr: () => string;
+  /** stdout collected so far (HMP qemu-io's text). */
+  stdout: () => string;
   /** quit over QMP (or SIGTERM if that fails) and wait for the process to exit; resolves with its exit code. */
   stop(): Promise<number | null>;
   /** SIGKILL, for crash tests. */
@@ -28,7 +30,9 @@ export async function spawnDaemon(socket: string, extraArgs: string[] = [], prog
   let err = '';
   proc.stderr!.setEncoding('utf8');
   proc.stderr!.on('data', (d: string) => (err += d));
-  proc.stdout!.resume();
+  let out = '';
+  proc.stdout!.setEncoding('utf8');
+  proc.stdout!.on('data', (d: string) => (out += d));
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
   let qmp: QmpClient | undefined;
   for (let i = 0; i < 200 && !qmp; i++) {
@@ -49,6 +53,7 @@ export async function spawnDaemon(socket: string, extraArgs: string[] = [], prog
     qmp: client,
     socket,
     stderr: () => err,
+    stdout: () => out,
     async stop() {
       if (proc.exitCode !== null) return proc.exitCode;
       try {

@@ -97,9 +97,17 @@ export class QmpClient {
     return reply.return as T;
   }
 
-  /** HMP through QMP. */
+  /** HMP through QMP: the monitor's reply ("" for a qemu-io command, as QEMU answers). */
   hmp(commandLine: string): Promise<string> {
     return this.execute<string>('human-monitor-command', { 'command-line': commandLine });
+  }
+
+  /**
+   * HMP through QMP with bitmirror's `__org.bitmirror_output`: qemu-io's text (what QEMU prints on its
+   * standard output) comes back as the reply. Only bitmirror has it.
+   */
+  hmpOutput(commandLine: string): Promise<string> {
+    return this.execute<string>('human-monitor-command', { 'command-line': commandLine, '__org.bitmirror_output': true });
   }
 
   /**

@@ -17,7 +17,7 @@ async function jobDirty(env: Env, filter: string): Promise<number> {
 
 /** The target reads back `pattern` at [off, +len) right now (before any further job progress). */
 async function targetHas(env: Env, node: string, pattern: string, off: string, len: string): Promise<void> {
-  const out = await env.d.qmp.hmp(`qemu-io ${node} "read -P ${pattern} ${off} ${len}"`);
+  const out = await env.d.qmp.hmpOutput(`qemu-io ${node} "read -P ${pattern} ${off} ${len}"`);
   assert.match(out, /^read /, `${node} ${pattern}@${off}: ${out}`);
 }
 

@@ -68,7 +68,7 @@ export async function addQcow2(env: Env, node: string, file: string, extra: Reco
 
 /** HMP qemu-io; fails the test when qemu-io reports an error. */
 export async function io(env: Env, node: string, cmd: string): Promise<string> {
-  const out = await env.d.qmp.hmp(`qemu-io ${node} "${cmd}"`);
+  const out = await env.d.qmp.hmpOutput(`qemu-io ${node} "${cmd}"`);
   if (!/^(wrote|read|discard|flush)|^$/.test(out) || /error|failed/i.test(out)) throw new Error(`qemu-io ${node} ${cmd}: ${out}`);
   return out;
 }

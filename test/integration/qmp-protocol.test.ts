@@ -146,7 +146,7 @@ test('several clients at once; a client that vanishes mid-command harms nothing'
   for (let i = 0; i < 100 && !seen; i++) {
     const nodes = await b.execute<Array<{ 'node-name': string }>>('query-named-block-nodes');
     if (nodes.some((n) => n['node-name'] === 'vanish')) {
-      const out = await b.hmp('qemu-io vanish "read -P 0x5a 0 4M"');
+      const out = await b.hmpOutput('qemu-io vanish "read -P 0x5a 0 4M"');
       seen = !out.includes('Pattern verification failed');
     }
     if (!seen) await new Promise((r) => setTimeout(r, 50));

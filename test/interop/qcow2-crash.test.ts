@@ -94,7 +94,7 @@ async function oneRun(dir: string, round: number, seed: number, opts: string): P
       const cmd = w.pattern === 0 ? `write -z ${w.offset} ${w.bytes}` : `write -P ${w.pattern} ${w.offset} ${w.bytes}`;
       let out: string;
       try {
-        out = await d.qmp.hmp(`qemu-io q "${cmd}"`);
+        out = await d.qmp.hmpOutput(`qemu-io q "${cmd}"`);
       } catch {
         return;
       }

@@ -75,22 +75,22 @@ test('HMP qemu-io writes through bitmirror are read back by QEMU qemu-io', async
   const d = await spawnDaemon(path.join(dir, 'q.sock'));
   try {
     await d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', filename: img } });
-    assert.equal((await d.qmp.hmp('qemu-io disk0 "write -P 0xab 0 64k"')).split('\r\n')[0], 'wrote 65536/65536 bytes at offset 0');
-    assert.equal((await d.qmp.hmp('qemu-io disk0 "write -P 0xcd 1000 3000"')).split('\r\n')[0], 'wrote 3000/3000 bytes at offset 1000');
-    assert.equal((await d.qmp.hmp('qemu-io disk0 "write -z 1M 4k"')).split('\r\n')[0], 'wrote 4096/4096 bytes at offset 1048576');
-    assert.match(await d.qmp.hmp('qemu-io disk0 "read -P 0xab 0 1000"'), /^read 1000\/1000 bytes at offset 0\r\n/);
-    assert.match(await d.qmp.hmp('qemu-io disk0 "read -P 0xac 512 64k"'), /^Pattern verification failed at offset 512, 65536 bytes\r\n/);
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "read -P 0xac 0 2G"'), 'length cannot exceed 2147483136, given 2G\r\n');
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "write 0x200000 512"'), 'write failed: Input/output error\r\n');
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "write -P 0x1ff 0 512"'), '0x1ff is not a valid pattern byte\r\n');
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "read 0 abc"'), 'Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- abc\r\n');
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "bogus"'), 'command "bogus" not found\r\n');
-    assert.equal(await d.qmp.hmp('qemu-io nonode "read 0 512"'), "Error: Cannot find device='' nor node-name='nonode'\r\n");
-    assert.equal(await d.qmp.hmp('qemu-io disk0 write 0 512'), 'qemu-io: extraneous characters at the end of line\r\nTry "help qemu-io" for more information\r\n');
-    assert.equal(await d.qmp.hmp('foo'), "unknown command: 'foo'\r\n");
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "aio_write -P 0x11 1536k 4k"'), '');
-    assert.match(await d.qmp.hmp('qemu-io disk0 "aio_flush"'), /^wrote 4096\/4096 bytes at offset 1572864\r\n/);
-    assert.equal(await d.qmp.hmp('qemu-io disk0 "flush"'), '');
+    assert.equal((await d.qmp.hmpOutput('qemu-io disk0 "write -P 0xab 0 64k"')).split('\r\n')[0], 'wrote 65536/65536 bytes at offset 0');
+    assert.equal((await d.qmp.hmpOutput('qemu-io disk0 "write -P 0xcd 1000 3000"')).split('\r\n')[0], 'wrote 3000/3000 bytes at offset 1000');
+    assert.equal((await d.qmp.hmpOutput('qemu-io disk0 "write -z 1M 4k"')).split('\r\n')[0], 'wrote 4096/4096 bytes at offset 1048576');
+    assert.match(await d.qmp.hmpOutput('qemu-io disk0 "read -P 0xab 0 1000"'), /^read 1000\/1000 bytes at offset 0\r\n/);
+    assert.match(await d.qmp.hmpOutput('qemu-io disk0 "read -P 0xac 512 64k"'), /^Pattern verification failed at offset 512, 65536 bytes\r\n/);
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "read -P 0xac 0 2G"'), 'length cannot exceed 2147483136, given 2G\r\n');
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "write 0x200000 512"'), 'write failed: Input/output error\r\n');
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "write -P 0x1ff 0 512"'), '0x1ff is not a valid pattern byte\r\n');
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "read 0 abc"'), 'Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- abc\r\n');
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "bogus"'), 'command "bogus" not found\r\n');
+    assert.equal(await d.qmp.hmpOutput('qemu-io nonode "read 0 512"'), "Error: Cannot find device='' nor node-name='nonode'\r\n");
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 write 0 512'), 'qemu-io: extraneous characters at the end of line\r\nTry "help qemu-io" for more information\r\n');
+    assert.equal(await d.qmp.hmpOutput('foo'), "unknown command: 'foo'\r\n");
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "aio_write -P 0x11 1536k 4k"'), '');
+    assert.match(await d.qmp.hmpOutput('qemu-io disk0 "aio_flush"'), /^wrote 4096\/4096 bytes at offset 1572864\r\n/);
+    assert.equal(await d.qmp.hmpOutput('qemu-io disk0 "flush"'), '');
     await d.qmp.execute('blockdev-del', { 'node-name': 'disk0' });
   } finally {
     assert.equal(await d.stop(), 0);
@@ -98,6 +98,40 @@ test('HMP qemu-io writes through bitmirror are read back by QEMU qemu-io', async
   const out = execFileSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0xab 0 1000', '-c', 'read -P 0xcd 1000 3000', '-c', 'read -P 0xab 4000 61536', '-c', 'read -P 0 1M 4k', '-c', 'read -P 0x11 1536k 4k', img]).toString();
   assert.doesNotMatch(out, /Pattern verification failed/);
   assert.equal(out.match(/^read /gm)?.length, 5);
+  await fsp.rm(dir, { recursive: true, force: true });
+});
+
+/** Wait until `get()` (a pipe's text collected so far) contains `text`. */
+async function untilIncludes(get: () => string, text: string): Promise<void> {
+  for (let i = 0; i < 500 && !get().includes(text); i++) await new Promise((r) => setTimeout(r, 20));
+  assert.ok(get().includes(text), `expected ${JSON.stringify(text)} in ${JSON.stringify(get())}`);
+}
+
+test('HMP qemu-io answers "" as QEMU does and prints its text on the daemon\'s stdout (stderr for errors)', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-qio-'));
+  const img = path.join(dir, 'a.raw');
+  await fsp.writeFile(img, Buffer.alloc(1 << 20));
+  const d = await spawnDaemon(path.join(dir, 'q.sock'));
+  try {
+    await d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', filename: img } });
+    // The reply is QEMU's: "" for every qemu-io command, the text going to the daemon's stdout.
+    assert.equal((await d.qmp.request('human-monitor-command', { 'command-line': 'qemu-io disk0 "write -P 0x5c 64k 4k"' })).return, '');
+    await untilIncludes(d.stdout, 'wrote 4096/4096 bytes at offset 65536\n');
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "read -P 0x5d 64k 4k"'), '');
+    await untilIncludes(d.stdout, 'Pattern verification failed at offset 65536, 4096 bytes\n');
+    // qemu-io prints an unknown command on stderr.
+    assert.equal(await d.qmp.hmp('qemu-io disk0 "bogus"'), '');
+    await untilIncludes(d.stderr, 'command "bogus" not found\n');
+    assert.doesNotMatch(d.stdout(), /bogus/);
+    // What the monitor says itself stays the reply.
+    assert.equal(await d.qmp.hmp('qemu-io nonode "read 0 512"'), "Error: Cannot find device='' nor node-name='nonode'\r\n");
+    // The data was written: QEMU's qemu-io reads it back.
+    await d.qmp.execute('blockdev-del', { 'node-name': 'disk0' });
+    const out = execFileSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5c 64k 4k', img]).toString();
+    assert.doesNotMatch(out, /Pattern verification failed/);
+  } finally {
+    await d.stop();
+  }
   await fsp.rm(dir, { recursive: true, force: true });
 });
 
