@@ -6,7 +6,7 @@
  * Runs alone as `node dist/bench/hbitmap.js`.
  */
 import { pathToFileURL } from 'node:url';
-import { HBitmap } from '../src/bitmap/hbitmap.js';
+import { HBitmap } from '../src/base/hbitmap.js';
 
 export const title = 'HBitmap, 64 TiB at 64 KiB granularity (2^30 bits)';
 

@@ -9,7 +9,7 @@
  */
 import { genericError, type QmpError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
-import { HBitmap, type DirtyArea } from './hbitmap.js';
+import { HBitmap, type DirtyArea } from '../base/hbitmap.js';
 
 /** BlockDirtyInfo, as query-named-block-nodes and query-block show it (members in QEMU's order). */
 export interface BlockDirtyInfo {

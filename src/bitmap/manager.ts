@@ -13,48 +13,11 @@
  */
 import { BlockIOError, genericError } from '../errors.js';
 import type { BlockNode, WriteObserver, WriteRequest } from '../block/node.js';
+import { persistentStore } from '../block/bitmap-store.js';
+import { isPowerOf2 } from '../base/sizes.js';
 import { tracer } from '../trace/trace.js';
 import { BITMAP_ALLOW_RO, BITMAP_BUSY, BITMAP_DEFAULT, BITMAP_RO, BITMAP_MAX_NAME_SIZE, DirtyBitmap, type BlockDirtyInfo } from './dirty-bitmap.js';
-import type { HBitmap } from './hbitmap.js';
-
-/**
- * What a node that can persist bitmaps (qcow2) offers; the manager calls these when present.
- * Nodes without them cannot have persistent bitmaps, as in QEMU ("Can't store persistent bitmaps").
- */
-export interface PersistentBitmapStore {
-  /**
-   * Throw (QmpError with QEMU's message) when a new persistent bitmap cannot be stored;
-   * `persistentNames` are the node's persistent bitmaps in memory (they count toward the limits).
-   */
-  canStoreNewDirtyBitmap(name: string, granularity: number, persistentNames?: string[]): void | Promise<void>;
-  /** Remove a persistent bitmap from the image (block-dirty-bitmap-remove). */
-  removePersistentDirtyBitmap?(name: string): void | Promise<void>;
-  /**
-   * The bitmaps stored in the image, in storage order, read when the node is opened. A read-write
-   * node marks them in use on disk before returning (a crash then leaves them inconsistent).
-   */
-  loadPersistentDirtyBitmaps?(): Promise<LoadedDirtyBitmap[]>;
-  /**
-   * Write these bitmaps back (the node is closing) and mark them consistent; stored bitmaps not in
-   * the list (inconsistent ones) are kept as they are.
-   */
-  storePersistentDirtyBitmaps?(list: Array<{ name: string; granularity: number; auto: boolean; data: Buffer }>): Promise<void>;
-}
-
-/** A bitmap found in an image. Inconsistent ones (in use on disk at open) have no data. */
-export interface LoadedDirtyBitmap {
-  name: string;
-  granularity: number;
-  enabled: boolean;
-  inconsistent: boolean;
-  /** Serialized bits (qcow2 order: bit n in byte n/8, least significant first). */
-  data?: Buffer;
-}
-
-export function persistentStore(node: BlockNode): PersistentBitmapStore | undefined {
-  const n = node as Partial<PersistentBitmapStore>;
-  return typeof n.canStoreNewDirtyBitmap === 'function' ? (n as PersistentBitmapStore) : undefined;
-}
+import type { HBitmap } from '../base/hbitmap.js';
 
 export interface AddBitmapOptions {
   /** Bytes per bit; default: the node's cluster size clamped to [4 KiB, 64 KiB], 64 KiB if unknown. */
@@ -70,10 +33,6 @@ interface NodeEntry {
   /** Newest first. */
   bitmaps: DirtyBitmap[];
   observer: WriteObserver;
-}
-
-function isPowerOf2(n: number): boolean {
-  return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
 }
 
 export class BitmapManager {

@@ -12,7 +12,8 @@
 import { genericError, type QmpError } from '../errors.js';
 import type { BlockNode } from '../block/node.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
-import { persistentStore, type BitmapManager } from './manager.js';
+import type { BitmapManager } from './manager.js';
+import { persistentStore } from '../block/bitmap-store.js';
 
 function message(err: unknown): string {
   return err instanceof Error ? err.message : String(err);

@@ -16,9 +16,9 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { spawnDaemon } from '../daemon/spawn.js';
 import type { QmpClient } from '../qmp/client.js';
+import { MiB } from '../base/sizes.js';
 
 const run = promisify(execFile);
-const MiB = 1 << 20;
 
 function step(msg: string): void {
   process.stdout.write(`==> ${msg}\n`);

@@ -10,7 +10,7 @@ import type { Core } from '../core/core.js';
 import type { BlockNode } from '../block/node.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { BITMAP_DEFAULT } from '../bitmap/dirty-bitmap.js';
-import type { HBitmap } from '../bitmap/hbitmap.js';
+import type { HBitmap } from '../base/hbitmap.js';
 
 /** A prepared transaction action; the transaction runs commit or abort, then clean, for each. */
 export interface TransactionActionState {

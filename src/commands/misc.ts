@@ -6,7 +6,7 @@ import { genericError } from '../errors.js';
 import { bool, str, type Members, type Schema } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
-import { QEMU_COMPAT_VERSION } from '../qmp/server.js';
+import { QEMU_COMPAT_VERSION } from '../base/version.js';
 
 /** Builds query-qmp-schema's SchemaInfo list from the command table (commands, their argument objects, enums, arrays). */
 function schemaInfo(commands: CommandDef[], core: Core): unknown[] {

@@ -5,7 +5,7 @@
  */
 import { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { EventBus } from './events.js';
+import { EventBus } from '../base/events.js';
 import { BitmapManager } from '../bitmap/manager.js';
 import { loadPersistentBitmaps, storePersistentBitmaps } from '../bitmap/persistence.js';
 import { tracer } from '../trace/trace.js';

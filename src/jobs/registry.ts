@@ -5,7 +5,7 @@
  */
 import { genericError, QmpError } from '../errors.js';
 import { idWellFormed } from '../block/graph.js';
-import type { EventBus } from '../core/events.js';
+import type { EventBus } from '../base/events.js';
 import type { Job } from './job.js';
 
 export class JobRegistry {

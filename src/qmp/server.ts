@@ -12,9 +12,8 @@ import { visit } from '../qapi/schema.js';
 import type { CommandDef } from '../commands/registry.js';
 import type { Core } from '../core/core.js';
 import { tracer } from '../trace/trace.js';
+import { QEMU_COMPAT_VERSION } from '../base/version.js';
 
-/** The QEMU version we answer with (greeting and query-version): the release whose behaviour we follow. */
-export const QEMU_COMPAT_VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: 'bitmirror-0.1.0' };
 
 const traceDispatch = tracer.point('monitor_qmp_cmd_in_band');
 const traceRespond = tracer.point('monitor_qmp_respond');

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
-import { EventBus } from '../../src/core/events.js';
+import { EventBus } from '../../src/base/events.js';
 
 test('event timestamps are wall-clock microseconds and never go backwards', () => {
   const bus = new EventBus();

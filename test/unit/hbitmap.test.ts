@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
-import { HBitmap } from '../../src/bitmap/hbitmap.js';
+import { HBitmap } from '../../src/base/hbitmap.js';
 
 /** A seeded PRNG so that failures reproduce. */
 function rng(seed: number): () => number {

@@ -7,7 +7,7 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { EventBus } from '../../src/core/events.js';
+import { EventBus } from '../../src/base/events.js';
 import { JobRegistry } from '../../src/jobs/registry.js';
 import { Job, JOB_VERBS, type JobStatus, type JobVerb, type JobOptions } from '../../src/jobs/job.js';
 import { JobTxn } from '../../src/jobs/txn.js';

@@ -3,6 +3,7 @@
  * header in cluster 0, refcount table, refcount block(s), then the L1 table. Called by the
  * blockdev-create job with BlockdevCreateOptionsQcow2 members.
  */
+import { isPowerOf2, MiB } from '../../../base/sizes.js';
 import { genericError } from '../../../errors.js';
 import type { BlockNode } from '../../node.js';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, serializeHeader, type Qcow2Header } from './header.js';
@@ -25,20 +26,16 @@ export interface Qcow2CreateOptions {
   [key: string]: unknown;
 }
 
-function isPow2(n: number): boolean {
-  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
-}
-
 export async function createQcow2(file: BlockNode, opts: Qcow2CreateOptions): Promise<void> {
   const size = opts.size;
   const cs = opts['cluster-size'] ?? 65536;
   const version = opts.version ?? 'v3';
   const refcountBits = opts['refcount-bits'] ?? 16;
   const prealloc = opts.preallocation ?? 'off';
-  if (!isPow2(cs) || cs < 512 || cs > 2 * 1024 * 1024) throw genericError('Cluster size must be a power of two between 512 and 2048k');
+  if (!isPowerOf2(cs) || cs < 512 || cs > 2 * MiB) throw genericError('Cluster size must be a power of two between 512 and 2048k');
   if (!Number.isSafeInteger(size) || size < 0) throw genericError('Invalid image size');
   if (size % 512) throw genericError('Image size must be a multiple of 512 bytes');
-  if (!isPow2(refcountBits) || refcountBits > 64) throw genericError('Refcount width must be a power of two and may not exceed 64 bits');
+  if (!isPowerOf2(refcountBits) || refcountBits > 64) throw genericError('Refcount width must be a power of two and may not exceed 64 bits');
   if (version === 'v2') {
     if (opts['lazy-refcounts']) throw genericError('Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)');
     if (refcountBits !== 16) throw genericError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');

@@ -36,7 +36,7 @@ import { COPIED_HI, decodeL1, decodeL2, encodeEntry, RWLock, TableCache, type L2
 import { decompressCluster } from './compressed.js';
 import { walkReferences } from './walk.js';
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE, BME_MAX_PHYS_SIZE, parseBitmapDirectory, serializeBitmapDirectory, type StoredBitmap } from './bitmaps.js';
-import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../../../bitmap/manager.js';
+import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../../bitmap-store.js';
 
 /** QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE (formats.md §2.7). */
 const MAX_BITMAPS = 65535;
@@ -823,7 +823,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     });
   }
 
-  // ---- PersistentBitmapStore (the bitmap layer's view, src/bitmap/persistence.ts) ----------------
+  // ---- PersistentBitmapStore (block/bitmap-store.ts; used by bitmap/manager.ts and persistence.ts) ----
 
   /**
    * qcow2_co_can_store_new_dirty_bitmap: may a new persistent bitmap `name` be added, given the
