@@ -11,14 +11,7 @@ import type { BlockNode } from '../block/node.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { BITMAP_DEFAULT } from '../bitmap/dirty-bitmap.js';
 import type { HBitmap } from '../base/hbitmap.js';
-
-/** A prepared transaction action; the transaction runs commit or abort, then clean, for each. */
-export interface TransactionActionState {
-  prepare(): void | Promise<void>;
-  commit?(): void | Promise<void>;
-  abort?(): void | Promise<void>;
-  clean?(): void | Promise<void>;
-}
+import { runAllOrNothing, type TransactionAction } from '../base/transaction.js';
 
 // ---- argument schemas -----------------------------------------------------------------------------
 
@@ -41,7 +34,7 @@ export function lookupBitmap(core: Core, nodeName: string, name: string): { node
 
 // ---- the operations, as transaction actions --------------------------------------------------------
 
-export function addAction(core: Core, a: Record<string, unknown>): TransactionActionState {
+export function addAction(core: Core, a: Record<string, unknown>): TransactionAction {
   let created: DirtyBitmap | undefined;
   return {
     async prepare() {
@@ -60,7 +53,7 @@ export function addAction(core: Core, a: Record<string, unknown>): TransactionAc
   };
 }
 
-export function removeAction(core: Core, a: Record<string, unknown>): TransactionActionState {
+export function removeAction(core: Core, a: Record<string, unknown>): TransactionAction {
   let bm: DirtyBitmap | undefined;
   return {
     async prepare() {
@@ -83,7 +76,7 @@ export function removeAction(core: Core, a: Record<string, unknown>): Transactio
   };
 }
 
-export function clearAction(core: Core, a: Record<string, unknown>): TransactionActionState {
+export function clearAction(core: Core, a: Record<string, unknown>): TransactionAction {
   let bm: DirtyBitmap | undefined;
   let backup: HBitmap | undefined;
   return {
@@ -101,7 +94,7 @@ export function clearAction(core: Core, a: Record<string, unknown>): Transaction
   };
 }
 
-function enableDisableAction(core: Core, a: Record<string, unknown>, enable: boolean): TransactionActionState {
+function enableDisableAction(core: Core, a: Record<string, unknown>, enable: boolean): TransactionAction {
   let bm: DirtyBitmap | undefined;
   let wasDisabled = false;
   return {
@@ -118,11 +111,11 @@ function enableDisableAction(core: Core, a: Record<string, unknown>, enable: boo
   };
 }
 
-export function enableAction(core: Core, a: Record<string, unknown>): TransactionActionState {
+export function enableAction(core: Core, a: Record<string, unknown>): TransactionAction {
   return enableDisableAction(core, a, true);
 }
 
-export function disableAction(core: Core, a: Record<string, unknown>): TransactionActionState {
+export function disableAction(core: Core, a: Record<string, unknown>): TransactionAction {
   return enableDisableAction(core, a, false);
 }
 
@@ -131,7 +124,7 @@ export function disableAction(core: Core, a: Record<string, unknown>): Transacti
  * granularity, then that into the target, so that the target is unchanged on any error. Sources are
  * names on `node` or {node, name} anywhere.
  */
-export function mergeAction(core: Core, a: Record<string, unknown>): TransactionActionState {
+export function mergeAction(core: Core, a: Record<string, unknown>): TransactionAction {
   let dst: DirtyBitmap | undefined;
   let backup: HBitmap | undefined;
   return {
@@ -165,17 +158,9 @@ export function mergeAction(core: Core, a: Record<string, unknown>): Transaction
   };
 }
 
-/** Run one action on its own: prepare, then commit (or abort) and clean. */
-async function runAlone(action: TransactionActionState): Promise<void> {
-  try {
-    await action.prepare();
-  } catch (err) {
-    await action.abort?.();
-    await action.clean?.();
-    throw err;
-  }
-  await action.commit?.();
-  await action.clean?.();
+/** Run one action on its own (the command outside a transaction): a transaction of one. */
+function runAlone(action: TransactionAction): Promise<void> {
+  return runAllOrNothing([action]);
 }
 
 // ---- commands -------------------------------------------------------------------------------------

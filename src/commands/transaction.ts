@@ -1,8 +1,8 @@
 /**
  * `transaction` (reference §2.5): run several actions all-or-nothing. Each action kind makes a state
- * with prepare/commit/abort/clean; prepares run in order, and the first failure aborts every action
- * prepared so far, the failing one included, in reverse order, then cleans them all. Otherwise every
- * action commits, in order, then cleans.
+ * with prepare/commit/abort/clean, run by base/transaction.ts: prepares run in order, and the first
+ * failure aborts every action prepared so far, the failing one included, in reverse order, then cleans
+ * them all. Otherwise every action commits, in order, then cleans.
  *
  * Kinds register themselves with registerTransactionAction(), so backup and snapshot actions can be
  * added by their own modules; the argument schema (the TransactionAction union) is built from the
@@ -22,10 +22,8 @@ import {
   enableAction,
   mergeAction,
   removeAction,
-  type TransactionActionState,
 } from './bitmaps.js';
-
-export type { TransactionActionState } from './bitmaps.js';
+import { runAllOrNothing, type TransactionAction } from '../base/transaction.js';
 
 export type CompletionMode = 'individual' | 'grouped';
 
@@ -47,7 +45,7 @@ export interface TransactionActionKind {
   /** Whether completion-mode=grouped is allowed (backup actions only, as in QEMU). */
   readonly supportsGrouped?: boolean;
   /** Build the state for one action; nothing may happen before prepare(). */
-  create(data: Record<string, unknown>, ctx: TransactionContext): TransactionActionState;
+  create(data: Record<string, unknown>, ctx: TransactionContext): TransactionAction;
 }
 
 const kinds = new Map<string, TransactionActionKind>();
@@ -80,7 +78,7 @@ function transactionArgs(): Members {
 }
 
 /** A state that checks completion-mode before the action's own prepare (action_check_completion_mode). */
-function withModeCheck(kind: TransactionActionKind, ctx: TransactionContext, inner: TransactionActionState): TransactionActionState {
+function withModeCheck(kind: TransactionActionKind, ctx: TransactionContext, inner: TransactionAction): TransactionAction {
   if (kind.supportsGrouped || ctx.completionMode === 'individual') return inner;
   return {
     prepare() {
@@ -95,23 +93,15 @@ function withModeCheck(kind: TransactionActionKind, ctx: TransactionContext, inn
  */
 export async function runTransaction(core: Core, actions: Array<{ type: string; data: Record<string, unknown> }>, completionMode: CompletionMode = 'individual'): Promise<void> {
   const ctx: TransactionContext = { core, completionMode, shared: new Map() };
-  const states: TransactionActionState[] = [];
-  try {
+  // Each state is built only after the previous action prepared, as QEMU does.
+  function* states(): Generator<TransactionAction> {
     for (const a of actions) {
       const kind = kinds.get(a.type);
       if (!kind) throw genericError(`Parameter 'type' does not accept value '${a.type}'`);
-      const state = withModeCheck(kind, ctx, kind.create(a.data ?? {}, ctx));
-      // Registered before prepare runs, so that a failing action's own abort also runs.
-      states.push(state);
-      await state.prepare();
+      yield withModeCheck(kind, ctx, kind.create(a.data ?? {}, ctx));
     }
-  } catch (err) {
-    for (const s of [...states].reverse()) await s.abort?.();
-    for (const s of states) await s.clean?.();
-    throw err;
   }
-  for (const s of states) await s.commit?.();
-  for (const s of states) await s.clean?.();
+  await runAllOrNothing(states());
 }
 
 // ---- the built-in kinds ---------------------------------------------------------------------------
@@ -129,7 +119,7 @@ registerTransactionAction({
   }),
 });
 
-const bitmapKinds: Array<[string, string, Members, (core: Core, data: Record<string, unknown>) => TransactionActionState]> = [
+const bitmapKinds: Array<[string, string, Members, (core: Core, data: Record<string, unknown>) => TransactionAction]> = [
   ['block-dirty-bitmap-add', 'BlockDirtyBitmapAdd', BLOCK_DIRTY_BITMAP_ADD, addAction],
   ['block-dirty-bitmap-remove', 'BlockDirtyBitmap', BLOCK_DIRTY_BITMAP, removeAction],
   ['block-dirty-bitmap-clear', 'BlockDirtyBitmap', BLOCK_DIRTY_BITMAP, clearAction],

@@ -20,8 +20,8 @@
 import { genericError, errorCode, errorMessage, strerror } from '../errors.js';
 import { tracer } from '../trace/trace.js';
 import { RateLimiter } from './rate-limit.js';
-import { JobTxn } from './txn.js';
-import type { JobRegistry } from './registry.js';
+import type { EventBus } from '../base/events.js';
+import { JobTxn, type JobTxnMember } from './txn.js';
 
 export const JOB_STATUSES = [
   'undefined',
@@ -76,6 +76,19 @@ export type IoStatus = 'ok' | 'failed' | 'nospace';
 export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
 export type ErrorAction = 'report' | 'ignore' | 'stop';
 
+/**
+ * Where a job is registered (JobRegistry): the id checks, the list query-jobs shows and the events.
+ * Declared here, not imported, so that job.ts does not depend on registry.ts (which lists Jobs).
+ */
+export interface JobHost {
+  readonly events: EventBus;
+  /** Refuse an id that is malformed or taken, with QEMU's message. */
+  checkNewId(id: string): void;
+  add(job: Job): void;
+  /** The job was dismissed ('null'). */
+  remove(job: Job): void;
+}
+
 export interface JobOptions {
   /** The job id (already a string; checked here as QEMU does). */
   id: string;
@@ -116,7 +129,7 @@ export abstract class Job {
   readonly isBlockJob: boolean = true;
 
   readonly id: string;
-  readonly registry: JobRegistry;
+  readonly registry: JobHost;
   readonly txn: JobTxn;
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
@@ -159,15 +172,33 @@ export abstract class Job {
   /** Resolves when the job reaches 'concluded' (also when it goes straight on to 'null'). */
   readonly concluded: Promise<void> = new Promise((r) => (this.concludedResolve = r));
 
-  constructor(registry: JobRegistry, opts: JobOptions) {
+  /** The part of this job its group (JobTxn) drives. */
+  private readonly member: JobTxnMember;
+
+  constructor(registry: JobHost, opts: JobOptions) {
     registry.checkNewId(opts.id);
     this.id = opts.id;
     this.registry = registry;
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
     this.limiter = new RateLimiter(opts.speed ?? 0);
+    this.member = {
+      autoFinalize: this.autoFinalize,
+      runEnded: this.runEnded,
+      isCompleted: () => this.isCompleted(),
+      isConcludedOrNull: () => this.isConcludedOrNull(),
+      toWaiting: () => this.transition('waiting'),
+      toPending: () => this.transitionToPending(),
+      prepare: () => this.runPrepare(),
+      cancelForAbort: () => this.cancelForTxnAbort(),
+      finalizeCommitted: () => this.finalizeSingle(),
+      finalizeAborted: async () => {
+        this.markAborted();
+        await this.finalizeSingle();
+      },
+    };
     this.txn = opts.txn ?? new JobTxn();
-    this.txn.add(this);
+    this.txn.add(this.member);
     registry.add(this);
     this.transition('created');
   }
@@ -257,7 +288,7 @@ export abstract class Job {
   }
 
   /** Change status, checked against the transition table; emits JOB_STATUS_CHANGE when it changes. */
-  transition(to: JobStatus): void {
+  private transition(to: JobStatus): void {
     const from = this._status;
     const allowed = JOB_TRANSITIONS[from].includes(to);
     traceTransition({ job: this.id, from, to, allowed: allowed ? 'allowed' : 'disallowed' });
@@ -293,7 +324,7 @@ export abstract class Job {
     this.started = true;
     this.hasRunEnded = true;
     this.runEndedResolve();
-    this.txn.remove(this);
+    this.txn.remove(this.member);
     this.transition('null');
     this.registry.remove(this);
     this.concludedResolve();
@@ -315,9 +346,9 @@ export abstract class Job {
     traceCompleted({ job: this.id, ret: this._errorCode ?? 0 });
     if (this._error !== undefined) {
       this.transition('aborting');
-      await this.txn.abort(this);
+      await this.txn.abort(this.member);
     } else {
-      await this.txn.jobSucceeded(this);
+      await this.txn.jobSucceeded(this.member);
     }
   }
 
@@ -328,7 +359,7 @@ export abstract class Job {
   }
 
   /** Record a failure (the first one wins). */
-  fail(err: unknown): void {
+  private fail(err: unknown): void {
     if (this._error !== undefined) return;
     this._error = errorMessage(err);
     this._errorCode = errorCode(err);
@@ -522,16 +553,16 @@ export abstract class Job {
       this.fail(cancelledError());
       this.endRun();
       this.transition('aborting');
-      await this.txn.abort(this);
+      await this.txn.abort(this.member);
     } else if (this.hasRunEnded) {
-      if (this.isCancelled()) await this.txn.abort(this);
+      if (this.isCancelled()) await this.txn.abort(this.member);
     } else {
       this.kick();
     }
   }
 
-  /** Used by JobTxn when another job of the group fails: a force cancel without verb checks. */
-  cancelForTxnAbort(): void {
+  /** Another job of the group failed: a force cancel without verb checks. */
+  private cancelForTxnAbort(): void {
     if (this.hasRunEnded) return;
     if (this._userPaused) {
       this._userPaused = false;
@@ -590,18 +621,24 @@ export abstract class Job {
   // ---- finalization (driven by JobTxn) ------------------------------------------------------------
 
   /** pending, with BLOCK_JOB_PENDING when the user finalizes (auto-finalize=false). */
-  transitionToPending(): void {
+  private transitionToPending(): void {
     this.transition('pending');
     if (!this.autoFinalize && this.isBlockJob) this.registry.events.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
   }
 
-  /** Run the prepare hook (JobTxn). */
-  runPrepare(): Promise<void> {
-    return this.prepare();
+  /** Run the prepare hook; a failure fails the job, which then aborts with its group. */
+  private async runPrepare(): Promise<void> {
+    try {
+      await this.prepare();
+    } catch (err) {
+      this.fail(err);
+      this.transition('aborting');
+      throw err;
+    }
   }
 
   /** The group aborts: a job without an error of its own ends as cancelled. */
-  markAborted(): void {
+  private markAborted(): void {
     if (this._error === undefined) {
       this._cancelRequested = true;
       this.forceCancel = true;
@@ -611,7 +648,7 @@ export abstract class Job {
   }
 
   /** commit or abort, clean, the completion event, concluded (and null with auto-dismiss). */
-  async finalizeSingle(): Promise<void> {
+  private async finalizeSingle(): Promise<void> {
     try {
       if (this._error === undefined) await this.commit();
       else await this.abort();
@@ -626,7 +663,7 @@ export abstract class Job {
         this.registry.events.emit('BLOCK_JOB_COMPLETED', data);
       }
     }
-    this.txn.remove(this);
+    this.txn.remove(this.member);
     this.transition('concluded');
     this.concludedResolve();
     if (this.autoDismiss || !this.started) this.doDismiss();

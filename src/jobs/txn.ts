@@ -6,24 +6,58 @@
  * - A job whose run ends successfully waits ('waiting') until every job of the group has ended; then all
  *   move to 'pending' together. If none of them has auto-finalize=false the group finalizes at once;
  *   otherwise it waits for job-finalize on any one of them.
- * - Finalizing runs every job's prepare(); if one fails the group aborts. Otherwise each job commits,
- *   cleans up, reports BLOCK_JOB_COMPLETED and concludes.
+ * - Finalizing is a Transaction (base/transaction.ts) with one action per job: every job's prepare runs;
+ *   if one fails the group aborts. Otherwise each job commits, cleans up, reports BLOCK_JOB_COMPLETED
+ *   and concludes.
  * - If one job fails or is force-cancelled (also while pending), the group aborts: the other jobs are
  *   force-cancelled, and once every run has ended each job aborts, cleans up, reports
  *   BLOCK_JOB_CANCELLED (or BLOCK_JOB_COMPLETED with its error) and concludes.
+ *
+ * Order: jobs prepare and commit in the order they joined and abort newest first (the Transaction's
+ * rules). QEMU keeps the group newest first and walks it in that order for all three; the difference
+ * shows only in groups of several jobs, which only grouped backup makes.
+ *
+ * The group knows its jobs only as JobTxnMember, the part of a job it drives (Job implements it with
+ * private methods), so that Job keeps its finalization steps to itself.
  */
-import type { Job } from './job.js';
+import { Transaction } from '../base/transaction.js';
+
+/** What a job group needs from each of its jobs. */
+export interface JobTxnMember {
+  readonly autoFinalize: boolean;
+  /** Resolves when the job's run has returned or thrown (or it was cancelled before it started). */
+  readonly runEnded: Promise<void>;
+  /** The run has ended and the job is being or has been finalized (job_is_completed). */
+  isCompleted(): boolean;
+  isConcludedOrNull(): boolean;
+  /** The run ended with success while others of the group still run: 'waiting'. */
+  toWaiting(): void;
+  /** Every run of the group has ended: 'pending'. */
+  toPending(): void;
+  /** The job's prepare hook; when it fails, the job has recorded the error and is 'aborting'. */
+  prepare(): Promise<void>;
+  /** Another job of the group failed: force-cancel this one (no verb checks). */
+  cancelForAbort(): void;
+  /** commit, clean, the completion event, concluded. */
+  finalizeCommitted(): Promise<void>;
+  /** Mark the job aborted (cancelled unless it failed itself), then abort, clean, event, concluded. */
+  finalizeAborted(): Promise<void>;
+}
 
 export class JobTxn {
-  readonly jobs = new Set<Job>();
+  private readonly members = new Set<JobTxnMember>();
   /** Set once the group has started to abort: jobs ending later join the abort. */
   aborting = false;
   /** Serialises finalize and abort, whose hooks may await I/O. */
   private lock: Promise<void> = Promise.resolve();
 
-  add(job: Job): void {
+  add(member: JobTxnMember): void {
     if (this.aborting) throw new Error('cannot add a job to an aborting transaction');
-    this.jobs.add(job);
+    this.members.add(member);
+  }
+
+  remove(member: JobTxnMember): void {
+    this.members.delete(member);
   }
 
   private serialised(fn: () => Promise<void>): Promise<void> {
@@ -32,52 +66,50 @@ export class JobTxn {
     return run;
   }
 
+  /** The finalization of every job of the group as one transaction. */
+  private transaction(): Transaction {
+    const tran = new Transaction();
+    for (const m of this.members) {
+      tran.add({ prepare: () => m.prepare(), commit: () => m.finalizeCommitted(), abort: () => m.finalizeAborted() });
+    }
+    return tran;
+  }
+
   /** A job's run ended with success (job_completed_txn_success). */
-  async jobSucceeded(job: Job): Promise<void> {
-    if (this.aborting) return this.abort(job);
-    job.transition('waiting');
-    for (const other of this.jobs) if (!other.isCompleted()) return;
-    for (const other of this.jobs) other.transitionToPending();
-    if ([...this.jobs].every((j) => j.autoFinalize)) await this.finalize();
+  async jobSucceeded(member: JobTxnMember): Promise<void> {
+    if (this.aborting) return this.abort(member);
+    member.toWaiting();
+    for (const other of this.members) if (!other.isCompleted()) return;
+    for (const other of this.members) other.toPending();
+    if ([...this.members].every((m) => m.autoFinalize)) await this.finalize();
   }
 
   /** Finalize the whole group: job-finalize, or automatically (job_do_finalize). */
   finalize(): Promise<void> {
     return this.serialised(async () => {
       if (this.aborting) return;
-      const jobs = [...this.jobs];
-      for (const job of jobs) {
-        try {
-          await job.runPrepare();
-        } catch (err) {
-          job.fail(err);
-          job.transition('aborting');
-          await this.abortLocked(job);
-          return;
-        }
+      const tran = this.transaction();
+      try {
+        await tran.prepare();
+      } catch {
+        // The failing job has recorded its error; every job of the group aborts.
+        this.aborting = true;
+        await tran.abort();
+        return;
       }
-      for (const job of jobs) await job.finalizeSingle();
+      await tran.commit();
     });
   }
 
   /** A job failed or was force-cancelled: abort the whole group (job_completed_txn_abort). */
-  abort(job: Job): Promise<void> {
+  abort(member: JobTxnMember): Promise<void> {
     if (this.aborting) return Promise.resolve();
-    return this.serialised(() => this.abortLocked(job));
-  }
-
-  private async abortLocked(job: Job): Promise<void> {
-    if (this.aborting) return;
-    this.aborting = true;
-    for (const other of this.jobs) if (other !== job && !other.isConcludedOrNull()) other.cancelForTxnAbort();
-    for (const other of this.jobs) await other.runEnded;
-    for (const other of [...this.jobs]) {
-      other.markAborted();
-      await other.finalizeSingle();
-    }
-  }
-
-  remove(job: Job): void {
-    this.jobs.delete(job);
+    return this.serialised(async () => {
+      if (this.aborting) return;
+      this.aborting = true;
+      for (const other of this.members) if (other !== member && !other.isConcludedOrNull()) other.cancelForAbort();
+      for (const other of this.members) await other.runEnded;
+      await this.transaction().abort();
+    });
   }
 }
