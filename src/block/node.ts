@@ -381,7 +381,23 @@ export abstract class BlockNode {
   }
 }
 
-/** Round `n` up to a multiple of `align` (a power of two or any positive integer). */
+/**
+ * QEMU's json: pseudo-filename for a node it cannot name by a file name: the options as JSON with
+ * QEMU's spacing (`{"a": 1, "b": {"c": null}}`), members in the order given.
+ */
+export function jsonFilename(options: Record<string, unknown>): string {
+  const enc = (v: unknown): string => {
+    if (v !== null && typeof v === 'object' && !Array.isArray(v)) {
+      return `{${Object.entries(v as Record<string, unknown>)
+        .map(([k, x]) => `${JSON.stringify(k)}: ${enc(x)}`)
+        .join(', ')}}`;
+    }
+    if (Array.isArray(v)) return `[${v.map(enc).join(', ')}]`;
+    return JSON.stringify(v);
+  };
+  return `json:${enc(options)}`;
+}
+
 /** The node at the bottom of `node`'s data path through primary children (filters, raw): where its bytes live. */
 export function protocolLeaf(node: BlockNode): BlockNode {
   let n = node;

@@ -75,8 +75,17 @@ export interface MirrorJobOptions extends JobOptions {
   syncBitmap?: { bitmap: DirtyBitmap; mode: BitmapSyncMode };
   /** Widen writes into unallocated clusters of a no-backing target to whole clusters (see above). */
   fillPartialClusters: boolean;
-  /** drive-mirror: nodes the job opened itself and closes when done unless they were pivoted to. */
+  /**
+   * drive-mirror: a target the job opened itself. When the job ends it is closed unless a parent uses
+   * it (a pivot gave it the source's parents), as QEMU drops its last reference.
+   */
   ownedTarget?: boolean;
+  /**
+   * drive-mirror mode=absolute-paths (QEMU's MIRROR_SOURCE_BACKING_CHAIN): the target runs without a
+   * backing file and gets this node as its backing at completion — the source itself for sync=none,
+   * the source's backing for sync=top — instead of opening the image named in its header a second time.
+   */
+  backingAtCompletion?: BlockNode;
 }
 
 interface InFlightOp {
@@ -608,6 +617,8 @@ export class MirrorJob extends Job {
     if (!this.o.graph.find(toReplace.nodeName) && toReplace !== this.source) {
       throw genericError(`Can no longer replace '${toReplace.nodeName}' by '${this.target.nodeName}', because it can no longer be guaranteed that doing so would not lead to an abrupt change of visible data`);
     }
+    const backing = this.o.backingAtCompletion;
+    if (backing && this.target.formatLayer().backing() !== backing) this.target.formatLayer().attachChild('backing', backing);
     // The filter's parents and the replaced node's parents now use the target.
     this.o.graph.replace(this.filter, this.target);
     this.o.graph.replace(toReplace, this.target, this.filter);
@@ -649,7 +660,7 @@ export class MirrorJob extends Job {
       bitmaps.setBusy(this.bitmap, false);
       this.bitmap.disabled = false;
     }
-    if (this.o.ownedTarget && !this.pivoted && graph.find(this.target.nodeName) === this.target && this.target.parents.size === 0) {
+    if (this.o.ownedTarget && graph.find(this.target.nodeName) === this.target && this.target.parents.size === 0) {
       await graph.remove(this.target).catch(() => undefined);
     }
   }

@@ -3,7 +3,7 @@
  * read-zeroes is set (QEMU's default is false, which returns whatever the buffer held: we return zeroes
  * then too, as leaving uninitialised memory visible has no use here).
  */
-import { BlockNode, type BlockStatus, type ImageInfo } from '../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { bool, int, qemuOptSize } from '../../qapi/schema.js';
 
@@ -49,7 +49,7 @@ export class NullNode extends BlockNode {
     if (Object.keys(explicit).length === 0 && o.size === undefined) return 'null-co://';
     explicit.driver = 'null-co';
     if (o.size !== undefined) explicit.size = o.size;
-    return `json:${JSON.stringify(explicit).replace(/":/g, '": ').replace(/,"/g, ', "')}`;
+    return jsonFilename(explicit);
   }
 }
 

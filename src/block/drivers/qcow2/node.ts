@@ -22,7 +22,7 @@
  */
 import { BlockIOError, genericError } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
-import { BlockNode, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
 import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
@@ -646,11 +646,19 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   // ---- info ---------------------------------------------------------------------------------------
 
+  /**
+   * Opened with `backing: null` over an image whose header names a backing file, directly on a file
+   * node: QEMU cannot name such a node by its file name and names it by a json: pseudo-filename.
+   */
+  private overriddenBacking(): boolean {
+    return this.openOptions.backing === null && !this.backing() && !!this.header.backingFile && this.file.driver === 'file';
+  }
+
   imageInfo(): ImageInfo {
     const f = this.file.imageInfo();
     const h = this.header;
     const info: ImageInfo = {
-      filename: f.filename,
+      filename: this.overriddenBacking() ? jsonFilename({ backing: null, driver: 'qcow2', file: { driver: 'file', filename: f.filename } }) : f.filename,
       format: 'qcow2',
       'virtual-size': h.size,
       'cluster-size': this.cs,
