@@ -19,6 +19,7 @@
  */
 import { genericError, errorCode, errorMessage, strerror } from '../errors.js';
 import { tracer } from '../trace/trace.js';
+import { errorActionFor, type ErrorAction, type OnError } from '../block/copy/error-action.js';
 import { RateLimiter } from './rate-limit.js';
 import type { EventBus } from '../base/events.js';
 import { JobTxn, type JobTxnMember } from './txn.js';
@@ -72,9 +73,7 @@ export const JOB_VERB_TABLE: Readonly<Record<JobVerb, readonly JobStatus[]>> = {
 };
 
 export type IoStatus = 'ok' | 'failed' | 'nospace';
-/** BlockdevOnError: what a job does on an I/O error. 'auto' behaves as 'report' for jobs. */
-export type OnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
-export type ErrorAction = 'report' | 'ignore' | 'stop';
+export type { ErrorAction, OnError };
 
 /**
  * Where a job is registered (JobRegistry): the id checks, the list query-jobs shows and the events.
@@ -487,20 +486,7 @@ export abstract class Job {
    */
   errorAction(policy: OnError, operation: 'read' | 'write', err: unknown): ErrorAction {
     const code = errorCode(err);
-    let action: ErrorAction;
-    switch (policy) {
-      case 'enospc':
-        action = code === 'ENOSPC' ? 'stop' : 'report';
-        break;
-      case 'stop':
-        action = 'stop';
-        break;
-      case 'ignore':
-        action = 'ignore';
-        break;
-      default:
-        action = 'report';
-    }
+    const action = errorActionFor(policy, err);
     if (action === 'stop') {
       if (!this._userPaused) {
         this.pause();

@@ -11,15 +11,17 @@
  * - The working bitmap is the job's own (disabled, filled by the initial block-status scan and by writes),
  *   or the caller's (`bitmap` with sync=full: the unmerged upstream series), or a private copy of the
  *   caller's (`sync=bitmap|incremental` with `bitmap-mode`: Proxmox VE's variant).
- * - Bits are reset before a chunk is read, so a write that lands during the copy sets them again and the
- *   chunk is copied again: no write is lost. Up to 16 copies run at once within buf-size.
+ * - The copying itself (the walk over dirty chunks, up to 16 copies at once within buf-size, chunk
+ *   locks, partial-cluster widening) is the copy engine's, block/copy/block-copy.ts; this file decides
+ *   when to copy, what the job's state is, and what an error does.
  * - Completing (job-complete, or a soft cancel after READY) needs a moment in which nothing is dirty and
  *   no write is half-done. QEMU drains the graph for it. Here the job switches to copying every new
  *   write synchronously (as write-blocking does), copies what is left, and waits until the writes it has
  *   seen begin have ended; after that the target equals the source and stays so until the switch.
  * - Partial clusters: a write into a target cluster that is unallocated in a target without a backing
  *   file (a "diff" target) is widened to the whole cluster with the missing part read from the source,
- *   so the target never holds a cluster with partial data (the pitfall both bitmap-mirror patches document).
+ *   so the target never holds a cluster with partial data (the pitfall both bitmap-mirror patches
+ *   document). The engine does the widening; the option says whether.
  */
 import { genericError, errorMessage } from '../errors.js';
 import type { BlockNode, WriteObserver, WriteRequest } from '../block/node.js';
@@ -27,10 +29,12 @@ import type { BlockGraph } from '../block/graph.js';
 import { MirrorTopNode } from '../block/filters/mirror-top.js';
 import type { BitmapManager } from '../bitmap/manager.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
+import { BlockCopy, type CopyOperation } from '../block/copy/block-copy.js';
+import { forEachAllocated, readsAllZeroes } from '../block/copy/chain-status.js';
+import type { ChunkLock } from '../block/copy/chunk-locks.js';
 import { Job, type JobOptions, type OnError } from './job.js';
 import type { JobRegistry } from './registry.js';
 import { tracer } from '../trace/trace.js';
-import { nativeAddon } from '../block/native.js';
 
 export type MirrorSync = 'full' | 'top' | 'none';
 export type CopyMode = 'background' | 'write-blocking';
@@ -88,12 +92,6 @@ export interface MirrorJobOptions extends JobOptions {
   backingAtCompletion?: BlockNode;
 }
 
-interface InFlightOp {
-  offset: number;
-  bytes: number;
-  done: Promise<void>;
-}
-
 export class MirrorJob extends Job {
   readonly type = 'mirror' as const;
   private readonly o: MirrorJobOptions;
@@ -104,22 +102,12 @@ export class MirrorJob extends Job {
   private readonly bitmapIsLocal: boolean;
   private readonly granularity: number;
   private copyMode: CopyMode;
-
-  /** Copies and synchronous writes in flight, by chunk range; a chunk is in at most one. */
-  private readonly inFlight = new Set<InFlightOp>();
-  private copiesInFlight = 0;
-  private bytesInFlight = 0;
-  private bufFree: number;
-  /**
-   * Read buffers of copies that have ended, for the next ones (QEMU's mirror reuses its buf-size the
-   * same way): at most MAX_IN_FLIGHT of them exist, each the size of the largest piece one copy reads.
-   */
-  private readonly bufPool: Buffer[] = [];
+  /** Copies the dirty chunks of `bitmap`; synchronous writes hold their chunks in its locks. */
+  private readonly copy: BlockCopy;
   /** Writes to the source that began while the observer was installed and have not ended. */
   private activeWrites = 0;
   private activeWriteBytes = 0;
   private activeWritesIdle: Array<() => void> = [];
-  private cursor = 0;
   private failure: unknown;
   private shouldComplete = false;
   /** Every new write is copied synchronously (write-blocking mode, or while completing). */
@@ -137,7 +125,6 @@ export class MirrorJob extends Job {
     this.target = o.target;
     this.granularity = o.granularity;
     this.copyMode = o.copyMode;
-    this.bufFree = o.bufSize;
     // The filter goes above the source: its parents become the filter's.
     const name = o.filterNodeName ?? o.graph.generateNodeName();
     this.filter = new MirrorTopNode(name, o.source);
@@ -154,6 +141,27 @@ export class MirrorJob extends Job {
         o.bitmaps.setBusy(o.syncBitmap.bitmap, true);
       }
     }
+    this.copy = new BlockCopy({
+      source: o.source,
+      target: o.target,
+      bitmap: this.bitmap,
+      chunkSize: o.granularity,
+      bufSize: o.bufSize,
+      maxInFlight: MAX_IN_FLIGHT,
+      // One copy moves at most max_io_bytes, so that up to MAX_IN_FLIGHT of them run side by side.
+      maxIoBytes: Math.max(o.bufSize / 16, MAX_IO_BYTES),
+      unmap: o.unmap,
+      fillPartialClusters: o.fillPartialClusters,
+      hooks: {
+        launched: (offset, bytes) => {
+          traceIteration({ job: this.id, offset, bytes });
+          this.ratelimitProcessed(bytes);
+        },
+        progress: (bytes) => this.progressUpdate(bytes),
+        failed: (operation, err) => this.copyFailed(operation, err),
+        ended: () => this.kick(),
+      },
+    });
   }
 
   /** Put the filter in the graph, start observing writes, block other users. Throws with nothing changed. */
@@ -188,12 +196,8 @@ export class MirrorJob extends Job {
     } finally {
       // mirror_run's exit path: a failed or cancelled job still waits for the copies it started, so
       // that none writes to the target (or changes the bitmap and progress) after the job has ended.
-      await this.waitAllCopies();
+      await this.copy.drain();
     }
-  }
-
-  private async waitAllCopies(): Promise<void> {
-    while (this.copiesInFlight > 0) await Promise.all([...this.inFlight].map((op) => op.done.catch(() => undefined)));
   }
 
   private async runLoop(): Promise<void> {
@@ -205,29 +209,29 @@ export class MirrorJob extends Job {
       await this.pausePoint();
       if (this.isCancelled()) return;
       const cnt = this.bitmap.count();
-      this.progressSetRemaining(this.bytesInFlight + cnt + this.activeWriteBytes);
+      this.progressSetRemaining(this.copy.bytesInFlight + cnt + this.activeWriteBytes);
       const sliceEnd = Date.now() + SLICE_MS;
       let worked = false;
       while (Date.now() < sliceEnd && this.failure === undefined && !this.isCancelled()) {
-        if (this.bitmap.count() > 0 && this.copiesInFlight < MAX_IN_FLIGHT && this.bufFree >= this.granularity) {
-          const started = await this.iteration(size);
+        if (this.bitmap.count() > 0 && this.copy.hasRoom()) {
+          const started = await this.copy.launchNext();
           if (!started) break;
           worked = true;
           if (this.speed > 0) await this.ratelimitSleep();
         } else break;
       }
       if (this.failure !== undefined) continue;
-      if (this.copiesInFlight > 0 && (this.bitmap.count() === 0 || this.copiesInFlight >= MAX_IN_FLIGHT || this.bufFree < this.granularity || !worked)) {
-        traceYield({ job: this.id, in_flight: this.copiesInFlight, cnt: this.bitmap.count() });
+      if (this.copy.copiesInFlight > 0 && (this.bitmap.count() === 0 || !this.copy.hasRoom() || !worked)) {
+        traceYield({ job: this.id, in_flight: this.copy.copiesInFlight, cnt: this.bitmap.count() });
         await this.waitForAnyCopy();
         continue;
       }
-      if (this.bitmap.count() > 0 || this.copiesInFlight > 0) continue;
+      if (this.bitmap.count() > 0 || this.copy.copiesInFlight > 0) continue;
       // Nothing dirty, nothing being copied.
       if (!this.isReady() && this.status === 'running') {
         traceBeforeFlush({ job: this.id });
         if (!(await this.flushTarget())) continue;
-        if (this.bitmap.count() > 0 || this.copiesInFlight > 0) continue;
+        if (this.bitmap.count() > 0 || this.copy.copiesInFlight > 0) continue;
         this.progressSetRemaining(0);
         this.transitionToReady();
         if (this.copyMode === 'write-blocking') this.activelySynced = true;
@@ -249,9 +253,9 @@ export class MirrorJob extends Job {
   private async converge(): Promise<boolean> {
     this.finalSync = true;
     await this.waitActiveWritesIdle();
-    if (this.failure !== undefined || this.bitmap.count() > 0 || this.copiesInFlight > 0) return false;
+    if (this.failure !== undefined || this.bitmap.count() > 0 || this.copy.copiesInFlight > 0) return false;
     if (!(await this.flushTarget())) return false;
-    return this.bitmap.count() === 0 && this.copiesInFlight === 0 && this.failure === undefined;
+    return this.bitmap.count() === 0 && this.copy.copiesInFlight === 0 && this.failure === undefined;
   }
 
   /** mirror_dirty_init: mark what must be copied, from block status. */
@@ -259,163 +263,20 @@ export class MirrorJob extends Job {
     const base = this.o.sync === 'top' ? this.source.formatLayer().backing() : undefined;
     // A target that does not read as zeroes needs zero ranges of the source written too. As upstream
     // QEMU (10.1+) does, look before assuming: a freshly created target reads as zeroes.
-    const copyZeroes = this.o.sync === 'full' && !this.o.targetIsZero && !(await this.readsAllZeroes(this.target, size));
+    const cancelled = () => this.isCancelled();
+    const copyZeroes = this.o.sync === 'full' && !this.o.targetIsZero && !(await readsAllZeroes(this.target, cancelled));
     traceDirty({ job: this.id, copyZeroes });
     if (copyZeroes) {
       this.bitmap.setDirty(0, size);
       return;
     }
-    let offset = 0;
-    while (offset < size) {
-      if (this.isCancelled()) return;
-      const want = Math.min(size - offset, 1 << 30);
-      const st = await this.source.isAllocatedAbove(base, offset, want);
-      if (st.allocated) this.bitmap.setDirty(offset, st.bytes);
-      offset += st.bytes;
-    }
+    await forEachAllocated(this.source, base, (offset, bytes) => this.bitmap.setDirty(offset, bytes), cancelled);
   }
 
-  /** One mirror_iteration: pick a dirty run of chunks, reset its bits, start copying it. */
-  private async iteration(size: number): Promise<boolean> {
-    let area = this.bitmap.nextDirtyArea(this.cursor, size);
-    if (!area) {
-      this.cursor = 0;
-      area = this.bitmap.nextDirtyArea(0, size);
-      if (!area) return false;
-    }
-    const g = this.granularity;
-    const offset = Math.floor(area.offset / g) * g;
-    // Wait for whatever is in flight on the first chunk, then take a run that is not in flight.
-    await this.waitInFlight(offset, Math.min(g, size - offset));
-    if (!this.bitmap.isDirty(offset)) {
-      this.cursor = offset + g;
-      return true;
-    }
-    // One operation copies at most max_io_bytes, so that up to MAX_IN_FLIGHT of them run side by side.
-    const maxBytes = Math.min(this.bufFree, Math.max(this.o.bufSize / 16, MAX_IO_BYTES));
-    let bytes = 0;
-    while (offset + bytes < size && bytes < maxBytes && this.bitmap.isDirty(offset + bytes) && !this.overlapsInFlight(offset + bytes, g)) bytes += g;
-    if (bytes === 0) return true;
-    bytes = Math.min(bytes, size - offset);
-    this.cursor = offset + bytes;
-    traceIteration({ job: this.id, offset, bytes });
-    // Reset before reading: a write during the copy sets the bits again and the chunks are copied again.
-    this.bitmap.resetDirty(offset, bytes);
-    const cost = Math.ceil(bytes / g) * g;
-    this.bufFree -= cost;
-    this.bytesInFlight += bytes;
-    this.copiesInFlight++;
-    // Account the bytes when the copy is launched, as mirror_iteration does: accounting on completion
-    // let a whole MAX_IN_FLIGHT batch start before the speed limit saw a single byte.
-    this.ratelimitProcessed(bytes);
-    const op: InFlightOp = { offset, bytes, done: Promise.resolve() };
-    op.done = this.copyRange(offset, bytes).finally(() => {
-      this.inFlight.delete(op);
-      this.bufFree += cost;
-      this.bytesInFlight -= bytes;
-      this.copiesInFlight--;
-      this.kick();
-    });
-    this.inFlight.add(op);
-    return true;
-  }
-
-  /**
-   * Copy [offset, offset+bytes): data, zeroes, or nothing, piece by piece as block status says. On an
-   * error the whole rest of the range is dirty again, not only the failed piece: its bits were reset
-   * when the copy began and the pieces after the failed one are never copied.
-   */
-  private async copyRange(offset: number, bytes: number): Promise<void> {
-    const maxIo = Math.max(this.o.bufSize / 16, MAX_IO_BYTES);
-    const end = offset + bytes;
-    let pos = offset;
-    while (pos < end) {
-      const want = Math.min(end - pos, maxIo);
-      let st: { bytes: number; zero: boolean };
-      try {
-        st = await this.chainStatus(pos, want);
-      } catch (err) {
-        this.ioError('read', err, pos, end - pos);
-        return;
-      }
-      const n = Math.min(st.bytes, want);
-      if (st.zero) {
-        try {
-          await this.targetWriteZeroes(pos, n);
-        } catch (err) {
-          this.ioError('write', err, pos, end - pos);
-          return;
-        }
-      } else {
-        // A pooled buffer: the read fills every byte of it, and the target write has ended (with
-        // the buffer no longer in use) before it goes back to the pool.
-        const buf = this.takeBuffer(maxIo);
-        try {
-          const data = n === buf.length ? buf : buf.subarray(0, n);
-          try {
-            await this.source.readInto(pos, data);
-          } catch (err) {
-            this.ioError('read', err, pos, end - pos);
-            return;
-          }
-          try {
-            await this.targetWrite(pos, data);
-          } catch (err) {
-            this.ioError('write', err, pos, end - pos);
-            return;
-          }
-        } finally {
-          this.bufPool.push(buf);
-        }
-      }
-      this.progressUpdate(n);
-      pos += n;
-    }
-  }
-
-  /** A read buffer of `size` bytes from the pool, or a new one (page-aligned, so O_DIRECT needs no bounce). */
-  private takeBuffer(size: number): Buffer {
-    const len = Math.ceil(size);
-    for (;;) {
-      const b = this.bufPool.pop();
-      if (!b) break;
-      if (b.length === len) return b;
-    }
-    return nativeAddon()?.alignedBuffer(len, 4096) ?? Buffer.allocUnsafeSlow(len);
-  }
-
-  /** bdrv_co_is_all_zeroes: whether the whole node reads as zeroes, from block status alone. */
-  private async readsAllZeroes(node: BlockNode, size: number): Promise<boolean> {
-    for (let offset = 0; offset < size; ) {
-      if (this.isCancelled()) return false;
-      const st = await this.chainStatus(offset, Math.min(size - offset, 1 << 30), node);
-      if (!st.zero) return false;
-      offset += st.bytes;
-    }
-    return true;
-  }
-
-  /** Whether [offset, +bytes) of the source (or `top`) reads as zeroes, through its backing chain. */
-  private async chainStatus(offset: number, bytes: number, top: BlockNode = this.source): Promise<{ bytes: number; zero: boolean }> {
-    let node: BlockNode | undefined = top.formatLayer();
-    let want = bytes;
-    while (node) {
-      const st = await node.blockStatus(offset, want);
-      if (st.allocated || !node.backing()) return { bytes: st.bytes, zero: st.zero };
-      want = st.bytes;
-      const next: BlockNode = node.backing()!;
-      if (offset >= next.length()) return { bytes: want, zero: true };
-      want = Math.min(want, next.length() - offset);
-      node = next.formatLayer();
-    }
-    return { bytes: want, zero: false };
-  }
-
-  /** A copy failed: its bits are dirty again, and the error policy decides what happens to the job. */
-  private ioError(op: 'read' | 'write', err: unknown, offset: number, bytes: number): void {
-    this.bitmap.setDirty(offset, bytes);
+  /** The one answer to a failed copy, flush or synchronous write: the error policy decides what happens to the job. */
+  private copyFailed(operation: CopyOperation, err: unknown): void {
     this.activelySynced = false;
-    const action = this.errorAction(op === 'read' ? this.o.onSourceError : this.o.onTargetError, op, err);
+    const action = this.errorAction(operation === 'read' ? this.o.onSourceError : this.o.onTargetError, operation, err);
     if (action === 'report' && this.failure === undefined) this.failure = err;
   }
 
@@ -424,54 +285,9 @@ export class MirrorJob extends Job {
       await this.target.flush();
       return true;
     } catch (err) {
-      this.activelySynced = false;
-      const action = this.errorAction(this.o.onTargetError, 'write', err);
-      if (action === 'report' && this.failure === undefined) this.failure = err;
+      this.copyFailed('write', err);
       return false;
     }
-  }
-
-  // ---- writes to the target -----------------------------------------------------------------------
-
-  private async targetWrite(offset: number, data: Buffer): Promise<void> {
-    const widened = await this.widenToClusters(offset, data.length, data);
-    if (widened) return this.target.write(widened.offset, widened.data);
-    return this.target.write(offset, data);
-  }
-
-  private async targetWriteZeroes(offset: number, bytes: number): Promise<void> {
-    const widened = await this.widenToClusters(offset, bytes, undefined);
-    if (widened) return this.target.write(widened.offset, widened.data);
-    return this.target.writeZeroes(offset, bytes, { mayUnmap: this.o.unmap });
-  }
-
-  /**
-   * For a no-backing target with clusters: when the range starts or ends inside a cluster that is not
-   * allocated in the target, return the whole-cluster write (missing parts read from the source).
-   */
-  private async widenToClusters(offset: number, bytes: number, data: Buffer | undefined): Promise<{ offset: number; data: Buffer } | undefined> {
-    if (!this.o.fillPartialClusters) return undefined;
-    const cs = this.target.nodeInfo().clusterSize;
-    if (!cs || (offset % cs === 0 && (offset + bytes) % cs === 0) || this.target.formatLayer().backing()) return undefined;
-    const size = this.target.length();
-    const start = Math.floor(offset / cs) * cs;
-    const end = Math.min(size, Math.ceil((offset + bytes) / cs) * cs);
-    const headPartial = offset > start && !(await this.targetAllocated(start, cs));
-    const tailPartial = offset + bytes < end && !(await this.targetAllocated(Math.floor((offset + bytes) / cs) * cs, cs));
-    if (!headPartial && !tailPartial) return undefined;
-    const newStart = headPartial ? start : offset;
-    const newEnd = tailPartial ? end : offset + bytes;
-    const buf = Buffer.alloc(newEnd - newStart);
-    if (newStart < offset) (await this.source.read(newStart, offset - newStart)).copy(buf, 0);
-    if (data) data.copy(buf, offset - newStart);
-    if (newEnd > offset + bytes) (await this.source.read(offset + bytes, newEnd - offset - bytes)).copy(buf, offset + bytes - newStart);
-    return { offset: newStart, data: buf };
-  }
-
-  private async targetAllocated(offset: number, bytes: number): Promise<boolean> {
-    const layer = this.target.formatLayer();
-    const st = await layer.blockStatus(offset, Math.min(bytes, layer.length() - offset));
-    return st.allocated;
   }
 
   // ---- writes to the source (the observer) --------------------------------------------------------
@@ -489,11 +305,7 @@ export class MirrorJob extends Job {
     const g = this.granularity;
     const start = Math.floor(req.offset / g) * g;
     const end = Math.ceil((req.offset + req.bytes) / g) * g;
-    await this.waitInFlight(start, end - start);
-    let release!: () => void;
-    const op: InFlightOp = { offset: start, bytes: end - start, done: new Promise<void>((r) => (release = r)) };
-    this.inFlight.add(op);
-    activeOps.set(req, { op, release });
+    activeOps.set(req, await this.copy.locks.acquire(start, end - start));
   }
 
   private async afterSourceWrite(req: WriteRequest, err: unknown): Promise<void> {
@@ -510,10 +322,7 @@ export class MirrorJob extends Job {
       }
       await this.syncTargetWrite(req);
     } finally {
-      if (held) {
-        this.inFlight.delete(held.op);
-        held.release();
-      }
+      held?.release();
       this.activeWrites--;
       this.activeWriteBytes -= req.bytes;
       if (this.activeWrites === 0) {
@@ -537,43 +346,22 @@ export class MirrorJob extends Job {
     traceActiveWrite({ job: this.id, offset: start, bytes: end - start });
     this.bitmap.resetDirtyInside(start, end - start);
     try {
-      if (req.kind === 'write') await this.targetWrite(start, req.data!.subarray(start - req.offset, end - req.offset));
-      else await this.targetWriteZeroes(start, end - start);
+      if (req.kind === 'write') await this.copy.writeTarget(start, req.data!.subarray(start - req.offset, end - req.offset));
+      else await this.copy.writeTargetZeroes(start, end - start);
     } catch (e) {
       const s = Math.floor(start / g) * g;
       this.bitmap.setDirty(s, Math.min(this.source.length(), Math.ceil(end / g) * g) - s);
-      this.activelySynced = false;
-      const action = this.errorAction(this.o.onTargetError, 'write', e);
-      if (action === 'report' && this.failure === undefined) this.failure = e;
+      this.copyFailed('write', e);
       this.kick();
     }
   }
 
-  // ---- in-flight bookkeeping ----------------------------------------------------------------------
-
-  private overlapsInFlight(offset: number, bytes: number): boolean {
-    for (const op of this.inFlight) if (offset < op.offset + op.bytes && op.offset < offset + bytes) return true;
-    return false;
-  }
-
-  private async waitInFlight(offset: number, bytes: number): Promise<void> {
-    for (;;) {
-      let blocker: InFlightOp | undefined;
-      for (const op of this.inFlight) {
-        if (offset < op.offset + op.bytes && op.offset < offset + bytes) {
-          blocker = op;
-          break;
-        }
-      }
-      if (!blocker) return;
-      await blocker.done.catch(() => undefined);
-    }
-  }
+  // ---- waiting ----------------------------------------------------------------------------------
 
   private async waitForAnyCopy(): Promise<void> {
-    const copies = [...this.inFlight].map((op) => op.done.catch(() => undefined));
-    if (copies.length === 0) return;
-    await Promise.race([...copies, this.yieldUntilKicked(SLICE_MS)]);
+    const ended = this.copy.anyEnded();
+    if (!ended) return;
+    await Promise.race([ended, this.yieldUntilKicked(SLICE_MS)]);
   }
 
   private waitActiveWritesIdle(): Promise<void> {
@@ -633,7 +421,7 @@ export class MirrorJob extends Job {
 
   protected override async clean(): Promise<void> {
     const { graph, bitmaps } = this.o;
-    this.bufPool.length = 0;
+    this.copy.release();
     if (this.observer) this.source.removeWriteObserver(this.observer);
     this.observer = undefined;
     // Take the filter out: whoever still uses it uses the source again.
@@ -672,4 +460,4 @@ export class MirrorJob extends Job {
 }
 
 /** The chunks a synchronous write holds while in flight, by request. */
-const activeOps = new WeakMap<WriteRequest, { op: InFlightOp; release: () => void }>();
+const activeOps = new WeakMap<WriteRequest, ChunkLock>();

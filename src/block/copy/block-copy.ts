@@ -1,0 +1,328 @@
+/**
+ * The copy engine: copies ranges of a source node to a target node, for every job and filter that
+ * copies data (mirror today; backup and copy-before-write are to use it). QEMU's block/block-copy.c is
+ * the model: one shared state per source/target pair with a copy bitmap (what is still to copy), a
+ * background walk that launches bounded copies (mirror, backup), and "copy this range now" for a
+ * writer that must wait until the old data is safe (copy-before-write).
+ *
+ * What it does, so that its users do not:
+ * - the walk: the next dirty run of chunks after a cursor, at most `maxIoBytes` long, none of it in
+ *   flight; bits are reset before the copy reads, so a write that lands meanwhile sets them again and
+ *   the chunks are copied again (no write is lost); on a failure the rest of the range is dirty again;
+ * - the bounds: at most `maxInFlight` copies at once within a buffer budget of `bufSize` bytes;
+ * - the data: per piece, block status through the source's backing chain decides between copying data
+ *   (through pooled page-aligned buffers and BlockNode.readInto) and writing zeroes;
+ * - in-flight chunk locks (ChunkLocks): copies of overlapping ranges never run at once, and writers
+ *   that take a lock wait for copies of their range (and copies for them);
+ * - partial-cluster widening: a write into a cluster that is unallocated in a target without a backing
+ *   file is widened to the whole cluster, the missing part read from the source
+ *   (`__org.bitmirror_fill-partial-clusters`), so the target never holds a cluster with partial data;
+ * - hooks for the user's bookkeeping: a launch (speed accounting), progress, a failure (the user's
+ *   error policy, see errorActionFor), the end of a copy (wake the user's loop).
+ * It knows nothing of jobs: it lives in block/ and reports through the hooks.
+ */
+import type { BlockNode } from '../node.js';
+import { BufferPool } from './buffer-pool.js';
+import { chainStatus } from './chain-status.js';
+import { ChunkLocks } from './chunk-locks.js';
+
+/** The bits the engine reads and changes in the user's bitmap (a DirtyBitmap is one). */
+export interface CopyBitmap {
+  count(): number;
+  isDirty(offset: number): boolean;
+  setDirty(offset: number, bytes: number): void;
+  resetDirty(offset: number, bytes: number): void;
+  nextDirtyArea(offset: number, end?: number): { offset: number; bytes: number } | undefined;
+}
+
+export type CopyOperation = 'read' | 'write';
+
+export interface BlockCopyHooks {
+  /** A background copy of [offset, +bytes) is about to start: account it against a speed limit. */
+  launched?(offset: number, bytes: number): void;
+  /** `bytes` more bytes have been copied. */
+  progress?(bytes: number): void;
+  /** A background copy failed at `operation`; [offset, +bytes) (the rest of its range) is dirty again. */
+  failed?(operation: CopyOperation, err: unknown, offset: number, bytes: number): void;
+  /** A background copy has ended, whether or not it succeeded: room for the next. */
+  ended?(): void;
+}
+
+export interface BlockCopyOptions {
+  source: BlockNode;
+  target: BlockNode;
+  /** What is still to copy; its granularity must be `chunkSize` (or finer). */
+  bitmap: CopyBitmap;
+  /** Bytes per chunk: the unit of the walk, of the locks and of the budget. */
+  chunkSize: number;
+  /** Buffer budget of the background copies, in bytes. */
+  bufSize: number;
+  /** Background copies at once. */
+  maxInFlight: number;
+  /** The largest piece one read or write moves (and one background copy covers). */
+  maxIoBytes: number;
+  /** Write zeroes with MAY_UNMAP. */
+  unmap: boolean;
+  /** Widen writes into unallocated clusters of a no-backing target to whole clusters (see above). */
+  fillPartialClusters: boolean;
+  hooks?: BlockCopyHooks;
+}
+
+/** Why a copy of a range stopped: the operation, the error, and the range now dirty again. */
+interface CopyFailure {
+  operation: CopyOperation;
+  err: unknown;
+  offset: number;
+  bytes: number;
+}
+
+export class BlockCopy {
+  readonly source: BlockNode;
+  readonly target: BlockNode;
+  /** Copies (and writers holding ranges) in flight, by chunk range; a chunk is in at most one. */
+  readonly locks = new ChunkLocks();
+  private readonly o: BlockCopyOptions;
+  private readonly bitmap: CopyBitmap;
+  private readonly chunkSize: number;
+  private readonly pool: BufferPool;
+  private readonly hooks: BlockCopyHooks;
+  private bufFree: number;
+  private _copiesInFlight = 0;
+  private _bytesInFlight = 0;
+  /** Where the walk looks for the next dirty chunk (it wraps around at the end). */
+  private cursor = 0;
+
+  constructor(o: BlockCopyOptions) {
+    this.o = o;
+    this.source = o.source;
+    this.target = o.target;
+    this.bitmap = o.bitmap;
+    this.chunkSize = o.chunkSize;
+    this.bufFree = o.bufSize;
+    this.pool = new BufferPool(o.maxIoBytes);
+    this.hooks = o.hooks ?? {};
+  }
+
+  /** Background copies running now. */
+  get copiesInFlight(): number {
+    return this._copiesInFlight;
+  }
+
+  /** Bytes the background copies running now cover. */
+  get bytesInFlight(): number {
+    return this._bytesInFlight;
+  }
+
+  /** Whether another background copy may start: below the in-flight bound, a chunk's budget free. */
+  hasRoom(): boolean {
+    return this._copiesInFlight < this.o.maxInFlight && this.bufFree >= this.chunkSize;
+  }
+
+  // ---- the background walk ------------------------------------------------------------------------
+
+  /**
+   * One step of the walk (QEMU's mirror_iteration): take the next dirty run of chunks after the cursor
+   * that is not in flight, reset its bits and start copying it in the background (not awaited; it
+   * calls the hooks). Waits first for a copy in flight on the run's first chunk. False when nothing is
+   * dirty; true when it started a copy or moved the cursor (call again while there is room).
+   */
+  async launchNext(): Promise<boolean> {
+    const size = this.source.length();
+    let area = this.bitmap.nextDirtyArea(this.cursor, size);
+    if (!area) {
+      this.cursor = 0;
+      area = this.bitmap.nextDirtyArea(0, size);
+      if (!area) return false;
+    }
+    const g = this.chunkSize;
+    const offset = Math.floor(area.offset / g) * g;
+    // Wait for whatever is in flight on the first chunk, then take a run that is not in flight.
+    await this.locks.wait(offset, Math.min(g, size - offset));
+    if (!this.bitmap.isDirty(offset)) {
+      this.cursor = offset + g;
+      return true;
+    }
+    // One copy covers at most maxIoBytes, so that up to maxInFlight of them run side by side.
+    const maxBytes = Math.min(this.bufFree, this.o.maxIoBytes);
+    let bytes = 0;
+    while (offset + bytes < size && bytes < maxBytes && this.bitmap.isDirty(offset + bytes) && !this.locks.overlaps(offset + bytes, g)) bytes += g;
+    if (bytes === 0) return true;
+    bytes = Math.min(bytes, size - offset);
+    this.cursor = offset + bytes;
+    this.launch(offset, bytes);
+    return true;
+  }
+
+  /** Start the background copy of [offset, +bytes), which is dirty and not in flight. */
+  private launch(offset: number, bytes: number): void {
+    // Reset before reading: a write during the copy sets the bits again and the chunks are copied again.
+    this.bitmap.resetDirty(offset, bytes);
+    const cost = Math.ceil(bytes / this.chunkSize) * this.chunkSize;
+    this.bufFree -= cost;
+    this._bytesInFlight += bytes;
+    this._copiesInFlight++;
+    // Accounted when the copy is launched, as mirror_iteration does: accounting on completion let a
+    // whole batch of maxInFlight copies start before a speed limit saw a single byte.
+    this.hooks.launched?.(offset, bytes);
+    const lock = this.locks.hold(offset, bytes);
+    void this.copyChunks(offset, bytes).then((failure) => {
+      try {
+        if (failure) this.hooks.failed?.(failure.operation, failure.err, failure.offset, failure.bytes);
+      } finally {
+        lock.release();
+        this.bufFree += cost;
+        this._bytesInFlight -= bytes;
+        this._copiesInFlight--;
+        this.hooks.ended?.();
+      }
+    });
+  }
+
+  /** Resolves when a copy (or held range) in flight now has ended; undefined when none is. */
+  anyEnded(): Promise<void> | undefined {
+    return this.locks.anyReleased();
+  }
+
+  /** Wait until no background copy is in flight (those a failure or cancel left running included). */
+  async drain(): Promise<void> {
+    while (this._copiesInFlight > 0) await this.locks.allReleased();
+  }
+
+  // ---- copy now -----------------------------------------------------------------------------------
+
+  /**
+   * Copy whatever of [offset, +bytes) is still dirty, now, and return when all of it is copied (QEMU's
+   * block_copy, for copy-before-write): waits for copies in flight on the range (one that fails leaves
+   * its chunks dirty, and they are copied here), copies the dirty chunks holding their locks, and
+   * throws the first error, with the chunks it did not copy dirty again. Not bounded by the buffer
+   * budget: its caller (a guest write) bounds it, and it moves one piece of at most maxIoBytes at a time.
+   */
+  async copyNow(offset: number, bytes: number): Promise<void> {
+    const g = this.chunkSize;
+    const size = this.source.length();
+    const start = Math.floor(offset / g) * g;
+    const end = Math.min(size, Math.ceil((offset + bytes) / g) * g);
+    for (;;) {
+      // After the wait (and with no await until the lock is taken) no copy overlaps the range: each
+      // of its chunks is either copied (clean) or still to copy (dirty).
+      await this.locks.wait(start, end - start);
+      const area = this.bitmap.nextDirtyArea(start, end);
+      if (!area) return;
+      const runStart = Math.floor(area.offset / g) * g;
+      const runBytes = Math.min(area.offset + area.bytes, end, runStart + Math.ceil(this.o.maxIoBytes / g) * g) - runStart;
+      this.bitmap.resetDirty(runStart, runBytes);
+      const lock = this.locks.hold(runStart, runBytes);
+      try {
+        const failure = await this.copyChunks(runStart, runBytes);
+        if (failure) throw failure.err;
+      } finally {
+        lock.release();
+      }
+    }
+  }
+
+  // ---- copying a range ----------------------------------------------------------------------------
+
+  /**
+   * Copy [offset, offset+bytes): data, zeroes, or nothing, piece by piece as block status says. On an
+   * error the whole rest of the range is dirty again, not only the failed piece: its bits were reset
+   * when the copy began and the pieces after the failed one are never copied.
+   */
+  private async copyChunks(offset: number, bytes: number): Promise<CopyFailure | undefined> {
+    const end = offset + bytes;
+    let pos = offset;
+    const failed = (operation: CopyOperation, err: unknown): CopyFailure => {
+      this.bitmap.setDirty(pos, end - pos);
+      return { operation, err, offset: pos, bytes: end - pos };
+    };
+    while (pos < end) {
+      const want = Math.min(end - pos, this.o.maxIoBytes);
+      let st: { bytes: number; zero: boolean };
+      try {
+        st = await chainStatus(this.source, pos, want);
+      } catch (err) {
+        return failed('read', err);
+      }
+      const n = Math.min(st.bytes, want);
+      if (st.zero) {
+        try {
+          await this.writeTargetZeroes(pos, n);
+        } catch (err) {
+          return failed('write', err);
+        }
+      } else {
+        // A pooled buffer: the read fills every byte of it, and the target write has ended (with
+        // the buffer no longer in use) before it goes back to the pool.
+        const buf = this.pool.take();
+        try {
+          const data = n === buf.length ? buf : buf.subarray(0, n);
+          try {
+            await this.source.readInto(pos, data);
+          } catch (err) {
+            return failed('read', err);
+          }
+          try {
+            await this.writeTarget(pos, data);
+          } catch (err) {
+            return failed('write', err);
+          }
+        } finally {
+          this.pool.give(buf);
+        }
+      }
+      this.hooks.progress?.(n);
+      pos += n;
+    }
+    return undefined;
+  }
+
+  // ---- writes to the target -----------------------------------------------------------------------
+
+  /** Write source data to the target at `offset`, widened to whole clusters where needed. */
+  async writeTarget(offset: number, data: Buffer): Promise<void> {
+    const widened = await this.widenToClusters(offset, data.length, data);
+    if (widened) return this.target.write(widened.offset, widened.data);
+    return this.target.write(offset, data);
+  }
+
+  /** Write zeroes to the target, widened to whole clusters (with source data around) where needed. */
+  async writeTargetZeroes(offset: number, bytes: number): Promise<void> {
+    const widened = await this.widenToClusters(offset, bytes, undefined);
+    if (widened) return this.target.write(widened.offset, widened.data);
+    return this.target.writeZeroes(offset, bytes, { mayUnmap: this.o.unmap });
+  }
+
+  /**
+   * For a no-backing target with clusters: when the range starts or ends inside a cluster that is not
+   * allocated in the target, return the whole-cluster write (missing parts read from the source).
+   */
+  private async widenToClusters(offset: number, bytes: number, data: Buffer | undefined): Promise<{ offset: number; data: Buffer } | undefined> {
+    if (!this.o.fillPartialClusters) return undefined;
+    const cs = this.target.nodeInfo().clusterSize;
+    if (!cs || (offset % cs === 0 && (offset + bytes) % cs === 0) || this.target.formatLayer().backing()) return undefined;
+    const size = this.target.length();
+    const start = Math.floor(offset / cs) * cs;
+    const end = Math.min(size, Math.ceil((offset + bytes) / cs) * cs);
+    const headPartial = offset > start && !(await this.targetAllocated(start, cs));
+    const tailPartial = offset + bytes < end && !(await this.targetAllocated(Math.floor((offset + bytes) / cs) * cs, cs));
+    if (!headPartial && !tailPartial) return undefined;
+    const newStart = headPartial ? start : offset;
+    const newEnd = tailPartial ? end : offset + bytes;
+    const buf = Buffer.alloc(newEnd - newStart);
+    if (newStart < offset) (await this.source.read(newStart, offset - newStart)).copy(buf, 0);
+    if (data) data.copy(buf, offset - newStart);
+    if (newEnd > offset + bytes) (await this.source.read(offset + bytes, newEnd - offset - bytes)).copy(buf, offset + bytes - newStart);
+    return { offset: newStart, data: buf };
+  }
+
+  private async targetAllocated(offset: number, bytes: number): Promise<boolean> {
+    const layer = this.target.formatLayer();
+    const st = await layer.blockStatus(offset, Math.min(bytes, layer.length() - offset));
+    return st.allocated;
+  }
+
+  /** The copy has ended: drop the pooled buffers. */
+  release(): void {
+    this.pool.clear();
+  }
+}
