@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { KiB, MiB, io, flush, assertIdentical, query, poll, bitmaps, qmpError, type Env, withSourceAndTarget } from './mirror-util.js';
+import { KiB, MiB, io, flush, assertIdentical, query, poll, bitmaps, qmpError, type Env, withSourceAndTarget } from '../support/daemon.js';
 
 /** The job's own bitmap lives on the filter node (anonymous), as in QEMU since 8.2. */
 async function jobDirty(env: Env, filter: string): Promise<number> {

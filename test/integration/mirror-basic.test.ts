@@ -24,7 +24,7 @@ import {
   bitmaps,
   type Env,
   withSourceAndTarget,
-} from './mirror-util.js';
+} from '../support/daemon.js';
 
 async function blockFile(env: Env, node: string): Promise<string | undefined> {
   const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });

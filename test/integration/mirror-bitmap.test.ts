@@ -26,9 +26,9 @@ import {
   summarise,
   qmpError,
   newTarget,
-  mustSh,
   type Env,
-} from './mirror-util.js';
+} from '../support/daemon.js';
+import { mustRun } from '../support/tools.js';
 
 const GRAN = 64 * KiB;
 const CLUSTER = 128 * KiB;
@@ -404,10 +404,10 @@ test('partial-cluster fill: no-backing target, 128K clusters, 64K bitmap, allow-
     await qmp.execute('blockdev-del', { 'node-name': 'diff' });
     await flush(env, 'drive0');
     // Every cluster the diff holds holds the source's full data: on top of the full copy it is the source.
-    await mustSh('qemu-img', ['rebase', '-u', '-b', full, '-F', 'qcow2', diff]);
+    await mustRun('qemu-img', ['rebase', '-u', '-b', full, '-F', 'qcow2', diff]);
     await assertIdentical(img, diff);
     // And it holds only the touched clusters (a diff, not a full copy).
-    const map = JSON.parse(await mustSh('qemu-img', ['map', '--output=json', diff])) as Array<{ start: number; length: number; depth: number; data: boolean }>;
+    const map = JSON.parse(await mustRun('qemu-img', ['map', '--output=json', diff])) as Array<{ start: number; length: number; depth: number; data: boolean }>;
     const own = map.filter((m) => m.depth === 0 && m.data).reduce((s, m) => s + m.length, 0);
     assert.ok(own > 0 && own <= 8 * CLUSTER, `diff holds ${own} bytes`);
   } finally {

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
-import { SIZE, setup, io, flush, assertIdentical, query, eventsUntil, summarise, drain, type Env } from './mirror-util.js';
+import { SIZE, setup, io, flush, assertIdentical, query, eventsUntil, summarise, drain, type Env } from '../support/daemon.js';
 
 type Rule = { event: string; errno?: number; sector?: number; once?: boolean; state?: number };
 

@@ -10,7 +10,7 @@ import { strict as assert } from 'node:assert';
 import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
-import { mustRun, run, tempDir } from './qcow2-util.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -5,7 +5,8 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { setup, mustSh, haveQsd, summarise, eventsUntil, type Env } from '../integration/mirror-util.js';
+import { setup, haveQsd, summarise, eventsUntil, type Env } from '../support/daemon.js';
+import { mustRun } from '../support/tools.js';
 
 async function script(program: 'bitmirror' | 'qemu-storage-daemon'): Promise<unknown[]> {
   const env: Env = await setup(`mq-${program}`, program);
@@ -13,9 +14,9 @@ async function script(program: 'bitmirror' | 'qemu-storage-daemon'): Promise<unk
   try {
     const { qmp } = env.d;
     const src = env.f('src.qcow2');
-    await mustSh('qemu-img', ['create', '-f', 'qcow2', src, '64M']);
-    await mustSh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 8M', '-c', 'write -P 0x22 40M 1M', src]);
-    for (const [name, size] of [['tgt', '64M'], ['small', '32M'], ['tgt2', '64M']] as const) await mustSh('qemu-img', ['create', '-f', 'qcow2', env.f(`${name}.qcow2`), size]);
+    await mustRun('qemu-img', ['create', '-f', 'qcow2', src, '64M']);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 8M', '-c', 'write -P 0x22 40M 1M', src]);
+    for (const [name, size] of [['tgt', '64M'], ['small', '32M'], ['tgt2', '64M']] as const) await mustRun('qemu-img', ['create', '-f', 'qcow2', env.f(`${name}.qcow2`), size]);
     await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'src', file: { driver: 'file', filename: src } });
     for (const name of ['tgt', 'small', 'tgt2']) await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': name, file: { driver: 'file', filename: env.f(`${name}.qcow2`) } });
     const r = async (cmd: string, args: Record<string, unknown>) => {

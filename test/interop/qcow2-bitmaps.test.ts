@@ -3,7 +3,8 @@ import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import * as path from 'node:path';
 import type { Qcow2Node } from '../../src/block/drivers/qcow2/index.js';
-import { mustRun, newGraph, openQcow2File, run, tempDir } from './qcow2-util.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
+import { newGraph, openQcow2File } from '../support/graph.js';
 
 interface Info {
   'format-specific': { data: { bitmaps?: Array<{ name: string; flags: string[]; granularity: number }> } };

@@ -11,7 +11,8 @@ import { strict as assert } from 'node:assert';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { spawnDaemon } from '../../src/daemon/spawn.js';
-import { mustRun, rng, run, tempDir } from './qcow2-util.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
+import { rng } from '../support/random.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -4,7 +4,8 @@ import { strict as assert } from 'node:assert';
 import { readFile, writeFile } from 'node:fs/promises';
 import * as path from 'node:path';
 import { createQcow2, type Qcow2CreateOptions } from '../../src/block/drivers/qcow2/index.js';
-import { mustRun, newGraph, openQcow2File, run, tempDir } from './qcow2-util.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
+import { newGraph, openQcow2File } from '../support/graph.js';
 
 async function create(filename: string, opts: Omit<Qcow2CreateOptions, 'file'>): Promise<void> {
   await writeFile(filename, '');

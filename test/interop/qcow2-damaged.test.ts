@@ -6,7 +6,8 @@ import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import { readFile, writeFile, truncate } from 'node:fs/promises';
 import * as path from 'node:path';
-import { mustRun, newGraph, openQcow2File, tempDir } from './qcow2-util.js';
+import { mustRun, tempDir } from '../support/tools.js';
+import { newGraph, openQcow2File } from '../support/graph.js';
 
 async function expectRefused(img: string, pattern: RegExp, extra: Record<string, unknown> = {}): Promise<void> {
   const before = await readFile(img);

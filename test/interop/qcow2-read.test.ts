@@ -7,7 +7,9 @@ import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import { readFile, writeFile } from 'node:fs/promises';
 import * as path from 'node:path';
-import { mustRun, newGraph, openQcow2File, randomBytes, rng, run, tempDir } from './qcow2-util.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
+import { newGraph, openQcow2File } from '../support/graph.js';
+import { randomBytes, rng } from '../support/random.js';
 
 async function readAllOurs(img: string, extra: Record<string, unknown> = {}): Promise<Buffer> {
   const g = newGraph();

@@ -1,35 +1,22 @@
 /**
- * Helpers for the mirror tests (integration and interop): a daemon in a temp dir, qcow2 images made by
- * qemu-img, writes through HMP qemu-io, event collection, and qemu-img compare.
+ * A daemon in a temp dir (Env) and what tests do with it: qcow2 images made by qemu-img, writes
+ * through HMP qemu-io, job and bitmap queries, event collection, and qemu-img compare. Used by the
+ * mirror tests (integration) and the comparisons with qemu-storage-daemon (interop).
  */
-import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as assert from 'node:assert/strict';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
 import type { QmpEvent } from '../../src/qmp/client.js';
+import { KiB, MiB } from '../../src/base/sizes.js';
+import { mustRun, run } from './tools.js';
 
-export const MiB = 1 << 20;
-export const KiB = 1024;
+export { KiB, MiB };
+/** The default image size. */
 export const SIZE = 64 * MiB;
 
-export function sh(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(cmd, args, { maxBuffer: 64 << 20 }, (err, stdout, stderr) => {
-      const c = err ? (err as { code?: unknown }).code : 0;
-      resolve({ code: typeof c === 'number' ? c : err ? 1 : 0, stdout: String(stdout), stderr: String(stderr) });
-    });
-  });
-}
-
-export async function mustSh(cmd: string, args: string[]): Promise<string> {
-  const r = await sh(cmd, args);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}${r.stdout}`);
-  return r.stdout;
-}
-
-export const haveQsd = await sh('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
+export const haveQsd = await run('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
 
 export interface Env {
   dir: string;
@@ -55,7 +42,7 @@ export async function setup(prefix: string, program: 'bitmirror' | 'qemu-storage
 }
 
 export async function qcow2(file: string, size = SIZE, opts: string[] = []): Promise<string> {
-  await mustSh('qemu-img', ['create', '-f', 'qcow2', ...opts, file, String(size)]);
+  await mustRun('qemu-img', ['create', '-f', 'qcow2', ...opts, file, String(size)]);
   return file;
 }
 
@@ -79,7 +66,7 @@ export async function flush(env: Env, ...nodes: string[]): Promise<void> {
 }
 
 export async function compare(a: string, b: string, extra: string[] = []): Promise<{ identical: boolean; out: string }> {
-  const r = await sh('qemu-img', ['compare', '-U', ...extra, a, b]);
+  const r = await run('qemu-img', ['compare', '-U', ...extra, a, b]);
   return { identical: r.code === 0, out: r.stdout + r.stderr };
 }
 
