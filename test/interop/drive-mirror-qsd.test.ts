@@ -8,7 +8,8 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { setup, mustSh, haveQsd, summarise, eventsUntil, assertIdentical, type Env } from '../integration/mirror-util.js';
+import { setup, haveQsd, summarise, eventsUntil, assertIdentical, type Env } from '../support/daemon.js';
+import { mustRun } from '../support/tools.js';
 
 type Sync = 'full' | 'none' | 'top';
 
@@ -36,10 +37,10 @@ async function script(program: 'bitmirror' | 'qemu-storage-daemon', sync: Sync, 
   const { qmp } = env.d;
   const base = env.f('base.qcow2');
   const src = env.f('src.qcow2');
-  await mustSh('qemu-img', ['create', '-f', 'qcow2', base, '4M']);
-  await mustSh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 2M', base]);
-  await mustSh('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', src]);
-  await mustSh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 1M 64k', '-c', 'write -P 0x33 3M 4k', src]);
+  await mustRun('qemu-img', ['create', '-f', 'qcow2', base, '4M']);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 2M', base]);
+  await mustRun('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', src]);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 1M 64k', '-c', 'write -P 0x33 3M 4k', src]);
   await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'src', file: { driver: 'file', filename: src } });
   const r = async (cmd: string, args: Record<string, unknown>) => {
     const rep = await qmp.request(cmd, args);
@@ -70,10 +71,10 @@ for (const [sync, withNodeName] of [
       // The new image reads as the source: a full copy alone, sync=none through its backing file (the
       // source), sync=top through the source's backing file.
       await assertIdentical(ours.env.f('src.qcow2'), ours.env.f('new.qcow2'));
-      const info = JSON.parse(await mustSh('qemu-img', ['info', '--output=json', ours.env.f('new.qcow2')])) as Record<string, unknown>;
+      const info = JSON.parse(await mustRun('qemu-img', ['info', '--output=json', ours.env.f('new.qcow2')])) as Record<string, unknown>;
       const expected = { full: undefined, none: ours.env.f('src.qcow2'), top: ours.env.f('base.qcow2') }[sync];
       assert.equal(info['backing-filename'], expected);
-      await mustSh('qemu-img', ['check', ours.env.f('new.qcow2')]);
+      await mustRun('qemu-img', ['check', ours.env.f('new.qcow2')]);
     } finally {
       await ours.env.done();
     }
