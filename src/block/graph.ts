@@ -48,10 +48,16 @@ export class BlockGraph {
   private readonly nodes = new Map<string, BlockNode>();
   private autoNameCounter = 0;
   /**
-   * Run before a node is closed and dropped (blockdev-del, shutdown): layers above the graph hook in
-   * here to let go of what they keep per node (dirty bitmaps are stored and released).
+   * Run when a node closes (blockdev-del, shutdown), after it stopped taking requests and those in
+   * flight ended, before it is flushed and closed: layers above the graph hook in here to let go of
+   * what they keep per node (dirty bitmaps are stored and released). A hook reports its own failures;
+   * the node closes anyway, as in QEMU (a failing hook's error reaches the caller afterwards).
    */
   readonly beforeClose: Array<(node: BlockNode) => Promise<void>> = [];
+  /** Set once closeAll began: the daemon is going away and no node may be opened or added. */
+  private shuttingDown = false;
+  /** Nodes being closed (or closed) by closeNode, and when that is done. */
+  private readonly closing = new WeakMap<BlockNode, Promise<void>>();
 
   /**
    * Run after a node is opened by open() (each nested child too) and entered in the graph; a failing
@@ -59,8 +65,42 @@ export class BlockGraph {
    */
   readonly afterOpen: Array<(node: BlockNode) => Promise<void>> = [];
 
-  private async runBeforeClose(node: BlockNode): Promise<void> {
-    for (const hook of this.beforeClose) await hook(node);
+  /**
+   * Close one node: the one way every node closes (blockdev-del, shutdown, an open that failed
+   * half-way). First the node stops taking requests and every request in flight ends, write
+   * observers included (quiesce), so that dirty bitmaps have seen every write that reached it; only
+   * then run the beforeClose hooks (persistent bitmaps are stored), and flush and close the node.
+   * Its children are left open: a parent's closing still writes into them (QEMU's bdrv_close drains
+   * the node, then its driver's close stores the bitmaps). The node leaves the graph even when a hook
+   * or the close fails; the first error is thrown after. Closing a node twice waits for the first.
+   */
+  private closeNode(node: BlockNode): Promise<void> {
+    let closing = this.closing.get(node);
+    if (!closing) {
+      closing = this.doCloseNode(node);
+      this.closing.set(node, closing);
+    }
+    return closing;
+  }
+
+  private async doCloseNode(node: BlockNode): Promise<void> {
+    // Out of the graph at once: lookups by name no longer find it (qemu-io, a second blockdev-del).
+    if (this.nodes.get(node.nodeName) === node) this.nodes.delete(node.nodeName);
+    await node.quiesce();
+    let error: unknown;
+    for (const hook of this.beforeClose) {
+      try {
+        await hook(node);
+      } catch (err) {
+        error ??= err;
+      }
+    }
+    try {
+      await node.close();
+    } catch (err) {
+      error ??= err;
+    }
+    if (error !== undefined) throw error;
   }
 
   /** The BlockdevOptions union, built once per set of drivers (every open and nested child reads it). */
@@ -115,16 +155,13 @@ export class BlockGraph {
    * generated names. On failure every node opened on the way is closed again: nothing is left behind.
    */
   async open(opts: Record<string, unknown>, inheritedReadOnly = false, visitOpts: VisitOptions = {}): Promise<BlockNode> {
+    this.checkNotShuttingDown();
     const opened: BlockNode[] = [];
     try {
       const checked = visit(this.blockdevOptionsSchema(), opts, '', visitOpts) as Record<string, unknown>;
       return await this.openInner(checked, inheritedReadOnly, opened, '', visitOpts);
     } catch (err) {
-      for (const n of opened.reverse()) {
-        if (this.nodes.get(n.nodeName) === n) await this.runBeforeClose(n).catch(() => undefined);
-        this.nodes.delete(n.nodeName);
-        await n.close().catch(() => undefined);
-      }
+      for (const n of opened.reverse()) await this.closeNode(n).catch(() => undefined);
       throw err;
     }
   }
@@ -170,6 +207,7 @@ export class BlockGraph {
 
   /** Add a node built in code (filters, job targets) under its name. */
   add(node: BlockNode): void {
+    this.checkNotShuttingDown();
     if (this.nodes.has(node.nodeName)) throw genericError(`Duplicate nodes with node-name='${node.nodeName}'`);
     this.nodes.set(node.nodeName, node);
   }
@@ -179,9 +217,10 @@ export class BlockGraph {
    * (nested nodes opened with it), as QEMU's refcounting does.
    */
   async remove(node: BlockNode): Promise<void> {
-    await this.runBeforeClose(node);
-    this.nodes.delete(node.nodeName);
-    await node.close();
+    await this.closeNode(node).finally(() => this.removeOrphanedChildren(node));
+  }
+
+  private async removeOrphanedChildren(node: BlockNode): Promise<void> {
     const children = node.children.map((c) => c.node);
     for (const c of [...node.children]) node.detachChild(c.name);
     for (const c of children) {
@@ -208,13 +247,33 @@ export class BlockGraph {
     return node.children.some((c) => BlockGraph.isBelow(c.node, candidate));
   }
 
+  /**
+   * Close every node (shutdown), each as closeNode does, parents before children so that a format
+   * driver can still write its bitmaps and metadata into its file, and every node's own requests
+   * (those from its parents included) have ended before its bitmaps are stored. From the start no
+   * node may be opened or added (a command still queued when the daemon stops cannot open an image).
+   */
   async closeAll(): Promise<void> {
-    // Close parents before children so that a format driver can still flush into its file.
-    const order = this.allNodes().reverse();
-    for (const n of order) {
-      await this.runBeforeClose(n).catch(() => undefined);
-      await n.close().catch(() => undefined);
-    }
-    this.nodes.clear();
+    this.shuttingDown = true;
+    for (const n of BlockGraph.parentsFirst(this.allNodes())) await this.closeNode(n).catch(() => undefined);
+  }
+
+  /** `nodes` ordered so that every node comes before its children (a depth-first post-order, reversed). */
+  private static parentsFirst(nodes: BlockNode[]): BlockNode[] {
+    const done = new Set<BlockNode>();
+    const postOrder: BlockNode[] = [];
+    const visitNode = (n: BlockNode): void => {
+      if (done.has(n)) return;
+      done.add(n);
+      for (const c of n.children) visitNode(c.node);
+      postOrder.push(n);
+    };
+    for (const n of nodes) visitNode(n);
+    const wanted = new Set(nodes);
+    return postOrder.reverse().filter((n) => wanted.has(n));
+  }
+
+  private checkNotShuttingDown(): void {
+    if (this.shuttingDown) throw genericError('The daemon is shutting down');
   }
 }

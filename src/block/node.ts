@@ -110,6 +110,8 @@ export abstract class BlockNode {
 
   private readonly observers: WriteObserver[] = [];
   readonly tracker = new RequestTracker();
+  /** Set when closing begins (quiesce): from then on every new request is refused. */
+  private closing = false;
   private closed = false;
 
   constructor(nodeName: string, readOnly: boolean) {
@@ -199,7 +201,8 @@ export abstract class BlockNode {
   // ---- public I/O ---------------------------------------------------------------------------------
 
   private checkRequest(offset: number, bytes: number): void {
-    if (this.closed) throw new BlockIOError('ENOMEDIUM');
+    // A closing node takes no new request: nothing may reach the image after its bitmaps are stored.
+    if (this.closing || this.closed) throw new BlockIOError('ENOMEDIUM');
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
       throw new BlockIOError('EIO');
     }
@@ -305,9 +308,21 @@ export abstract class BlockNode {
     return this;
   }
 
+  /**
+   * The first step of closing, QEMU's bdrv_drained_begin in bdrv_close: refuse every new request
+   * (ENOMEDIUM) and wait until every request in flight has ended, its write observers' afterWrite
+   * included, so that dirty bitmaps have marked every write that reached the node. Only this node
+   * stops: what its driver does to its children while it closes (storing bitmaps, writing back
+   * metadata) goes on. Stays in force until the node is closed; there is no way back.
+   */
+  async quiesce(): Promise<void> {
+    this.closing = true;
+    await this.tracker.drain();
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.tracker.drain();
+    await this.quiesce();
     try {
       if (!this.readOnly) await this.doFlush();
     } finally {

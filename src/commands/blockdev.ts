@@ -86,10 +86,10 @@ export const blockdevCommands: CommandDef[] = [
     for (const reason of node.blockers.values()) throw genericError(`Node '${name}' is busy: ${reason}`);
     if (!core.monitorOwned.has(node)) throw genericError(`Node ${name} is not owned by the monitor`);
     if (node.parents.size > 0) throw genericError(`Block device ${name} is in use`);
-    // Close first: if storing its persistent bitmaps fails, the node stays, still the monitor's.
-    await core.graph.remove(node);
+    // The node goes even when storing its persistent bitmaps fails (reported on stderr), as in QEMU.
     core.monitorOwned.delete(node);
     node.users.delete(core.monitorOwned);
+    await core.graph.remove(node);
     return {};
   }),
   command('query-named-block-nodes', { '*flat': bool }, async (args, core) => {

@@ -29,17 +29,15 @@ export class Core {
   constructor() {
     // Jobs first: their abort/clean hooks still need the nodes.
     this.shutdownHooks.push(() => this.jobs.cancelAll());
-    // Bitmaps stored in an image are loaded when it opens; persistent ones are written back before the
-    // node closes (a failure is reported on stderr and fails blockdev-del, which keeps the node), then
-    // a node's bitmaps go with it.
+    // Bitmaps stored in an image are loaded when it opens; persistent ones are written back when the
+    // node closes, after its last request ended (see BlockGraph.closeNode). A failure to store them
+    // does not keep the node: as QEMU, the lost bitmaps are reported on stderr and the node goes.
     this.graph.afterOpen.push(async (node) => void (await loadPersistentBitmaps(this.bitmaps, node)));
     this.graph.beforeClose.push(async (node) => {
       try {
         await storePersistentBitmaps(this.bitmaps, node);
       } catch (err) {
-        // The node stays open with its bitmaps (blockdev-del keeps its reference until the close worked).
         process.stderr.write(`bitmirror: ${err instanceof Error ? err.message : String(err)}\n`);
-        throw err;
       }
       this.bitmaps.releaseAll(node);
     });

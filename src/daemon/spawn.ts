@@ -24,9 +24,27 @@ export interface SpawnedDaemon {
   kill(): Promise<void>;
 }
 
-export async function spawnDaemon(socket: string, extraArgs: string[] = [], program: 'bitmirror' | 'qemu-storage-daemon' = 'bitmirror'): Promise<SpawnedDaemon> {
+export interface SpawnOptions {
+  /**
+   * The largest file the daemon may write, in bytes (RLIMIT_FSIZE, with SIGXFSZ ignored): a write
+   * past it fails with EFBIG, "File too large". For tests of write failures.
+   */
+  maxFileSize?: number;
+}
+
+export async function spawnDaemon(
+  socket: string,
+  extraArgs: string[] = [],
+  program: 'bitmirror' | 'qemu-storage-daemon' = 'bitmirror',
+  opts: SpawnOptions = {},
+): Promise<SpawnedDaemon> {
   const args = ['--chardev', `socket,path=${socket},server=on,wait=off,id=mon0`, '--monitor', 'chardev=mon0', ...extraArgs];
-  const proc = program === 'bitmirror' ? spawn(process.execPath, [BITMIRROR_BIN, 'daemon', ...args], { stdio: ['ignore', 'pipe', 'pipe'] }) : spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let command = program === 'bitmirror' ? [process.execPath, BITMIRROR_BIN, 'daemon', ...args] : ['qemu-storage-daemon', ...args];
+  if (opts.maxFileSize !== undefined) {
+    // An ignored signal stays ignored across exec, so the limit makes writes fail instead of killing.
+    command = ['bash', '-c', 'trap "" XFSZ; exec prlimit --fsize="$0" -- "$@"', String(opts.maxFileSize), ...command];
+  }
+  const proc = spawn(command[0], command.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   proc.stderr!.setEncoding('utf8');
   proc.stderr!.on('data', (d: string) => (err += d));

@@ -96,7 +96,7 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
         const w = writes[next++];
         let out: string;
         try {
-          out = await c.hmp(`qemu-io q "write -P ${w.pattern} ${w.offset} ${w.bytes}"`);
+          out = await c.hmpOutput(`qemu-io q "write -P ${w.pattern} ${w.offset} ${w.bytes}"`);
         } catch {
           return; // the daemon closed the connection: no reply
         }

@@ -61,7 +61,7 @@ export abstract class FilterNode extends BlockNode {
   }
   /** A filter never owns its child's lifetime: closing it must not close the source. */
   override async close(): Promise<void> {
-    await this.tracker.drain();
+    await this.quiesce();
   }
   override nodeInfo(): NodeInfo {
     return this.filtered.nodeInfo();

@@ -20,7 +20,7 @@
  * tables are written and flushed before the L1 entry that points at them (synchronous L1 write).
  * Refcounts are only decremented after the entry that referenced the cluster is durable.
  */
-import { BlockIOError, genericError } from '../../../errors.js';
+import { BlockIOError, errorCode, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
 import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
 import {
@@ -781,39 +781,44 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         const bytes = Math.ceil(Math.ceil(this.header.size / b.granularity) / 8);
         const tableSize = Math.max(1, Math.ceil(bytes / this.cs));
         const table = Buffer.alloc(Math.ceil((tableSize * 8) / this.cs) * this.cs);
+        // I/O failures get QEMU's messages (store_bitmap_data, store_bitmap) with strerror's text.
+        const alloc = (n: number) => storeStep(`Failed to allocate clusters for bitmap '${b.name}'`, () => this.rc.alloc(n, this.isReserved));
+        const write = (off: number, buf: Buffer) => storeStep(`Failed to write bitmap '${b.name}' to file`, () => this.file.write(off, buf));
         for (let k = 0; k < tableSize; k++) {
           const chunk = b.data.subarray(k * this.cs, Math.min(bytes, (k + 1) * this.cs));
           if (!chunk.some((x) => x !== 0)) continue;
-          const off = await this.rc.alloc(1, this.isReserved);
+          const off = await alloc(1);
           const cl = Buffer.alloc(this.cs);
           chunk.copy(cl);
-          await this.file.write(off, cl);
+          await write(off, cl);
           table.writeBigUInt64BE(BigInt(off), k * 8);
         }
-        const tOff = await this.rc.alloc(table.length / this.cs, this.isReserved);
-        await this.file.write(tOff, table);
+        const tOff = await alloc(table.length / this.cs);
+        await write(tOff, table);
         entries.push({ name: b.name, tableOffset: tOff, tableSize, flags: b.auto ? BME_FLAG_AUTO : 0, granularityBits: gbits });
       }
       const oldExt = this.bitmapsValid() ? this.header.bitmaps : undefined;
       const oldBitmaps = oldExt ? this.cachedBitmaps : [];
-      if (entries.length) {
-        const dir = serializeBitmapDirectory(entries);
-        const dOff = await this.rc.alloc(Math.ceil(dir.length / this.cs), this.isReserved);
-        await this.file.write(dOff, dir);
-        await this.writebackMetadata();
-        await this.rc.flush();
-        await this.file.flush();
-        this.header.bitmaps = { nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: dOff };
-        this.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
-        this.cachedBitmaps = parseBitmapDirectory(dir, entries.length);
-      } else {
-        await this.writebackMetadata();
-        await this.file.flush();
-        this.header.bitmaps = undefined;
-        this.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
-        this.cachedBitmaps = [];
-      }
-      await this.writeHeader();
+      await storeStep('Failed to update bitmap extension', async () => {
+        if (entries.length) {
+          const dir = serializeBitmapDirectory(entries);
+          const dOff = await this.rc.alloc(Math.ceil(dir.length / this.cs), this.isReserved);
+          await this.file.write(dOff, dir);
+          await this.writebackMetadata();
+          await this.rc.flush();
+          await this.file.flush();
+          this.header.bitmaps = { nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: dOff };
+          this.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+          this.cachedBitmaps = parseBitmapDirectory(dir, entries.length);
+        } else {
+          await this.writebackMetadata();
+          await this.file.flush();
+          this.header.bitmaps = undefined;
+          this.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+          this.cachedBitmaps = [];
+        }
+        await this.writeHeader();
+      });
       // Free the old directory, tables and data.
       if (oldExt) {
         for (const b of oldBitmaps) {
@@ -906,5 +911,14 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
     await this.writeHeader();
     this.markedDirty = false;
+  }
+}
+
+/** Run one I/O step of storing bitmaps; a failure becomes QEMU's "<what>: <strerror>" message. */
+async function storeStep<T>(what: string, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    throw genericError(`${what}: ${strerror(errorCode(err))}`);
   }
 }
