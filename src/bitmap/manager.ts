@@ -147,6 +147,9 @@ export class BitmapManager {
           if (this.hasReadonlyBitmaps(node)) throw new BlockIOError('EPERM');
         },
         afterWrite: (req: WriteRequest) => this.markDirty(node, req.offset, req.bytes),
+        // The node's first bitmap, created during a write, records that write too (bdrv_set_dirty
+        // marks the bitmaps that exist when a write ends).
+        seesWritesInFlight: true,
       };
       entry = { bitmaps: [], observer };
       this.nodes.set(node, entry);

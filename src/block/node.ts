@@ -48,11 +48,18 @@ export interface WriteRequest {
  * (or that has none and was registered when the write began) gets `afterWrite` exactly once, also when
  * the write failed (`error` set): a failed write may have changed part of the range, so bitmaps mark
  * it anyway, and a job counting writes in flight is never left waiting. The write completes only
- * after every `afterWrite` has.
+ * after every `afterWrite` has; one observer's failing `afterWrite` keeps no other from running (a
+ * failed mirror copy must not cost a bitmap its mark), and fails the write.
  */
 export interface WriteObserver {
   beforeWrite?(req: WriteRequest): Promise<void> | void;
   afterWrite?(req: WriteRequest, error?: unknown): Promise<void> | void;
+  /**
+   * Also get `afterWrite` (alone) for the writes already in flight when the observer was added: what
+   * dirty bitmaps need, since QEMU marks a write in the bitmaps that exist when it ends, so a bitmap
+   * created during a write records it.
+   */
+  readonly seesWritesInFlight?: boolean;
 }
 
 /** A named edge from a parent node to a child: 'file', 'backing', 'image', 'target'. */
@@ -342,7 +349,7 @@ export abstract class BlockNode {
     // Observers registered when the write begins are the ones that see it end.
     const observers = [...this.observers];
     const notified: WriteObserver[] = [];
-    let error: unknown;
+    let writeError: unknown;
     try {
       await this.tracker.waitForSerialising(tracked);
       for (const o of observers) {
@@ -351,15 +358,24 @@ export abstract class BlockNode {
       }
       await this.alignedWrite(req, tracked);
     } catch (err) {
-      error = err;
+      writeError = err;
     }
+    let observerError: unknown;
+    const notify = async (o: WriteObserver): Promise<void> => {
+      try {
+        if (o.afterWrite) await o.afterWrite(req, writeError);
+      } catch (err) {
+        observerError ??= err;
+      }
+    };
     try {
-      for (const o of notified) if (o.afterWrite) await o.afterWrite(req, error);
-    } catch (err) {
-      error ??= err;
+      for (const o of notified) await notify(o);
+      // Observers added while the write was in flight that want to see it (dirty bitmaps).
+      for (const o of [...this.observers]) if (o.seesWritesInFlight && !observers.includes(o)) await notify(o);
     } finally {
       this.tracker.end(tracked);
     }
+    const error = writeError ?? observerError;
     if (error !== undefined) throw error;
   }
 

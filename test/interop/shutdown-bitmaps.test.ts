@@ -14,10 +14,10 @@ import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
 import { QmpClient } from '../../src/qmp/client.js';
-import { mustRun, rng, run, tempDir } from './qcow2-util.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
+import { rng } from '../support/random.js';
+import { KiB, MiB } from '../../src/base/sizes.js';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
 const SIZE = 64 * MiB;
 const CLUSTER = 64 * KiB;
 /** Writes go into distinct slots, so that every acknowledged write can be read back by its pattern. */
