@@ -54,6 +54,8 @@ function bitmapsToStore(manager: BitmapManager, node: BlockNode): DirtyBitmap[] 
  * without persistent storage, and read-only nodes with only read-only bitmaps, are left alone.
  */
 export async function storePersistentBitmaps(manager: BitmapManager, node: BlockNode): Promise<void> {
+  // A node whose open failed before its write phase has written nothing: its image keeps what it had.
+  if (!node.activated) return;
   const store = persistentStore(node);
   const list = bitmapsToStore(manager, node);
   if (!store?.storePersistentDirtyBitmaps) {

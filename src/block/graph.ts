@@ -152,14 +152,19 @@ export class BlockGraph {
 
   /**
    * Open a node from checked BlockdevOptions. Nested child definitions become nodes of their own with
-   * generated names. On failure every node opened on the way is closed again: nothing is left behind.
+   * generated names. Two phases: every node is opened (drivers read and validate, afterOpen hooks
+   * load) before any is activated (the write phase, BlockNode.activate). On failure every node opened
+   * on the way is closed again: nothing is left behind, and a node never activated writes nothing.
    */
   async open(opts: Record<string, unknown>, inheritedReadOnly = false, visitOpts: VisitOptions = {}): Promise<BlockNode> {
     this.checkNotShuttingDown();
     const opened: BlockNode[] = [];
     try {
       const checked = visit(this.blockdevOptionsSchema(), opts, '', visitOpts) as Record<string, unknown>;
-      return await this.openInner(checked, inheritedReadOnly, opened, '', visitOpts);
+      const node = await this.openInner(checked, inheritedReadOnly, opened, '', visitOpts);
+      // Everything is opened, checked and loaded: only now may the nodes write (children first).
+      for (const n of opened) await n.activate();
+      return node;
     } catch (err) {
       for (const n of opened.reverse()) await this.closeNode(n).catch(() => undefined);
       throw err;

@@ -120,6 +120,11 @@ export abstract class BlockNode {
   /** Set when closing begins (quiesce): from then on every new request is refused. */
   private closing = false;
   private closed = false;
+  /**
+   * The open has fully succeeded and its write phase ran (activate()). Before that the node has
+   * written nothing to its image and must write nothing when it is closed again (a refused open).
+   */
+  activated = false;
 
   constructor(nodeName: string, readOnly: boolean) {
     this.nodeName = nodeName;
@@ -127,6 +132,13 @@ export abstract class BlockNode {
   }
 
   // ---- driver hooks -------------------------------------------------------------------------------
+
+  /**
+   * Optional: the write phase of opening (repairs, in-use flags), run by the graph once the whole open,
+   * with the hooks of the layers above, has succeeded. The driver's open only reads and validates, so
+   * that a refused open leaves the image as it was.
+   */
+  protected doActivate?(): Promise<void>;
 
   /** Virtual size in bytes. */
   abstract length(): number;
@@ -313,6 +325,13 @@ export abstract class BlockNode {
   /** The node that holds this node's data layer: for filters the first non-filter below; else this. */
   formatLayer(): BlockNode {
     return this;
+  }
+
+  /** Run the write phase of opening (once; the graph calls it). */
+  async activate(): Promise<void> {
+    if (this.activated) return;
+    if (this.doActivate) await this.doActivate();
+    this.activated = true;
   }
 
   /**

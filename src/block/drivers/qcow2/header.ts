@@ -40,6 +40,10 @@ export interface HeaderExtension {
 
 export interface BitmapsExtension {
   nbBitmaps: number;
+  /** Must be zero (checked on open); never written. */
+  reserved?: number;
+  /** The fields as stored, for the checks on open (the numbers above may have lost precision). */
+  raw?: { directorySize: bigint; directoryOffset: bigint };
   directorySize: number;
   directoryOffset: number;
 }
@@ -157,7 +161,7 @@ export function parseHeader(buf: Buffer): Qcow2Header {
     const len = buf.readUInt32BE(off + 4);
     off += 8;
     if (type === EXT_END) break;
-    if (len > extEnd - off) throw genericError(`qcow2: header extension 0x${type.toString(16)} overruns the header cluster`);
+    if (len > extEnd - off) throw genericError('Header extension too large');
     if (seen.has(type)) throw genericError(`qcow2: duplicate header extension 0x${type.toString(16)}`);
     seen.add(type);
     const data = Buffer.from(buf.subarray(off, off + len));
@@ -175,7 +179,14 @@ export function parseHeader(buf: Buffer): Qcow2Header {
         break;
       case EXT_BITMAPS:
         if (len !== 24) throw genericError('bitmaps_ext: Invalid extension length');
-        h.bitmaps = { nbBitmaps: data.readUInt32BE(0), directorySize: u64(data, 8, 'bitmap directory size'), directoryOffset: u64(data, 16, 'bitmap directory offset') };
+        // Checked on open, and only when the autoclear bit vouches for the extension (QEMU's messages).
+        h.bitmaps = {
+          nbBitmaps: data.readUInt32BE(0),
+          reserved: data.readUInt32BE(4),
+          directorySize: Number(data.readBigUInt64BE(8)),
+          directoryOffset: Number(data.readBigUInt64BE(16)),
+          raw: { directorySize: data.readBigUInt64BE(8), directoryOffset: data.readBigUInt64BE(16) },
+        };
         break;
       case EXT_DATA_FILE:
         h.hasDataFileExt = true;

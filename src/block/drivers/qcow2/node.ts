@@ -35,17 +35,18 @@ import { Refcounts, type MetadataRange } from './refcount.js';
 import { COPIED_HI, decodeL1, decodeL2, encodeEntry, RWLock, TableCache, type L2Entry } from './tables.js';
 import { decompressCluster } from './compressed.js';
 import { walkReferences } from './walk.js';
-import { BME_FLAG_AUTO, BME_FLAG_IN_USE, BME_MAX_PHYS_SIZE, parseBitmapDirectory, serializeBitmapDirectory, type StoredBitmap } from './bitmaps.js';
+import {
+  BME_FLAG_AUTO,
+  BME_FLAG_IN_USE,
+  BME_MAX_PHYS_SIZE,
+  dirEntrySize,
+  MAX_BITMAP_DIRECTORY_SIZE,
+  MAX_BITMAPS,
+  parseBitmapDirectory,
+  serializeBitmapDirectory,
+  type StoredBitmap,
+} from './bitmaps.js';
 import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../../bitmap-store.js';
-
-/** QCOW2_MAX_BITMAPS and QCOW2_MAX_BITMAP_DIRECTORY_SIZE (formats.md §2.7). */
-const MAX_BITMAPS = 65535;
-const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS;
-
-/** Size of a directory entry for a name of `nameBytes` bytes and no extra data (formats.md §2.2). */
-function dirEntrySize(nameBytes: number): number {
-  return Math.ceil((24 + nameBytes) / 8) * 8;
-}
 
 /** Guest clusters [gStart, gEnd) getting new host clusters whose L2 entries are not linked yet. */
 interface InFlightAllocation {
@@ -598,8 +599,31 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     });
   }
 
+  /**
+   * The write phase of a read-write open (open.ts only reads and validates): repair a dirty image's
+   * refcounts, clear autoclear bits we do not know, mark the bitmaps the layer above loaded in_use
+   * (formats.md §2.5; a crash before they are stored leaves them inconsistent).
+   */
+  protected override async doActivate(): Promise<void> {
+    if (this.readOnly) return;
+    const h = this.header;
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      await this.repairRefcounts();
+    } else {
+      // A writer must clear autoclear bits it does not know (and bit 0 when the extension is ignored).
+      const known = h.bitmaps ? AUTOCLEAR_BITMAPS : 0n;
+      if (h.autoclearFeatures & ~known) {
+        h.autoclearFeatures &= known;
+        await this.writeHeader();
+      }
+    }
+    if (this.loadedBitmapNames.length) await this.setBitmapsInUse(this.loadedBitmapNames, true);
+    this.loadedBitmapNames = [];
+  }
+
   protected override async doClose(): Promise<void> {
-    if (!this.readOnly) {
+    // A node whose open did not complete has written nothing and writes nothing now.
+    if (!this.readOnly && this.activated) {
       await this.withAll(async () => {
         await this.writebackMetadata();
         if (this.markedDirty && this.header.incompatibleFeatures & INCOMPAT_DIRTY) {
@@ -859,10 +883,13 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     if (all.reduce((n, x) => n + dirEntrySize(Buffer.byteLength(x)), 0) > MAX_BITMAP_DIRECTORY_SIZE) fail('Not enough space in the bitmap directory');
   }
 
+  /** Bitmaps handed to the bitmap layer at open, marked in_use on disk by doActivate. */
+  private loadedBitmapNames: string[] = [];
+
   /**
-   * qcow2_load_dirty_bitmaps: the stored bitmaps with their bits; one found with in_use comes back
-   * inconsistent and empty. On a read-write node every loaded bitmap is then marked in_use on disk,
-   * so that a crash before the next store leaves them inconsistent (formats.md §2.5).
+   * qcow2_load_dirty_bitmaps: the stored bitmaps with their bits (open.ts checked the directory and
+   * tables); one found with in_use comes back inconsistent and empty. Only reads: on a read-write
+   * node the loaded bitmaps are marked in_use by doActivate, once the open has succeeded.
    */
   async loadPersistentDirtyBitmaps(): Promise<LoadedDirtyBitmap[]> {
     const out: LoadedDirtyBitmap[] = [];
@@ -875,7 +902,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       out.push({ name: bm.name, granularity: bm.granularity, enabled: bm.auto, inconsistent: false, data: await this.readBitmapData(bm) });
       loaded.push(bm.name);
     }
-    if (!this.readOnly && loaded.length) await this.setBitmapsInUse(loaded, true);
+    if (this.activated && !this.readOnly && loaded.length) await this.setBitmapsInUse(loaded, true);
+    else this.loadedBitmapNames = loaded;
     return out;
   }
 

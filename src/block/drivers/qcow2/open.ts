@@ -1,7 +1,8 @@
 /**
  * Opening a qcow2 image: read and validate the header and the tables it points to, refuse what we
- * cannot handle (with a message naming the problem, before anything is written), open the backing
- * chain, and repair refcounts of a dirty (lazy refcounts) image opened read-write.
+ * cannot handle (with a message naming the problem), load the bitmap directory and open the backing
+ * chain. Nothing is written here: the repair of a dirty (lazy refcounts) image and other updates on a
+ * read-write open are Qcow2Node.doActivate's, once the whole open has succeeded.
  */
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
@@ -13,7 +14,6 @@ import {
   INCOMPAT_COMPRESSION,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
-  INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
   INCOMPAT_MASK,
   MAX_L1_BYTES,
@@ -27,7 +27,7 @@ import { checkCompressionType } from './compressed.js';
 import { Refcounts } from './refcount.js';
 import { decodeL1 } from './tables.js';
 import { Qcow2Node } from './node.js';
-import { checkBitmapEntry, parseBitmapDirectory } from './bitmaps.js';
+import { bitmapEntryValid, bitmapTableProblem, checkBitmapsExtension, dirEntrySize, parseBitmapDirectory, type StoredBitmap } from './bitmaps.js';
 
 /** How many backing files deep a chain may go. */
 export const MAX_BACKING_DEPTH = 32;
@@ -201,21 +201,7 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
     validateForWrite(h, refTable, l1, fileLength);
   }
 
-  // Bitmaps: a set autoclear bit 0 vouches for the extension; without it the extension is ignored.
-  if (h.bitmaps && !(h.autoclearFeatures & AUTOCLEAR_BITMAPS)) h.bitmaps = undefined;
-  let storedBitmaps: ReturnType<typeof parseBitmapDirectory> = [];
-  if (h.bitmaps) {
-    const b = h.bitmaps;
-    if (b.nbBitmaps === 0 || b.nbBitmaps > 65535) throw genericError('qcow2: bitmaps extension has an invalid number of bitmaps');
-    if (b.directorySize > 1024 * 65535 || b.directoryOffset % cs || b.directoryOffset + b.directorySize > fileLength) {
-      throw genericError('qcow2: bitmap directory lies outside the image file');
-    }
-    storedBitmaps = parseBitmapDirectory(await readAt(file, b.directoryOffset, b.directorySize), b.nbBitmaps);
-    for (const bm of storedBitmaps) {
-      const problem = checkBitmapEntry(bm, cs, h.size);
-      if (problem) throw genericError(`qcow2: bitmap '${bm.name}' is invalid: ${problem}`);
-    }
-  }
+  const storedBitmaps = await loadBitmapDirectory(file, h, fileLength, readOnly);
 
   const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, refTable, async (off, clusters) => {
     const b = Buffer.alloc(12);
@@ -249,17 +235,39 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   node.cachedBitmaps = storedBitmaps;
   node.unmapAllowed = opts.discard === 'unmap';
   if (backing) node.attachChild('backing', backing);
-  if (!readOnly) {
-    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
-      await node.repairRefcounts();
-    } else {
-      // A writer must clear autoclear bits it does not know (and bit 0 when the extension is ignored).
-      const known = h.bitmaps ? AUTOCLEAR_BITMAPS : 0n;
-      if (h.autoclearFeatures & ~known) {
-        h.autoclearFeatures &= known;
-        await node.writeHeader();
-      }
-    }
-  }
+  // Nothing is written here: repairs and flag updates wait for Qcow2Node.doActivate, after the whole
+  // open (bitmaps loaded by the layer above included) has succeeded.
   return node;
+}
+
+/**
+ * The stored bitmaps, every check QEMU makes when it loads them done (qcow2_read_extensions,
+ * bitmap_list_load, load_bitmap; QEMU's messages), so that a damaged directory or table refuses the
+ * open before anything is written. Only tables of bitmaps not in use are read, as in QEMU.
+ */
+async function loadBitmapDirectory(file: BlockNode, h: Qcow2Header, fileLength: number, readOnly: boolean): Promise<StoredBitmap[]> {
+  // A set autoclear bit 0 vouches for the extension; without it the extension is ignored.
+  if (h.bitmaps && !(h.autoclearFeatures & AUTOCLEAR_BITMAPS)) h.bitmaps = undefined;
+  const ext = h.bitmaps;
+  if (!ext) return [];
+  const cs = 2 ** h.clusterBits;
+  checkBitmapsExtension(ext, cs);
+  const dir = await readAt(file, ext.directoryOffset, ext.directorySize);
+  const list = parseBitmapDirectory(dir, ext.nbBitmaps, (bm, nameBytes, rawOffset) => bitmapEntryValid(bm, nameBytes, rawOffset, cs, h.size));
+  const names = new Set<string>();
+  for (const bm of list) {
+    if (!bm.inUse) {
+      const table = await readAt(file, bm.tableOffset, bm.tableSize * 8);
+      const problem = bitmapTableProblem(table, bm, cs, h.size, fileLength);
+      if (problem) throw genericError(problem);
+    }
+    if (names.has(bm.name)) throw genericError(`Bitmap already exists: ${bm.name}`);
+    names.add(bm.name);
+  }
+  // A read-write open marks the loaded bitmaps in_use by rewriting the directory in place from the
+  // names as read (cut at a NUL): QEMU refuses when that would change the directory's size.
+  if (!readOnly && list.some((bm) => !bm.inUse) && list.reduce((n, bm) => n + dirEntrySize(bm.nameBytes), 0) !== ext.directorySize) {
+    throw genericError("Can't update bitmap directory: Invalid argument");
+  }
+  return list;
 }
