@@ -58,6 +58,18 @@ export class BlockGraph {
   private shuttingDown = false;
   /** Nodes being closed (or closed) by closeNode, and when that is done. */
   private readonly closing = new WeakMap<BlockNode, Promise<void>>();
+  /**
+   * Opens and closes under way (a blockdev-add or blockdev-del still running): closeAll waits for them,
+   * so that no node opens behind its back and no parent still writes into a child it closes.
+   */
+  private readonly pending = new Set<Promise<unknown>>();
+
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.pending.add(p);
+    const done = () => void this.pending.delete(p);
+    p.then(done, done);
+    return p;
+  }
 
   /**
    * Run after a node is opened by open() (each nested child too) and entered in the graph; a failing
@@ -77,7 +89,7 @@ export class BlockGraph {
   private closeNode(node: BlockNode): Promise<void> {
     let closing = this.closing.get(node);
     if (!closing) {
-      closing = this.doCloseNode(node);
+      closing = this.track(this.doCloseNode(node));
       this.closing.set(node, closing);
     }
     return closing;
@@ -158,6 +170,10 @@ export class BlockGraph {
    */
   async open(opts: Record<string, unknown>, inheritedReadOnly = false, visitOpts: VisitOptions = {}): Promise<BlockNode> {
     this.checkNotShuttingDown();
+    return this.track(this.openTree(opts, inheritedReadOnly, visitOpts));
+  }
+
+  private async openTree(opts: Record<string, unknown>, inheritedReadOnly: boolean, visitOpts: VisitOptions): Promise<BlockNode> {
     const opened: BlockNode[] = [];
     try {
       const checked = visit(this.blockdevOptionsSchema(), opts, '', visitOpts) as Record<string, unknown>;
@@ -259,8 +275,19 @@ export class BlockGraph {
    * node may be opened or added (a command still queued when the daemon stops cannot open an image).
    */
   async closeAll(): Promise<void> {
+    this.beginShutdown();
+    for (;;) {
+      // An open or a blockdev-del under way finishes first: its nodes are then closed here, or gone.
+      while (this.pending.size) await Promise.allSettled([...this.pending]);
+      const nodes = this.allNodes();
+      if (nodes.length === 0) return;
+      for (const n of BlockGraph.parentsFirst(nodes)) await this.closeNode(n).catch(() => undefined);
+    }
+  }
+
+  /** From now on no node may be opened or added (the daemon is stopping; jobs are being cancelled). */
+  beginShutdown(): void {
     this.shuttingDown = true;
-    for (const n of BlockGraph.parentsFirst(this.allNodes())) await this.closeNode(n).catch(() => undefined);
   }
 
   /** `nodes` ordered so that every node comes before its children (a depth-first post-order, reversed). */

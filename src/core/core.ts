@@ -44,6 +44,9 @@ export class Core {
   }
 
   async shutdown(): Promise<void> {
+    // No new node (a queued blockdev-add, a job's filter) from here on; jobs are cancelled, then the
+    // nodes close, each drained before its bitmaps are stored.
+    this.graph.beginShutdown();
     for (const hook of this.shutdownHooks) await hook().catch(() => undefined);
     await this.graph.closeAll();
   }

@@ -6,12 +6,16 @@
  */
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
 import { Core } from '../../src/core/core.js';
 import { nullDriver } from '../../src/block/drivers/null.js';
 import { rawDriver } from '../../src/block/drivers/raw.js';
 import { BlockIOError } from '../../src/errors.js';
 import type { BlockNode } from '../../src/block/node.js';
+import { fileDriver } from '../../src/block/drivers/file.js';
 import { MiB } from '../../src/base/sizes.js';
+import { tempDir } from '../support/tools.js';
 
 function newCore(): Core {
   const core = new Core();
@@ -100,4 +104,30 @@ test('a bitmap created while a write is in flight records that write (the first 
   const bm2 = core.bitmaps.create(node, 'b2', 65536);
   await write2;
   assert.deepEqual([...bm2.dirtyAreas()], [{ offset: 0, bytes: 65536 }]);
+});
+
+test('shutdown waits for a blockdev-del under way (its bitmaps still go into the child) and for an open under way', async (t) => {
+  const core = newCore();
+  core.graph.registerDriver(fileDriver);
+  const { dir, cleanup } = await tempDir('bm-close-');
+  t.after(cleanup);
+  const img = path.join(dir, 'f.raw');
+  await fsp.writeFile(img, Buffer.alloc(MiB));
+  // A real file: the writes below take real I/O, so the shutdown overlaps them.
+  const q = await core.graph.open({ driver: 'raw', 'node-name': 'q', file: { driver: 'file', 'node-name': 'f', filename: img } });
+  const f = core.graph.lookup('f');
+  const hookWrites: string[] = [];
+  // Like storing bitmaps: the closing parent writes into its child, in several steps.
+  core.graph.beforeClose.unshift(async (n) => {
+    if (n !== q) return;
+    for (const off of [0, 512, 1024]) await f.write(off, Buffer.alloc(512)).then(() => hookWrites.push('ok'), (err: Error) => hookWrites.push(err.message));
+  });
+  const removing = core.graph.remove(q);
+  const opening = openNull(core, 'late');
+  await core.shutdown();
+  await removing;
+  const late = await opening;
+  assert.deepEqual(hookWrites, ['ok', 'ok', 'ok']);
+  assert.ok(q.isClosed() && f.isClosed() && late.isClosed());
+  assert.deepEqual(core.graph.allNodes(), []);
 });
