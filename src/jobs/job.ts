@@ -229,8 +229,12 @@ export abstract class Job {
   protected async abort(): Promise<void> {}
   protected async clean(): Promise<void> {}
 
-  /** Called when a pause takes effect, and when the job resumes from it (QEMU's .pause/.resume). */
-  protected onPause(): void {}
+  /**
+   * Called when a pause takes effect, and when the job resumes from it (QEMU's .pause/.resume). The job
+   * becomes 'paused' only once onPause has returned: a job waits here for the I/O it has started, so
+   * that a paused job changes nothing (mirror's copies).
+   */
+  protected onPause(): void | Promise<void> {}
   protected onResume(): void {}
 
   /** Extra members of this job's query-block-jobs entry (mirror: actively-synced). */
@@ -405,7 +409,7 @@ export abstract class Job {
    */
   async pausePoint(): Promise<void> {
     if (this.pauseCount === 0 || this.isCancelled()) return;
-    this.onPause();
+    await this.onPause();
     if (this.pauseCount > 0 && !this.isCancelled()) {
       const prev = this._status;
       this.transition(prev === 'ready' ? 'standby' : 'paused');

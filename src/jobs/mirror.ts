@@ -212,7 +212,8 @@ export class MirrorJob extends Job {
       this.progressSetRemaining(this.copy.bytesInFlight + cnt + this.activeWriteBytes);
       const sliceEnd = Date.now() + SLICE_MS;
       let worked = false;
-      while (Date.now() < sliceEnd && this.failure === undefined && !this.isCancelled()) {
+      // A pause request stops new copies at once: the pause point waits for those in flight (onPause).
+      while (Date.now() < sliceEnd && this.failure === undefined && !this.isCancelled() && !this.pausedRequested) {
         if (this.bitmap.count() > 0 && this.copy.hasRoom()) {
           const started = await this.copy.launchNext();
           if (!started) break;
@@ -220,7 +221,7 @@ export class MirrorJob extends Job {
           if (this.speed > 0) await this.ratelimitSleep();
         } else break;
       }
-      if (this.failure !== undefined) continue;
+      if (this.failure !== undefined || this.pausedRequested) continue;
       if (this.copy.copiesInFlight > 0 && (this.bitmap.count() === 0 || !this.copy.hasRoom() || !worked)) {
         traceYield({ job: this.id, in_flight: this.copy.copiesInFlight, cnt: this.bitmap.count() });
         await this.waitForAnyCopy();
@@ -256,6 +257,11 @@ export class MirrorJob extends Job {
     if (this.failure !== undefined || this.bitmap.count() > 0 || this.copy.copiesInFlight > 0) return false;
     if (!(await this.flushTarget())) return false;
     return this.bitmap.count() === 0 && this.copy.copiesInFlight === 0 && this.failure === undefined;
+  }
+
+  /** mirror_pause: a pause takes effect once the copies in flight have ended (nothing moves while paused). */
+  protected override async onPause(): Promise<void> {
+    await this.copy.drain();
   }
 
   /** mirror_dirty_init: mark what must be copied, from block status. */

@@ -165,13 +165,20 @@ export class BlockCopy {
     // whole batch of maxInFlight copies start before a speed limit saw a single byte.
     this.hooks.launched?.(offset, bytes);
     const lock = this.locks.hold(offset, bytes);
-    void this.copyChunks(offset, bytes).then((failure) => {
+    // Copied pieces leave bytes-in-flight as they enter the progress, so that a user's remaining work
+    // (bytes in flight + dirty) plus its progress does not count them twice.
+    let notCopied = bytes;
+    const copied = (n: number): void => {
+      this._bytesInFlight -= n;
+      notCopied -= n;
+    };
+    void this.copyChunks(offset, bytes, copied).then((failure) => {
       try {
         if (failure) this.hooks.failed?.(failure.operation, failure.err, failure.offset, failure.bytes);
       } finally {
         lock.release();
         this.bufFree += cost;
-        this._bytesInFlight -= bytes;
+        this._bytesInFlight -= notCopied;
         this._copiesInFlight--;
         this.hooks.ended?.();
       }
@@ -228,7 +235,7 @@ export class BlockCopy {
    * error the whole rest of the range is dirty again, not only the failed piece: its bits were reset
    * when the copy began and the pieces after the failed one are never copied.
    */
-  private async copyChunks(offset: number, bytes: number): Promise<CopyFailure | undefined> {
+  private async copyChunks(offset: number, bytes: number, copied?: (n: number) => void): Promise<CopyFailure | undefined> {
     const end = offset + bytes;
     let pos = offset;
     const failed = (operation: CopyOperation, err: unknown): CopyFailure => {
@@ -271,6 +278,7 @@ export class BlockCopy {
         }
       }
       this.hooks.progress?.(n);
+      copied?.(n);
       pos += n;
     }
     return undefined;
