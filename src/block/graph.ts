@@ -5,7 +5,8 @@
  */
 import { genericError } from '../errors.js';
 import { visit, type Members, type Schema, type VisitOptions } from '../qapi/schema.js';
-import type { BlockNode } from './node.js';
+import { type BlockNode, type BdrvChild } from './node.js';
+import { checkNewChild, refreshPermissions, type ChildRole } from './permissions.js';
 
 /** What a driver gets to open its children and look up nodes. */
 export interface OpenContext {
@@ -13,8 +14,10 @@ export interface OpenContext {
   /**
    * Open (or look up) a child given as a BlockdevRef: a node-name string, or a nested options object
    * that is opened as a new node with an auto-generated name. `readOnly` is inherited by nested nodes.
+   * An existing node is checked first for what the new parent will need of it in `role`, so a conflict
+   * is reported (with QEMU's message) before the driver reads anything through it.
    */
-  openChild(ref: unknown, readOnly: boolean, childName: string): Promise<BlockNode>;
+  openChild(ref: unknown, readOnly: boolean, childName: string, role: ChildRole): Promise<BlockNode>;
 }
 
 export interface BlockDriver {
@@ -182,7 +185,10 @@ export class BlockGraph {
       for (const n of opened) await n.activate();
       return node;
     } catch (err) {
-      for (const n of opened.reverse()) await this.closeNode(n).catch(() => undefined);
+      for (const n of opened.reverse()) {
+        await this.closeNode(n).catch(() => undefined);
+        BlockGraph.detachChildren(n);
+      }
       throw err;
     }
   }
@@ -206,8 +212,12 @@ export class BlockGraph {
     const readOnly = (opts['read-only'] as boolean | undefined) ?? inheritedReadOnly;
     const ctx: OpenContext = {
       graph: this,
-      openChild: async (ref, childReadOnly, childName) => {
-        if (typeof ref === 'string') return this.lookup(ref);
+      openChild: async (ref, childReadOnly, childName, role) => {
+        if (typeof ref === 'string') {
+          const child = this.lookup(ref);
+          checkNewChild(child, nodeName, childName, role, !readOnly);
+          return child;
+        }
         const childPath = path ? `${path}.${childName}` : childName;
         const checked = visit(this.blockdevOptionsSchema(), ref, childPath, visitOpts) as Record<string, unknown>;
         return this.openInner(checked, childReadOnly, opened, childPath, visitOpts);
@@ -215,6 +225,7 @@ export class BlockGraph {
     };
     const node = await driver.open(nodeName, { ...opts, 'read-only': readOnly }, ctx);
     node.openOptions = opts;
+    node.forceShare = opts['force-share'] === true;
     // A name may have been taken while the driver awaited I/O.
     if (this.nodes.has(nodeName)) {
       await node.close();
@@ -224,6 +235,11 @@ export class BlockGraph {
     opened.push(node);
     for (const hook of this.afterOpen) await hook(node);
     return node;
+  }
+
+  /** Drop a node added with add() that never went into use, without closing it. */
+  forget(node: BlockNode): void {
+    if (this.nodes.get(node.nodeName) === node) this.nodes.delete(node.nodeName);
   }
 
   /** Add a node built in code (filters, job targets) under its name. */
@@ -243,29 +259,66 @@ export class BlockGraph {
 
   private async removeOrphanedChildren(node: BlockNode): Promise<void> {
     const children = node.children.map((c) => c.node);
-    for (const c of [...node.children]) node.detachChild(c.name);
+    BlockGraph.detachChildren(node);
     for (const c of children) {
-      if (c.parents.size === 0 && c.users.size === 0 && this.nodes.get(c.nodeName) === c) await this.remove(c);
+      if (c.parents.length === 0 && this.nodes.get(c.nodeName) === c) await this.remove(c);
+    }
+  }
+
+  /** Let go of every child of a node that is closed or failed to open (releasing its permissions). */
+  static detachChildren(node: BlockNode): void {
+    for (const c of [...node.children]) {
+      try {
+        node.detachChild(c.name);
+      } catch {
+        // Dropping permissions cannot conflict; a child that fails to unlock is closed later anyway.
+      }
     }
   }
 
   /**
-   * Make every parent edge and every non-node user that points at `from` point at `to` instead
-   * (bdrv_replace_node), except edges owned by `except` (a filter keeps its own child).
+   * bdrv_replace_node: make every parent that uses `from` use `to` instead — parent nodes and
+   * BlockBackends (an export or a guest follows a pivot) — except edges owned by `except` (a filter
+   * keeps its own child) or by `to` itself. Job claims and the monitor's reference stay with the node
+   * they were made on, as QEMU's stay_at_node parents do. The permissions are checked first: on a
+   * conflict nothing moves and QEMU's error is thrown.
    */
   replace(from: BlockNode, to: BlockNode, except?: BlockNode): void {
-    for (const edge of [...from.parents]) {
-      if (edge.parent === except || edge.parent === to) continue;
-      from.parents.delete(edge);
-      edge.node = to;
-      to.parents.add(edge);
+    const moving = from.parents.filter(
+      (e) => e.parent !== except && e.parent !== to && e.parentKind !== 'job' && e.parentKind !== 'monitor',
+    );
+    for (const e of moving) {
+      if (e.frozen) throw genericError(`Cannot change '${e.name}' link to '${to.nodeName}'`);
+    }
+    const move = (edges: BdrvChild[], a: BlockNode, b: BlockNode): void => {
+      for (const e of edges) {
+        a.parents.splice(a.parents.indexOf(e), 1);
+        e.node = b;
+      }
+      // Moved parents come first at the new node, in their old order (QEMU re-inserts each at the head).
+      b.parents.unshift(...edges);
+    };
+    move(moving, from, to);
+    try {
+      refreshPermissions([to, from]);
+    } catch (err) {
+      move(moving, to, from);
+      throw err;
     }
   }
 
-  /** Whether `candidate` is `node` or below it through any child edge. */
-  static isBelow(node: BlockNode, candidate: BlockNode): boolean {
-    if (node === candidate) return true;
-    return node.children.some((c) => BlockGraph.isBelow(c.node, candidate));
+  /**
+   * Put `filter` (already holding `node` as its child) in `node`'s place: every parent that should
+   * follow moves to the filter (bdrv_append). Throws with nothing changed.
+   */
+  insertFilter(filter: BlockNode, node: BlockNode): void {
+    this.add(filter);
+    try {
+      this.replace(node, filter, filter);
+    } catch (err) {
+      this.forget(filter);
+      throw err;
+    }
   }
 
   /**

@@ -7,6 +7,14 @@
  */
 import { BlockIOError } from '../errors.js';
 import { RequestTracker, type TrackedRequest } from './requests.js';
+import {
+  BLK_PERM_ALL,
+  defaultChildPermissions,
+  refreshPermissions,
+  type ChildRole,
+  type ExternalParent,
+  type Permissions,
+} from './permissions.js';
 
 /** What the block-status query says about a range, as QEMU's BDRV_BLOCK_* flags. */
 export interface BlockStatus {
@@ -62,11 +70,41 @@ export interface WriteObserver {
   readonly seesWritesInFlight?: boolean;
 }
 
-/** A named edge from a parent node to a child: 'file', 'backing', 'image', 'target'. */
-export interface BdrvChild {
-  readonly name: string;
-  readonly parent: BlockNode;
-  node: BlockNode;
+/**
+ * An edge from a parent to a node (QEMU's BdrvChild): a parent node's child ('file', 'backing',
+ * 'image'), or a parent that is not a node (a job, a BlockBackend, the monitor's reference) with the
+ * name QEMU gives it ('root', 'source', 'target', 'main node'). It records the permissions the parent
+ * takes on the node and those it shares with the node's other parents (see permissions.ts).
+ */
+export class BdrvChild {
+  /** Permissions taken (BLK_PERM_*): computed from the parent node's own for node parents. */
+  perm = 0;
+  /** Permissions the parent lets other parents of the node take. */
+  shared = BLK_PERM_ALL;
+  /** A frozen link may not be changed or removed (a job relies on it: QEMU's bdrv_freeze_backing_chain). */
+  frozen = false;
+
+  constructor(
+    readonly name: string,
+    readonly parent: BlockNode | ExternalParent,
+    public node: BlockNode,
+    readonly role: ChildRole,
+  ) {}
+
+  /** The parent when it is a node. */
+  get parentNode(): BlockNode | undefined {
+    return this.parent instanceof BlockNode ? this.parent : undefined;
+  }
+
+  /** The kind of a parent that is not a node ('backend', 'job', 'monitor'); undefined for a node parent. */
+  get parentKind(): ExternalParent['kind'] | undefined {
+    return this.parent instanceof BlockNode ? undefined : this.parent.kind;
+  }
+
+  /** How QEMU names the parent in messages: "node 'q1'", "an unnamed block device", "mirror job 'j'". */
+  describeParent(): string {
+    return this.parent instanceof BlockNode ? `node '${this.parent.nodeName}'` : this.parent.describe();
+  }
 }
 
 /** The `image` member of query-named-block-nodes (ImageInfo). */
@@ -99,13 +137,13 @@ export abstract class BlockNode {
   readOnly: boolean;
   /** Edges to children, in the order QEMU lists them. */
   readonly children: BdrvChild[] = [];
-  /** Edges from parents to this node. */
-  readonly parents = new Set<BdrvChild>();
   /**
-   * Other holders of this node that are not nodes: the monitor (blockdev-add), NBD exports, jobs.
-   * blockdev-del refuses a node that anything but the monitor holds.
+   * Edges from every parent to this node, newest first (QEMU's order, which decides which of two
+   * conflicting parents its messages name first): parent nodes, jobs, BlockBackends, the monitor.
    */
-  readonly users = new Map<object, string>();
+  readonly parents: BdrvChild[] = [];
+  /** force-share=on: every parent of this node shares all permissions (read-only nodes only). */
+  forceShare = false;
   /** Smallest unit the driver can read or write; the generic layer does read-modify-write around it. */
   requestAlignment = 1;
   /** Reasons this node may not be used by other operations (QEMU's op blockers), keyed by the holder. */
@@ -191,21 +229,116 @@ export abstract class BlockNode {
     return this.children.find((c) => c.name === name);
   }
 
-  /** Attach `node` as this node's child `name` (replacing any child of that name). */
-  attachChild(name: string, node: BlockNode): BdrvChild {
-    this.detachChild(name);
-    const edge: BdrvChild = { name, parent: this, node };
-    this.children.push(edge);
-    node.parents.add(edge);
+  /**
+   * Attach `node` as this node's child `name` in `role` (replacing any child of that name), after
+   * checking the permissions this node then needs on it. Throws QEMU's permission error (or the file
+   * driver's lock error) with nothing changed.
+   */
+  attachChild(name: string, node: BlockNode, role: ChildRole): BdrvChild {
+    const old = this.child(name);
+    const edge = new BdrvChild(name, this, node, role);
+    if (old) this.unlink(old);
+    this.link(edge);
+    try {
+      refreshPermissions(old ? [this, old.node] : [this]);
+    } catch (err) {
+      this.unlink(edge);
+      if (old) this.link(old);
+      throw err;
+    }
     return edge;
   }
 
+  /** Remove the child `name` and release what this node held on it. */
   detachChild(name: string): void {
-    const i = this.children.findIndex((c) => c.name === name);
-    if (i < 0) return;
-    const [edge] = this.children.splice(i, 1);
-    edge.node.parents.delete(edge);
+    const edge = this.child(name);
+    if (!edge) return;
+    this.unlink(edge);
+    refreshPermissions([edge.node]);
   }
+
+  /**
+   * Take this node for a parent that is not a node (a job, a BlockBackend, the monitor) with the given
+   * permissions. Throws QEMU's permission error with nothing changed.
+   */
+  attachParent(parent: ExternalParent, name: string, perm: number, shared: number): BdrvChild {
+    const edge = new BdrvChild(name, parent, this, 'root');
+    edge.perm = perm;
+    edge.shared = shared;
+    this.parents.unshift(edge);
+    try {
+      refreshPermissions([this]);
+    } catch (err) {
+      this.parents.splice(this.parents.indexOf(edge), 1);
+      throw err;
+    }
+    return edge;
+  }
+
+  /** Drop an edge attachParent made (wherever replace moved it since). */
+  static detachParent(edge: BdrvChild): void {
+    const node = edge.node;
+    const i = node.parents.indexOf(edge);
+    if (i < 0) return;
+    node.parents.splice(i, 1);
+    refreshPermissions([node]);
+  }
+
+  /** Change what a parent that is not a node takes and shares; throws with nothing changed. */
+  static setParentPermissions(edge: BdrvChild, perm: number, shared: number): void {
+    const old = { perm: edge.perm, shared: edge.shared };
+    edge.perm = perm;
+    edge.shared = shared;
+    try {
+      refreshPermissions([edge.node]);
+    } catch (err) {
+      edge.perm = old.perm;
+      edge.shared = old.shared;
+      throw err;
+    }
+  }
+
+  /** The edges of parents that are not nodes, of one kind. */
+  parentsOfKind(kind: ExternalParent['kind']): BdrvChild[] {
+    return this.parents.filter((e) => e.parentKind === kind);
+  }
+
+  /** QEMU's bdrv_is_root_node: only BlockBackends (and the monitor's reference) hold this node. */
+  isRoot(): boolean {
+    return this.parents.every((e) => e.parentKind === 'backend' || e.parentKind === 'monitor');
+  }
+
+  /** Link a child edge in both directions (no permission check: callers refresh). */
+  private link(edge: BdrvChild): void {
+    this.children.push(edge);
+    edge.node.parents.unshift(edge);
+  }
+
+  private unlink(edge: BdrvChild): void {
+    const i = this.children.indexOf(edge);
+    if (i >= 0) this.children.splice(i, 1);
+    const j = edge.node.parents.indexOf(edge);
+    if (j >= 0) edge.node.parents.splice(j, 1);
+  }
+
+  // ---- permissions (see permissions.ts) ------------------------------------------------------------
+
+  /**
+   * QEMU's bdrv_child_perm: what this node needs on `child` when its own parents need `perm` and share
+   * `shared`. `writable` is whether this node is (or, during a reopen, will be) writable. Drivers with
+   * needs of their own (the mirror filter while it stops) override.
+   */
+  childPermissions(child: BdrvChild, perm: number, shared: number, writable: boolean): Permissions {
+    return defaultChildPermissions(child.role, writable, perm, shared);
+  }
+
+  /**
+   * A driver's part of a permission change (bdrv_drv_set_perm): make ready to hold `perm` while sharing
+   * `shared` (the file driver takes lock bytes), or throw. Followed by exactly one of commit or abort.
+   */
+  permissionsPrepare(_perm: number, _shared: number): void {}
+  permissionsCommit(): void {}
+  permissionsAbort(): void {}
 
   // ---- observers ----------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import { genericError } from '../errors.js';
 import { bool, str } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
-import { protocolLeaf, type BlockNode, type ImageInfo } from '../block/node.js';
+import { BlockNode, protocolLeaf, type ImageInfo } from '../block/node.js';
 import { fileNodeBelow } from '../block/drivers/file.js';
 
 async function actualSize(node: BlockNode): Promise<number | undefined> {
@@ -70,9 +70,7 @@ export const blockdevCommands: CommandDef[] = [
     'blockdev-add',
     {},
     async (args, core) => {
-      const node = await core.graph.open(args);
-      core.monitorOwned.add(node);
-      node.users.set(core.monitorOwned, 'monitor');
+      await core.openForMonitor(args);
       return {};
     },
     { boxed: (core) => core.graph.blockdevOptionsSchema() },
@@ -81,14 +79,14 @@ export const blockdevCommands: CommandDef[] = [
     const name = args['node-name'] as string;
     const node = core.graph.find(name);
     if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
-    const others = [...node.users.entries()].filter(([holder]) => holder !== core.monitorOwned);
-    if (others.length > 0) throw genericError(`Node ${name} is in use`);
+    // QEMU's order: a BlockBackend (a job's, an export's), op blockers, the monitor's reference, others.
+    if (node.parentsOfKind('backend').length > 0) throw genericError(`Node ${name} is in use`);
     for (const reason of node.blockers.values()) throw genericError(`Node '${name}' is busy: ${reason}`);
-    if (!core.monitorOwned.has(node)) throw genericError(`Node ${name} is not owned by the monitor`);
-    if (node.parents.size > 0) throw genericError(`Block device ${name} is in use`);
+    const monitorRef = node.parentsOfKind('monitor')[0];
+    if (!monitorRef) throw genericError(`Node ${name} is not owned by the monitor`);
+    if (node.parents.length > 1) throw genericError(`Block device ${name} is in use`);
     // The node goes even when storing its persistent bitmaps fails (reported on stderr), as in QEMU.
-    core.monitorOwned.delete(node);
-    node.users.delete(core.monitorOwned);
+    BlockNode.detachParent(monitorRef);
     await core.graph.remove(node);
     return {};
   }),

@@ -8,10 +8,10 @@ import { genericError } from '../errors.js';
 import { alternate, any, bool, enumOf, int, size, str, visit, type Members, type Schema } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
-import type { BlockNode } from '../block/node.js';
+import { BlockNode, type BdrvChild } from '../block/node.js';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, unnamedBackend } from '../block/permissions.js';
 import { CreateJob, createFile, PREALLOC_MODES, type FileCreateOptions } from '../jobs/create.js';
 import { createQcow2, type Qcow2CreateOptions } from '../block/drivers/qcow2/index.js';
-import { fileNodeBelow, BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE } from '../block/drivers/file.js';
 
 /** QEMU's BlockdevDriver enum (7.2 plus what bitmirror adds), the discriminator of the union. */
 const BLOCKDEV_DRIVERS = [
@@ -54,25 +54,20 @@ export const BLOCKDEV_CREATE_OPTIONS: Schema = {
 
 /**
  * The protocol node a format is created on: a node-name, or inline options opened for the job and
- * closed after it. QEMU takes write and resize on it, so a node that a format node uses is refused.
+ * closed after it. As QEMU's qcow2 create, a BlockBackend takes write and resize on it (sharing
+ * everything), so a node that a format node uses is refused with QEMU's permission error, and so is an
+ * image another process holds (the file driver's lock error).
  */
 async function openCreateTarget(core: Core, ref: unknown): Promise<{ node: BlockNode; release: () => Promise<void> }> {
   if (typeof ref === 'string') {
     const node = core.graph.lookup(ref);
-    const parent = [...node.parents][0];
-    if (parent) {
-      throw genericError(
-        `Permission conflict on node '${node.nodeName}': permissions 'write, resize' are both required by an unnamed block device ` +
-          `(uses node '${node.nodeName}' as 'root' child) and unshared by node '${parent.parent.nodeName}' (uses node '${node.nodeName}' as '${parent.name}' child).`,
-      );
-    }
-    if (node.readOnly) throw genericError('Block node is read-only');
-    return { node, release: claimForCreate(node) };
+    const edge = node.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL);
+    return { node, release: async () => BlockNode.detachParent(edge) };
   }
   const node = await core.graph.open(ref as Record<string, unknown>);
-  let releaseClaim: () => Promise<void>;
+  let edge: BdrvChild;
   try {
-    releaseClaim = claimForCreate(node);
+    edge = node.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL);
   } catch (err) {
     await core.graph.remove(node);
     throw err;
@@ -80,23 +75,9 @@ async function openCreateTarget(core: Core, ref: unknown): Promise<{ node: Block
   return {
     node,
     release: async () => {
-      await releaseClaim();
+      BlockNode.detachParent(edge);
       await core.graph.remove(node);
     },
-  };
-}
-
-/**
- * Take write and resize on the file under `node` (sharing all but resize) for the create, so that a
- * QEMU process or another node using the image makes it fail with QEMU's lock error; released after.
- * A file node that someone already claims is left alone (its claim already excludes others).
- */
-function claimForCreate(node: BlockNode): () => Promise<void> {
-  const file = fileNodeBelow(node);
-  if (!file || file.perm !== 0) return async () => undefined;
-  file.setPermissions(BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL & ~BLK_PERM_RESIZE);
-  return async () => {
-    if (!file.isClosed()) file.setPermissions(0, BLK_PERM_ALL);
   };
 }
 

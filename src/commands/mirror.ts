@@ -51,9 +51,8 @@ const COMMON: Members = {
 /** The device must be a root node (nothing above it), as qmp_get_root_bs requires. */
 function rootNode(core: Core, name: string): BlockNode {
   const node = core.graph.lookup(name);
-  // A job's BlockBackend is a parent in QEMU: the filter and the target of a running mirror are no roots.
-  const jobUse = [...node.users.values()].some((u) => u === 'mirror target' || u === 'mirror filter');
-  if (node.parents.size > 0 || jobUse) throw genericError('Need a root block node');
+  // A parent node or a job's claim makes a node no root (the filter and the target of a running mirror).
+  if (!node.isRoot()) throw genericError('Need a root block node');
   return node;
 }
 
@@ -121,7 +120,7 @@ async function startMirror(
 ): Promise<MirrorJob> {
   checkBusy(source);
   checkBusy(target);
-  if (target.parents.size > 0) throw genericError('Cannot mirror to an attached block device');
+  if (target.parentsOfKind('backend').length > 0) throw genericError('Cannot mirror to an attached block device');
   const sync0 = args.sync as string;
   if (sync0 !== 'bitmap' && sync0 !== 'incremental' && args.bitmap === undefined && args['bitmap-mode'] !== undefined) {
     throw genericError('Cannot specify bitmap sync mode without a bitmap');

@@ -5,6 +5,8 @@
  */
 import { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
+import { BLK_PERM_ALL, MONITOR_PARENT } from '../block/permissions.js';
+import type { VisitOptions } from '../qapi/schema.js';
 import { EventBus } from '../base/events.js';
 import { BitmapManager } from '../bitmap/manager.js';
 import { loadPersistentBitmaps, storePersistentBitmaps } from '../bitmap/persistence.js';
@@ -17,8 +19,6 @@ export class Core {
   readonly trace = tracer;
   /** Dirty bitmaps of every node, and the write observers that feed them. */
   readonly bitmaps = new BitmapManager();
-  /** Nodes added by blockdev-add (the monitor holds a reference; only those may be blockdev-del'd). */
-  readonly monitorOwned = new Set<BlockNode>();
   /** Called to stop the daemon (QMP quit). Set by the daemon. */
   requestShutdown: () => void = () => undefined;
   /** Actions to run at shutdown before nodes are closed (cancel jobs, stop exports), in registration order. */
@@ -41,6 +41,16 @@ export class Core {
       }
       this.bitmaps.releaseAll(node);
     });
+  }
+
+  /**
+   * blockdev-add and --blockdev: open a node the monitor holds (a parent edge that takes nothing and
+   * shares everything); only such nodes may be blockdev-del'd.
+   */
+  async openForMonitor(opts: Record<string, unknown>, visitOpts: VisitOptions = {}): Promise<BlockNode> {
+    const node = await this.graph.open(opts, false, visitOpts);
+    node.attachParent(MONITOR_PARENT, 'monitor', 0, BLK_PERM_ALL);
+    return node;
   }
 
   async shutdown(): Promise<void> {

@@ -33,9 +33,7 @@ export class Daemon {
   async start(): Promise<void> {
     for (const p of this.opts.tracePatterns) this.core.trace.setState(p, true);
     for (const b of this.opts.blockdevs) {
-      const node = await this.core.graph.open(b.options, false, { keyval: b.keyval });
-      this.core.monitorOwned.add(node);
-      node.users.set(this.core.monitorOwned, 'monitor');
+      await this.core.openForMonitor(b.options, { keyval: b.keyval });
     }
     for (const m of this.opts.monitors) await this.qmp.listen(m);
     if (this.opts.pidfile) await fsp.writeFile(this.opts.pidfile, `${process.pid}\n`);

@@ -14,7 +14,8 @@ import { genericError, errorCode, strerror } from '../errors.js';
 import { Job } from './job.js';
 import type { JobRegistry } from './registry.js';
 import { nativeAddon, errnoCode } from '../block/native.js';
-import { applyImageLocks, BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE } from '../block/drivers/file.js';
+import { applyImageLocks } from '../block/drivers/file.js';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE } from '../block/permissions.js';
 
 export type PreallocMode = 'off' | 'metadata' | 'falloc' | 'full';
 export const PREALLOC_MODES: readonly PreallocMode[] = ['off', 'metadata', 'falloc', 'full'];

@@ -24,7 +24,15 @@
  *   document). The engine does the widening; the option says whether.
  */
 import { genericError, errorMessage } from '../errors.js';
-import type { BlockNode, WriteObserver, WriteRequest } from '../block/node.js';
+import { BlockNode, type BdrvChild, type WriteObserver, type WriteRequest } from '../block/node.js';
+import {
+  BLK_PERM_ALL,
+  BLK_PERM_CONSISTENT_READ,
+  BLK_PERM_WRITE,
+  BLK_PERM_WRITE_UNCHANGED,
+  jobParent,
+  unnamedBackend,
+} from '../block/permissions.js';
 import type { BlockGraph } from '../block/graph.js';
 import { MirrorTopNode } from '../block/filters/mirror-top.js';
 import type { BitmapManager } from '../bitmap/manager.js';
@@ -117,6 +125,8 @@ export class MirrorJob extends Job {
   private pivoted = false;
   private abandoned = false;
   private readonly blockerReason = 'block device is in use by block job: mirror';
+  /** The job's parent edges (its BlockBackends and job claims) on the filter, source and target. */
+  private readonly claims: BdrvChild[] = [];
 
   constructor(registry: JobRegistry, o: MirrorJobOptions) {
     super(registry, o);
@@ -164,15 +174,29 @@ export class MirrorJob extends Job {
     });
   }
 
-  /** Put the filter in the graph, start observing writes, block other users. Throws with nothing changed. */
+  /**
+   * Put the filter in the graph and take the job's permissions as QEMU's mirror_start_job does, start
+   * observing writes, block other users. Throws with nothing changed.
+   */
   install(): void {
     const { graph } = this.o;
-    graph.add(this.filter);
-    for (const edge of [...this.source.parents]) {
-      if (edge.parent === this.filter) continue;
-      this.source.parents.delete(edge);
-      edge.node = this.filter;
-      this.filter.parents.add(edge);
+    graph.insertFilter(this.filter, this.source);
+    try {
+      const job = jobParent('mirror', this.id);
+      // block_job_create: the job's BlockBackend reads through the filter; its claim on the filter.
+      this.claims.push(this.filter.attachParent(unnamedBackend(), 'root', BLK_PERM_CONSISTENT_READ, BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE));
+      this.claims.push(this.filter.attachParent(job, 'main node', 0, BLK_PERM_ALL));
+      // The target's BlockBackend writes and lets nobody else do anything but unchanged writes.
+      this.claims.push(this.target.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED));
+      // The source may be written and read by others while the job runs, but not resized.
+      this.claims.push(this.source.attachParent(job, 'source', 0, BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE | BLK_PERM_CONSISTENT_READ));
+      this.claims.push(this.target.attachParent(job, 'target', 0, BLK_PERM_ALL));
+    } catch (err) {
+      this.releaseClaims();
+      graph.replace(this.filter, this.source);
+      this.filter.detachChild('backing');
+      graph.forget(this.filter);
+      throw err;
     }
     this.observer = {
       beforeWrite: (req) => this.beforeSourceWrite(req),
@@ -183,8 +207,6 @@ export class MirrorJob extends Job {
     if (!this.bitmapIsLocal) this.bitmap.disabled = true;
     this.source.blockers.set(this, this.blockerReason);
     this.target.blockers.set(this, this.blockerReason);
-    this.target.users.set(this, 'mirror target');
-    this.filter.users.set(this, 'mirror filter');
     traceStart({ job: this.id, source: this.source.nodeName, target: this.target.nodeName, granularity: this.granularity });
   }
 
@@ -411,8 +433,11 @@ export class MirrorJob extends Job {
     if (!this.o.graph.find(toReplace.nodeName) && toReplace !== this.source) {
       throw genericError(`Can no longer replace '${toReplace.nodeName}' by '${this.target.nodeName}', because it can no longer be guaranteed that doing so would not lead to an abrupt change of visible data`);
     }
+    // mirror_exit_common: drop the job's claims (the target's writer above all) and stop the filter
+    // passing on permissions before the target takes the source's place, where they could conflict.
+    this.releaseClaims();
     const backing = this.o.backingAtCompletion;
-    if (backing && this.target.formatLayer().backing() !== backing) this.target.formatLayer().attachChild('backing', backing);
+    if (backing && this.target.formatLayer().backing() !== backing) this.target.formatLayer().attachChild('backing', backing, 'cow');
     // The filter's parents and the replaced node's parents now use the target.
     this.o.graph.replace(this.filter, this.target);
     this.o.graph.replace(toReplace, this.target, this.filter);
@@ -425,19 +450,24 @@ export class MirrorJob extends Job {
     await this.clean();
   }
 
+  /** Drop the job's parent edges and make the filter take nothing from below (QEMU's s->stop). */
+  private releaseClaims(): void {
+    for (const e of this.claims.splice(0)) BlockNode.detachParent(e);
+    this.filter.stop();
+  }
+
   protected override async clean(): Promise<void> {
     const { graph, bitmaps } = this.o;
     this.copy.release();
     if (this.observer) this.source.removeWriteObserver(this.observer);
     this.observer = undefined;
+    this.releaseClaims();
     // Take the filter out: whoever still uses it uses the source again.
     graph.replace(this.filter, this.source);
-    this.filter.users.delete(this);
     this.filter.detachChild('backing');
     if (graph.find(this.filter.nodeName) === this.filter) await graph.remove(this.filter).catch(() => undefined);
     this.source.blockers.delete(this);
     this.target.blockers.delete(this);
-    this.target.users.delete(this);
     this.o.replaces?.blockers.delete(this);
     const succeeded = this.error === undefined;
     if (this.bitmapIsLocal) {
@@ -454,7 +484,7 @@ export class MirrorJob extends Job {
       bitmaps.setBusy(this.bitmap, false);
       this.bitmap.disabled = false;
     }
-    if (this.o.ownedTarget && graph.find(this.target.nodeName) === this.target && this.target.parents.size === 0) {
+    if (this.o.ownedTarget && graph.find(this.target.nodeName) === this.target && this.target.parents.length === 0) {
       await graph.remove(this.target).catch(() => undefined);
     }
   }

@@ -10,8 +10,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BlockGraph } from '../../src/block/graph.js';
-import { fileDriver, claimFormatPermissions, releaseFilePermissions, FileNode, type HintedError } from '../../src/block/drivers/file.js';
-import type { BlockNode } from '../../src/block/node.js';
+import { fileDriver, FileNode, type HintedError } from '../../src/block/drivers/file.js';
+import { BlockNode, type BdrvChild } from '../../src/block/node.js';
+import { BLK_PERM_ALL, BLK_PERM_CONSISTENT_READ, BLK_PERM_RESIZE, BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED, unnamedBackend } from '../../src/block/permissions.js';
 import { rawDriver } from '../../src/block/drivers/raw.js';
 
 const HAVE_QEMU = existsSync('/usr/bin/qemu-io') && existsSync('/usr/bin/qemu-img') && existsSync('/usr/bin/qemu-storage-daemon');
@@ -35,11 +36,29 @@ function setup(): { dir: string; img: string; graph: BlockGraph; done: () => Pro
   };
 }
 
-/** Open a node and claim on its file what QEMU's format layer (or a guest) would: 'holding' the image. */
+const guests = new Map<BlockNode, BdrvChild>();
+
+/**
+ * Attach a guest device to a node, as a QEMU BlockBackend of a running VM: it reads consistently, writes
+ * and resizes a writable node, and shares only reads (everything with force-share). Its permissions
+ * reach the file node and become lock bytes.
+ */
+function attachGuest(node: BlockNode): void {
+  const perm = node.readOnly ? BLK_PERM_CONSISTENT_READ : BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE;
+  const shared = node.forceShare ? BLK_PERM_ALL : BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED;
+  guests.set(node, node.attachParent(unnamedBackend(), 'root', perm, shared));
+}
+
+function detachGuest(node: BlockNode): void {
+  BlockNode.detachParent(guests.get(node)!);
+  guests.delete(node);
+}
+
+/** Open a node and attach a guest to it: 'holding' the image. */
 async function hold(graph: BlockGraph, opts: Record<string, unknown>): Promise<BlockNode> {
   const node = await graph.open(opts);
   try {
-    claimFormatPermissions(node);
+    attachGuest(node);
   } catch (err) {
     await graph.remove(node);
     throw err;
@@ -211,9 +230,9 @@ test('two bitmirror nodes on one file conflict, as two QEMU users do', { skip },
     await hold(t.graph, { driver: 'file', 'node-name': 'a', filename: t.img });
     await assert.rejects(hold(t.graph, { driver: 'file', 'node-name': 'b', filename: t.img }), { message: 'Failed to get "write" lock' });
     // Claims can be dropped and taken again (a user detaching, another attaching).
-    releaseFilePermissions(t.graph.lookup('a'));
+    detachGuest(t.graph.lookup('a'));
     await hold(t.graph, { driver: 'file', 'node-name': 'c', filename: t.img });
-    assert.throws(() => claimFormatPermissions(t.graph.lookup('a')), { message: 'Failed to get "write" lock' });
+    assert.throws(() => attachGuest(t.graph.lookup('a')), { message: 'Failed to get "write" lock' });
     assert.equal((t.graph.lookup('a') as FileNode).perm, 0, 'a failed claim leaves the old permissions');
   } finally {
     await t.done();
@@ -229,7 +248,7 @@ test('unclaimed nodes take no locks, as QEMU nodes without users', { skip }, asy
     await t.graph.open({ driver: 'raw', 'node-name': 'ro', 'read-only': true, file: { driver: 'file', filename: t.img, 'read-only': true } });
     assert.equal(run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]).status, 0);
     // Claiming through raw reaches the file node.
-    claimFormatPermissions(t.graph.lookup('r'));
+    attachGuest(t.graph.lookup('r'));
     assert.match(run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', t.img]).out, /Failed to get "write" lock/);
   } finally {
     await t.done();

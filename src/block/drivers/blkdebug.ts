@@ -103,7 +103,7 @@ export class BlkdebugNode extends BlockNode {
 
   constructor(nodeName: string, readOnly: boolean, image: BlockNode, rules: Rule[], align: number) {
     super(nodeName, readOnly);
-    this.attachChild('image', image);
+    this.attachChild('image', image, 'filtered');
     for (const r of rules) {
       const list = this.rules.get(r.event) ?? [];
       list.unshift(r);
@@ -149,7 +149,7 @@ export class BlkdebugNode extends BlockNode {
 
   /** Whether a parent node reads and writes through us without raising events itself (like raw). */
   private parentNeedsIoEvents(): boolean {
-    for (const edge of this.parents) if (!eventSources.has(edge.parent.driver)) return true;
+    for (const edge of this.parents) if (edge.parentNode && !eventSources.has(edge.parentNode.driver)) return true;
     return false;
   }
 
@@ -193,7 +193,7 @@ export class BlkdebugNode extends BlockNode {
   }
 
   override async flush(): Promise<void> {
-    if (this.parents.size > 0) {
+    if (this.parents.some((e) => e.parentNode)) {
       this.debugEvent('flush_to_os');
       this.debugEvent('flush_to_disk');
     }
@@ -342,7 +342,7 @@ export const blkdebugDriver: BlockDriver = {
     if (align && (align < 0 || align >= INT_MAX || (align & (align - 1)) !== 0)) {
       throw genericError(`Cannot meet constraints with align ${align}`);
     }
-    const image = await ctx.openChild(opts.image, opts['read-only'] as boolean, 'image');
+    const image = await ctx.openChild(opts.image, opts['read-only'] as boolean, 'image', 'filtered');
     const effective = Math.max(align, image.requestAlignment);
     checkLimit(opts, 'max-transfer', effective);
     const optWriteZero = checkLimit(opts, 'opt-write-zero', effective);

@@ -16,22 +16,17 @@
  * 100+i while it holds permission bit i, byte 200+i while it does not let others have bit i. Bits:
  * 0 consistent read, 1 write, 2 write unchanged, 3 resize. Before using permissions it checks that no
  * other open file description locks 200+i for a bit it wants ("Failed to get "write" lock") or 100+i for
- * a bit it refuses to share ("Failed to get shared "write" lock"). bitmirror has no permission system
- * through the graph; as in QEMU, a freshly opened file node (alone or under raw) holds no permission
- * and takes no lock byte, so two nodes on one file and qemu-io beside a bare node all work as they do
- * with qemu-storage-daemon. Users claim permissions explicitly: setPermissions / claimFilePermissions,
- * or claimFormatPermissions for what QEMU's format layer claims on its file child:
- *   read-write:  consistent read + write + resize, shares neither write nor resize;
- *   read-only:   consistent read, shares neither write nor resize (a backing file, qemu-img info);
- *   force-share: consistent read, shares everything (qemu-img -U).
- * With that claim qemu-io/qemu-img cannot write the image and qemu-img info of a qcow2 needs -U,
- * exactly as for an image a QEMU guest holds. The qcow2 driver, writable exports and job targets are
- * the users expected to claim.
+ * a bit it refuses to share ("Failed to get shared "write" lock"). The permissions are the cumulative
+ * ones of the node's parents (permissions.ts): a file node nobody uses, or one under a raw node nobody
+ * uses, takes no lock byte, as in QEMU; a writable qcow2 above it takes consistent read, write and
+ * resize and shares neither write nor resize, so qemu-io/qemu-img cannot write the image and qemu-img
+ * info of it needs -U, exactly as for an image a QEMU guest holds.
  */
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { genericError, strerror, errorCode, QmpError } from '../../errors.js';
 import { BlockNode, protocolLeaf, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
+import { BLK_PERM_ALL, PERM_NAMES } from '../permissions.js';
 import { bool, enumOf, str, int } from '../../qapi/schema.js';
 import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, EAGAIN, EACCES } from '../native.js';
 
@@ -39,22 +34,8 @@ import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, E
 
 export const RAW_LOCK_PERM_BASE = 100;
 export const RAW_LOCK_SHARED_BASE = 200;
-export const BLK_PERM_CONSISTENT_READ = 0x1;
-export const BLK_PERM_WRITE = 0x2;
-export const BLK_PERM_WRITE_UNCHANGED = 0x4;
-export const BLK_PERM_RESIZE = 0x8;
-export const BLK_PERM_ALL = 0xf;
-const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
 
 export type LockingMode = 'auto' | 'on' | 'off';
-
-/** The permissions a file node holds and shares, as QEMU's format layer would claim them. */
-export function filePermissions(readOnly: boolean, forceShare: boolean): { perm: number; shared: number } {
-  if (readOnly && forceShare) return { perm: BLK_PERM_CONSISTENT_READ, shared: BLK_PERM_ALL };
-  const shared = BLK_PERM_ALL & ~(BLK_PERM_WRITE | BLK_PERM_RESIZE);
-  if (readOnly) return { perm: BLK_PERM_CONSISTENT_READ, shared };
-  return { perm: BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE, shared };
-}
 
 /** A QmpError that also carries QEMU's hint line, printed by command-line front ends after the message. */
 export type HintedError = QmpError & { hint?: string };
@@ -76,13 +57,13 @@ function lockBytesFor(perm: number, shared: number): Set<number> {
 }
 
 /**
- * Change the lock bytes held on fd from `held` to those for (`perm`, `shared`), as QEMU's
- * raw_handle_perm_lock: take the union first, check that no other open file description holds a byte
- * that conflicts with the new permissions, then drop what is no longer needed. On failure the bytes are
- * back as they were and QEMU's message is thrown with its "Is another process using the image" hint.
- * `held` is updated in place.
+ * The first half of QEMU's raw_handle_perm_lock (RAW_PL_PREPARE): add the lock bytes for (`perm`,
+ * `shared`) to those held on fd, then check that no other open file description holds a byte that
+ * conflicts with the new permissions. On failure the bytes are back as they were and QEMU's message is
+ * thrown with its "Is another process using the image" hint. `held` is updated in place; the bytes no
+ * longer needed are dropped by dropImageLocks (commit) — or those newly taken, to abort.
  */
-export function applyImageLocks(fd: number, filename: string, held: Set<number>, perm: number, shared: number): void {
+export function prepareImageLocks(fd: number, filename: string, held: Set<number>, perm: number, shared: number): void {
   const n = nativeAddon();
   if (!n) throw genericError(`Cannot lock '${filename}': ${nativeLoadError() ?? 'native addon unavailable'}`);
   const want = lockBytesFor(perm, shared);
@@ -105,54 +86,34 @@ export function applyImageLocks(fd: number, filename: string, held: Set<number>,
       if (r !== 0) throw lockError(`Failed to get shared "${PERM_NAMES[i]}" lock`, r > 0 ? EAGAIN : -r);
     }
   } catch (err) {
-    for (const off of [...held]) {
-      if (!before.has(off)) {
-        n.unlockByte(fd, off);
-        held.delete(off);
-      }
-    }
+    dropImageLocks(fd, held, before);
     if (err instanceof QmpError) (err as HintedError).hint = `Is another process using the image [${filename}]?`;
     throw err;
   }
+}
+
+/** Release every byte in `held` that is not in `keep` (commit: the new set; abort: the old one). */
+export function dropImageLocks(fd: number, held: Set<number>, keep: ReadonlySet<number>): void {
+  const n = nativeAddon();
+  if (!n) return;
   for (const off of [...held]) {
-    if (!want.has(off)) {
+    if (!keep.has(off)) {
       n.unlockByte(fd, off);
       held.delete(off);
     }
   }
 }
 
-/**
- * Claim permissions on the file node under `node` (through raw and filters), as a QEMU user does when
- * it attaches: a format driver (qcow2) on its file child, a writable export, a job's target, a guest.
- * Pass filePermissions(readOnly, forceShare) for what QEMU's format layer claims. Throws QEMU's lock
- * error (see HintedError) when another process's claims conflict. No-op where there is no file node.
- */
-export function claimFilePermissions(node: BlockNode, perm: number, shared: number): void {
-  fileNodeBelow(node)?.setPermissions(perm, shared);
+/** prepareImageLocks and its commit in one step, for a descriptor outside the graph (blockdev-create). */
+export function applyImageLocks(fd: number, filename: string, held: Set<number>, perm: number, shared: number): void {
+  prepareImageLocks(fd, filename, held, perm, shared);
+  dropImageLocks(fd, held, lockBytesFor(perm, shared));
 }
 
 /** The file node at the bottom of `node`'s data path (through raw and filters), if its bytes live in one. */
 export function fileNodeBelow(node: BlockNode): FileNode | undefined {
   const leaf = protocolLeaf(node);
   return leaf instanceof FileNode ? leaf : undefined;
-}
-
-/**
- * Claim on the file node under `node` what QEMU's format layer claims on its file child, given that
- * node's read-only and force-share options: what a qcow2 node, a guest device or a mirror target
- * holds. Throws QEMU's lock error on conflict.
- */
-export function claimFormatPermissions(node: BlockNode): void {
-  const n = fileNodeBelow(node);
-  if (!n) return;
-  const { perm, shared } = filePermissions(n.readOnly, n.fileOptions.forceShare);
-  n.setPermissions(perm, shared);
-}
-
-/** Drop every claim on the file node under `node` (the user detached). */
-export function releaseFilePermissions(node: BlockNode): void {
-  claimFilePermissions(node, 0, BLK_PERM_ALL);
 }
 
 // ---- the node -------------------------------------------------------------------------------------
@@ -182,11 +143,13 @@ export class FileNode extends BlockNode {
   private canPunch = true;
   /** For O_DIRECT: a buffered descriptor for the unaligned tail of an image. */
   private tailFh: fsp.FileHandle | undefined;
-  /** Current permissions (QEMU's BLK_PERM_* bits): none taken, everything shared until a user claims. */
+  /** The cumulative permissions of the node's parents (QEMU's BLK_PERM_* bits), as last committed. */
   perm = 0;
   shared = BLK_PERM_ALL;
   /** Lock bytes currently held on the descriptor. */
   private readonly lockBytes = new Set<number>();
+  /** Between prepare and commit/abort: the bytes held before, and the permissions being set. */
+  private pending: { before: Set<number>; perm: number; shared: number } | undefined;
 
   constructor(
     nodeName: string,
@@ -200,16 +163,29 @@ export class FileNode extends BlockNode {
     this.size = size;
   }
 
-  /**
-   * Set the permissions this node holds and shares (QEMU's bdrv_child_perm result for the file node),
-   * updating the lock bytes. Throws QEMU's "Failed to get ... lock" error on conflict, leaving the old
-   * permissions in place.
-   */
-  setPermissions(perm: number, shared: number): void {
-    if (this.readOnly && perm & (BLK_PERM_WRITE | BLK_PERM_RESIZE)) throw genericError('Block node is read-only');
-    if (this.fileOptions.locking) applyImageLocks(this.fh.fd, this.filename, this.lockBytes, perm, shared);
-    this.perm = perm;
-    this.shared = shared;
+  /** raw_check_perm: take the lock bytes of the new permissions (as well as the old ones for now). */
+  override permissionsPrepare(perm: number, shared: number): void {
+    const before = new Set(this.lockBytes);
+    if (this.fileOptions.locking && !this.isClosed()) prepareImageLocks(this.fh.fd, this.filename, this.lockBytes, perm, shared);
+    this.pending = { before, perm, shared };
+  }
+
+  /** raw_set_perm: drop the bytes the new permissions do not need. */
+  override permissionsCommit(): void {
+    const p = this.pending;
+    if (!p) return;
+    this.pending = undefined;
+    this.perm = p.perm;
+    this.shared = p.shared;
+    if (this.fileOptions.locking && !this.isClosed()) dropImageLocks(this.fh.fd, this.lockBytes, lockBytesFor(p.perm, p.shared));
+  }
+
+  /** raw_abort_perm_update: back to the bytes held before. */
+  override permissionsAbort(): void {
+    const p = this.pending;
+    if (!p) return;
+    this.pending = undefined;
+    if (this.fileOptions.locking && !this.isClosed()) dropImageLocks(this.fh.fd, this.lockBytes, p.before);
   }
 
   /** The OS file descriptor (for tests and diagnostics). */
@@ -460,8 +436,8 @@ export const fileDriver: BlockDriver = {
       if (st.isDirectory()) throw genericError(`'${filename}' is a directory`);
       const size = st.isBlockDevice() ? await blockDeviceSize(fh) : st.size;
 
-      // As in QEMU, a node takes no permissions (so no lock bytes) until a user claims them
-      // (claimFilePermissions); here we only check that locking is possible.
+      // As in QEMU, a node takes no permissions (so no lock bytes) until a parent needs them
+      // (permissions.ts); here we only check that locking is possible.
       let lockingOn = false;
       if (locking !== 'off') {
         const ofd = n ? n.ofdSupported(fh.fd) : -1;

@@ -3,7 +3,8 @@
  * `size`). All I/O passes to the `file` child at the shifted offset.
  */
 import { genericError } from '../../errors.js';
-import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import { BlockNode, type BdrvChild, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import { defaultChildPermissions, type Permissions } from '../permissions.js';
 import type { BlockDriver } from '../graph.js';
 import { alternate, int, qemuOptSize } from '../../qapi/schema.js';
 
@@ -17,7 +18,12 @@ export class RawNode extends BlockNode {
     private readonly size: number | undefined,
   ) {
     super(nodeName, readOnly);
-    this.attachChild('file', file);
+    // Without offset and size raw is all but a filter; with either its file holds data at a shift.
+    this.attachChild('file', file, offset === 0 && size === undefined ? 'filtered' : 'data');
+  }
+  /** raw_child_perm: the storage rules, but write and resize only when a parent needs them. */
+  override childPermissions(child: BdrvChild, perm: number, shared: number, writable: boolean): Permissions {
+    return defaultChildPermissions(child.role, writable, perm, shared, true);
   }
   private get file(): BlockNode {
     return this.child('file')!.node;
@@ -63,9 +69,9 @@ export const rawDriver: BlockDriver = {
   // QAPI's types are 'int'; the driver reads them as sizes (QemuOpts), which refuses negatives.
   options: { file: BlockdevRef, '*offset': int, '*size': int },
   async open(nodeName, opts, ctx) {
-    const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file');
     const offset = qemuOptSize(opts, 'offset') ?? 0;
     const sz = qemuOptSize(opts, 'size');
+    const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file', offset === 0 && sz === undefined ? 'filtered' : 'data');
     if (offset > file.length()) throw genericError('The sum of offset (' + offset + ') and size (0) has to be smaller or equal to the  actual size of the containing file (' + file.length() + ')');
     if (sz !== undefined && offset + sz > file.length()) {
       throw genericError(`The sum of offset (${offset}) and size (${sz}) has to be smaller or equal to the  actual size of the containing file (${file.length()})`);

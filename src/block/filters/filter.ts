@@ -13,7 +13,7 @@ export abstract class FilterNode extends BlockNode {
     private readonly childRole: 'backing' | 'file',
   ) {
     super(nodeName, child.readOnly);
-    this.attachChild(childRole, child);
+    this.attachChild(childRole, child, 'filtered');
   }
 
   /** The filtered node. */

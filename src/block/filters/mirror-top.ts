@@ -5,11 +5,27 @@
  * the source, a second export) are mirrored too — see jobs/mirror.ts.
  */
 import { FilterNode } from './filter.js';
-import type { BlockNode } from '../node.js';
+import type { BdrvChild, BlockNode } from '../node.js';
+import { BLK_PERM_ALL, refreshPermissions, type Permissions } from '../permissions.js';
 
 export class MirrorTopNode extends FilterNode {
   readonly driver = 'mirror_top';
+  /** The job is ending: the filter forwards no permission to the source any more (QEMU's s->stop). */
+  private stopped = false;
+
   constructor(nodeName: string, source: BlockNode) {
     super(nodeName, source, 'backing');
+  }
+
+  /** Stop passing permissions down, so the source can take the filter's parents (or be replaced). */
+  stop(): void {
+    if (this.stopped) return;
+    this.stopped = true;
+    refreshPermissions([this]);
+  }
+
+  override childPermissions(child: BdrvChild, perm: number, shared: number, writable: boolean): Permissions {
+    if (this.stopped) return { perm: 0, shared: BLK_PERM_ALL };
+    return super.childPermissions(child, perm, shared, writable);
   }
 }

@@ -5,7 +5,6 @@
 import type { BlockDriver } from '../../graph.js';
 import { alternate, any, bool, enumOf, int, object, str } from '../../../qapi/schema.js';
 import { openQcow2 } from './open.js';
-import { claimFormatPermissions } from '../file.js';
 
 export { createQcow2, type Qcow2CreateOptions } from './create.js';
 export { Qcow2Node, type BitmapToStore, type BitmapToKeep } from './node.js';
@@ -34,15 +33,8 @@ export const qcow2Driver: BlockDriver = {
     '*data-file': BlockdevRef,
   },
   async open(nodeName, opts, ctx) {
-    const node = await openQcow2(nodeName, opts, ctx);
-    // Like QEMU's qcow2 on its file child: a writable image takes the write lock and shares neither
-    // write nor resize, so qemu-img/qemu-io cannot write it behind our back (and we refuse theirs).
-    try {
-      claimFormatPermissions(node);
-    } catch (err) {
-      await node.close().catch(() => undefined);
-      throw err;
-    }
-    return node;
+    // The permissions qcow2 takes on its file (write and resize when writable, sharing neither, so
+    // qemu-img/qemu-io cannot write the image behind our back) follow from its child role: 'image'.
+    return openQcow2(nodeName, opts, ctx);
   },
 };

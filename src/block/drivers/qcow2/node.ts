@@ -120,7 +120,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     readonly backingDisplayName: string | undefined,
   ) {
     super(nodeName, readOnly);
-    this.attachChild('file', file);
+    this.attachChild('file', file, 'image');
     this.clusterBits = header.clusterBits;
     this.cs = 2 ** header.clusterBits;
     this.l2Entries = this.cs / 8;

@@ -179,7 +179,7 @@ async function probeFormat(filename: string): Promise<string> {
 
 export async function openQcow2(nodeName: string, opts: Record<string, unknown>, ctx: OpenContext): Promise<Qcow2Node> {
   const readOnly = opts['read-only'] === true;
-  const file = await ctx.openChild(opts.file, readOnly, 'file');
+  const file = await ctx.openChild(opts.file, readOnly, 'file', 'image');
   const fileLength = file.length();
   if (fileLength < 72) throw genericError(fileLength < 4 ? 'Image is not in qcow2 format' : `qcow2: image file is truncated (${fileLength} bytes, shorter than a qcow2 header)`);
   const first = await readAt(file, 0, 104);
@@ -218,14 +218,14 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   let backingDisplay: string | undefined;
   const fileName = file.imageInfo().filename;
   if (opts.backing !== undefined && opts.backing !== null) {
-    backing = await ctx.openChild(opts.backing, true, 'backing');
+    backing = await ctx.openChild(opts.backing, true, 'backing', 'cow');
   } else if (opts.backing === undefined && h.backingFile !== undefined && h.backingFile !== '') {
     const full = resolveBacking(fileName, h.backingFile);
     backingDisplay = full;
     await checkBackingChain(fileName, h.backingFile, h.backingFormat);
     const fmt = h.backingFormat ?? (await probeFormat(full));
     try {
-      backing = await ctx.openChild({ driver: fmt, file: { driver: 'file', filename: full } }, true, 'backing');
+      backing = await ctx.openChild({ driver: fmt, file: { driver: 'file', filename: full } }, true, 'backing', 'cow');
     } catch (err) {
       throw genericError(`Could not open backing file: ${errorMessage(err)}`);
     }
@@ -234,7 +234,13 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   const node = new Qcow2Node(nodeName, readOnly, file, h, l1, rc, backingDisplay);
   node.cachedBitmaps = storedBitmaps;
   node.unmapAllowed = opts.discard === 'unmap';
-  if (backing) node.attachChild('backing', backing);
+  // The node holds its file (with the permissions checked) from here: a failure lets go of it.
+  try {
+    if (backing) node.attachChild('backing', backing, 'cow');
+  } catch (err) {
+    for (const c of [...node.children]) node.detachChild(c.name);
+    throw err;
+  }
   // Nothing is written here: repairs and flag updates wait for Qcow2Node.doActivate, after the whole
   // open (bitmaps loaded by the layer above included) has succeeded.
   return node;
