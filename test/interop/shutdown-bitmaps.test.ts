@@ -156,7 +156,7 @@ test('a write in flight at quit, SIGTERM or blockdev-del is in the stored persis
   const { dir, cleanup } = await tempDir('bm-shutdown-');
   try {
     const seed0 = Number(process.env.BM_SHUTDOWN_SEED ?? Date.now() % 1_000_000);
-    const rounds = Number(process.env.BM_SHUTDOWN_ROUNDS ?? 24);
+    const rounds = Number(process.env.BM_SHUTDOWN_ROUNDS ?? 21);
     const closers: Closer[] = ['quit', 'SIGTERM', 'blockdev-del'];
     t.diagnostic(`seed ${seed0} (BM_SHUTDOWN_SEED=${seed0} replays), ${rounds} rounds`);
     const totals = { acked: 0, failed: 0, noReply: 0 };
