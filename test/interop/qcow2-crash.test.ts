@@ -169,7 +169,7 @@ async function oneRun(dir: string, round: number, seed: number, opts: string): P
   return { writes: writes.filter((w) => w.doneAt !== undefined).length - base.length, durable: durable.length - base.length };
 }
 
-test('qcow2 survives SIGKILL during writes: no corruption, flushed writes read back', { skip, timeout: 60_000 }, async (t) => {
+test('qcow2 survives SIGKILL during writes: no corruption, flushed writes read back', { skip, timeout: 240_000 }, async (t) => {
   const { dir, cleanup } = await tempDir('bm-crash-');
   try {
     const seed0 = Number(process.env.BM_CRASH_SEED ?? Date.now() % 1_000_000);
