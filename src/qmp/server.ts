@@ -2,7 +2,14 @@
  * The QMP monitor: unix and TCP socket servers, one session per client, the greeting, capability
  * negotiation, dispatch of commands through the command table and delivery of events. Commands of one
  * client run one at a time, in order (as QEMU's monitor does without OOB); clients are independent.
- * A client that goes away mid-command harms nothing: the command finishes and its reply is dropped.
+ * A client that goes away mid-command harms nothing: the command finishes and its reply is dropped
+ * (requests it had queued behind it are dropped, as QEMU does). A client that half-closes (shuts down
+ * its write side) gets a reply to every request it sent, then the socket is closed.
+ *
+ * Fairness and memory: one client's input is parsed and executed in bounded steps, with a turn of the
+ * event loop between them, so a client flooding requests (or garbage) cannot delay another's; its
+ * socket is not read while its unparsed input or its unread output is large (back-pressure), so a
+ * client that never reads its replies makes the daemon hold a bounded amount for it.
  */
 import * as net from 'node:net';
 import { promises as fsp } from 'node:fs';
@@ -36,7 +43,8 @@ export class QmpServer {
   }
 
   async listen(addr: ListenAddress): Promise<void> {
-    const server = net.createServer((sock) => this.accept(sock));
+    // allowHalfOpen: a client's end of input must not end our output before its replies are sent.
+    const server = net.createServer({ allowHalfOpen: true }, (sock) => this.accept(sock));
     server.on('error', () => undefined);
     if (addr.kind === 'unix') {
       // A stale socket file from a previous run would make listen fail with EADDRINUSE.
@@ -68,26 +76,55 @@ export class QmpServer {
 
 type Reply = Record<string, unknown>;
 
-/** Requests a client may have queued before we stop reading its socket, and where we read again. */
-const QUEUE_HIGH = 64;
-const QUEUE_LOW = 16;
+/**
+ * Units of work (one request executed, or one step of input parsed) a session does before it yields a
+ * turn of the event loop to other clients and to I/O, and the time after which it yields sooner (a
+ * few slow requests, like query-qmp-schema, take as long as many cheap ones).
+ */
+const TURN_BUDGET = 32;
+const TURN_MS = 5;
+/** Bytes of input parsed per step: a step can yield at most this many messages. */
+const PARSE_STEP = 4096;
+/** Unparsed input past which the client's socket is not read (the kernel buffer then pushes back). */
+const INPUT_HIGH = 256 << 10;
+/** Unsent output past which no further request of the client runs until it has read some. */
+const OUTPUT_HIGH = 1 << 20;
 
 class QmpSession {
   private negotiated = false;
   private oob = false;
-  private queue: Promise<void> = Promise.resolve();
-  private queued = 0;
   private readonly parser: JsonStreamParser;
   private alive = true;
   private readonly decoder = new TextDecoder('utf-8');
+  /** Received bytes not yet parsed, oldest first; `inputOffset` is how far the first one is parsed. */
+  private readonly input: Buffer[] = [];
+  private inputOffset = 0;
+  private inputBytes = 0;
+  /** The client shut down its write side: after the last reply, we close ours. */
+  private inputEnded = false;
+  /** Parsed requests waiting for their turn (at most one parse step's worth). */
+  private readonly requests: JsonMessage[] = [];
+  private pumping = false;
+  private readonly oobRunning = new Set<Promise<void>>();
 
   constructor(
     private readonly server: QmpServer,
     private readonly sock: net.Socket,
   ) {
-    this.parser = new JsonStreamParser((m) => this.onMessage(m));
+    this.parser = new JsonStreamParser((m) => this.requests.push(m));
     sock.setNoDelay(true);
-    sock.on('data', (chunk: Buffer) => this.parser.feed(this.decoder.decode(chunk, { stream: true })));
+    sock.on('data', (chunk: Buffer) => {
+      this.input.push(chunk);
+      this.inputBytes += chunk.length;
+      if (this.inputBytes > INPUT_HIGH) sock.pause();
+      void this.pump();
+    });
+    sock.on('end', () => {
+      this.inputEnded = true;
+      void this.pump();
+    });
+    // Output backlog went away: run the requests that waited for it.
+    sock.on('drain', () => void this.pump());
     sock.on('error', () => this.destroy());
     sock.on('close', () => (this.alive = false));
     this.send({ QMP: { version: QEMU_COMPAT_VERSION, capabilities: ['oob'] } });
@@ -113,41 +150,71 @@ class QmpSession {
     this.sock.write(text + '\r\n');
   }
 
-  private onMessage(m: JsonMessage): void {
+  /**
+   * Parse and execute the client's input, in order, in bounded steps (see TURN_BUDGET). Only one pump
+   * runs per session; input that arrives meanwhile is picked up by the running one.
+   */
+  private async pump(): Promise<void> {
+    if (this.pumping) return;
+    this.pumping = true;
+    try {
+      let budget = TURN_BUDGET;
+      let turnStart = performance.now();
+      while (this.alive) {
+        // The client is not reading its replies: wait for 'drain' (which pumps again).
+        if (this.sock.writableLength > OUTPUT_HIGH) return;
+        const request = this.requests.shift();
+        if (request) await this.handle(request);
+        else if (this.inputBytes > 0) this.parseStep();
+        else break;
+        if (--budget === 0 || performance.now() - turnStart > TURN_MS) {
+          await new Promise((resolve) => setImmediate(resolve));
+          budget = TURN_BUDGET;
+          turnStart = performance.now();
+        }
+      }
+      if (!this.alive) return;
+      if (this.inputEnded) {
+        // Every request is answered (a scalar cut off by the end of input is not a request, as in QEMU).
+        await Promise.all(this.oobRunning);
+        this.sock.end();
+      } else if (this.sock.isPaused()) this.sock.resume();
+    } finally {
+      this.pumping = false;
+    }
+  }
+
+  /** Feed the parser the next PARSE_STEP bytes of input. */
+  private parseStep(): void {
+    const first = this.input[0];
+    const end = Math.min(first.length, this.inputOffset + PARSE_STEP);
+    const bytes = first.subarray(this.inputOffset, end);
+    this.inputBytes -= bytes.length;
+    if (end === first.length) {
+      this.input.shift();
+      this.inputOffset = 0;
+    } else this.inputOffset = end;
+    this.parser.feed(this.decoder.decode(bytes, { stream: true }));
+  }
+
+  private async handle(m: JsonMessage): Promise<void> {
     if (!m.ok) {
       // Parse errors are answered in order with the rest, without an id (it could not be read).
-      const desc = m.limit ? m.error : `JSON parse error, ${m.error}`;
-      this.enqueue(async () => this.send({ error: { class: 'GenericError', desc } }));
+      this.send({ error: { class: 'GenericError', desc: m.limit ? m.error : `JSON parse error, ${m.error}` } });
       return;
     }
     const req = m.value;
     const id = isObject(req) ? req.id : undefined;
-    const isOob = isObject(req) && 'exec-oob' in req && this.oob;
     const run = async () => {
       const reply = await this.dispatch(req);
       if (id !== undefined) reply.id = id;
       this.send(reply);
     };
     // exec-oob overtakes queued in-band commands, as in QEMU.
-    if (isOob) void run();
-    else this.enqueue(run);
-  }
-
-  /**
-   * Queue a request behind the client's earlier ones. A client that pipelines faster than commands
-   * complete is throttled: past QUEUE_HIGH queued requests its socket stops being read (as QEMU's
-   * monitor suspends), so it cannot make the daemon buffer without bound.
-   */
-  private enqueue(fn: () => Promise<void>): void {
-    this.queued++;
-    if (this.queued >= QUEUE_HIGH && !this.sock.isPaused()) this.sock.pause();
-    this.queue = this.queue
-      .then(fn)
-      .catch(() => undefined)
-      .finally(() => {
-        this.queued--;
-        if (this.queued <= QUEUE_LOW && this.sock.isPaused() && this.alive) this.sock.resume();
-      });
+    if (isObject(req) && 'exec-oob' in req && this.oob) {
+      const running = run().finally(() => this.oobRunning.delete(running));
+      this.oobRunning.add(running);
+    } else await run();
   }
 
   private async dispatch(req: unknown): Promise<Reply> {
