@@ -66,6 +66,8 @@ export class BlockGraph {
    * so that no node opens behind its back and no parent still writes into a child it closes.
    */
   private readonly pending = new Set<Promise<unknown>>();
+  /** Nodes entered in the graph by an open that has not finished yet (their names are taken, not found). */
+  private readonly opening = new WeakSet<BlockNode>();
 
   private track<T>(p: Promise<T>): Promise<T> {
     this.pending.add(p);
@@ -146,16 +148,21 @@ export class BlockGraph {
 
   /** All nodes in creation order (query-named-block-nodes lists newest first; callers reverse). */
   allNodes(): BlockNode[] {
-    return [...this.nodes.values()];
+    return [...this.nodes.values()].filter((n) => !this.opening.has(n));
   }
 
+  /**
+   * The node of that name. A node whose open is still under way is not found: nothing may write to it
+   * before its stored bitmaps are loaded (a write then would be in the image but not in them).
+   */
   find(nodeName: string): BlockNode | undefined {
-    return this.nodes.get(nodeName);
+    const n = this.nodes.get(nodeName);
+    return n && !this.opening.has(n) ? n : undefined;
   }
 
   /** bdrv_lookup_bs for a node-name-only world: QEMU's message names both device and node-name. */
   lookup(name: string): BlockNode {
-    const n = this.nodes.get(name);
+    const n = this.find(name);
     if (!n) throw genericError(`Cannot find device='${name}' nor node-name='${name}'`);
     return n;
   }
@@ -183,6 +190,7 @@ export class BlockGraph {
       const node = await this.openInner(checked, inheritedReadOnly, opened, '', visitOpts);
       // Everything is opened, checked and loaded: only now may the nodes write (children first).
       for (const n of opened) await n.activate();
+      for (const n of opened) this.opening.delete(n);
       return node;
     } catch (err) {
       for (const n of opened.reverse()) {
@@ -232,6 +240,7 @@ export class BlockGraph {
       throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
     }
     this.nodes.set(nodeName, node);
+    this.opening.add(node);
     opened.push(node);
     for (const hook of this.afterOpen) await hook(node);
     return node;

@@ -131,3 +131,19 @@ test('shutdown waits for a blockdev-del under way (its bitmaps still go into the
   assert.ok(q.isClosed() && f.isClosed() && late.isClosed());
   assert.deepEqual(core.graph.allNodes(), []);
 });
+
+test('a node is not found by name until its open finished (its stored bitmaps loaded): nothing writes to it before', async () => {
+  const core = newCore();
+  const seen: Array<[string, boolean, boolean]> = [];
+  // After the core's own hook (which loads the stored bitmaps): what a command would find meanwhile.
+  core.graph.afterOpen.push(async (n) => void seen.push([n.nodeName, core.graph.find(n.nodeName) !== undefined, core.graph.allNodes().includes(n)]));
+  const r = await core.graph.open({ driver: 'raw', 'node-name': 'r', file: { driver: 'null-co', 'node-name': 'f', size: MiB } });
+  assert.deepEqual(seen, [
+    ['f', false, false],
+    ['r', false, false],
+  ]);
+  assert.equal(core.graph.find('r'), r);
+  assert.equal(core.graph.lookup('f'), r.primaryChild());
+  // The name is taken while the open runs: a second open of it is refused.
+  await assert.rejects(openNull(core, 'f'), /Duplicate nodes with node-name='f'/);
+});
