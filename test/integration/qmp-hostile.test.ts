@@ -128,7 +128,7 @@ test('a client that half-closes gets a reply to every command it sent, then the 
   await d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'half0', file: { driver: 'file', filename: img } });
   const c = await RawClient.connect();
   c.sock.write('{"execute":"query-named-block-nodes","id":1}');
-  c.sock.write('{"execute":"human-monitor-command","arguments":{"command-line":"qemu-io half0 \\"write -P 0x5a 0 64k\\""},"id":2}');
+  c.sock.write('{"execute":"human-monitor-command","arguments":{"command-line":"qemu-io half0 \\"write -P 0x5a 0 64k\\"","__org.bitmirror_output":true},"id":2}');
   c.sock.write('{"execute":"query-version","id":3}');
   // What `echo … | socat - UNIX-CONNECT:…` and `nc -N` do: shut down the write side, keep reading.
   c.sock.end();
