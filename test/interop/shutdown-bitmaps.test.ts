@@ -1,7 +1,8 @@
 /**
  * A write in flight when a node closes must be in its stored persistent bitmap (issue 18, defect 0).
- * Several QMP clients write (a few commands queued each) through HMP qemu-io at seeded random places across a qcow2 with a
- * persistent bitmap while the node is closed under them: QMP `quit`, SIGTERM, or `blockdev-del`.
+ * Several QMP clients write (a few commands queued each) through HMP qemu-io at seeded random places
+ * across a qcow2 with a persistent bitmap while the node is closed under them: QMP `quit`, SIGTERM,
+ * `blockdev-del`, or `quit` while a mirror job copies the node (one writer goes through its filter).
  * Afterwards, read by QEMU's tools: every cluster that holds data (qemu-img map) is dirty in the
  * stored bitmap (qemu-nbd -B, nbdinfo --map), every acknowledged write reads back (qemu-io read -P),
  * the bitmap is stored consistent (not in use) and qemu-img check is clean.
@@ -28,7 +29,8 @@ const PIPELINE = 4;
 const haveQemu = ['/usr/bin/qemu-img', '/usr/bin/qemu-io', '/usr/bin/qemu-nbd', '/usr/bin/nbdinfo'].every((p) => existsSync(p));
 const skip = haveQemu ? false : 'QEMU tools (qemu-img, qemu-io, qemu-nbd) or nbdinfo not installed';
 
-type Closer = 'quit' | 'SIGTERM' | 'blockdev-del';
+/** How the node is closed under the writes; 'quit-mirroring': quit while a mirror job copies the node. */
+type Closer = 'quit' | 'SIGTERM' | 'blockdev-del' | 'quit-mirroring';
 
 interface Write {
   offset: number;
@@ -73,6 +75,15 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
   try {
     if (closer === 'blockdev-del') await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: fileOpts });
     for (let i = 0; i < WRITERS; i++) writers.push(await QmpClient.connect(sock));
+    // Through the mirror's filter node too: the job must be cancelled (its filter gone) before q closes.
+    const writeNodes = ['q'];
+    const target = path.join(dir, `r${round}-target.qcow2`);
+    if (closer === 'quit-mirroring') {
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(SIZE)]);
+      await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 't', file: { driver: 'file', filename: target } });
+      await d.qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'q', target: 't', sync: 'full', 'filter-node-name': 'mf' });
+      writeNodes.push('mf');
+    }
 
     // Distinct slots across the whole disk, in seeded random order; each write lies inside its slot.
     const slots = Array.from({ length: SIZE / SLOT }, (_, i) => i);
@@ -91,12 +102,12 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
     const triggerAt = 2 + Math.floor(rand() * 30);
     let triggered!: () => void;
     const trigger = new Promise<void>((r) => (triggered = r));
-    const writer = async (c: QmpClient): Promise<void> => {
+    const writer = async (c: QmpClient, node: string): Promise<void> => {
       while (next < writes.length) {
         const w = writes[next++];
         let out: string;
         try {
-          out = await c.hmpOutput(`qemu-io q "write -P ${w.pattern} ${w.offset} ${w.bytes}"`);
+          out = await c.hmpOutput(`qemu-io ${node} "write -P ${w.pattern} ${w.offset} ${w.bytes}"`);
         } catch {
           return; // the daemon closed the connection: no reply
         }
@@ -105,9 +116,9 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
         if (++acked === triggerAt) triggered();
       }
     };
-    const writing = Promise.all(writers.flatMap((c) => Array.from({ length: PIPELINE }, () => writer(c))));
+    const writing = Promise.all(writers.flatMap((c, i) => Array.from({ length: PIPELINE }, () => writer(c, writeNodes[i % writeNodes.length]))));
     await Promise.race([trigger, writing]);
-    if (closer === 'quit') await d.qmp.execute('quit').catch(() => undefined);
+    if (closer === 'quit' || closer === 'quit-mirroring') await d.qmp.execute('quit').catch(() => undefined);
     else if (closer === 'SIGTERM') d.proc.kill('SIGTERM');
     else {
       await d.qmp.execute('blockdev-del', { 'node-name': 'q' });
@@ -126,6 +137,10 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
     if (stored !== '[["b",["auto"]]]') problems.push(`stored bitmaps ${stored}, expected b (auto, not in use)`);
     const check = await run('qemu-img', ['check', img]);
     if (check.code !== 0) problems.push(`qemu-img check exited ${check.code}: ${check.stdout.trim().split('\n').pop()}`);
+    if (closer === 'quit-mirroring') {
+      const targetCheck = await run('qemu-img', ['check', target]);
+      if (targetCheck.code !== 0) problems.push(`qemu-img check of the mirror target exited ${targetCheck.code}`);
+    }
 
     const data = await dataClusters(img);
     const dirty = await storedDirtyClusters(img, 'b');
@@ -156,8 +171,8 @@ test('a write in flight at quit, SIGTERM or blockdev-del is in the stored persis
   const { dir, cleanup } = await tempDir('bm-shutdown-');
   try {
     const seed0 = Number(process.env.BM_SHUTDOWN_SEED ?? Date.now() % 1_000_000);
-    const rounds = Number(process.env.BM_SHUTDOWN_ROUNDS ?? 21);
-    const closers: Closer[] = ['quit', 'SIGTERM', 'blockdev-del'];
+    const rounds = Number(process.env.BM_SHUTDOWN_ROUNDS ?? 20);
+    const closers: Closer[] = ['quit', 'SIGTERM', 'blockdev-del', 'quit-mirroring'];
     t.diagnostic(`seed ${seed0} (BM_SHUTDOWN_SEED=${seed0} replays), ${rounds} rounds`);
     const totals = { acked: 0, failed: 0, noReply: 0 };
     // Every round runs, so that a failure says how often it happens.
@@ -171,7 +186,7 @@ test('a write in flight at quit, SIGTERM or blockdev-del is in the stored persis
       } catch (err) {
         failures.push((err as Error).message.split('\n')[0]);
       }
-      await fsp.rm(path.join(dir, `r${round}.qcow2`), { force: true });
+      for (const f of [`r${round}.qcow2`, `r${round}-target.qcow2`]) await fsp.rm(path.join(dir, f), { force: true });
     }
     t.diagnostic(`${totals.acked} writes acknowledged, ${totals.failed} refused, ${totals.noReply} without a reply`);
     assert.deepEqual(failures, [], `${failures.length} of ${rounds} rounds failed`);
