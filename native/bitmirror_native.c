@@ -4,6 +4,7 @@
  *   OFD byte-range locks   (fcntl F_OFD_SETLK / F_OFD_GETLK)  synchronous: never blocks (no F_OFD_SETLKW)
  *   lseek SEEK_DATA/HOLE                                       asynchronous (may block on network fs)
  *   fallocate                                                  asynchronous (may take long on big ranges)
+ *   copy_file_range        (copy offload between two files)    asynchronous
  *   aligned buffers        (posix_memalign -> external Buffer) synchronous
  *
  * Every call returns its result or a negative errno; the TypeScript wrapper (src/block/native.ts) turns
@@ -138,9 +139,9 @@ static napi_value ofd_supported(napi_env env, napi_callback_info info) {
   return make_number(env, r == -1 ? -errno : 0);
 }
 
-/* ---- asynchronous syscalls (lseek, fallocate) on the libuv thread pool ------------------------ */
+/* ---- asynchronous syscalls (lseek, fallocate, copy_file_range) on the libuv thread pool ------- */
 
-enum op { OP_SEEK, OP_FALLOCATE };
+enum op { OP_SEEK, OP_FALLOCATE, OP_COPY_RANGE };
 
 typedef struct {
   napi_async_work work;
@@ -150,6 +151,8 @@ typedef struct {
   int mode; /* whence for lseek, mode for fallocate */
   int64_t offset;
   int64_t len;
+  int fd_out;         /* copy_file_range: destination */
+  int64_t offset_out;
   int64_t result; /* >= 0 result, or -errno */
 } async_req;
 
@@ -168,6 +171,24 @@ static void execute(napi_env env, void *data) {
       r = fallocate(req->fd, req->mode, (off_t)req->offset, (off_t)req->len);
     } while (r == -1 && errno == EINTR);
     req->result = r == -1 ? -errno : 0;
+    break;
+  }
+  case OP_COPY_RANGE: {
+    /* The kernel may copy less than asked (it caps one call); go on until done. An error after some
+       bytes were copied returns the count, so the caller can tell how far the copy got. */
+    loff_t in = (loff_t)req->offset, out = (loff_t)req->offset_out;
+    int64_t done = 0;
+    while (done < req->len) {
+      ssize_t r = copy_file_range(req->fd, &in, req->fd_out, &out, (size_t)(req->len - done), 0);
+      if (r == -1 && errno == EINTR) continue;
+      if (r == -1) {
+        if (done == 0) done = -errno;
+        break;
+      }
+      if (r == 0) break; /* end of the source file */
+      done += r;
+    }
+    req->result = done;
     break;
   }
   }
@@ -207,6 +228,13 @@ static napi_value queue(napi_env env, async_req *req, const char *name) {
   return promise;
 }
 
+/* A zeroed request, or NULL with an exception pending. */
+static async_req *new_req(napi_env env) {
+  async_req *req = calloc(1, sizeof(*req));
+  if (!req) napi_throw_error(env, NULL, "bitmirror_native: out of memory");
+  return req;
+}
+
 /* seek(fd, offset, whence) -> Promise<offset | -errno>; whence is SEEK_DATA or SEEK_HOLE. */
 static napi_value seek(napi_env env, napi_callback_info info) {
   napi_value argv[3];
@@ -215,11 +243,8 @@ static napi_value seek(napi_env env, napi_callback_info info) {
   if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[1], &off) ||
       get_i32(env, argv[2], &whence))
     return NULL;
-  async_req *req = calloc(1, sizeof(*req));
-  if (!req) {
-    napi_throw_error(env, NULL, "bitmirror_native: out of memory");
-    return NULL;
-  }
+  async_req *req = new_req(env);
+  if (!req) return NULL;
   req->op = OP_SEEK;
   req->fd = fd;
   req->offset = off;
@@ -235,17 +260,37 @@ static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   if (get_args(env, info, 4, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &mode) ||
       get_i64(env, argv[2], &off) || get_i64(env, argv[3], &len))
     return NULL;
-  async_req *req = calloc(1, sizeof(*req));
-  if (!req) {
-    napi_throw_error(env, NULL, "bitmirror_native: out of memory");
-    return NULL;
-  }
+  async_req *req = new_req(env);
+  if (!req) return NULL;
   req->op = OP_FALLOCATE;
   req->fd = fd;
   req->mode = mode;
   req->offset = off;
   req->len = len;
   return queue(env, req, "bitmirror.fallocate");
+}
+
+/*
+ * copyFileRange(fdIn, offsetIn, fdOut, offsetOut, len) -> Promise<bytes copied | -errno>: the kernel
+ * copies (and shares blocks where the file system can: a reflink). Fewer bytes than len only at the end
+ * of the source file or when an error stopped the copy after some bytes.
+ */
+static napi_value copy_range(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int32_t fd_in, fd_out;
+  int64_t off_in, off_out, len;
+  if (get_args(env, info, 5, argv) || get_i32(env, argv[0], &fd_in) || get_i64(env, argv[1], &off_in) ||
+      get_i32(env, argv[2], &fd_out) || get_i64(env, argv[3], &off_out) || get_i64(env, argv[4], &len))
+    return NULL;
+  async_req *req = new_req(env);
+  if (!req) return NULL;
+  req->op = OP_COPY_RANGE;
+  req->fd = fd_in;
+  req->offset = off_in;
+  req->fd_out = fd_out;
+  req->offset_out = off_out;
+  req->len = len;
+  return queue(env, req, "bitmirror.copy_file_range");
 }
 
 /* ---- aligned buffers ------------------------------------------------------------------------- */
@@ -304,6 +349,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"ofdSupported", NULL, ofd_supported, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seek", NULL, seek, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"copyFileRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
       {"bufferAddress", NULL, buffer_address, NULL, NULL, NULL, napi_enumerable, NULL},
   };

@@ -17,6 +17,8 @@ interface NativeAddon {
   ofdSupported(fd: number): number;
   seek(fd: number, offset: number, whence: number): Promise<number>;
   fallocate(fd: number, mode: number, offset: number, len: number): Promise<number>;
+  /** copy_file_range until `len` bytes are copied: the count (short at the source's end), or -errno. */
+  copyFileRange(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, len: number): Promise<number>;
   alignedBuffer(size: number, align: number): Buffer;
   bufferAddress(buf: Buffer): number;
   readonly SEEK_DATA: number;

@@ -30,7 +30,8 @@ export interface BlockStatus {
   depth?: number;
 }
 
-export type WriteKind = 'write' | 'zero' | 'discard';
+/** 'copy': the bytes come from a host file range, copied by the kernel (copy offload); no buffer holds them. */
+export type WriteKind = 'write' | 'zero' | 'discard' | 'copy';
 
 export interface WriteFlags {
   /** Force unit access: the write is durable when it completes. */
@@ -39,13 +40,21 @@ export interface WriteFlags {
   mayUnmap?: boolean;
 }
 
-/** A write-class request as observers see it. `data` is set for kind 'write'. */
+/** Where a node's bytes are stored as they are in a host file, for copy offload (copy_file_range). */
+export interface HostRange {
+  readonly fd: number;
+  readonly offset: number;
+  readonly bytes: number;
+}
+
+/** A write-class request as observers see it. `data` is set for kind 'write', `source` for kind 'copy'. */
 export interface WriteRequest {
   readonly node: BlockNode;
   readonly kind: WriteKind;
   readonly offset: number;
   readonly bytes: number;
   readonly data?: Buffer;
+  readonly source?: HostRange;
   readonly flags: WriteFlags;
 }
 
@@ -187,6 +196,21 @@ export abstract class BlockNode {
    * through read() (and any override of it) and copies.
    */
   protected doReadInto?(offset: number, buf: Buffer): Promise<void>;
+  /**
+   * Copy offload, source side (QEMU's copy_range_from): where a prefix of [offset, offset+bytes) is
+   * stored as it is in a host file, or undefined when its bytes are not (zeroes, compressed, a driver
+   * that changes data, O_DIRECT). Drivers and filters that pass data through unchanged implement it.
+   */
+  protected doMapHost?(offset: number, bytes: number): Promise<HostRange | undefined>;
+  /**
+   * Copy offload, target side (QEMU's copy_range_to): write [offset, offset+src.bytes) with the bytes
+   * of `src`, copied by the kernel. Called only where canWriteHost said yes.
+   */
+  protected doWriteHost?(offset: number, src: HostRange): Promise<void>;
+  /** Whether doWriteHost can take [offset, offset+bytes) (alignment, what lies below). Default: yes. */
+  protected canWriteHost(_offset: number, _bytes: number): boolean {
+    return true;
+  }
   protected abstract doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   /** Default: write a buffer of zeroes. Drivers that can do better (holes, zero clusters) override. */
   protected async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
@@ -401,6 +425,52 @@ export abstract class BlockNode {
     }
   }
 
+  /** Copy offload: where a prefix of [offset, offset+bytes) lies in a host file (see doMapHost). */
+  async mapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
+    this.checkRequest(offset, bytes);
+    if (bytes === 0 || !this.doMapHost) return undefined;
+    return this.doMapHost(offset, bytes);
+  }
+
+  /** Whether writeHost can write [offset, offset+bytes) of this node. */
+  acceptsHostCopy(offset: number, bytes: number): boolean {
+    return !this.readOnly && !this.closed && this.doWriteHost !== undefined && this.canWriteHost(offset, bytes);
+  }
+
+  /**
+   * Write [offset, offset+src.bytes) with the bytes of a host file range, copied by the kernel: a write
+   * request like any other (tracked, seen by write observers as kind 'copy'). The kernel's refusal
+   * (EXDEV, EINVAL, ENOTSUP, ENOSYS) comes back as a BlockIOError with that code.
+   */
+  async writeHost(offset: number, src: HostRange): Promise<void> {
+    this.checkRequest(offset, src.bytes);
+    this.checkWritable();
+    if (src.bytes === 0) return;
+    if (!this.acceptsHostCopy(offset, src.bytes)) throw new BlockIOError('ENOTSUP');
+    await this.writeRequest({ node: this, kind: 'copy', offset, bytes: src.bytes, source: src, flags: {} });
+  }
+
+  /**
+   * Copy offload (QEMU's bdrv_co_copy_range): copy a prefix of [offset, offset+bytes) of this node to
+   * the same offsets of `target`, by the kernel, when this node's bytes lie in a host file and the
+   * target can take a host copy there. Returns the bytes copied, 0 when there is no offload for this
+   * range (nothing changed then). A read request here, a write request on the target.
+   */
+  async copyRangeTo(offset: number, bytes: number, target: BlockNode): Promise<number> {
+    this.checkRequest(offset, bytes);
+    if (bytes === 0 || !this.doMapHost || !target.acceptsHostCopy(offset, bytes)) return 0;
+    const req = this.tracker.begin('read', offset, bytes);
+    try {
+      await this.tracker.waitForSerialising(req);
+      const src = await this.doMapHost(offset, bytes);
+      if (!src || !target.acceptsHostCopy(offset, src.bytes)) return 0;
+      await target.writeHost(offset, src);
+      return src.bytes;
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
   async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
     this.checkRequest(offset, data.length);
     this.checkWritable();
@@ -544,6 +614,8 @@ export abstract class BlockNode {
   private async alignedWrite(req: WriteRequest, tracked: TrackedRequest): Promise<void> {
     const align = this.requestAlignment;
     const aligned = align <= 1 || (req.offset % align === 0 && req.bytes % align === 0);
+    // acceptsHostCopy has checked what a host copy needs, alignment included.
+    if (req.kind === 'copy') return this.doWriteHost!(req.offset, req.source!);
     if (aligned || req.kind === 'discard') {
       if (req.kind === 'write') return this.doWrite(req.offset, req.data!, req.flags);
       if (req.kind === 'zero') return this.doWriteZeroes(req.offset, req.bytes, req.flags);

@@ -9,6 +9,8 @@
  *   no-backing target to whole clusters; `__org.bitmirror_allow-coarse-target` (default false) then lets
  *   a caller's bitmap be finer than the target's clusters, which the series refuses. The names follow
  *   QAPI's rule for downstream extensions (a reversed domain name with a leading `__`).
+ * - `__org.bitmirror_copy-offload` (default true): data between host files is copied by the kernel
+ *   (copy_file_range) where it can; false reads and writes every byte (QEMU's mirror always does).
  */
 import { genericError } from '../errors.js';
 import { bool, enumOf, int, str, uint32, type Members } from '../qapi/schema.js';
@@ -28,6 +30,7 @@ const MirrorCopyModeEnum = enumOf('MirrorCopyMode', ['background', 'write-blocki
 const BitmapSyncModeEnum = enumOf('BitmapSyncMode', ['on-success', 'never', 'always']);
 const FILL = '__org.bitmirror_fill-partial-clusters';
 const COARSE = '__org.bitmirror_allow-coarse-target';
+const OFFLOAD = '__org.bitmirror_copy-offload';
 
 const COMMON: Members = {
   '*job-id': str,
@@ -46,6 +49,7 @@ const COMMON: Members = {
   '*auto-dismiss': bool,
   [`*${FILL}`]: bool,
   [`*${COARSE}`]: bool,
+  [`*${OFFLOAD}`]: bool,
 };
 
 /** The device must be a root node (nothing above it), as qmp_get_root_bs requires. */
@@ -174,6 +178,7 @@ async function startMirror(
     workingBitmap: choice.workingBitmap,
     syncBitmap: choice.syncBitmap,
     fillPartialClusters: (args[FILL] as boolean | undefined) ?? true,
+    copyOffload: (args[OFFLOAD] as boolean | undefined) ?? true,
     ownedTarget: extra.ownedTarget,
     backingAtCompletion: extra.backingAtCompletion,
   });

@@ -87,6 +87,8 @@ export interface MirrorJobOptions extends JobOptions {
   syncBitmap?: { bitmap: DirtyBitmap; mode: BitmapSyncMode };
   /** Widen writes into unallocated clusters of a no-backing target to whole clusters (see above). */
   fillPartialClusters: boolean;
+  /** Let the kernel copy data between host files (copy_file_range) where it can. */
+  copyOffload: boolean;
   /**
    * drive-mirror: a target the job opened itself. When the job ends it is closed unless a parent uses
    * it (a pivot gave it the source's parents), as QEMU drops its last reference.
@@ -162,6 +164,7 @@ export class MirrorJob extends Job {
       maxIoBytes: Math.max(o.bufSize / 16, MAX_IO_BYTES),
       unmap: o.unmap,
       fillPartialClusters: o.fillPartialClusters,
+      offload: o.copyOffload,
       hooks: {
         launched: (offset, bytes) => {
           traceIteration({ job: this.id, offset, bytes });
@@ -340,9 +343,9 @@ export class MirrorJob extends Job {
     const held = activeOps.get(req);
     activeOps.delete(req);
     try {
-      if (err !== undefined || !held || !this.syncWrites() || req.kind === 'discard') {
+      if (err !== undefined || !held || !this.syncWrites() || req.kind === 'discard' || req.kind === 'copy') {
         // Not copied now: the chunks are copied by the loop. (A failed or discarded range may hold
-        // anything, so it is copied from what the source reads.)
+        // anything, and a host copy brought no buffer, so it is copied from what the source reads.)
         this.bitmap.setDirty(req.offset, req.bytes);
         if (this.activelySynced && (err !== undefined || req.kind !== 'discard' || !held)) this.activelySynced = false;
         this.kick();

@@ -11,7 +11,11 @@
  *   the chunks are copied again (no write is lost); on a failure the rest of the range is dirty again;
  * - the bounds: at most `maxInFlight` copies at once within a buffer budget of `bufSize` bytes;
  * - the data: per piece, block status through the source's backing chain decides between copying data
- *   (through pooled page-aligned buffers and BlockNode.readInto) and writing zeroes;
+ *   and writing zeroes. Data is copied by the kernel (copy_file_range, a reflink where the file system
+ *   can) when the source's bytes lie in a host file and the target can take a host copy there
+ *   (BlockNode.copyRangeTo: file, raw, qcow2 host clusters, filters); else, or when the kernel says no,
+ *   it is read into pooled page-aligned buffers (BlockNode.readInto) and written. Either way the
+ *   bookkeeping (bits, locks, progress, observers of the target) is the same;
  * - in-flight chunk locks (ChunkLocks): copies of overlapping ranges never run at once, and writers
  *   that take a lock wait for copies of their range (and copies for them);
  * - partial-cluster widening: a write into a cluster that is unallocated in a target without a backing
@@ -22,6 +26,8 @@
  * It knows nothing of jobs: it lives in block/ and reports through the hooks.
  */
 import type { BlockNode } from '../node.js';
+import { errorCode } from '../../errors.js';
+import { tracer } from '../../trace/trace.js';
 import { BufferPool } from './buffer-pool.js';
 import { chainStatus } from './chain-status.js';
 import { ChunkLocks } from './chunk-locks.js';
@@ -36,6 +42,12 @@ export interface CopyBitmap {
 }
 
 export type CopyOperation = 'read' | 'write';
+
+const traceOffload = tracer.point('block_copy_offload');
+const traceOffloadFail = tracer.point('block_copy_offload_fail');
+
+/** The kernel's "not between these files": no use asking again for the rest of the copy. */
+const OFFLOAD_REFUSALS = new Set(['EXDEV', 'EINVAL', 'ENOTSUP', 'ENOSYS', 'EBADF']);
 
 export interface BlockCopyHooks {
   /** A background copy of [offset, +bytes) is about to start: account it against a speed limit. */
@@ -65,6 +77,8 @@ export interface BlockCopyOptions {
   unmap: boolean;
   /** Widen writes into unallocated clusters of a no-backing target to whole clusters (see above). */
   fillPartialClusters: boolean;
+  /** Let the kernel copy data between host files where it can (default true). */
+  offload?: boolean;
   hooks?: BlockCopyHooks;
 }
 
@@ -91,6 +105,8 @@ export class BlockCopy {
   private _bytesInFlight = 0;
   /** Where the walk looks for the next dirty chunk (it wraps around at the end). */
   private cursor = 0;
+  /** Still trying copy offload: cleared by the option, or when the kernel refuses. */
+  private offload: boolean;
 
   constructor(o: BlockCopyOptions) {
     this.o = o;
@@ -101,6 +117,7 @@ export class BlockCopy {
     this.bufFree = o.bufSize;
     this.pool = new BufferPool(o.maxIoBytes);
     this.hooks = o.hooks ?? {};
+    this.offload = o.offload ?? true;
   }
 
   /** Background copies running now. */
@@ -250,8 +267,11 @@ export class BlockCopy {
       } catch (err) {
         return failed('read', err);
       }
-      const n = Math.min(st.bytes, want);
-      if (st.zero) {
+      let n = Math.min(st.bytes, want);
+      const offloaded = st.zero || !this.offload ? 0 : await this.copyByKernel(pos, n);
+      if (offloaded > 0) {
+        n = offloaded;
+      } else if (st.zero) {
         try {
           await this.writeTargetZeroes(pos, n);
         } catch (err) {
@@ -282,6 +302,24 @@ export class BlockCopy {
       pos += n;
     }
     return undefined;
+  }
+
+  /**
+   * Copy offload of a prefix of [offset, +bytes): the bytes the kernel copied, 0 when it could not (then
+   * the caller reads and writes; a real I/O error shows there, attributed to the read or the write).
+   * As QEMU's block-copy does, a refusal ends offload for the rest of this copy.
+   */
+  private async copyByKernel(offset: number, bytes: number): Promise<number> {
+    try {
+      const n = await this.source.copyRangeTo(offset, bytes, this.target);
+      if (n > 0) traceOffload({ offset, bytes: n });
+      return n;
+    } catch (err) {
+      const code = errorCode(err);
+      traceOffloadFail({ offset, bytes, error: code });
+      if (OFFLOAD_REFUSALS.has(code)) this.offload = false;
+      return 0;
+    }
   }
 
   // ---- writes to the target -----------------------------------------------------------------------

@@ -11,6 +11,8 @@
  *   is not) goes through a second, buffered descriptor.
  * - Image locking is QEMU's, byte for byte, so QEMU and bitmirror see each other's claims (below).
  * - `aio` (threads|native|io_uring) is accepted for compatibility; Node's libuv thread pool does all I/O.
+ * - Copy offload: a regular file opened without O_DIRECT is a host range for copies (doMapHost) and
+ *   takes host copies with copy_file_range (doWriteHost), which reflinks where the file system can.
  *
  * Locking. QEMU's file-posix turns block permissions into shared OFD locks on single bytes: byte
  * 100+i while it holds permission bit i, byte 200+i while it does not let others have bit i. Bits:
@@ -23,8 +25,8 @@
  * info of it needs -U, exactly as for an image a QEMU guest holds.
  */
 import { promises as fsp, constants as fsc } from 'node:fs';
-import { genericError, strerror, errorCode, QmpError } from '../../errors.js';
-import { BlockNode, protocolLeaf, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import { BlockIOError, genericError, strerror, errorCode, QmpError } from '../../errors.js';
+import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { BLK_PERM_ALL, PERM_NAMES } from '../permissions.js';
 import { bool, enumOf, str, int } from '../../qapi/schema.js';
@@ -250,6 +252,26 @@ export class FileNode extends BlockNode {
     }
   }
 
+  /** Copy offload needs the page cache (no O_DIRECT), a regular file and the addon. */
+  private hostCopies(): boolean {
+    return this.fileOptions.regular && !this.fileOptions.direct && nativeAddon()?.copyFileRange !== undefined;
+  }
+
+  protected override async doMapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
+    if (!this.hostCopies()) return undefined;
+    return { fd: this.fh.fd, offset, bytes: Math.min(bytes, this.size - offset) };
+  }
+
+  protected override canWriteHost(): boolean {
+    return this.hostCopies();
+  }
+
+  protected override async doWriteHost(offset: number, src: HostRange): Promise<void> {
+    const copied = check(await nativeAddon()!.copyFileRange(src.fd, src.offset, this.fh.fd, offset, src.bytes));
+    // Short only at the end of the source file: the range was not all there.
+    if (copied < src.bytes) throw new BlockIOError('EIO', `copy_file_range copied ${copied} of ${src.bytes} bytes`);
+  }
+
   protected async doFlush(): Promise<void> {
     if (this.fileOptions.noFlush || this.readOnly) return;
     await this.fh.datasync();
@@ -331,6 +353,12 @@ export class FileNode extends BlockNode {
   override async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
     if (offset + data.length > this.size && !this.readOnly && !this.isClosed()) this.size = offset + data.length;
     return super.write(offset, data, flags);
+  }
+
+  /** The same for host copies. */
+  override async writeHost(offset: number, src: HostRange): Promise<void> {
+    if (offset + src.bytes > this.size && !this.readOnly && !this.isClosed()) this.size = offset + src.bytes;
+    return super.writeHost(offset, src);
   }
 
   protected override async doClose(): Promise<void> {

@@ -3,7 +3,7 @@
  * `size`). All I/O passes to the `file` child at the shifted offset.
  */
 import { genericError } from '../../errors.js';
-import { BlockNode, type BdrvChild, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import { BlockNode, type BdrvChild, type BlockStatus, type HostRange, type ImageInfo, type WriteFlags } from '../node.js';
 import { defaultChildPermissions, type Permissions } from '../permissions.js';
 import type { BlockDriver } from '../graph.js';
 import { alternate, int, qemuOptSize } from '../../qapi/schema.js';
@@ -48,6 +48,15 @@ export class RawNode extends BlockNode {
   }
   protected doFlush(): Promise<void> {
     return this.file.flush();
+  }
+  protected override doMapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
+    return this.file.mapHost(this.offset + offset, bytes);
+  }
+  protected override canWriteHost(offset: number, bytes: number): boolean {
+    return this.file.acceptsHostCopy(this.offset + offset, bytes);
+  }
+  protected override doWriteHost(offset: number, src: HostRange): Promise<void> {
+    return this.file.writeHost(this.offset + offset, src);
   }
   protected override async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
     const st = await this.file.blockStatus(this.offset + offset, bytes);

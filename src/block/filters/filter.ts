@@ -3,7 +3,7 @@
  * put themselves in the I/O path (mirror-top, copy-before-write) and be taken out again at the end.
  * Guest-visible data is the child's; block status, sizes and cluster facts are the child's too.
  */
-import { BlockNode, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../node.js';
+import { BlockNode, type BlockStatus, type HostRange, type ImageInfo, type NodeInfo, type WriteFlags } from '../node.js';
 
 export abstract class FilterNode extends BlockNode {
   /** QEMU's filters hold their child as 'backing' (mirror_top) or 'file' (copy-before-write). */
@@ -55,6 +55,17 @@ export abstract class FilterNode extends BlockNode {
   }
   protected doFlush(): Promise<void> {
     return this.filtered.flush();
+  }
+  // Copy offload passes through: a filter does not change data. (One that must see the data of a
+  // write, as copy-before-write must copy before it, overrides these.)
+  protected override doMapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
+    return this.filtered.mapHost(offset, bytes);
+  }
+  protected override canWriteHost(offset: number, bytes: number): boolean {
+    return this.filtered.acceptsHostCopy(offset, bytes);
+  }
+  protected override doWriteHost(offset: number, src: HostRange): Promise<void> {
+    return this.filtered.writeHost(offset, src);
   }
   protected override doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
     return this.filtered.blockStatus(offset, bytes);

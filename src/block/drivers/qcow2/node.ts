@@ -22,7 +22,7 @@
  */
 import { BlockIOError, errorCode, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
-import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
 import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
@@ -66,6 +66,16 @@ interface InFlightAllocation {
   l2Index: number;
   done: Promise<void>;
   resolve: () => void;
+}
+
+/**
+ * What a write puts into clusters: guest data, or (copy offload) a host file range the kernel copies
+ * from, which covers whole clusters only (canWriteHost), so it never needs copy-on-write reads.
+ */
+type Payload = Buffer | HostRange;
+
+function slicePayload(p: Payload, start: number, end: number): Payload {
+  return Buffer.isBuffer(p) ? p.subarray(start, end) : { fd: p.fd, offset: p.offset + start, bytes: end - start };
 }
 
 interface Mapping {
@@ -299,31 +309,61 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   // ---- write --------------------------------------------------------------------------------------
 
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    await this.writePayload(offset, data);
+    if (flags.fua) await this.doFlush();
+  }
+
+  private async writePayload(offset: number, payload: Payload): Promise<void> {
+    const len = Buffer.isBuffer(payload) ? payload.length : payload.bytes;
     let pos = 0;
-    while (pos < data.length) {
+    while (pos < len) {
       const off = offset + pos;
       // Fast path: overwrite clusters that are allocated and exclusively ours.
       const done = await this.lock.withShared(async () => {
-        const m = await this.lookup(off, data.length - pos);
+        const m = await this.lookup(off, len - pos);
         if (m.entry.type !== 'normal' || !m.entry.copied) return 0;
-        await this.file.write(m.entry.offset + (off % this.cs), data.subarray(pos, pos + m.bytes));
+        await this.writeHostClusters(m.entry.offset + (off % this.cs), slicePayload(payload, pos, pos + m.bytes));
         return m.bytes;
       });
       if (done) {
         pos += done;
         continue;
       }
-      let a = await this.withMeta(() => this.prepareAllocation(off, data.length - pos, false));
-      if (a && 'exclusive' in a) a = await this.withAll(() => this.prepareAllocation(off, data.length - pos, true));
+      let a = await this.withMeta(() => this.prepareAllocation(off, len - pos, false));
+      if (a && 'exclusive' in a) a = await this.withAll(() => this.prepareAllocation(off, len - pos, true));
       if (a === undefined || 'exclusive' in a) continue; // became allocated meanwhile: the fast path takes it
       if ('wait' in a) {
         await a.wait; // an allocation of the same clusters is in flight
         continue;
       }
-      await this.completeAllocation(a, off, data.subarray(pos, pos + a.bytes));
+      await this.completeAllocation(a, off, slicePayload(payload, pos, pos + a.bytes));
       pos += a.bytes;
     }
-    if (flags.fua) await this.doFlush();
+  }
+
+  private writeHostClusters(hostOffset: number, payload: Payload): Promise<void> {
+    return Buffer.isBuffer(payload) ? this.file.write(hostOffset, payload) : this.file.writeHost(hostOffset, payload);
+  }
+
+  // ---- copy offload -------------------------------------------------------------------------------
+
+  /** Normal clusters lie in the file as they are; unallocated ones in the backing node, if any. */
+  protected override async doMapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
+    const m = await this.lock.withShared(() => this.lookup(offset, bytes));
+    const n = Math.min(bytes, m.bytes);
+    if (m.entry.type === 'normal') return this.file.mapHost(m.entry.offset + (offset % this.cs), n);
+    const b = this.backing();
+    if (m.entry.type === 'unallocated' && b && offset < b.length()) return b.mapHost(offset, Math.min(n, b.length() - offset));
+    return undefined;
+  }
+
+  /** Whole clusters only: a partial one needs copy-on-write of the rest, which is a read and a write. */
+  protected override canWriteHost(offset: number, bytes: number): boolean {
+    return offset % this.cs === 0 && (offset + bytes) % this.cs === 0 && this.file.acceptsHostCopy(0, this.cs);
+  }
+
+  protected override doWriteHost(offset: number, src: HostRange): Promise<void> {
+    return this.writePayload(offset, src);
   }
 
   private withMeta<T>(fn: () => Promise<T>): Promise<T> {
@@ -398,15 +438,17 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    * replaced clusters. The data is written before its L2 entries change in the cache, and the
    * write-back's flush after the refcount blocks covers it (formats.md §1.9, steps 1-2).
    */
-  private async completeAllocation(a: InFlightAllocation, offset: number, data: Buffer): Promise<void> {
+  private async completeAllocation(a: InFlightAllocation, offset: number, data: Payload): Promise<void> {
     try {
       try {
         const headLen = offset - a.gStart;
         const tailStart = offset + a.bytes;
         const full = a.nClusters * this.cs;
-        let buf: Buffer;
+        let buf: Payload;
         if (headLen === 0 && a.bytes === full) {
           buf = data;
+        } else if (!Buffer.isBuffer(data)) {
+          throw new Error('qcow2: a host copy must cover whole clusters');
         } else {
           // Page-aligned when the native addon is there, so an O_DIRECT file needs no bounce copy.
           buf = nativeAddon()?.alignedBuffer(full, 4096) ?? Buffer.alloc(full);
@@ -417,7 +459,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           }
           data.copy(buf, headLen);
         }
-        await this.file.write(a.host, buf);
+        await this.writeHostClusters(a.host, buf);
       } catch (err) {
         // Nothing references the new clusters: give them back.
         if (!a.reuse) await this.withMeta(() => this.rc.free(a.host, a.nClusters)).catch(() => undefined);
