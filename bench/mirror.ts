@@ -1,12 +1,15 @@
 /**
- * Mirror benchmark: a full mirror of a qcow2 holding ~1.5 GiB of data into a new qcow2, bitmirror vs
- * qemu-storage-daemon on the same files in the same run, and vs `cp` of the image file; then an
- * incremental mirror (working bitmap with 1% of the clusters dirty) vs the full one. Each mirror runs
- * to READY and is soft-cancelled (a complete copy, no pivot), timed from blockdev-mirror to the end.
- * BM_MIRROR_MIB shrinks the data size (default 1536).
+ * Mirror benchmark: a full mirror of a qcow2 holding ~1.5 GiB of data into a new qcow2, bitmirror (copy
+ * offload on and off) vs qemu-storage-daemon on the same files in the same run, and vs `cp` of the image
+ * file; then an incremental mirror (working bitmap with 1% of the clusters dirty) vs the full one. Each
+ * mirror runs to READY and is soft-cancelled (a complete copy, no pivot), timed from blockdev-mirror to
+ * the end; the daemon's CPU seconds over the same span (user + system, from /proc) are shown too, as
+ * they vary far less than wall time on a shared machine. BM_MIRROR_MIB shrinks the data size (default
+ * 1536); the files live in TMPDIR (e.g. TMPDIR=/dev/shm for tmpfs, where disk write-back does not blur
+ * the numbers).
  */
 import { execFile } from 'node:child_process';
-import { promises as fsp } from 'node:fs';
+import { promises as fsp, readFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon } from '../src/daemon/spawn.js';
@@ -28,15 +31,30 @@ async function have(cmd: string): Promise<boolean> {
   );
 }
 
-/** One mirror src -> new target through a daemon; returns seconds. `prepare` runs before timing starts. */
+/** User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere). */
+function cpuSeconds(pid: number | undefined): number {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100; // clock ticks (USER_HZ = 100 on Linux)
+  } catch {
+    return NaN;
+  }
+}
+
+/** One mirror src -> new target through a daemon: wall and daemon CPU seconds. `prepare` runs before timing starts. */
 async function timedMirror(
   program: 'bitmirror' | 'qemu-storage-daemon',
   dir: string,
   src: string,
   tgt: string,
   size: number,
-  opts: { prepare?: (hmp: (c: string) => Promise<string>, exec: (c: string, a: Record<string, unknown>) => Promise<unknown>) => Promise<void>; bitmap?: string; backing?: string } = {},
-): Promise<number> {
+  opts: {
+    prepare?: (hmp: (c: string) => Promise<string>, exec: (c: string, a: Record<string, unknown>) => Promise<unknown>) => Promise<void>;
+    bitmap?: string;
+    backing?: string;
+    offload?: boolean;
+  } = {},
+): Promise<{ seconds: number; cpu: number }> {
   await fsp.rm(tgt, { force: true });
   await sh('qemu-img', ['create', '-f', 'qcow2', ...(opts.backing ? ['-b', opts.backing, '-F', 'qcow2'] : []), tgt, String(size)]);
   // Start each run with no dirty page cache: otherwise the first tool run pays for writing back the
@@ -48,13 +66,15 @@ async function timedMirror(
     await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'src', file: { driver: 'file', filename: src } });
     await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: tgt } });
     if (opts.prepare) await opts.prepare((c) => q.hmp(c), (c, a) => q.execute(c, a));
+    const c0 = cpuSeconds(d.proc.pid);
     const t0 = performance.now();
-    await q.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...(opts.bitmap ? { bitmap: opts.bitmap } : {}) });
+    const extra = { ...(opts.bitmap ? { bitmap: opts.bitmap } : {}), ...(opts.offload === false ? { '__org.bitmirror_copy-offload': false } : {}) };
+    await q.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...extra });
     await q.waitEvent('BLOCK_JOB_READY', { device: 'j' }, 600_000);
     await q.execute('block-job-cancel', { device: 'j' });
     await q.waitEvent('BLOCK_JOB_COMPLETED', { device: 'j' }, 600_000);
     await q.execute('blockdev-del', { 'node-name': 'tgt' });
-    return (performance.now() - t0) / 1000;
+    return { seconds: (performance.now() - t0) / 1000, cpu: cpuSeconds(d.proc.pid) - c0 };
   } finally {
     await d.stop();
   }
@@ -79,37 +99,48 @@ export async function run(): Promise<Row[]> {
     // same copy): run the tools in alternating order for several rounds and compare medians.
     const rounds = Math.max(1, Number(process.env.BM_MIRROR_ROUNDS ?? 3));
     const qsdInstalled = await have('qemu-storage-daemon');
-    const times: Record<string, number[]> = { bitmirror: [], 'qemu-storage-daemon': [], cp: [] };
+    const OFF = 'bitmirror, offload off';
+    const tools = ['bitmirror', OFF, 'qemu-storage-daemon', 'cp'].filter((t) => t !== 'qemu-storage-daemon' || qsdInstalled);
+    const runs: Record<string, Array<{ seconds: number; cpu: number }>> = Object.fromEntries(tools.map((t) => [t, []]));
     const runCp = async () => {
       const t0 = performance.now();
       await sh('cp', ['--sparse=always', src, path.join(dir, 'cp.qcow2')]);
       const t = (performance.now() - t0) / 1000;
       await fsp.rm(path.join(dir, 'cp.qcow2'), { force: true });
-      return t;
+      return { seconds: t, cpu: NaN };
     };
     for (let r = 0; r < rounds; r++) {
-      const order = ['bitmirror', 'qemu-storage-daemon', 'cp'];
-      if (r % 2 === 1) order.reverse();
+      const order = r % 2 === 1 ? [...tools].reverse() : tools;
       for (const tool of order) {
-        if (tool === 'bitmirror') {
-          await fsp.rm(path.join(dir, 'bm.qcow2'), { force: true });
-          times.bitmirror.push(await timedMirror('bitmirror', dir, src, path.join(dir, 'bm.qcow2'), size));
-        } else if (tool === 'qemu-storage-daemon' && qsdInstalled) {
-          times[tool].push(await timedMirror('qemu-storage-daemon', dir, src, path.join(dir, 'qsd.qcow2'), size));
-          await fsp.rm(path.join(dir, 'qsd.qcow2'), { force: true });
-        } else if (tool === 'cp') times.cp.push(await runCp());
+        if (tool === 'cp') runs.cp.push(await runCp());
+        else {
+          const program = tool === 'qemu-storage-daemon' ? tool : 'bitmirror';
+          // The last bitmirror target stays: the incremental case below uses it as its backing file.
+          const tgt = path.join(dir, program === 'bitmirror' ? 'bm.qcow2' : 'qsd.qcow2');
+          await fsp.rm(tgt, { force: true });
+          runs[tool].push(await timedMirror(program, dir, src, tgt, size, { offload: tool !== OFF }));
+        }
       }
     }
     const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-    const bm = median(times.bitmirror);
     const spread = (xs: number[]) => `${Math.min(...xs).toFixed(2)}–${Math.max(...xs).toFixed(2)}`;
-    rows.push({ case: `full mirror ${mb} MiB, median of ${rounds}`, tool: 'bitmirror', seconds: bm, range: spread(times.bitmirror), 'MiB/s': mb / bm });
-    if (qsdInstalled) {
-      const qs = median(times['qemu-storage-daemon']);
-      rows.push({ case: `full mirror ${mb} MiB, median of ${rounds}`, tool: 'qemu-storage-daemon', seconds: qs, range: spread(times['qemu-storage-daemon']), 'MiB/s': mb / qs, 'bitmirror/this': bm / qs });
-    } else rows.push({ case: `full mirror ${mb} MiB`, tool: 'qemu-storage-daemon (not installed)', seconds: 0 });
-    const cp = median(times.cp);
-    rows.push({ case: `full mirror ${mb} MiB, median of ${rounds}`, tool: 'cp', seconds: cp, range: spread(times.cp), 'MiB/s': mb / cp, 'bitmirror/this': bm / cp });
+    const bm = median(runs.bitmirror.map((x) => x.seconds));
+    for (const tool of tools) {
+      const secs = runs[tool].map((x) => x.seconds);
+      const cpus = runs[tool].map((x) => x.cpu);
+      const t = median(secs);
+      rows.push({
+        case: `full mirror ${mb} MiB, median of ${rounds}`,
+        tool,
+        seconds: t,
+        range: spread(secs),
+        'MiB/s': mb / t,
+        'cpu s': tool === 'cp' ? '' : median(cpus),
+        'cpu range': tool === 'cp' ? '' : spread(cpus),
+        'bitmirror/this': tool === 'bitmirror' ? '' : bm / t,
+      });
+    }
+    if (!qsdInstalled) rows.push({ case: `full mirror ${mb} MiB`, tool: 'qemu-storage-daemon (not installed)', seconds: 0 });
 
     // Incremental: 1% of the data clusters (64 KiB) dirtied after the bitmap is added.
     const clusters = dataBytes / 65536;
@@ -126,7 +157,7 @@ export async function run(): Promise<Row[]> {
         }
       },
     });
-    rows.push({ case: `incremental, ${dirty} of ${clusters} clusters dirty`, tool: 'bitmirror', seconds: inc, 'MiB/s': (dirty * 64) / 1024 / inc, 'full/incremental': bm / inc });
+    rows.push({ case: `incremental, ${dirty} of ${clusters} clusters dirty`, tool: 'bitmirror', seconds: inc.seconds, 'MiB/s': (dirty * 64) / 1024 / inc.seconds, 'cpu s': inc.cpu, 'full/incremental': bm / inc.seconds });
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });
   }
