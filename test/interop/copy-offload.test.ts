@@ -11,7 +11,8 @@ import * as assert from 'node:assert/strict';
 import { promises as fsp, statfsSync, existsSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { setup, mustSh, addQcow2, assertIdentical, poll, type Env } from '../integration/mirror-util.js';
+import { setup, addQcow2, assertIdentical, poll, type Env } from '../support/daemon.js';
+import { mustRun } from '../support/tools.js';
 
 const MiB = 1 << 20;
 
@@ -41,10 +42,10 @@ const refusals = (lines: string[]) => lines.filter((l) => /:block_copy_offload_f
 async function chainedSource(dir: string): Promise<string> {
   const base = path.join(dir, 'base.qcow2');
   const src = path.join(dir, 'src.qcow2');
-  await mustSh('qemu-img', ['create', '-f', 'qcow2', base, '64M']);
-  await mustSh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 12M', '-c', 'write -P 0x12 40M 3M', base]);
-  await mustSh('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', src]);
-  await mustSh('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 4M 2M', '-c', 'write -z 1M 256k', '-c', 'write -P 0x22 20M 100k', '-c', 'write -P 0x23 63M 1M', src]);
+  await mustRun('qemu-img', ['create', '-f', 'qcow2', base, '64M']);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 12M', '-c', 'write -P 0x12 40M 3M', base]);
+  await mustRun('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', src]);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x21 4M 2M', '-c', 'write -z 1M 256k', '-c', 'write -P 0x22 20M 100k', '-c', 'write -P 0x23 63M 1M', src]);
   return src;
 }
 
@@ -55,13 +56,13 @@ async function start(prefix: string, dir?: string): Promise<{ env: Env; src: str
   const src = await chainedSource(dir ?? env.dir);
   await addQcow2(env, 'src', src);
   const tq = env.f('tgt.qcow2');
-  await mustSh('qemu-img', ['create', '-f', 'qcow2', tq, '64M']);
+  await mustRun('qemu-img', ['create', '-f', 'qcow2', tq, '64M']);
   await addQcow2(env, 'tgt', tq);
   return { env, src, tq };
 }
 
 async function assertClean(file: string): Promise<void> {
-  const out = await mustSh('qemu-img', ['check', '-U', file]);
+  const out = await mustRun('qemu-img', ['check', '-U', file]);
   assert.match(out, /No errors were found/);
 }
 
@@ -76,7 +77,7 @@ test('copy offload: qcow2 (with a backing chain) to qcow2, raw to raw, qcow2 to 
     await assertClean(tq);
     // qcow2 -> raw
     const tr = env.f('tgt.raw');
-    await mustSh('qemu-img', ['create', '-f', 'raw', tr, '64M']);
+    await mustRun('qemu-img', ['create', '-f', 'raw', tr, '64M']);
     await env.d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'tgt', file: { driver: 'file', filename: tr } });
     lines = await mirror(env, 'q2r');
     assert.ok(offloads(lines).length > 0);
@@ -85,14 +86,14 @@ test('copy offload: qcow2 (with a backing chain) to qcow2, raw to raw, qcow2 to 
     // raw -> raw (through raw's offset window on the target side too)
     await env.d.qmp.execute('blockdev-del', { 'node-name': 'src' });
     const sr = env.f('src.raw');
-    await mustSh('qemu-img', ['convert', '-O', 'raw', src, sr]);
+    await mustRun('qemu-img', ['convert', '-O', 'raw', src, sr]);
     await env.d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'src', file: { driver: 'file', filename: sr } });
     const tr2 = env.f('tgt2.raw');
-    await mustSh('qemu-img', ['create', '-f', 'raw', tr2, String(65 * MiB)]);
+    await mustRun('qemu-img', ['create', '-f', 'raw', tr2, String(65 * MiB)]);
     await env.d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'tgt', offset: MiB, file: { driver: 'file', filename: tr2 } });
     lines = await mirror(env, 'r2r');
     assert.ok(offloads(lines).length > 0);
-    await mustSh('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', sr, `json:${JSON.stringify({ driver: 'raw', offset: MiB, file: { driver: 'file', filename: tr2 } })}`]);
+    await mustRun('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', sr, `json:${JSON.stringify({ driver: 'raw', offset: MiB, file: { driver: 'file', filename: tr2 } })}`]);
   } finally {
     await env.done();
   }
