@@ -40,13 +40,15 @@ export async function loadPersistentBitmaps(manager: BitmapManager, node: BlockN
   }
 }
 
-/** The node's persistent bitmaps that are written back at close: not read-only, not inconsistent, not being removed. */
+/**
+ * The node's persistent bitmaps that are written back at close (not read-only, not inconsistent, not
+ * being removed), in the manager's order: newest first, as QEMU walks them. The store keeps the place
+ * of bitmaps already in the image and appends new ones in this order, so three bitmaps added a, b, c
+ * are stored c, b, a (qemu-img info lists them so) and, loaded again (each new one at the head of the
+ * list, as QEMU does), listed a, b, c by query-named-block-nodes: QEMU 7.2's orders.
+ */
 function bitmapsToStore(manager: BitmapManager, node: BlockNode): DirtyBitmap[] {
-  // The manager lists newest first; store in creation order.
-  return manager
-    .list(node)
-    .reverse()
-    .filter((b) => b.persistent && b.name !== undefined && !b.readonly && !b.inconsistent && !b.skipStore);
+  return manager.list(node).filter((b) => b.persistent && b.name !== undefined && !b.readonly && !b.inconsistent && !b.skipStore);
 }
 
 /**

@@ -18,6 +18,13 @@ export interface SpawnedDaemon {
   stderr: () => string;
   /** stdout collected so far (HMP qemu-io's text). */
   stdout: () => string;
+  /**
+   * Resolves once the text collected from stdout or stderr matches `pattern`. Those pipes are not
+   * ordered with the QMP socket: a line written before a reply may arrive after it, so whoever expects
+   * output waits for it here. Rejects when the pipe closes without it (or after `timeoutMs`, a safety
+   * net that only names what is missing).
+   */
+  waitOutput(stream: 'stdout' | 'stderr', pattern: RegExp | string, timeoutMs?: number): Promise<void>;
   /** quit over QMP (or SIGTERM if that fails) and wait for the process to exit; resolves with its exit code. */
   stop(): Promise<number | null>;
   /** SIGKILL, for crash tests. */
@@ -51,6 +58,28 @@ export async function spawnDaemon(
   let out = '';
   proc.stdout!.setEncoding('utf8');
   proc.stdout!.on('data', (d: string) => (out += d));
+  const collected = { stdout: () => out, stderr: () => err };
+  const waitOutput = (stream: 'stdout' | 'stderr', pattern: RegExp | string, timeoutMs = 60_000): Promise<void> => {
+    const pipe = stream === 'stdout' ? proc.stdout! : proc.stderr!;
+    const found = (): boolean => (typeof pattern === 'string' ? collected[stream]().includes(pattern) : pattern.test(collected[stream]()));
+    return new Promise<void>((resolve, reject) => {
+      const finish = (error?: string): void => {
+        pipe.off('data', onData);
+        pipe.off('close', onClose);
+        clearTimeout(timer);
+        if (error) reject(new Error(`${program} ${stream}: ${error} ${String(pattern)}; got ${JSON.stringify(collected[stream]())}`));
+        else resolve();
+      };
+      // Listeners run in registration order: the collector above has already appended the chunk.
+      const onData = (): void => void (found() && finish());
+      const onClose = (): void => finish(found() ? undefined : 'closed without');
+      const timer = setTimeout(() => finish('timed out waiting for'), timeoutMs);
+      pipe.on('data', onData);
+      pipe.on('close', onClose);
+      if (found()) finish();
+      else if (pipe.destroyed) onClose();
+    });
+  };
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
   let qmp: QmpClient | undefined;
   for (let i = 0; i < 200 && !qmp; i++) {
@@ -72,6 +101,7 @@ export async function spawnDaemon(
     socket,
     stderr: () => err,
     stdout: () => out,
+    waitOutput,
     async stop() {
       if (proc.exitCode !== null) return proc.exitCode;
       try {

@@ -9,11 +9,11 @@ import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
-import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
+import type { SpawnedDaemon } from '../../src/daemon/spawn.js';
+import { startDaemon } from '../support/daemon.js';
 import { mustRun, run, tempDir } from '../support/tools.js';
+import { KiB, MiB } from '../../src/base/sizes.js';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
 const haveQemu = ['/usr/bin/qemu-storage-daemon', '/usr/bin/qemu-img', '/usr/bin/qemu-io', '/usr/bin/qemu-nbd', '/usr/bin/nbdinfo'].every((p) => existsSync(p));
 const skip = haveQemu ? false : 'QEMU 7.2 tools (qemu-storage-daemon, qemu-img, qemu-io, qemu-nbd, nbdinfo) not installed';
 
@@ -101,10 +101,10 @@ test('bitmaps made by qemu-img and qemu-io load with the bits QEMU sees', { skip
     await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write 10M 8k', '-c', 'write 20M 1', img]);
 
     // QEMU's view, read-only and then read-write.
-    const qro = await spawnDaemon(path.join(dir, 'qro.sock'), blockdevArgs(img, true), 'qemu-storage-daemon');
+    const qro = await startDaemon(path.join(dir, 'qro.sock'), blockdevArgs(img, true), 'qemu-storage-daemon');
     const qemuRo = await snapshot(qro);
     await qro.stop();
-    const bro = await spawnDaemon(path.join(dir, 'bro.sock'), blockdevArgs(img, true));
+    const bro = await startDaemon(path.join(dir, 'bro.sock'), blockdevArgs(img, true));
     const oursRo = await snapshot(bro);
     // Read-only bitmaps: no changes, and the image may not be written.
     assert.match(await errorOf(bro.qmp.execute('block-dirty-bitmap-clear', { node: 'q', name: 'b0' })), /Bitmap 'b0' is readonly and cannot be modified/);
@@ -117,7 +117,7 @@ test('bitmaps made by qemu-img and qemu-io load with the bits QEMU sees', { skip
       { flags: [], name: 'b2', granularity: 4096 },
     ]);
 
-    const brw = await spawnDaemon(path.join(dir, 'brw.sock'), blockdevArgs(img));
+    const brw = await startDaemon(path.join(dir, 'brw.sock'), blockdevArgs(img));
     assert.deepEqual(await snapshot(brw), qemuRo);
     // While open read-write, every loaded bitmap is in use on disk.
     assert.deepEqual(
@@ -129,7 +129,7 @@ test('bitmaps made by qemu-img and qemu-io load with the bits QEMU sees', { skip
     const check = await run('qemu-img', ['check', img]);
     assert.equal(check.code, 0, check.stdout + check.stderr);
     // And QEMU still sees the same bits after our store.
-    const q2 = await spawnDaemon(path.join(dir, 'q2.sock'), blockdevArgs(img, true), 'qemu-storage-daemon');
+    const q2 = await startDaemon(path.join(dir, 'q2.sock'), blockdevArgs(img, true), 'qemu-storage-daemon');
     assert.deepEqual(await snapshot(q2), qemuRo);
     await q2.stop();
   } finally {
@@ -143,7 +143,7 @@ test('bitmaps bitmirror persists: qemu-img info, check, qemu-nbd ranges; remove 
     const img = path.join(dir, 'p.qcow2');
     const size = 64 * MiB;
     await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img, String(size)]);
-    const d = await spawnDaemon(path.join(dir, 'b.sock'), blockdevArgs(img));
+    const d = await startDaemon(path.join(dir, 'b.sock'), blockdevArgs(img));
     await d.qmp.execute('block-dirty-bitmap-add', { node: 'q', name: 'p1', persistent: true });
     await d.qmp.execute('block-dirty-bitmap-add', { node: 'q', name: 'p2', persistent: true, granularity: 4096 });
     await d.qmp.execute('block-dirty-bitmap-add', { node: 'q', name: 'p3', persistent: true, granularity: 1 << 20, disabled: true });
@@ -162,10 +162,11 @@ test('bitmaps bitmirror persists: qemu-img info, check, qemu-nbd ranges; remove 
     const ours = await snapshot(d);
     assert.equal(await d.stop(), 0, d.stderr());
 
+    // Newest first, as QEMU 7.2 writes a new bitmap directory.
     assert.deepEqual(await infoBitmaps(img), [
-      { flags: ['auto'], name: 'p1', granularity: 65536 },
-      { flags: [], name: 'p2', granularity: 4096 },
       { flags: [], name: 'p3', granularity: 1048576 },
+      { flags: [], name: 'p2', granularity: 4096 },
+      { flags: ['auto'], name: 'p1', granularity: 65536 },
     ]);
     const check = await run('qemu-img', ['check', img]);
     assert.equal(check.code, 0, check.stdout + check.stderr);
@@ -176,7 +177,7 @@ test('bitmaps bitmirror persists: qemu-img info, check, qemu-nbd ranges; remove 
     assert.deepEqual(await nbdDirtyRanges(img, 'p3'), expectedRanges(w1, 1 << 20, size));
 
     // QEMU loads the same bits (sha256) and the same query entries (minus the non-persistent one).
-    const q = await spawnDaemon(path.join(dir, 'q.sock'), blockdevArgs(img, true), 'qemu-storage-daemon');
+    const q = await startDaemon(path.join(dir, 'q.sock'), blockdevArgs(img, true), 'qemu-storage-daemon');
     const theirs = await snapshot(q);
     await q.stop();
     const persistentOnly = { list: ours.list.filter((b) => b.name !== 'tmp'), sha: { ...ours.sha } };
@@ -191,10 +192,11 @@ test('bitmaps bitmirror persists: qemu-img info, check, qemu-nbd ranges; remove 
     );
 
     // Remove one persistent bitmap: gone from the image at once, its clusters freed (no leaks).
-    const d2 = await spawnDaemon(path.join(dir, 'b2.sock'), blockdevArgs(img));
+    const d2 = await startDaemon(path.join(dir, 'b2.sock'), blockdevArgs(img));
     assert.deepEqual(await snapshot(d2).then((s) => s.sha), persistentOnly.sha);
     await d2.qmp.execute('block-dirty-bitmap-remove', { node: 'q', name: 'p2' });
-    assert.deepEqual((await infoBitmaps(img))?.map((b) => [b.name, b.flags]), [['p1', ['in-use', 'auto']], ['p3', ['in-use']]]);
+    // The others keep their places in the directory.
+    assert.deepEqual((await infoBitmaps(img))?.map((b) => [b.name, b.flags]), [['p3', ['in-use']], ['p1', ['in-use', 'auto']]]);
     await d2.qmp.execute('block-dirty-bitmap-remove', { node: 'q', name: 'p1' });
     await d2.qmp.execute('block-dirty-bitmap-remove', { node: 'q', name: 'p3' });
     assert.equal(await infoBitmaps(img), undefined);
@@ -238,7 +240,7 @@ test("block-dirty-bitmap-add persistent=true: QEMU's checks and messages", { ski
     ];
     const results: Record<string, string[]> = {};
     for (const prog of ['qemu-storage-daemon', 'bitmirror'] as const) {
-      const d = await spawnDaemon(path.join(dir, `${prog}.sock`), args, prog);
+      const d = await startDaemon(path.join(dir, `${prog}.sock`), args, prog);
       const out: string[] = [];
       for (const s of steps) out.push(await errorOf(d.qmp.execute('block-dirty-bitmap-add', s)));
       out.push(JSON.stringify(await dirtyBitmaps(d, 'v3')));
@@ -269,7 +271,7 @@ test('SIGKILL leaves loaded bitmaps in use: inconsistent on the next open, usabl
     await mustRun('qemu-img', ['bitmap', '--add', '--disable', img, 'b1']);
     await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write 0 64k', img]);
 
-    const d = await spawnDaemon(path.join(dir, 'b.sock'), blockdevArgs(img));
+    const d = await startDaemon(path.join(dir, 'b.sock'), blockdevArgs(img));
     const writes: Array<Promise<unknown>> = [];
     for (let i = 0; i < 20; i++) writes.push(d.qmp.hmp(`qemu-io q "write -P 0x5a ${i * 1536 * KiB} 512k"`).catch(() => undefined));
     await writes[5];
@@ -283,7 +285,7 @@ test('SIGKILL leaves loaded bitmaps in use: inconsistent on the next open, usabl
     // QEMU and bitmirror agree on the inconsistent bitmaps and the messages.
     const results: Record<string, unknown[]> = {};
     for (const prog of ['qemu-storage-daemon', 'bitmirror'] as const) {
-      const s = await spawnDaemon(path.join(dir, `${prog}.sock`), blockdevArgs(img, true), prog);
+      const s = await startDaemon(path.join(dir, `${prog}.sock`), blockdevArgs(img, true), prog);
       results[prog] = [
         await dirtyBitmaps(s),
         await errorOf(s.qmp.execute('block-dirty-bitmap-enable', { node: 'q', name: 'b0' })),
@@ -309,7 +311,7 @@ test('SIGKILL leaves loaded bitmaps in use: inconsistent on the next open, usabl
     assert.match(nbd.stderr, /Bitmap 'b0' is inconsistent and cannot be used/);
 
     // Read-write: still inconsistent, kept as in use on close; removing deletes it from the image.
-    const d2 = await spawnDaemon(path.join(dir, 'b2.sock'), blockdevArgs(img));
+    const d2 = await startDaemon(path.join(dir, 'b2.sock'), blockdevArgs(img));
     assert.match(await errorOf(d2.qmp.execute('block-dirty-bitmap-clear', { node: 'q', name: 'b1' })), /is inconsistent/);
     await d2.qmp.execute('block-dirty-bitmap-remove', { node: 'q', name: 'b0' });
     await d2.qmp.execute('block-dirty-bitmap-add', { node: 'q', name: 'b0', persistent: true });
@@ -332,7 +334,7 @@ test('SIGKILL leaves loaded bitmaps in use: inconsistent on the next open, usabl
 async function lostBitmapLines(d: SpawnedDaemon, count: number): Promise<string[]> {
   const lines = () => d.stderr().split('\n').filter((l) => /Lost persistent bitmaps/.test(l)).map((l) => l.replace(/^bitmirror: /, ''));
   // stderr is a pipe of its own: it may arrive after the QMP reply.
-  for (let i = 0; i < 250 && lines().length < count; i++) await new Promise((r) => setTimeout(r, 20));
+  await d.waitOutput('stderr', new RegExp(Array<string>(count).fill('Lost persistent bitmaps.*\n').join('(.*\n)*')));
   return lines();
 }
 
@@ -349,7 +351,7 @@ test('blockdev-del removes a node whose persistent bitmaps cannot be stored and 
       await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', full, '64M']);
       await mustRun('qemu-img', ['bitmap', '--add', full, 'b']);
       const { size } = await fsp.stat(full);
-      const d = await spawnDaemon(path.join(dir, `${prog}.sock`), [], prog, { maxFileSize: size });
+      const d = await startDaemon(path.join(dir, `${prog}.sock`), [], prog, { maxFileSize: size });
       const out: unknown[] = [];
       try {
         const step = async (cmd: string, args: Record<string, unknown>) => out.push(await d.qmp.request(cmd, args).then((r) => r.error ?? r.return));
@@ -380,6 +382,51 @@ test('blockdev-del removes a node whose persistent bitmaps cannot be stored and 
       "Lost persistent bitmaps during inactivation of node 'q': No write access",
       "Lost persistent bitmaps during inactivation of node 'w': Failed to write bitmap 'b' to file: File too large",
     ]);
+  } finally {
+    await cleanup();
+  }
+});
+
+test("persistent bitmaps keep QEMU's order: in the bitmap directory (qemu-img info) and after reopening", { skip }, async () => {
+  const { dir, cleanup } = await tempDir('bm-persist-');
+  try {
+    /** The same sequence against either daemon; every order it sees, in the order it sees them. */
+    const orders = async (program: 'bitmirror' | 'qemu-storage-daemon'): Promise<Record<string, string[]>> => {
+      const img = path.join(dir, `${program}.qcow2`);
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img, '64M']);
+      const seen: Record<string, string[]> = {};
+      const session = async (step: string, add: string[]): Promise<void> => {
+        const d = await startDaemon(path.join(dir, `${program}.sock`), blockdevArgs(img), program);
+        try {
+          seen[`${step}: opened`] = (await dirtyBitmaps(d)).map((b) => b.name as string);
+          for (const name of add) await d.qmp.execute('block-dirty-bitmap-add', { node: 'q', name, persistent: true });
+          seen[`${step}: after adding ${add.join(', ')}`] = (await dirtyBitmaps(d)).map((b) => b.name as string);
+          assert.equal(await d.stop(), 0, d.stderr());
+        } finally {
+          if (d.proc.exitCode === null) await d.kill();
+        }
+        seen[`${step}: qemu-img info`] = ((await infoBitmaps(img)) ?? []).map((b) => b.name);
+      };
+      await session('first', ['a', 'b', 'c']);
+      await session('second', ['d']);
+      await session('third', []);
+      return seen;
+    };
+    const ours = await orders('bitmirror');
+    assert.deepEqual(ours, await orders('qemu-storage-daemon'));
+    // What QEMU 7.2 does, spelled out: newest first in memory and in a new directory; reloaded, each
+    // entry goes to the head of the list; a bitmap added later is appended to the directory.
+    assert.deepEqual(ours, {
+      'first: opened': [],
+      'first: after adding a, b, c': ['c', 'b', 'a'],
+      'first: qemu-img info': ['c', 'b', 'a'],
+      'second: opened': ['a', 'b', 'c'],
+      'second: after adding d': ['d', 'a', 'b', 'c'],
+      'second: qemu-img info': ['c', 'b', 'a', 'd'],
+      'third: opened': ['d', 'a', 'b', 'c'],
+      'third: after adding ': ['d', 'a', 'b', 'c'],
+      'third: qemu-img info': ['c', 'b', 'a', 'd'],
+    });
   } finally {
     await cleanup();
   }

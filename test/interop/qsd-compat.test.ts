@@ -101,12 +101,6 @@ test('HMP qemu-io writes through bitmirror are read back by QEMU qemu-io', async
   await fsp.rm(dir, { recursive: true, force: true });
 });
 
-/** Wait until `get()` (a pipe's text collected so far) contains `text`. */
-async function untilIncludes(get: () => string, text: string): Promise<void> {
-  for (let i = 0; i < 500 && !get().includes(text); i++) await new Promise((r) => setTimeout(r, 20));
-  assert.ok(get().includes(text), `expected ${JSON.stringify(text)} in ${JSON.stringify(get())}`);
-}
-
 test('HMP qemu-io answers "" as QEMU does and prints its text on the daemon\'s stdout (stderr for errors)', async () => {
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-qio-'));
   const img = path.join(dir, 'a.raw');
@@ -116,12 +110,12 @@ test('HMP qemu-io answers "" as QEMU does and prints its text on the daemon\'s s
     await d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', filename: img } });
     // The reply is QEMU's: "" for every qemu-io command, the text going to the daemon's stdout.
     assert.equal((await d.qmp.request('human-monitor-command', { 'command-line': 'qemu-io disk0 "write -P 0x5c 64k 4k"' })).return, '');
-    await untilIncludes(d.stdout, 'wrote 4096/4096 bytes at offset 65536\n');
+    await d.waitOutput('stdout', 'wrote 4096/4096 bytes at offset 65536\n');
     assert.equal(await d.qmp.hmp('qemu-io disk0 "read -P 0x5d 64k 4k"'), '');
-    await untilIncludes(d.stdout, 'Pattern verification failed at offset 65536, 4096 bytes\n');
+    await d.waitOutput('stdout', 'Pattern verification failed at offset 65536, 4096 bytes\n');
     // qemu-io prints an unknown command on stderr.
     assert.equal(await d.qmp.hmp('qemu-io disk0 "bogus"'), '');
-    await untilIncludes(d.stderr, 'command "bogus" not found\n');
+    await d.waitOutput('stderr', 'command "bogus" not found\n');
     assert.doesNotMatch(d.stdout(), /bogus/);
     // What the monitor says itself stays the reply.
     assert.equal(await d.qmp.hmp('qemu-io nonode "read 0 512"'), "Error: Cannot find device='' nor node-name='nonode'\r\n");
@@ -146,10 +140,9 @@ test('trace-event via HMP and QMP, with globs', async () => {
     const r = await d.qmp.request('trace-event-set-state', { name: 'nomatchzz', enable: true });
     assert.deepEqual(r.error, { class: 'GenericError', desc: 'unknown event "nomatchzz"' });
     await d.qmp.execute('query-version');
-    // stderr is a pipe of its own: the trace lines may arrive after the QMP reply.
-    for (let i = 0; i < 100 && !/monitor_qmp_respond /.test(d.stderr()); i++) await new Promise((r) => setTimeout(r, 20));
-    assert.match(d.stderr(), /monitor_qmp_cmd_in_band .*cmd=query-version/);
-    assert.match(d.stderr(), /monitor_qmp_respond /);
+    // stderr is a pipe of its own: the trace lines may arrive after the QMP reply. Wait for the
+    // command's line and a reply traced after it (earlier replies were traced too).
+    await d.waitOutput('stderr', /monitor_qmp_cmd_in_band .*cmd=query-version.*\n(.*\n)*.*monitor_qmp_respond /);
   } finally {
     await d.stop();
   }

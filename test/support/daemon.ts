@@ -7,6 +7,7 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as assert from 'node:assert/strict';
+import { after } from 'node:test';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
 import type { QmpEvent } from '../../src/qmp/client.js';
 import { KiB, MiB } from '../../src/base/sizes.js';
@@ -18,6 +19,21 @@ export const SIZE = 64 * MiB;
 
 export const haveQsd = await run('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
 
+/** Daemons started by this test file that may still run. */
+const live = new Set<SpawnedDaemon>();
+// A test that fails before stopping its daemon would otherwise leave the file waiting on it for ever.
+after(async () => {
+  for (const d of live) await d.kill();
+});
+
+/** spawnDaemon, and the daemon is killed after the file's last test if the test did not stop it. */
+export async function startDaemon(...args: Parameters<typeof spawnDaemon>): Promise<SpawnedDaemon> {
+  const d = await spawnDaemon(...args);
+  live.add(d);
+  d.proc.once('exit', () => live.delete(d));
+  return d;
+}
+
 export interface Env {
   dir: string;
   d: SpawnedDaemon;
@@ -28,7 +44,7 @@ export interface Env {
 
 export async function setup(prefix: string, program: 'bitmirror' | 'qemu-storage-daemon' = 'bitmirror'): Promise<Env> {
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), `bm-${prefix}-`));
-  const d = await spawnDaemon(path.join(dir, 'qmp.sock'), [], program);
+  const d = await startDaemon(path.join(dir, 'qmp.sock'), [], program);
   return {
     dir,
     d,
