@@ -1,9 +1,17 @@
 /**
- * QMP's JSON, as QEMU reads and writes it. Input is a stream, not newline-framed: a message ends when
+ * QMP's JSON, as QEMU 7.2 reads and writes it. Input is a stream, not newline-framed: a message ends when
  * its outermost brace or bracket closes (or with a scalar at top level), so one read may hold several
  * messages or part of one. Single-quoted strings are accepted as in QEMU. Errors carry QEMU's wording
- * ("expecting value", "missing : in object pair", "duplicate key", "invalid keyword 'x'") and the
- * stream recovers at the next message.
+ * ("expecting value", "missing : in object pair", "duplicate key", "invalid keyword 'x'", "stray 'x'")
+ * and the stream recovers as QEMU's does.
+ *
+ * Two kinds of errors, as in QEMU (qobject/json-lexer.c, json-streamer.c, json-parser.c):
+ * - a lexer error (a character that cannot continue the token: "stray '<token so far>'") ends the
+ *   message at once; input is then skipped up to a structural character ([ ] { } : ,) or an ASCII
+ *   control character other than tab, where lexing starts afresh;
+ * - a grammar or string error is reported when the message's brackets have closed.
+ * Input bytes come through Utf8StreamDecoder, which keeps invalid UTF-8 visible (see there): inside a
+ * string it is "invalid UTF-8 sequence in string", bytes 0xFE and 0xFF are lexer errors anywhere.
  */
 
 type Token =
@@ -12,6 +20,9 @@ type Token =
   | { t: 'number'; v: number }
   | { t: 'keyword'; v: string }
   | { t: 'error'; v: string };
+
+/** Punctuation tokens are shared: a message of millions of commas costs no object per comma. */
+const PUNCT = Object.fromEntries((['{', '}', '[', ']', ':', ','] as const).map((v) => [v, { t: 'punct', v }])) as Record<string, Token>;
 
 /**
  * The result of one message: a value, or a parse error message (without the "JSON parse error, " prefix),
@@ -28,16 +39,30 @@ const MAX_DEPTH = 1024;
 const MAX_MESSAGE_BYTES = 64 << 20;
 const MAX_MESSAGE_TOKENS = 2 << 20;
 
+/**
+ * An input byte that is not part of valid UTF-8 is decoded to a lone low surrogate U+DC00+byte (as
+ * Python's "surrogateescape"): valid UTF-8 never yields one, so the lexer can tell such bytes apart
+ * from every real character, and report them as QEMU does.
+ */
+const INVALID_BYTE_BASE = 0xdc00;
+const isInvalidByte = (code: number) => code >= 0xdc80 && code <= 0xdcff;
+/** 0xFE and 0xFF never occur in UTF-8; QEMU's lexer refuses them even inside strings. */
+const isImpossibleByte = (code: number) => code === INVALID_BYTE_BASE + 0xfe || code === INVALID_BYTE_BASE + 0xff;
+
+/** A number's lexer state, following JSON's grammar (RFC 8259) as QEMU's lexer does. */
+type NumberState = 'minus' | 'zero' | 'int' | 'dot' | 'frac' | 'exp' | 'exp-sign' | 'exp-digits';
+
 export class JsonStreamParser {
   private tokens: Token[] = [];
   private depth = 0;
   /** Characters of the message so far (tokens and the partial one, not whitespace between them). */
   private bytes = 0;
-  // Lexer state for a token split across chunks.
+  // Lexer state: the token being read, which may be split across chunks.
+  private state: 'start' | 'string' | 'number' | 'keyword' | 'recovery' = 'start';
   private partial = '';
-  private partialKind: 'none' | 'string' | 'number' | 'keyword' = 'none';
   private quote = '"';
   private escaped = false;
+  private numberState: NumberState = 'int';
 
   constructor(
     private readonly onMessage: (m: JsonMessage) => void,
@@ -45,14 +70,13 @@ export class JsonStreamParser {
     private readonly maxBytes = MAX_MESSAGE_BYTES,
   ) {}
 
-  /** Feed a chunk of input (UTF-8 decoded text). */
+  /** Feed a chunk of input (text from Utf8StreamDecoder, or any string). */
   feed(text: string): void {
     for (let i = 0; i < text.length; i++) {
-      if (this.partialKind === 'string' && !this.escaped) {
-        // Fast path: take the run of plain characters up to the next quote or backslash at once.
-        const quote = this.quote.charCodeAt(0);
+      if (this.state === 'string' && !this.escaped) {
+        // Fast path: take the run of plain characters up to the next quote, backslash or control character.
         let end = i;
-        for (let ch = text.charCodeAt(end); end < text.length && ch !== quote && ch !== 0x5c; ch = text.charCodeAt(++end));
+        for (let ch = text.charCodeAt(end); end < text.length && ch !== this.quote.charCodeAt(0) && ch !== 0x5c && ch >= 0x20 && !isImpossibleByte(ch); ch = text.charCodeAt(++end));
         if (end > i && this.bytes + (end - i) <= this.maxBytes) {
           this.partial += text.slice(i, end);
           this.bytes += end - i;
@@ -60,73 +84,137 @@ export class JsonStreamParser {
           continue;
         }
       }
-      const c = text[i];
-      const space = c === ' ' || c === '\t' || c === '\n' || c === '\r';
-      if ((this.partialKind !== 'none' || !space) && ++this.bytes > this.maxBytes) {
-        this.abort('JSON token size limit exceeded');
-        continue;
-      }
-      if (this.partialKind === 'string') {
-        this.partial += c;
-        if (this.escaped) this.escaped = false;
-        else if (c === '\\') this.escaped = true;
-        else if (c === this.quote) {
-          this.pushToken(decodeString(this.partial));
-          this.partialKind = 'none';
-          this.partial = '';
-        }
-        continue;
-      }
-      if (this.partialKind === 'number' || this.partialKind === 'keyword') {
-        if (this.partialKind === 'number' ? /[0-9eE+\-.]/.test(c) : /[a-zA-Z0-9_]/.test(c)) {
-          this.partial += c;
-          continue;
-        }
-        this.finishScalar();
-      }
-      if (space) continue;
-      if (c === '"' || c === "'") {
-        this.partialKind = 'string';
-        this.quote = c;
-        this.partial = c;
-        this.escaped = false;
-      } else if (c === '-' || (c >= '0' && c <= '9')) {
-        this.partialKind = 'number';
-        this.partial = c;
-      } else if (/[a-zA-Z_]/.test(c)) {
-        this.partialKind = 'keyword';
-        this.partial = c;
-      } else if (c === '{' || c === '[') {
-        this.depth++;
-        this.pushToken({ t: 'punct', v: c });
-        if (this.depth > MAX_DEPTH) this.abort('JSON nesting depth limit exceeded');
-      } else if (c === '}' || c === ']') {
-        this.depth--;
-        this.pushToken({ t: 'punct', v: c });
-      } else if (c === ':' || c === ',') {
-        this.pushToken({ t: 'punct', v: c });
-      } else {
-        this.pushToken({ t: 'error', v: `stray '${c}'` });
-      }
+      this.lexChar(text[i]);
     }
   }
 
   /** A top-level scalar waiting for its terminator (e.g. a number at end of input) is completed. */
   end(): void {
-    if (this.partialKind === 'number' || this.partialKind === 'keyword') this.finishScalar();
+    if (this.state === 'number' || this.state === 'keyword') this.finishScalar();
+  }
+
+  private lexChar(c: string): void {
+    const code = c.charCodeAt(0);
+    const isSpace = c === ' ' || c === '\t' || c === '\n' || c === '\r';
+    if (this.state === 'recovery') {
+      // Skip to where a new token can safely start; that character is then read afresh.
+      if (!('[]{}:,'.includes(c) || (code < 0x20 && c !== '\t') || isImpossibleByte(code))) return;
+      this.state = 'start';
+    }
+    if ((this.state !== 'start' || !isSpace) && ++this.bytes > this.maxBytes) return this.abort('JSON token size limit exceeded');
+    switch (this.state) {
+      case 'string':
+        this.partial += c;
+        if (code < 0x20 || isImpossibleByte(code)) return this.lexError();
+        if (this.escaped) this.escaped = false;
+        else if (c === '\\') this.escaped = true;
+        else if (c === this.quote) {
+          const raw = this.partial;
+          this.state = 'start';
+          this.partial = '';
+          this.pushToken(decodeString(raw));
+        }
+        return;
+      case 'number':
+        if (this.continueNumber(c)) return;
+        break;
+      case 'keyword':
+        if (c >= 'a' && c <= 'z') {
+          this.partial += c;
+          return;
+        }
+        this.finishScalar();
+        break;
+    }
+    // A new token starts with c.
+    if (isSpace) return;
+    if (c === '"' || c === "'") {
+      this.state = 'string';
+      this.quote = c;
+      this.partial = c;
+      this.escaped = false;
+    } else if (c === '-' || (c >= '0' && c <= '9')) {
+      this.state = 'number';
+      this.partial = c;
+      this.numberState = c === '-' ? 'minus' : c === '0' ? 'zero' : 'int';
+    } else if (c >= 'a' && c <= 'z') {
+      this.state = 'keyword';
+      this.partial = c;
+    } else if (c === '{' || c === '[') {
+      this.depth++;
+      this.pushToken(PUNCT[c]);
+      if (this.depth > MAX_DEPTH) this.abort('JSON nesting depth limit exceeded');
+    } else if (c === '}' || c === ']') {
+      this.depth--;
+      this.pushToken(PUNCT[c]);
+    } else if (c === ':' || c === ',') {
+      this.pushToken(PUNCT[c]);
+    } else {
+      this.lexError(c);
+    }
+  }
+
+  /** Take c into the number being read; false when c ends it (c is then read as the next token). */
+  private continueNumber(c: string): boolean {
+    const digit = c >= '0' && c <= '9';
+    const next = ((): NumberState | 'end' | 'error' => {
+      switch (this.numberState) {
+        case 'minus':
+          return c === '0' ? 'zero' : digit ? 'int' : 'error';
+        case 'zero':
+          return c === '.' ? 'dot' : digit ? 'error' : 'end';
+        case 'int':
+          return digit ? 'int' : c === '.' ? 'dot' : c === 'e' || c === 'E' ? 'exp' : 'end';
+        case 'dot':
+          return digit ? 'frac' : 'error';
+        case 'frac':
+          return digit ? 'frac' : c === 'e' || c === 'E' ? 'exp' : 'end';
+        case 'exp':
+          return c === '+' || c === '-' ? 'exp-sign' : digit ? 'exp-digits' : 'error';
+        case 'exp-sign':
+          return digit ? 'exp-digits' : 'error';
+        case 'exp-digits':
+          return digit ? 'exp-digits' : 'end';
+      }
+    })();
+    if (next === 'error') {
+      this.lexError(c);
+      return true;
+    }
+    if (next === 'end') {
+      this.finishScalar();
+      return false;
+    }
+    this.numberState = next;
+    this.partial += c;
+    return true;
+  }
+
+  /**
+   * A character that cannot continue the token: the message ends at once with QEMU's "stray" error
+   * showing the token so far (with the character, if given, appended), and input is skipped.
+   */
+  private lexError(c?: string): void {
+    let text = this.partial;
+    // QEMU sees bytes: the first byte of a multi-byte character cannot be shown, nor can an invalid one.
+    if (c !== undefined) text += c.charCodeAt(0) >= 0x80 ? '\ufffd' : c;
+    // QEMU's message is a C string: it ends at a NUL.
+    text = text.replace(/[\udc80-\udcff]/g, '\ufffd').split('\0')[0];
+    this.tokens = [];
+    this.depth = 0;
+    this.bytes = 0;
+    this.partial = '';
+    this.state = 'recovery';
+    this.onMessage({ ok: false, error: `stray '${text}'` });
   }
 
   private finishScalar(): void {
     const text = this.partial;
-    const kind = this.partialKind;
-    this.partialKind = 'none';
+    const kind = this.state;
+    this.state = 'start';
     this.partial = '';
-    if (kind === 'number') {
-      const n = /^-?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?$/.test(text) ? Number(text) : NaN;
-      this.pushToken(Number.isNaN(n) ? { t: 'error', v: `invalid number '${text}'` } : { t: 'number', v: n });
-    } else {
-      this.pushToken({ t: 'keyword', v: text });
-    }
+    // The lexer only lets a number through that matches JSON's grammar.
+    this.pushToken(kind === 'number' ? { t: 'number', v: Number(text) } : { t: 'keyword', v: text });
   }
 
   private pushToken(tok: Token): void {
@@ -141,7 +229,7 @@ export class JsonStreamParser {
     this.tokens = [];
     this.depth = 0;
     this.bytes = 0;
-    this.partialKind = 'none';
+    this.state = 'start';
     this.partial = '';
     this.onMessage({ ok: false, error: reason, limit: true });
   }
@@ -155,54 +243,114 @@ export class JsonStreamParser {
   }
 }
 
+/**
+ * Decodes a string token (both quotes included) with QEMU's checks and messages: escapes, UTF-16
+ * surrogate pairs in \u escapes (a lone surrogate is refused), invalid UTF-8. The two bytes C0 80 are
+ * U+0000, as in QEMU's "modified UTF-8".
+ */
 function decodeString(raw: string): Token {
-  // raw includes both quotes.
   const body = raw.slice(1, -1);
-  // eslint-disable-next-line no-control-regex
-  if (!/[\\\x00-\x1f]/.test(body)) return { t: 'string', v: body };
+  if (!/[\\\udc80-\udcff]/.test(body)) return { t: 'string', v: body };
+  const hex4 = (at: number) => (/^[0-9a-fA-F]{4}$/.test(body.slice(at, at + 4)) ? parseInt(body.slice(at, at + 4), 16) : -1);
   let out = '';
   for (let i = 0; i < body.length; i++) {
     const c = body[i];
+    const code = body.charCodeAt(i);
+    if (isInvalidByte(code)) {
+      if (code === INVALID_BYTE_BASE + 0xc0 && body.charCodeAt(i + 1) === INVALID_BYTE_BASE + 0x80) {
+        out += '\0';
+        i++;
+        continue;
+      }
+      return { t: 'error', v: 'invalid UTF-8 sequence in string' };
+    }
     if (c !== '\\') {
-      if (c.charCodeAt(0) < 0x20) return { t: 'error', v: 'control character in string' };
       out += c;
       continue;
     }
     const e = body[++i];
-    switch (e) {
-      case '"':
-      case "'":
-      case '\\':
-      case '/':
-        out += e;
-        break;
-      case 'b':
-        out += '\b';
-        break;
-      case 'f':
-        out += '\f';
-        break;
-      case 'n':
-        out += '\n';
-        break;
-      case 'r':
-        out += '\r';
-        break;
-      case 't':
-        out += '\t';
-        break;
-      case 'u': {
-        const hex = body.slice(i + 1, i + 5);
-        if (!/^[0-9a-fA-F]{4}$/.test(hex)) return { t: 'error', v: 'invalid hex escape sequence in string' };
-        out += String.fromCharCode(parseInt(hex, 16));
-        i += 4;
-        break;
-      }
-      default:
-        return { t: 'error', v: `invalid escape sequence in string` };
+    const simple: Record<string, string> = { '"': '"', "'": "'", '\\': '\\', '/': '/', b: '\b', f: '\f', n: '\n', r: '\r', t: '\t' };
+    if (e in simple) {
+      out += simple[e];
+      continue;
     }
+    if (e !== 'u') return { t: 'error', v: 'invalid escape sequence in string' };
+    // QEMU names the escape as written, six characters from the backslash (fewer at the string's end).
+    const escape = raw.slice(i, i + 6);
+    let cp = hex4(i + 1);
+    i += 4;
+    if (cp >= 0xd800 && cp <= 0xdbff && body.startsWith('\\u', i + 1)) {
+      const low = hex4(i + 3);
+      if (low >= 0xdc00 && low <= 0xdfff) {
+        cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+        i += 6;
+      } else cp = -1;
+    }
+    if (cp < 0 || (cp >= 0xd800 && cp <= 0xdfff)) return { t: 'error', v: `${escape.replace(/[\udc80-\udcff]/g, '\ufffd')} is not a valid Unicode character` };
+    out += String.fromCodePoint(cp);
   }
   return { t: 'string', v: out };
+}
+
+/**
+ * Decodes a byte stream as UTF-8, keeping every byte that is not part of a valid sequence as
+ * U+DC00+byte (see INVALID_BYTE_BASE) instead of replacing it, so the JSON lexer can refuse it as QEMU
+ * does. A sequence split across chunks is completed by the next chunk.
+ */
+export class Utf8StreamDecoder {
+  private pending: Buffer = Buffer.alloc(0);
+
+  decode(chunk: Buffer): string {
+    const bytes = this.pending.length > 0 ? Buffer.concat([this.pending, chunk]) : chunk;
+    this.pending = Buffer.alloc(0);
+    let out = '';
+    let i = 0;
+    while (i < bytes.length) {
+      // Runs of ASCII, the common case, are taken at once.
+      let end = i;
+      while (end < bytes.length && bytes[end] < 0x80) end++;
+      if (end > i) {
+        out += bytes.toString('latin1', i, end);
+        i = end;
+        continue;
+      }
+      const lead = bytes[i];
+      // RFC 3629: the number of continuation bytes and the range of the first one (no overlongs, no
+      // surrogates, nothing past U+10FFFF).
+      const [count, low, high] =
+        lead >= 0xc2 && lead <= 0xdf ? [1, 0x80, 0xbf] : lead === 0xe0 ? [2, 0xa0, 0xbf] : lead === 0xed ? [2, 0x80, 0x9f] : lead >= 0xe1 && lead <= 0xef ? [2, 0x80, 0xbf] : lead === 0xf0 ? [3, 0x90, 0xbf] : lead >= 0xf1 && lead <= 0xf3 ? [3, 0x80, 0xbf] : lead === 0xf4 ? [3, 0x80, 0x8f] : [0, 0, 0];
+      let valid = count > 0;
+      for (let k = 1; valid && k <= count; k++) {
+        if (i + k >= bytes.length) {
+          // Cut off by the end of the chunk: wait for the rest.
+          this.pending = Buffer.from(bytes.subarray(i));
+          return out;
+        }
+        const b = bytes[i + k];
+        valid = k === 1 ? b >= low && b <= high : b >= 0x80 && b <= 0xbf;
+      }
+      if (!valid) {
+        out += String.fromCharCode(INVALID_BYTE_BASE + lead);
+        i++;
+        continue;
+      }
+      out += bytes.toString('utf8', i, i + count + 1);
+      i += count + 1;
+    }
+    return out;
+  }
+
+  /** Bytes of a sequence cut off at the end of the last chunk. */
+  get pendingBytes(): number {
+    return this.pending.length;
+  }
+
+  /** At the end of input, a sequence still waiting for its continuation bytes is invalid. */
+  end(): string {
+    const rest = [...this.pending].map((b) => String.fromCharCode(INVALID_BYTE_BASE + b)).join('');
+    this.pending = Buffer.alloc(0);
+    return rest;
+  }
 }
 
 class ParseError extends Error {}
@@ -287,7 +435,8 @@ function parseTokens(tokens: Token[]): JsonMessage {
 }
 
 /**
- * Encode a value as QEMU's monitor does: ", " and ": " separators, ASCII only (non-ASCII as \uXXXX),
+ * Encode a value as QEMU's monitor does: ", " and ": " separators, ASCII only (non-ASCII as \uXXXX,
+ * upper-case hex digits as QEMU's),
  * one line. Integers stay integers; non-finite numbers cannot occur in QMP replies.
  */
 export function encodeQmp(v: unknown): string {
@@ -319,7 +468,7 @@ function encodeString(s: string): string {
     else if (c === 0x09) out += '\\t';
     else if (c === 0x08) out += '\\b';
     else if (c === 0x0c) out += '\\f';
-    else if (c < 0x20 || c > 0x7e) out += '\\u' + c.toString(16).padStart(4, '0');
+    else if (c < 0x20 || c > 0x7e) out += '\\u' + c.toString(16).toUpperCase().padStart(4, '0');
     else out += s[i];
   }
   return out + '"';

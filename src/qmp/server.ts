@@ -14,7 +14,7 @@
 import * as net from 'node:net';
 import { promises as fsp } from 'node:fs';
 import { QmpError, errorMessage } from '../errors.js';
-import { encodeQmp, JsonStreamParser, type JsonMessage } from './json.js';
+import { encodeQmp, JsonStreamParser, Utf8StreamDecoder, type JsonMessage } from './json.js';
 import { visit } from '../qapi/schema.js';
 import type { CommandDef } from '../commands/registry.js';
 import type { Core } from '../core/core.js';
@@ -95,7 +95,7 @@ class QmpSession {
   private oob = false;
   private readonly parser: JsonStreamParser;
   private alive = true;
-  private readonly decoder = new TextDecoder('utf-8');
+  private readonly decoder = new Utf8StreamDecoder();
   /** Received bytes not yet parsed, oldest first; `inputOffset` is how far the first one is parsed. */
   private readonly input: Buffer[] = [];
   private inputOffset = 0;
@@ -166,6 +166,8 @@ class QmpSession {
         const request = this.requests.shift();
         if (request) await this.handle(request);
         else if (this.inputBytes > 0) this.parseStep();
+        // A character cut off by the end of input is a stray byte (QEMU's lexer refuses it at once).
+        else if (this.inputEnded && this.decoder.pendingBytes > 0) this.parser.feed(this.decoder.end());
         else break;
         if (--budget === 0 || performance.now() - turnStart > TURN_MS) {
           await new Promise((resolve) => setImmediate(resolve));
@@ -194,7 +196,7 @@ class QmpSession {
       this.input.shift();
       this.inputOffset = 0;
     } else this.inputOffset = end;
-    this.parser.feed(this.decoder.decode(bytes, { stream: true }));
+    this.parser.feed(this.decoder.decode(bytes));
   }
 
   private async handle(m: JsonMessage): Promise<void> {

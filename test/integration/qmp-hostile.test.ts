@@ -194,3 +194,33 @@ test('a client that does not read its replies is throttled, not buffered: bounde
   c.sock.destroy();
   other.sock.destroy();
 });
+
+test('invalid UTF-8 and lone surrogates in a bitmap name are refused with QEMU 7.2\'s parse errors; nothing is created', async () => {
+  const bitmaps = async () => JSON.stringify((await d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes')).map((n) => n['dirty-bitmaps']));
+  const before = await bitmaps();
+  const add = (name: Buffer) => Buffer.concat([Buffer.from('{"execute":"block-dirty-bitmap-add","arguments":{"node":"null0","name":"'), name, Buffer.from('"}}')]);
+  const parseError = (desc: string) => ({ error: { class: 'GenericError', desc: `JSON parse error, ${desc}` } });
+  // Replies as qemu-storage-daemon 7.2 gives them for the same bytes.
+  const cases: Array<[Buffer, Array<Record<string, unknown>>]> = [
+    [add(Buffer.from('b\xe2\x822', 'latin1')), [parseError('invalid UTF-8 sequence in string')]],
+    // 0xFF can never be UTF-8: QEMU's lexer stops at it; the rest ("}}) is skipped up to each '}'.
+    [add(Buffer.from('c\xff', 'latin1')), [parseError('stray \'"c\uFFFD\''), parseError('expecting value'), parseError('expecting value')]],
+    [add(Buffer.from('d\\ud800')), [parseError('\\ud800 is not a valid Unicode character')]],
+    [add(Buffer.from('e\\udc00x')), [parseError('\\udc00 is not a valid Unicode character')]],
+  ];
+  for (const [input, expected] of cases) {
+    const c = await RawClient.connect();
+    c.sock.end(input);
+    await c.closed;
+    assert.deepEqual(c.replies, expected, input.toString('latin1'));
+  }
+  assert.equal(await bitmaps(), before);
+  // NUL characters are valid JSON (\u0000): QEMU creates the bitmap and lists its name as written.
+  await d.qmp.execute('block-dirty-bitmap-add', { node: 'null0', name: '\0\0\0' });
+  const c = await RawClient.connect();
+  c.sock.end('{"execute":"query-named-block-nodes"}');
+  await c.closed;
+  const line = JSON.stringify(c.replies[0]);
+  assert.ok(line.includes('"name":"\\u0000\\u0000\\u0000"'), line);
+  await d.qmp.execute('block-dirty-bitmap-remove', { node: 'null0', name: '\0\0\0' });
+});

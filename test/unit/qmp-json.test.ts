@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { JsonStreamParser, encodeQmp, type JsonMessage } from '../../src/qmp/json.js';
+import { JsonStreamParser, Utf8StreamDecoder, encodeQmp, type JsonMessage } from '../../src/qmp/json.js';
 import { parseKeyval, visit, object, str, size, bool, uint32, arrayOf, enumOf, alternate } from '../../src/qapi/schema.js';
 
 function parseAll(chunks: string[]): JsonMessage[] {
@@ -33,7 +33,11 @@ test('single quotes, escapes and unicode', () => {
   assert.equal(m.ok, false);
   const [n] = parseAll(["{'a': 'q\\'s \\u00e9'}"]);
   assert.deepEqual(parseAll(["{'a': 'say \"hi\"', \"b\": \"it's\"}"]), [{ ok: true, value: { a: 'say "hi"', b: "it's" } }]);
-  assert.deepEqual(parseAll(['{"a": "x\ty"}']), [{ ok: false, error: 'control character in string' }]);
+  // A control character is a lexer error (QEMU: the message ends there, input is skipped to '}').
+  assert.deepEqual(parseAll(['{"a": "x\ty"}']), [
+    { ok: false, error: 'stray \'"x\t\'' },
+    { ok: false, error: 'expecting value' },
+  ]);
   // Long strings split anywhere across chunks, escapes included.
   const long = 'ab\\"c'.repeat(3000);
   const text = `{"s": "${long}"}`;
@@ -65,7 +69,7 @@ test('an endless message is dropped at the size limit (QEMU json-streamer), and 
 });
 
 test('encoder writes ASCII with QEMU separators', () => {
-  assert.equal(encodeQmp({ a: [1, 'é\n'], b: { c: true } }), '{"a": [1, "\\u00e9\\n"], "b": {"c": true}}');
+  assert.equal(encodeQmp({ a: [1, 'é\n'], b: { c: true } }), '{"a": [1, "\\u00E9\\n"], "b": {"c": true}}');
 });
 
 test('keyval parsing as QEMU: dots nest, ",," escapes, implied key, lists', () => {
@@ -100,4 +104,34 @@ test('schema visitor messages', () => {
   assert.throws(() => visit(arrayOf(enumOf('K', ['a'])), ['b'], 'enable'), { message: "Parameter 'null' does not accept value 'b'" });
   assert.deepEqual(visit(s, { name: 'a', size: '1M', flag: 'on' }, '', { keyval: true }), { name: 'a', size: 1048576, flag: true });
   assert.throws(() => visit(s, { name: 'a', flag: 'maybe' }, '', { keyval: true }), { message: "Parameter 'flag' expects 'on' or 'off'" });
+});
+
+test('invalid UTF-8, lone surrogates and stray bytes are refused with QEMU 7.2\'s errors', () => {
+  const parse = (bytes: Buffer) => {
+    const out: JsonMessage[] = [];
+    const p = new JsonStreamParser((m) => out.push(m));
+    const decoder = new Utf8StreamDecoder();
+    // Byte at a time: sequences split across chunks must decode the same.
+    for (const b of bytes) p.feed(decoder.decode(Buffer.from([b])));
+    p.feed(decoder.end());
+    return out.map((m) => (m.ok ? m.value : m.error));
+  };
+  const latin1 = (s: string) => Buffer.from(s, 'latin1');
+  assert.deepEqual(parse(latin1('"b\xe2\x822"')), ['invalid UTF-8 sequence in string']);
+  assert.deepEqual(parse(latin1('"c\xff"}')), ["stray '\"c\ufffd'", 'expecting value']);
+  assert.deepEqual(parse(latin1('"h\xed\xa0\x80"')), ['invalid UTF-8 sequence in string']);
+  assert.deepEqual(parse(Buffer.from('"d\\ud800"')), ['\\ud800 is not a valid Unicode character']);
+  assert.deepEqual(parse(Buffer.from('"\\uD83D\\u0041"')), ['\\uD83D is not a valid Unicode character']);
+  assert.deepEqual(parse(Buffer.from('"\\u00"')), ['\\u00" is not a valid Unicode character']);
+  // Valid: a surrogate pair, raw UTF-8, "modified UTF-8" C0 80 for U+0000, \u0000.
+  assert.deepEqual(parse(Buffer.from('"\\uD83D\\uDE00 \u00e9 \u{1F600}"')), ['\u{1F600} \u00e9 \u{1F600}']);
+  assert.deepEqual(parse(latin1('"g\xc0\x80\\u0000"')), ['g\0\0']);
+  // Outside strings: a stray byte, then input is skipped to a structural character.
+  assert.deepEqual(parse(latin1('\xc3\xa9 1,')), ["stray '\ufffd'", 'expecting value']);
+  // A sequence cut off by the end of input.
+  assert.deepEqual(parse(latin1('\xe2\x82')), ["stray '\ufffd'"]);
+  // Numbers and keywords as QEMU's lexer reads them.
+  // (after "-," the error ate the comma, so " 1e" is skipped up to the next one).
+  assert.deepEqual(parse(Buffer.from('01, -, 1e, Abc, %d, [1.5e3, -0, true]')), ["stray '01'", 'expecting value', "stray '-,'", 'expecting value', "stray 'A'", 'expecting value', "stray '%'", 'expecting value', [1500, -0, true]]);
+  assert.deepEqual(parse(Buffer.from('1e,')), ["stray '1e,'"]);
 });
