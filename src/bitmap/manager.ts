@@ -147,6 +147,8 @@ export class BitmapManager {
           if (this.hasReadonlyBitmaps(node)) throw new BlockIOError('EPERM');
         },
         afterWrite: (req: WriteRequest) => this.markDirty(node, req.offset, req.bytes),
+        // bdrv_dirty_bitmap_truncate: a grown node's bitmaps grow clean; a shrunk one's lose the tail.
+        resized: (_node, size) => this.truncate(node, size),
         // The node's first bitmap, created during a write, records that write too (bdrv_set_dirty
         // marks the bitmaps that exist when a write ends).
         seesWritesInFlight: true,
@@ -196,7 +198,7 @@ export class BitmapManager {
 
   /** Follow a resize of the node: every bitmap grows (clean) or shrinks. */
   truncate(node: BlockNode, size: number): void {
-    for (const bm of this.list(node)) bm.hbitmap.truncate(size);
+    for (const bm of this.list(node)) bm.truncate(size);
   }
 
   // ---- QMP-level operations ---------------------------------------------------------------------

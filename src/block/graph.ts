@@ -5,8 +5,9 @@
  */
 import { genericError } from '../errors.js';
 import { visit, type Members, type Schema, type VisitOptions } from '../qapi/schema.js';
-import { type BlockNode, type BdrvChild } from './node.js';
-import { checkNewChild, refreshPermissions, type ChildRole } from './permissions.js';
+import { BlockNode, type BdrvChild } from './node.js';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, checkNewChild, refreshPermissions, unnamedBackend, type ChildRole } from './permissions.js';
+import { BlockdevDriver } from '../qapi/block.js';
 
 /** What a driver gets to open its children and look up nodes. */
 export interface OpenContext {
@@ -20,6 +21,21 @@ export interface OpenContext {
   openChild(ref: unknown, readOnly: boolean, childName: string, role: ChildRole): Promise<BlockNode>;
 }
 
+/** What a driver's create gets: the protocol node a format is written on. */
+export interface CreateContext {
+  /**
+   * The node given as a BlockdevRef (a node-name, or options opened for the create and closed after
+   * it), held by a BlockBackend that writes and resizes it and shares everything, as QEMU's creates
+   * do: a node a format node uses is refused with QEMU's permission error. release() lets go.
+   */
+  openForCreate(ref: unknown): Promise<{ node: BlockNode; release: () => Promise<void> }>;
+}
+
+/**
+ * A block driver: the contract between the graph (and the commands and jobs above it) and one image
+ * format or protocol. Commands and jobs use drivers only through this and BlockNode's methods (I/O,
+ * truncate, capabilities, actualSize, reopen); they import no concrete driver.
+ */
 export interface BlockDriver {
   /** The QEMU driver name (BlockdevDriver enum value). */
   readonly name: string;
@@ -27,6 +43,13 @@ export interface BlockDriver {
   readonly options: Members;
   /** Open a node. `opts` has been checked against `options` and the common members. */
   open(nodeName: string, opts: Record<string, unknown>, ctx: OpenContext): Promise<BlockNode>;
+  /** blockdev-create; a driver without it is refused with "Driver does not support blockdev-create". */
+  readonly create?: {
+    /** The driver's members of BlockdevCreateOptions. */
+    readonly options: Members;
+    /** Create an image with checked options (`driver` included). */
+    run(opts: Record<string, unknown>, ctx: CreateContext): Promise<void>;
+  };
 }
 
 /** BlockdevOptions members common to every driver (BlockdevOptionsBase). */
@@ -143,6 +166,68 @@ export class BlockGraph {
       base: { ...COMMON_BLOCKDEV_MEMBERS, driver: { kind: 'enum', name: 'BlockdevDriver', values: this.driverNames() } },
       discriminator: 'driver',
       variants,
+    });
+  }
+
+  /**
+   * The BlockdevCreateOptions union: QEMU accepts every driver of the BlockdevDriver enum in it and
+   * refuses those that cannot create when the job runs.
+   */
+  createOptionsSchema(): Schema {
+    const variants: Record<string, Members> = {};
+    for (const d of this.drivers.values()) if (d.create) variants[d.name] = d.create.options;
+    return { kind: 'union', name: 'BlockdevCreateOptions', base: { driver: BlockdevDriver }, discriminator: 'driver', variants };
+  }
+
+  /** Whether the driver can create images (blockdev-create). */
+  canCreate(driver: string): boolean {
+    return this.drivers.get(driver)?.create !== undefined;
+  }
+
+  /** Run a driver's create (blockdev-create's job, drive-mirror's new image). */
+  async create(opts: Record<string, unknown>): Promise<void> {
+    const create = this.drivers.get(opts.driver as string)?.create;
+    if (!create) throw genericError('Driver does not support blockdev-create');
+    await create.run(opts, { openForCreate: (ref) => this.openForCreate(ref) });
+  }
+
+  /** CreateContext.openForCreate. */
+  private async openForCreate(ref: unknown): Promise<{ node: BlockNode; release: () => Promise<void> }> {
+    const claim = (node: BlockNode) => node.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL);
+    if (typeof ref === 'string') {
+      const node = this.lookup(ref);
+      const edge = claim(node);
+      return { node, release: async () => BlockNode.detachParent(edge) };
+    }
+    const node = await this.open(ref as Record<string, unknown>);
+    let edge: BdrvChild;
+    try {
+      edge = claim(node);
+    } catch (err) {
+      await this.remove(node);
+      throw err;
+    }
+    return {
+      node,
+      release: async () => {
+        BlockNode.detachParent(edge);
+        await this.remove(node);
+      },
+    };
+  }
+
+  /**
+   * bdrv_img_create for drive-mirror's new images: an image of `format` at `filename` of `size` bytes,
+   * naming `backing` (a file name and format) in its header when given. raw images are plain files.
+   */
+  async createImage(format: string, filename: string, size: number, backing?: { filename: string; format: string }): Promise<void> {
+    if (format === 'raw') return this.create({ driver: 'file', filename, size });
+    await this.create({ driver: 'file', filename, size: 0 });
+    await this.create({
+      driver: format,
+      file: { driver: 'file', filename },
+      size,
+      ...(backing ? { 'backing-file': backing.filename, 'backing-fmt': backing.format } : {}),
     });
   }
 

@@ -5,7 +5,7 @@
  * write observers) and then call the driver's `do*` hooks. Dirty bitmaps and mirror jobs see writes
  * through WriteObservers, so a write cannot reach a node without being recorded, whatever path it took.
  */
-import { BlockIOError } from '../errors.js';
+import { BlockIOError, genericError } from '../errors.js';
 import { RequestTracker, type TrackedRequest } from './requests.js';
 import {
   BLK_PERM_ALL,
@@ -77,6 +77,8 @@ export interface WriteObserver {
    * created during a write records it.
    */
   readonly seesWritesInFlight?: boolean;
+  /** The node was resized (truncate): dirty bitmaps follow its size. */
+  resized?(node: BlockNode, size: number): void;
 }
 
 /**
@@ -136,6 +138,29 @@ export interface ImageInfo {
 export interface NodeInfo {
   /** Cluster size of a format with clusters (qcow2); undefined when the format has none. */
   clusterSize?: number;
+}
+
+/**
+ * What a node can do well and the limits of its requests (QEMU's BlockLimits and supported flags):
+ * what an NBD export announces as transmission flags and block sizes, and what a copy may rely on.
+ */
+export interface NodeCapabilities {
+  /** Smallest unit of I/O; smaller requests are read-modify-write (NBD's minimum block size). */
+  requestAlignment: number;
+  /** Largest request the node takes at once, in bytes (undefined: no limit of its own). */
+  maxTransfer?: number;
+  /** Write-zeroes without writing a buffer of zeroes (holes, zero clusters): NBD_FLAG_SEND_WRITE_ZEROES is cheap. */
+  writeZeroes: boolean;
+  /** Write-zeroes that is fast or fails, never falling back to writing data (BDRV_REQ_NO_FALLBACK, NBD fast zero). */
+  fastZero: boolean;
+  /** Discard frees space (NBD_FLAG_SEND_TRIM does something). */
+  discard: boolean;
+  /** Force unit access is native, not a flush after the write (BDRV_REQ_FUA in supported_write_flags). */
+  fua: boolean;
+  /** Block status knows holes, zeroes and allocation (not "all data"): NBD base:allocation is useful. */
+  blockStatus: boolean;
+  /** The node can be resized (block_resize). */
+  resize: boolean;
 }
 
 export abstract class BlockNode {
@@ -229,6 +254,12 @@ export abstract class BlockNode {
   }
   protected async doClose(): Promise<void> {}
 
+  /**
+   * Optional: resize the node to `size` bytes (QEMU's bdrv_co_truncate driver hook); `exact` asks for
+   * exactly that size of a protocol node. Drivers without it cannot be resized.
+   */
+  protected doTruncate?(size: number, exact: boolean): Promise<void>;
+
   /** The node's ImageInfo for query-named-block-nodes. Format drivers override. */
   abstract imageInfo(): ImageInfo;
   /** bdrv_get_info: cluster size etc. */
@@ -238,6 +269,32 @@ export abstract class BlockNode {
   /** Whether a freshly created image reads as zeroes without writing them (bdrv_has_zero_init). */
   hasZeroInit(): boolean {
     return false;
+  }
+  /** What the node does well and its request limits. Drivers override; these defaults promise nothing. */
+  capabilities(): NodeCapabilities {
+    return {
+      requestAlignment: this.requestAlignment,
+      writeZeroes: false,
+      fastZero: false,
+      discard: false,
+      fua: false,
+      blockStatus: false,
+      resize: this.doTruncate !== undefined,
+    };
+  }
+  /**
+   * Bytes the image takes on the host (bdrv_get_allocated_file_size): a protocol driver knows; others
+   * sum their children that hold their data and metadata (a backing file is an image of its own).
+   * Undefined when unknown.
+   */
+  async actualSize(): Promise<number | undefined> {
+    let sum: number | undefined;
+    for (const c of this.children) {
+      if (c.role === 'cow') continue;
+      const n = await c.node.actualSize();
+      if (n !== undefined) sum = (sum ?? 0) + n;
+    }
+    return sum;
   }
   /** The child that holds the guest data for filters and raw (file/image), undefined for leaves. */
   primaryChild(): BlockNode | undefined {
@@ -495,6 +552,20 @@ export abstract class BlockNode {
   async flush(): Promise<void> {
     if (this.closed) return;
     await this.doFlush();
+  }
+
+  /**
+   * Resize the node (QEMU's bdrv_co_truncate, what block_resize and image creation use): QEMU's checks
+   * and messages, the driver's hook, then observers follow the new size (dirty bitmaps grow clean or
+   * shrink). The caller holds resize permission on the node (a BlockBackend, or the format above).
+   */
+  async truncate(size: number, exact = false): Promise<void> {
+    if (this.closed) throw genericError('No medium inserted');
+    if (!Number.isSafeInteger(size) || size < 0) throw genericError('Image size cannot be negative');
+    if (this.readOnly) throw genericError('Image is read-only');
+    if (!this.doTruncate) throw genericError('Image format driver does not support resize');
+    await this.doTruncate(size, exact);
+    for (const o of [...this.observers]) o.resized?.(this, this.length());
   }
 
   /** Block status of [offset, offset+bytes): the status of a prefix of it. */

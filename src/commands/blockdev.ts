@@ -1,30 +1,16 @@
 /**
  * blockdev-add, blockdev-del and query-named-block-nodes, with QEMU's checks and messages.
  */
-import { promises as fsp } from 'node:fs';
 import { genericError } from '../errors.js';
 import { bool, str } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
-import { BlockNode, protocolLeaf, type ImageInfo } from '../block/node.js';
-import { fileNodeBelow } from '../block/drivers/file.js';
-
-async function actualSize(node: BlockNode): Promise<number | undefined> {
-  const leaf = fileNodeBelow(node);
-  if (!leaf) return undefined;
-  try {
-    const st = await fsp.stat(leaf.filename);
-    return st.blocks * 512;
-  } catch {
-    return undefined;
-  }
-}
+import { BlockNode, type ImageInfo } from '../block/node.js';
 
 async function imageInfoWithSizes(node: BlockNode, flat: boolean): Promise<ImageInfo> {
   const info = { ...node.imageInfo() };
-  const size = await actualSize(node);
+  const size = await node.actualSize();
   if (size !== undefined) info['actual-size'] = size;
-  else if (protocolLeaf(node).driver === 'null-co') info['actual-size'] = 0;
   const backing = node.backing();
   if (!flat && backing) info['backing-image'] = await imageInfoWithSizes(backing, false);
   return info;

@@ -20,8 +20,6 @@ import type { BlockNode } from '../block/node.js';
 import { BITMAP_ALLOW_RO, BITMAP_DEFAULT, type DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { DEFAULT_MIRROR_BUF_SIZE, MirrorJob, type BitmapSyncMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import type { OnError } from '../jobs/job.js';
-import { createQcow2 } from '../block/drivers/qcow2/index.js';
-import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 
 const MirrorSyncMode = enumOf('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
@@ -275,19 +273,6 @@ export const mirrorCommands: CommandDef[] = [
 
 /** drive-mirror with mode=absolute-paths creates the target image (the size of the source). */
 async function createImage(core: Core, filename: string, format: string, source: BlockNode, backing: BlockNode | undefined): Promise<void> {
-  await fsp.writeFile(filename, '');
-  if (format === 'raw') {
-    await fsp.truncate(filename, source.length());
-    return;
-  }
-  const file = await core.graph.open({ driver: 'file', filename });
-  try {
-    const backingFile = backing ? backing.imageInfo().filename : undefined;
-    await createQcow2(file, {
-      size: source.length(),
-      ...(backingFile ? { 'backing-file': path.resolve(backingFile), 'backing-fmt': backing!.formatLayer().driver } : {}),
-    });
-  } finally {
-    await core.graph.remove(file);
-  }
+  const backingFile = backing && format === 'qcow2' ? { filename: path.resolve(backing.imageInfo().filename), format: backing.formatLayer().driver } : undefined;
+  await core.graph.createImage(format, filename, source.length(), backingFile);
 }

@@ -29,7 +29,7 @@
  */
 import { BlockIOError, genericError } from '../../errors.js';
 import { errnoCode } from '../native.js';
-import { BlockNode, type BlockStatus, type ImageInfo, type WriteFlags } from '../node.js';
+import { BlockNode, type BlockStatus, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { arrayOf, bool, enumOf, int, object, str } from '../../qapi/schema.js';
 import { BlockdevRef } from './raw.js';
@@ -183,8 +183,15 @@ export class BlkdebugNode extends BlockNode {
    * allocating clusters); without this every allocating write through blkdebug failed with EIO.
    */
   private async growFor(end: number): Promise<void> {
-    const img = this.image as BlockNode & { truncate?: (n: number) => Promise<void> };
-    if (end > this.length() && !this.readOnly && typeof img.truncate === 'function') await img.truncate(end);
+    if (end > this.length() && !this.readOnly && this.image.capabilities().resize) await this.image.truncate(end);
+  }
+
+  override capabilities(): NodeCapabilities {
+    return { ...this.image.capabilities(), requestAlignment: this.requestAlignment };
+  }
+  /** blkdebug_co_truncate: the image is resized. */
+  protected override doTruncate(size: number, exact: boolean): Promise<void> {
+    return this.image.truncate(size, exact);
   }
 
   override async read(offset: number, bytes: number): Promise<Buffer> {

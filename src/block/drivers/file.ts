@@ -26,10 +26,11 @@
  */
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { BlockIOError, genericError, strerror, errorCode, QmpError } from '../../errors.js';
-import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type WriteFlags } from '../node.js';
+import { PreallocModeEnum, type PreallocMode } from '../../qapi/block.js';
+import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
-import { BLK_PERM_ALL, PERM_NAMES } from '../permissions.js';
-import { bool, enumOf, str, int } from '../../qapi/schema.js';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, PERM_NAMES } from '../permissions.js';
+import { bool, enumOf, str, int, size } from '../../qapi/schema.js';
 import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, EAGAIN, EACCES } from '../native.js';
 
 // ---- QEMU's lock bytes ------------------------------------------------------------------------------
@@ -343,10 +344,36 @@ export class FileNode extends BlockNode {
     await super.doWriteZeroes(offset, bytes, flags);
   }
 
-  /** Protocol nodes grow when a format driver writes past their end (qcow2 allocation). */
-  async truncate(newSize: number): Promise<void> {
-    await this.fh.truncate(newSize);
-    this.size = newSize;
+  /** ftruncate (raw_co_truncate with preallocation off): grow with a hole, or shrink. */
+  protected override async doTruncate(size: number): Promise<void> {
+    try {
+      await this.fh.truncate(size);
+    } catch (err) {
+      throw genericError(`Failed to resize file: ${strerror(errorCode(err))}`);
+    }
+    this.size = size;
+  }
+
+  override capabilities(): NodeCapabilities {
+    const native = nativeAddon() !== undefined && this.fileOptions.regular;
+    return {
+      requestAlignment: this.requestAlignment,
+      writeZeroes: native && this.canZeroRange,
+      fastZero: native && this.canZeroRange,
+      discard: native && this.canPunch && this.fileOptions.discardUnmap,
+      fua: false,
+      blockStatus: native && this.canSeekHoles,
+      resize: true,
+    };
+  }
+
+  /** The blocks the file takes on the host (st_blocks). */
+  override async actualSize(): Promise<number | undefined> {
+    try {
+      return (await this.fh.stat()).blocks * 512;
+    } catch {
+      return undefined;
+    }
   }
 
   /** Writes beyond the current end extend the file, as for a growable protocol node in QEMU. */
@@ -416,6 +443,100 @@ async function probeDirectAlignment(fh: fsp.FileHandle): Promise<number> {
   return MEM_ALIGN;
 }
 
+// ---- blockdev-create --------------------------------------------------------------------------------
+
+/** BlockdevCreateOptionsFile. */
+export interface FileCreateOptions {
+  filename: string;
+  size: number;
+  preallocation?: PreallocMode;
+  /** Accepted and ignored (btrfs only in QEMU). */
+  nocow?: boolean;
+  'extent-size-hint'?: number;
+}
+
+const ZERO_CHUNK = 1 << 20;
+
+function osError(prefix: string, err: unknown): Error {
+  return genericError(`${prefix}: ${strerror(errorCode(err))}`);
+}
+
+/**
+ * Create (or re-create) a host file of `size` bytes, as QEMU's file-posix does for blockdev-create:
+ * create (O_CREAT, mode 0644, keeping an existing file), take the write and resize lock bytes and check
+ * nobody else holds conflicting ones, truncate to 0, then grow to the size with the preallocation mode.
+ * A failure leaves what QEMU leaves: the (empty) file exists.
+ */
+export async function createFile(opts: FileCreateOptions): Promise<void> {
+  const { filename, size } = opts;
+  const prealloc = opts.preallocation ?? 'off';
+  let fh: fsp.FileHandle;
+  try {
+    fh = await fsp.open(filename, fsc.O_RDWR | fsc.O_CREAT, 0o644);
+  } catch (err) {
+    throw osError(`Could not create '${filename}'`, err);
+  }
+  try {
+    // Take write+resize and refuse to share resize, then check nobody else conflicts (a node open
+    // read-write on the same file, here or in a QEMU process, holds the write lock).
+    if (nativeAddon()) applyImageLocks(fh.fd, filename, new Set(), BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL & ~BLK_PERM_RESIZE);
+    try {
+      await fh.truncate(0);
+    } catch (err) {
+      throw osError('Could not resize file', err);
+    }
+    await growFile(fh, size, prealloc);
+  } finally {
+    // Closing the descriptor drops its lock bytes.
+    await fh.close().catch(() => undefined);
+  }
+}
+
+/** Grow an empty file to `size` with the preallocation mode (raw_regular_truncate from length 0). */
+async function growFile(fh: fsp.FileHandle, size: number, prealloc: PreallocMode): Promise<void> {
+  switch (prealloc) {
+    case 'off':
+      try {
+        await fh.truncate(size);
+      } catch (err) {
+        throw osError('Could not resize file', err);
+      }
+      return;
+    case 'full':
+      try {
+        await fh.truncate(size);
+      } catch (err) {
+        throw osError('Could not resize file', err);
+      }
+      try {
+        const zeroes = Buffer.alloc(Math.min(ZERO_CHUNK, Math.max(size, 1)));
+        for (let pos = 0; pos < size; ) {
+          const n = Math.min(zeroes.length, size - pos);
+          const { bytesWritten } = await fh.write(zeroes, 0, n, pos);
+          pos += bytesWritten;
+        }
+        await fh.sync();
+      } catch (err) {
+        await fh.truncate(0).catch(() => undefined);
+        throw osError('Could not write zeros for preallocation', err);
+      }
+      return;
+    case 'falloc': {
+      const n = nativeAddon();
+      if (!n) throw genericError('Could not preallocate new data: Operation not supported');
+      if (size === 0) return;
+      const r = await n.fallocate(fh.fd, 0, 0, size);
+      if (r < 0) {
+        await fh.truncate(0).catch(() => undefined);
+        throw genericError(`Could not preallocate new data: ${strerror(errnoCode(-r))}`);
+      }
+      return;
+    }
+    default:
+      throw genericError(`Unsupported preallocation mode: ${prealloc}`);
+  }
+}
+
 export const fileDriver: BlockDriver = {
   name: 'file',
   options: {
@@ -426,6 +547,10 @@ export const fileDriver: BlockDriver = {
     '*aio-max-batch': int,
     '*drop-cache': bool,
     '*x-check-cache-dropped': bool,
+  },
+  create: {
+    options: { filename: str, size, '*preallocation': PreallocModeEnum, '*nocow': bool, '*extent-size-hint': size },
+    run: (opts) => createFile(opts as unknown as FileCreateOptions),
   },
   async open(nodeName, opts) {
     const filename = opts.filename as string;

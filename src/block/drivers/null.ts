@@ -3,7 +3,7 @@
  * read-zeroes is set (QEMU's default is false, which returns whatever the buffer held: we return zeroes
  * then too, as leaving uninitialised memory visible has no use here).
  */
-import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo } from '../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo, type NodeCapabilities } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { bool, int, qemuOptSize } from '../../qapi/schema.js';
 
@@ -32,6 +32,13 @@ export class NullNode extends BlockNode {
   }
   override hasZeroInit(): boolean {
     return this.readZeroes;
+  }
+  override capabilities(): NodeCapabilities {
+    return { requestAlignment: 1, writeZeroes: true, fastZero: true, discard: false, fua: true, blockStatus: this.readZeroes, resize: false };
+  }
+  /** Nothing is stored (QEMU's null driver reports 0). */
+  override async actualSize(): Promise<number> {
+    return 0;
   }
   imageInfo(): ImageInfo {
     return { filename: this.filename(), format: 'null-co', 'virtual-size': this.size };

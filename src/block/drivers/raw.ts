@@ -3,7 +3,7 @@
  * `size`). All I/O passes to the `file` child at the shifted offset.
  */
 import { genericError } from '../../errors.js';
-import { BlockNode, type BdrvChild, type BlockStatus, type HostRange, type ImageInfo, type WriteFlags } from '../node.js';
+import { BlockNode, type BdrvChild, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
 import { defaultChildPermissions, type Permissions } from '../permissions.js';
 import type { BlockDriver } from '../graph.js';
 import { alternate, int, qemuOptSize } from '../../qapi/schema.js';
@@ -61,6 +61,15 @@ export class RawNode extends BlockNode {
   protected override async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
     const st = await this.file.blockStatus(this.offset + offset, bytes);
     return { ...st, allocated: true };
+  }
+  override capabilities(): NodeCapabilities {
+    return { ...this.file.capabilities(), resize: this.size === undefined };
+  }
+  /** raw_co_truncate: the file is resized by the same amount; a fixed-size window cannot be. */
+  protected override async doTruncate(size: number, exact: boolean): Promise<void> {
+    if (this.size !== undefined) throw genericError('Cannot resize fixed-size raw disks');
+    if (Number.MAX_SAFE_INTEGER - size < this.offset) throw genericError('Disk size too large for the chosen offset');
+    await this.file.truncate(size + this.offset, exact);
   }
   override hasZeroInit(): boolean {
     return this.offset === 0 && this.size === undefined && this.file.hasZeroInit();

@@ -3,7 +3,7 @@
  * put themselves in the I/O path (mirror-top, copy-before-write) and be taken out again at the end.
  * Guest-visible data is the child's; block status, sizes and cluster facts are the child's too.
  */
-import { BlockNode, type BlockStatus, type HostRange, type ImageInfo, type NodeInfo, type WriteFlags } from '../node.js';
+import { BlockNode, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../node.js';
 
 export abstract class FilterNode extends BlockNode {
   /** QEMU's filters hold their child as 'backing' (mirror_top) or 'file' (copy-before-write). */
@@ -79,6 +79,13 @@ export abstract class FilterNode extends BlockNode {
   }
   override hasZeroInit(): boolean {
     return this.filtered.hasZeroInit();
+  }
+  override capabilities(): NodeCapabilities {
+    return this.filtered.capabilities();
+  }
+  /** bdrv_co_truncate on a filter without a truncate of its own: the filtered node is resized. */
+  protected override doTruncate(size: number, exact: boolean): Promise<void> {
+    return this.filtered.truncate(size, exact);
   }
   imageInfo(): ImageInfo {
     // QEMU shows the filtered node's image under the filter's format name, without format details.

@@ -104,8 +104,7 @@ export async function createQcow2(file: BlockNode, opts: Qcow2CreateOptions): Pr
   const headerBuf = serializeHeader(h, cs);
 
   // Start from an empty file.
-  const truncatable = file as BlockNode & { truncate?: (n: number) => Promise<void> };
-  if (typeof truncatable.truncate === 'function') await truncatable.truncate(0);
+  if (file.capabilities().resize) await file.truncate(0);
 
   const rc = new Refcounts(file, clusterBits, refcountOrder, cs, T, [], async () => undefined);
   const table = Buffer.alloc(T * cs);
@@ -166,7 +165,6 @@ async function preallocateMetadata(file: BlockNode, h: Qcow2Header, usedClusters
   await file.write(h.l1TableOffset, l1);
   // Make the file cover every data cluster so that they read as zeroes.
   const end = (rc.highestAllocated + 1) * cs;
-  const truncatable = file as BlockNode & { truncate?: (n: number) => Promise<void> };
-  if (typeof truncatable.truncate === 'function' && file.length() < end) await truncatable.truncate(end);
+  if (file.capabilities().resize && file.length() < end) await file.truncate(end);
   await file.flush();
 }

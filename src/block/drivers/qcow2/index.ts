@@ -3,15 +3,34 @@
  * a protocol node (blockdev-create). See node.ts for I/O, open.ts for open-time checks.
  */
 import type { BlockDriver } from '../../graph.js';
-import { alternate, any, bool, enumOf, int, object, str } from '../../../qapi/schema.js';
+import { alternate, any, bool, enumOf, int, object, size, str, type Members } from '../../../qapi/schema.js';
+import { BlockdevDriver, BlockdevRef, PreallocModeEnum } from '../../../qapi/block.js';
 import { openQcow2 } from './open.js';
+import { createQcow2, type Qcow2CreateOptions } from './create.js';
 
 export { createQcow2, type Qcow2CreateOptions } from './create.js';
 export { Qcow2Node, type BitmapToStore, type BitmapToKeep } from './node.js';
 export type { StoredBitmap } from './bitmaps.js';
 
-const BlockdevRef = alternate('BlockdevRef', str, any);
 const BlockdevRefOrNull = alternate('BlockdevRefOrNull', str, { kind: 'null' }, any);
+
+/** BlockdevCreateOptionsQcow2. */
+const CREATE_OPTIONS: Members = {
+  file: BlockdevRef,
+  '*data-file': BlockdevRef,
+  '*data-file-raw': bool,
+  '*extended-l2': bool,
+  size,
+  '*version': enumOf('BlockdevQcow2Version', ['v2', 'v3']),
+  '*backing-file': str,
+  '*backing-fmt': BlockdevDriver,
+  '*encrypt': any,
+  '*cluster-size': size,
+  '*preallocation': PreallocModeEnum,
+  '*lazy-refcounts': bool,
+  '*refcount-bits': int,
+  '*compression-type': enumOf('Qcow2CompressionType', ['zlib', 'zstd']),
+};
 
 export const qcow2Driver: BlockDriver = {
   name: 'qcow2',
@@ -36,5 +55,17 @@ export const qcow2Driver: BlockDriver = {
     // The permissions qcow2 takes on its file (write and resize when writable, sharing neither, so
     // qemu-img/qemu-io cannot write the image behind our back) follow from its child role: 'image'.
     return openQcow2(nodeName, opts, ctx);
+  },
+  create: {
+    options: CREATE_OPTIONS,
+    async run(opts, ctx) {
+      const { node, release } = await ctx.openForCreate(opts.file);
+      try {
+        const { driver: _driver, file: _file, ...rest } = opts;
+        await createQcow2(node, rest as Qcow2CreateOptions);
+      } finally {
+        await release();
+      }
+    },
   },
 };

@@ -22,7 +22,7 @@
  */
 import { BlockIOError, errorCode, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
-import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeInfo, type WriteFlags } from '../../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../../node.js';
 import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
@@ -151,6 +151,18 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     return { clusterSize: this.cs };
   }
 
+  /** Zero clusters (v3) make write-zeroes cheap; discard frees clusters when discard=unmap. */
+  override capabilities(): NodeCapabilities {
+    return {
+      requestAlignment: this.requestAlignment,
+      writeZeroes: this.v3,
+      fastZero: this.v3,
+      discard: this.unmapAllowed,
+      fua: false,
+      blockStatus: true,
+      resize: this.doTruncate !== undefined,
+    };
+  }
   override hasZeroInit(): boolean {
     return this.header.backingFile === undefined && !this.backing();
   }
