@@ -112,7 +112,8 @@ function hexdump(buf: Buffer, offset: number): string {
     let ascii = '';
     for (const b of row) {
       hex += b.toString(16).padStart(2, '0') + ' ';
-      ascii += b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : '.';
+      // qemu-io shows letters and digits only (isalnum); everything else is '.'.
+      ascii += (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5a) || (b >= 0x61 && b <= 0x7a) ? String.fromCharCode(b) : '.';
     }
     out += `${(offset + i).toString(16).padStart(8, '0')}:  ${hex} ${ascii}\n`;
   }

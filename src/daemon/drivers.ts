@@ -2,10 +2,10 @@
  * The block drivers a daemon can open. One list, so blockdev-add, --blockdev and blockdev-create agree.
  */
 import type { BlockDriver } from '../block/graph.js';
-import { fileDriver } from '../block/drivers/file.js';
+import { fileDriver, hostDeviceDriver } from '../block/drivers/file.js';
 import { rawDriver } from '../block/drivers/raw.js';
 import { nullDriver } from '../block/drivers/null.js';
 import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver];

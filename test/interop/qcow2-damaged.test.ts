@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import { readFile, writeFile, truncate } from 'node:fs/promises';
 import * as path from 'node:path';
-import { mustRun, tempDir } from '../support/tools.js';
+import { mustRun, run, tempDir } from '../support/tools.js';
 import { newGraph, openQcow2File } from '../support/graph.js';
 
 async function expectRefused(img: string, pattern: RegExp, extra: Record<string, unknown> = {}): Promise<void> {
@@ -97,7 +97,7 @@ test('corrupt bit: read-only open works and reads data', async () => {
   }
 });
 
-test('L2 entry pointing beyond EOF gives EIO on read, no crash', async () => {
+test('L2 entry pointing beyond EOF: read-only reads zeroes there as qemu-io does, a read-write open refuses to write through it', async () => {
   const { dir, cleanup } = await tempDir();
   try {
     const img = await fresh(dir);
@@ -106,10 +106,60 @@ test('L2 entry pointing beyond EOF gives EIO on read, no crash', async () => {
     const before = await readFile(img);
     const g = newGraph();
     const n = await openQcow2File(g, img, { 'read-only': true });
-    await assert.rejects(n.read(0, 512), /beyond the end of the image file/);
+    assert.ok((await n.read(0, 512)).equals(Buffer.alloc(512)));
+    await mustRun('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0 0 512', img]).then((out) => assert.doesNotMatch(out, /Pattern verification failed/));
     assert.ok((await n.read(64 << 10, 512)).equals(Buffer.alloc(512, 0x42)));
     await g.closeAll();
     assert.ok((await readFile(img)).equals(before));
+    const rw = newGraph();
+    const w = await openQcow2File(rw, img);
+    await assert.rejects(w.write(0, Buffer.alloc(512, 1)), /beyond the end of the image file/);
+    await rw.closeAll();
+  } finally {
+    await cleanup();
+  }
+});
+
+test('damaged L1 entries, read-only: every 2 MiB region reads as qemu-io reads it (undamaged ones served, unaligned ones EIO)', async () => {
+  const { dir, cleanup } = await tempDir();
+  try {
+    const img = path.join(dir, 'l1.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, '8M']);
+    // 4 KiB clusters: one L2 table maps 2 MiB, so L1 entry i maps region i.
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x41 0 2M', '-c', 'write -P 0x42 2M 2M', '-c', 'write -P 0x43 4M 2M', '-c', 'write -P 0x44 6M 2M', img]);
+    const clean = await readFile(img);
+    const l1 = Number(clean.readBigUInt64BE(40));
+    const entry = clean.readBigUInt64BE(l1 + 8);
+    const damages: Array<[string, bigint]> = [
+      ['past the end of the file', 0x8000000010000000n],
+      ['unaligned', entry + 0x200n],
+      ['reserved bits', entry | 0x100n],
+      ['reserved high bits', entry | 0x0100000000000000n],
+      ['copied flag cleared', entry & ~(1n << 63n)],
+      ['pointing at the L1 table', 0x8000000000000000n | BigInt(l1)],
+      ['zero', 0n],
+    ];
+    for (const [what, value] of damages) {
+      const b = Buffer.from(clean);
+      b.writeBigUInt64BE(value, l1 + 8);
+      await writeFile(img, b);
+      const g = newGraph();
+      const n = await openQcow2File(g, img, { 'read-only': true });
+      for (let region = 0; region < 4; region++) {
+        const off = region * 2 * 1024 * 1024 + 4096;
+        const ours = await n.read(off, 4096).catch(() => undefined);
+        const q = (await run('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -v ${off} 4096`, img])).stdout;
+        if (q.includes('read failed')) {
+          assert.equal(ours, undefined, `${what}: region ${region} fails in qemu-io, bitmirror reads`);
+          continue;
+        }
+        assert.ok(ours, `${what}: region ${region} is read by qemu-io, bitmirror fails`);
+        const theirs = Buffer.from(q.split('\n').filter((l) => /^[0-9a-f]{8}:/.test(l)).flatMap((l) => l.slice(11, 58).trim().split(' ').map((h) => parseInt(h, 16))));
+        assert.ok(ours.equals(theirs), `${what}: region ${region} reads as in qemu-io`);
+      }
+      await g.closeAll();
+      assert.ok((await readFile(img)).equals(b), `${what}: file unchanged`);
+    }
   } finally {
     await cleanup();
   }

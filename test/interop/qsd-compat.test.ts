@@ -42,6 +42,13 @@ async function runScript(program: 'bitmirror' | 'qemu-storage-daemon', img: stri
     await r('blockdev-add', { driver: 'raw', 'node-name': '1bad', file: 'cli0' });
     await r('blockdev-add', { driver: 'raw', 'node-name': 'disk1', file: 'nonode' });
     await r('blockdev-add', { driver: 'file', 'node-name': 'disk1', filename: '/nonexistent/x' });
+    // The file driver takes regular files only; devices are host_device's (issue 18).
+    await r('blockdev-add', { driver: 'file', 'node-name': 'disk1', filename: '/dev/zero' });
+    await r('blockdev-add', { driver: 'file', 'node-name': 'disk1', filename: dir, 'read-only': true });
+    await r('blockdev-add', { driver: 'file', 'node-name': 'disk1', filename: dir });
+    await r('blockdev-add', { driver: 'host_device', 'node-name': 'disk1', filename: img });
+    await r('blockdev-add', { driver: 'host_device', 'node-name': 'zero0', filename: '/dev/zero', 'read-only': true });
+    await r('blockdev-del', { 'node-name': 'zero0' });
     await r('blockdev-add', { driver: 'null-co', 'node-name': 'null0', size: 1048576, 'read-zeroes': true });
     await r('blockdev-add', { driver: 'raw', 'node-name': 'disk2', file: { driver: 'file', filename: img, 'read-only': true }, 'read-only': true });
     await r('query-named-block-nodes');

@@ -1,5 +1,6 @@
 /**
- * The `file` protocol driver: a regular file (or block device) on the host, as QEMU's file-posix.
+ * The `file` protocol driver (a regular file on the host) and `host_device` (a block or character
+ * device), as QEMU's file-posix.
  *
  * - Reads and writes go to the file at the same offsets; flush is fdatasync.
  * - Block status comes from lseek(SEEK_DATA/SEEK_HOLE): holes read as zeroes (zero, not data).
@@ -138,7 +139,8 @@ export interface FileNodeOptions {
 const MEM_ALIGN = 4096;
 
 export class FileNode extends BlockNode {
-  readonly driver = 'file';
+  /** 'file' for a regular file, 'host_device' for a device (QEMU's two drivers over host files). */
+  readonly driver: 'file' | 'host_device';
   private size: number;
   /** Cleared when the file system turns out not to support them. */
   private canSeekHoles = true;
@@ -164,6 +166,7 @@ export class FileNode extends BlockNode {
   ) {
     super(nodeName, readOnly);
     this.size = size;
+    this.driver = fileOptions.regular ? 'file' : 'host_device';
   }
 
   /** raw_check_perm: take the lock bytes of the new permissions (as well as the old ones for now). */
@@ -552,73 +555,89 @@ export const fileDriver: BlockDriver = {
     options: { filename: str, size, '*preallocation': PreallocModeEnum, '*nocow': bool, '*extent-size-hint': size },
     run: (opts) => createFile(opts as unknown as FileCreateOptions),
   },
-  async open(nodeName, opts) {
-    const filename = opts.filename as string;
-    let readOnly = opts['read-only'] as boolean;
-    const cache = (opts.cache ?? {}) as { direct?: boolean; 'no-flush'?: boolean };
-    const direct = cache.direct === true;
-    const locking = (opts.locking as LockingMode | undefined) ?? 'auto';
-    const forceShare = opts['force-share'] === true;
-    if (forceShare && !readOnly) throw genericError('force-share=on can only be used with read-only images');
-    if (opts.aio === 'native' && !direct) {
-      throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
-    }
-    const n = nativeAddon();
-    if (direct && !n) throw genericError(`cache.direct=on is not available: ${nativeLoadError()}`);
-    const extra = direct ? n!.O_DIRECT : 0;
-
-    let fh: fsp.FileHandle;
-    try {
-      fh = await fsp.open(filename, (readOnly ? fsc.O_RDONLY : fsc.O_RDWR) | extra);
-    } catch (err) {
-      const code = errorCode(err);
-      // auto-read-only: fall back to read-only when the file cannot be opened for writing.
-      if (!readOnly && opts['auto-read-only'] === true && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
-        fh = await fsp.open(filename, fsc.O_RDONLY | extra).catch((e2) => {
-          throw genericError(`Could not open '${filename}': ${strerror(errorCode(e2))}`);
-        });
-        readOnly = true;
-      } else if (direct && code === 'EINVAL') {
-        throw genericError(`Could not open '${filename}': filesystem does not support O_DIRECT`);
-      } else {
-        throw genericError(`Could not open '${filename}': ${strerror(code)}`);
-      }
-    }
-    try {
-      const st = await fh.stat();
-      if (st.isDirectory()) throw genericError(`'${filename}' is a directory`);
-      const size = st.isBlockDevice() ? await blockDeviceSize(fh) : st.size;
-
-      // As in QEMU, a node takes no permissions (so no lock bytes) until a parent needs them
-      // (permissions.ts); here we only check that locking is possible.
-      let lockingOn = false;
-      if (locking !== 'off') {
-        const ofd = n ? n.ofdSupported(fh.fd) : -1;
-        if (ofd === 0) {
-          lockingOn = true;
-        } else if (locking === 'on') {
-          throw genericError(
-            n ? `Failed to lock '${filename}': OFD locks are not supported: ${strerror(errnoCode(-ofd))}` : `Cannot lock '${filename}': ${nativeLoadError()}`,
-          );
-        }
-      }
-
-      const node = new FileNode(nodeName, readOnly, filename, fh, size, {
-        noFlush: cache['no-flush'] === true,
-        discardUnmap: opts.discard === 'unmap',
-        direct,
-        regular: st.isFile(),
-        forceShare,
-        locking: lockingOn,
-      });
-      if (direct) node.requestAlignment = await probeDirectAlignment(fh);
-      return node;
-    } catch (err) {
-      await fh.close().catch(() => undefined);
-      throw err;
-    }
-  },
+  open: (nodeName, opts) => openHostFile('file', nodeName, opts),
 };
+
+/** Block and character devices: QEMU's host_device driver (the file driver refuses them). */
+export const hostDeviceDriver: BlockDriver = {
+  name: 'host_device',
+  options: fileDriver.options,
+  open: (nodeName, opts) => openHostFile('host_device', nodeName, opts),
+};
+
+/**
+ * Open a host file: a regular file for the `file` driver, a block or character device for
+ * `host_device`; each refuses the other kind with QEMU 7.2's message.
+ */
+async function openHostFile(kind: 'file' | 'host_device', nodeName: string, opts: Record<string, unknown>): Promise<FileNode> {
+  const filename = opts.filename as string;
+  let readOnly = opts['read-only'] as boolean;
+  const cache = (opts.cache ?? {}) as { direct?: boolean; 'no-flush'?: boolean };
+  const direct = cache.direct === true;
+  const locking = (opts.locking as LockingMode | undefined) ?? 'auto';
+  const forceShare = opts['force-share'] === true;
+  if (forceShare && !readOnly) throw genericError('force-share=on can only be used with read-only images');
+  if (opts.aio === 'native' && !direct) {
+    throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
+  }
+  const n = nativeAddon();
+  if (direct && !n) throw genericError(`cache.direct=on is not available: ${nativeLoadError()}`);
+  const extra = direct ? n!.O_DIRECT : 0;
+
+  let fh: fsp.FileHandle;
+  try {
+    fh = await fsp.open(filename, (readOnly ? fsc.O_RDONLY : fsc.O_RDWR) | extra);
+  } catch (err) {
+    const code = errorCode(err);
+    // auto-read-only: fall back to read-only when the file cannot be opened for writing.
+    if (!readOnly && opts['auto-read-only'] === true && (code === 'EACCES' || code === 'EROFS' || code === 'EPERM')) {
+      fh = await fsp.open(filename, fsc.O_RDONLY | extra).catch((e2) => {
+        throw genericError(`Could not open '${filename}': ${strerror(errorCode(e2))}`);
+      });
+      readOnly = true;
+    } else if (direct && code === 'EINVAL') {
+      throw genericError(`Could not open '${filename}': filesystem does not support O_DIRECT`);
+    } else {
+      throw genericError(`Could not open '${filename}': ${strerror(code)}`);
+    }
+  }
+  try {
+    const st = await fh.stat();
+    if (kind === 'file' && !st.isFile()) throw genericError(`'file' driver requires '${filename}' to be a regular file`);
+    if (kind === 'host_device' && !st.isBlockDevice() && !st.isCharacterDevice()) {
+      throw genericError(`'host_device' driver requires '${filename}' to be either a character or block device`);
+    }
+    const size = st.isBlockDevice() ? await blockDeviceSize(fh) : st.size;
+
+    // As in QEMU, a node takes no permissions (so no lock bytes) until a parent needs them
+    // (permissions.ts); here we only check that locking is possible.
+    let lockingOn = false;
+    if (locking !== 'off') {
+      const ofd = n ? n.ofdSupported(fh.fd) : -1;
+      if (ofd === 0) {
+        lockingOn = true;
+      } else if (locking === 'on') {
+        throw genericError(
+          n ? `Failed to lock '${filename}': OFD locks are not supported: ${strerror(errnoCode(-ofd))}` : `Cannot lock '${filename}': ${nativeLoadError()}`,
+        );
+      }
+    }
+
+    const node = new FileNode(nodeName, readOnly, filename, fh, size, {
+      noFlush: cache['no-flush'] === true,
+      discardUnmap: opts.discard === 'unmap',
+      direct,
+      regular: st.isFile(),
+      forceShare,
+      locking: lockingOn,
+    });
+    if (direct) node.requestAlignment = await probeDirectAlignment(fh);
+    return node;
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    throw err;
+  }
+}
 
 async function blockDeviceSize(fh: fsp.FileHandle): Promise<number> {
   // fstat reports 0 for block devices; find the end by reading backwards from a large power of two.

@@ -206,13 +206,26 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     }
   }
 
+  /**
+   * Before writing into the host cluster an L2 entry maps: reads go through what QEMU reads through
+   * (reserved bits, data beyond the end of the file reads as zeroes), a write there must not.
+   */
+  private checkWriteTarget(e: L2Entry): void {
+    if (e.reservedBits) throw new BlockIOError('EIO', `qcow2: ${e.reservedBits}`);
+    this.checkHostOffset(e.offset, 'data cluster');
+  }
+
   private async l2Table(l1Index: number): Promise<{ table: Buffer; offset: number; copied: boolean } | undefined> {
     if (l1Index >= this.header.l1Size) return undefined;
     const e = decodeL1(this.l1, l1Index);
     if (!e.offset) return undefined;
-    if (e.bad) throw new BlockIOError('EIO', `qcow2: ${e.bad}`);
     if (e.offset % this.cs) throw new BlockIOError('EIO', `qcow2: L2 table offset ${e.offset} is not cluster aligned`);
-    this.checkHostOffset(e.offset, 'L2 table');
+    // As QEMU, a reader ignores reserved bits and reads a table beyond the end of the file as zeroes
+    // (unallocated); a writable node was checked at open (open.ts validateForWrite) and stays strict.
+    if (!this.readOnly) {
+      if (e.bad) throw new BlockIOError('EIO', `qcow2: ${e.bad}`);
+      this.checkHostOffset(e.offset, 'L2 table');
+    }
     return { table: await this.l2cache.get(e.offset), offset: e.offset, copied: e.copied };
   }
 
@@ -249,7 +262,6 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         end += this.cs;
       }
     }
-    if (first.type === 'normal' || first.type === 'zero-alloc') this.checkHostOffset(first.offset, 'data cluster');
     void inCluster;
     return { entry: first, bytes: Math.min(end, limit) - offset, l1Index, l2Index };
   }
@@ -334,6 +346,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       const done = await this.lock.withShared(async () => {
         const m = await this.lookup(off, len - pos);
         if (m.entry.type !== 'normal' || !m.entry.copied) return 0;
+        this.checkWriteTarget(m.entry);
         await this.writeHostClusters(m.entry.offset + (off % this.cs), slicePayload(payload, pos, pos + m.bytes));
         return m.bytes;
       });
@@ -432,6 +445,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.markDirtyIfLazy();
     await this.ensureL2(m.l1Index);
     const reuse = e.type === 'zero-alloc' && e.copied;
+    if (reuse) this.checkWriteTarget(e);
     // The old contents of the run read as zeroes: partial clusters need no copy-on-write reads.
     const cowZero = e.type === 'zero-plain' || e.type === 'zero-alloc' || (e.type === 'unallocated' && !this.backing());
     const host = reuse ? e.offset : await this.rc.alloc(nClusters, this.isReserved);

@@ -106,6 +106,7 @@ function validateForWrite(h: Qcow2Header, refTable: number[], l1: Buffer, fileLe
     if (!e.offset) continue;
     if (e.bad) throw genericError(`qcow2: ${e.bad}; cannot be opened read/write`);
     if (e.offset % cs) throw genericError(`qcow2: L2 table ${i} (offset ${hex(e.offset)}) is not cluster aligned; cannot be opened read/write`);
+    if (e.offset >= fileLength) throw genericError(`qcow2: L2 table ${i} (offset ${hex(e.offset)}) lies beyond the end of the image file; cannot be opened read/write`);
     for (const m of fixed) {
       if (overlaps(e.offset, cs, m.offset, m.bytes)) throw genericError(`qcow2: L2 table ${i} (offset ${hex(e.offset)}) overlaps with the ${m.what}; cannot be opened read/write`);
     }

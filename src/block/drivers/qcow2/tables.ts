@@ -25,8 +25,10 @@ export interface L2Entry {
   copied: boolean;
   /** Compressed: bytes of compressed data on disk (upper bound). */
   csize: number;
-  /** Reserved bits set or an unaligned offset: the entry is corrupt. */
+  /** An unaligned offset: the entry is corrupt, reads and writes through it fail (as in QEMU). */
   bad?: string;
+  /** Reserved bits set: QEMU reads through such an entry ignoring them; we refuse to write through it. */
+  reservedBits?: string;
 }
 
 export function readHalves(buf: Buffer, off: number): [number, number] {
@@ -57,7 +59,7 @@ export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: bo
     const coffset = Number(e & ((1n << x) - 1n));
     const nsec = Number((e >> x) & ((1n << BigInt(clusterBits - 8)) - 1n)) + 1;
     const r: L2Entry = { type: 'compressed', offset: coffset, copied: false, csize: nsec * 512 - (coffset % 512) };
-    if (hi & COPIED_HI) r.bad = 'compressed cluster with the copied flag';
+    if (hi & COPIED_HI) r.reservedBits = 'compressed cluster with the copied flag';
     return r;
   }
   const offset = (hi & OFF_HI) * 2 ** 32 + ((lo & OFF_LO) >>> 0);
@@ -67,7 +69,7 @@ export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: bo
   if (zero) type = offset ? 'zero-alloc' : 'zero-plain';
   else type = offset ? 'normal' : 'unallocated';
   const r: L2Entry = { type, offset, copied, csize: 0 };
-  if (hi & L2_RES_HI || lo & L2_RES_LO || (!v3 && lo & 1)) r.bad = 'L2 entry has reserved bits set';
+  if (hi & L2_RES_HI || lo & L2_RES_LO || (!v3 && lo & 1)) r.reservedBits = 'L2 entry has reserved bits set';
   if (offset % 2 ** clusterBits !== 0) r.bad = 'data cluster is not properly aligned';
   return r;
 }
@@ -161,7 +163,9 @@ export class TableCache {
     let p = this.loading.get(offset);
     if (!p) {
       p = (async () => {
-        const buf = Buffer.from(await this.file.read(offset, Math.min(this.clusterSize, Math.max(0, this.file.length() - offset))));
+        // Past the end of the file a table reads as zeroes (as QEMU's reads beyond EOF do).
+        const avail = Math.min(this.clusterSize, Math.max(0, this.file.length() - offset));
+        const buf = avail > 0 ? Buffer.from(await this.file.read(offset, avail)) : Buffer.alloc(0);
         const full = buf.length === this.clusterSize ? buf : Buffer.concat([buf, Buffer.alloc(this.clusterSize - buf.length)]);
         this.insert(offset, full);
         return full;
