@@ -2,7 +2,7 @@
  * A write in flight when a node closes must be in its stored persistent bitmap (issue 18, defect 0).
  * Several QMP clients write (a few commands queued each) through HMP qemu-io at seeded random places
  * across a qcow2 with a persistent bitmap while the node is closed under them: QMP `quit`, SIGTERM,
- * `blockdev-del`, or `quit` while a mirror job copies the node (one writer goes through its filter).
+ * SIGINT, `blockdev-del`, or `quit` while a mirror job copies the node (one writer goes through its filter).
  * Afterwards, read by QEMU's tools: every cluster that holds data (qemu-img map) is dirty in the
  * stored bitmap (qemu-nbd -B, nbdinfo --map), every acknowledged write reads back (qemu-io read -P),
  * the bitmap is stored consistent (not in use) and qemu-img check is clean.
@@ -30,7 +30,7 @@ const haveQemu = ['/usr/bin/qemu-img', '/usr/bin/qemu-io', '/usr/bin/qemu-nbd', 
 const skip = haveQemu ? false : 'QEMU tools (qemu-img, qemu-io, qemu-nbd) or nbdinfo not installed';
 
 /** How the node is closed under the writes; 'quit-mirroring': quit while a mirror job copies the node. */
-type Closer = 'quit' | 'SIGTERM' | 'blockdev-del' | 'quit-mirroring';
+type Closer = 'quit' | 'SIGTERM' | 'SIGINT' | 'blockdev-del' | 'quit-mirroring';
 
 interface Write {
   offset: number;
@@ -119,7 +119,7 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
     const writing = Promise.all(writers.flatMap((c, i) => Array.from({ length: PIPELINE }, () => writer(c, writeNodes[i % writeNodes.length]))));
     await Promise.race([trigger, writing]);
     if (closer === 'quit' || closer === 'quit-mirroring') await d.qmp.execute('quit').catch(() => undefined);
-    else if (closer === 'SIGTERM') d.proc.kill('SIGTERM');
+    else if (closer === 'SIGTERM' || closer === 'SIGINT') d.proc.kill(closer);
     else {
       await d.qmp.execute('blockdev-del', { 'node-name': 'q' });
       await writing;
@@ -167,12 +167,12 @@ async function oneRound(dir: string, round: number, seed: number, closer: Closer
   }
 }
 
-test('a write in flight at quit, SIGTERM or blockdev-del is in the stored persistent bitmap', { skip, timeout: 120_000 }, async (t) => {
+test('a write in flight at quit (also during a mirror), SIGTERM, SIGINT or blockdev-del is in the stored persistent bitmap', { skip, timeout: 120_000 }, async (t) => {
   const { dir, cleanup } = await tempDir('bm-shutdown-');
   try {
     const seed0 = Number(process.env.BM_SHUTDOWN_SEED ?? Date.now() % 1_000_000);
     const rounds = Number(process.env.BM_SHUTDOWN_ROUNDS ?? 20);
-    const closers: Closer[] = ['quit', 'SIGTERM', 'blockdev-del', 'quit-mirroring'];
+    const closers: Closer[] = ['quit', 'SIGTERM', 'blockdev-del', 'quit-mirroring', 'SIGINT'];
     t.diagnostic(`seed ${seed0} (BM_SHUTDOWN_SEED=${seed0} replays), ${rounds} rounds`);
     const totals = { acked: 0, failed: 0, noReply: 0 };
     // Every round runs, so that a failure says how often it happens.
