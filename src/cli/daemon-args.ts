@@ -56,7 +56,11 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
           else if (kv.port !== undefined) {
             const port = Number(kv.port);
             if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError(`chardev '${id}': invalid port '${String(kv.port)}'`);
-            addr = { kind: 'tcp', host: (kv.host as string | undefined) ?? '0.0.0.0', port };
+            // qemu-storage-daemon 7.2 opens no listener for port= without host=; listening on every
+            // interface instead would expose an unauthenticated monitor, so the address must be explicit.
+            // (host= with an empty value listens on every interface, as in QEMU.)
+            if (kv.host === undefined) throw new UsageError(`chardev '${id}': port= needs host= (host=127.0.0.1 for this machine only, host=0.0.0.0 for every interface)`);
+            addr = { kind: 'tcp', host: kv.host as string, port };
           } else throw new UsageError(`chardev '${id}': socket needs path=… or host=…,port=…`);
           if (chardevs.has(id)) throw new UsageError(`attempt to add duplicate property '${id}' to object (type 'container')`);
           chardevs.set(id, addr);

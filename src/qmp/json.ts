@@ -457,19 +457,12 @@ export function encodeQmp(v: unknown): string {
   return 'null';
 }
 
+const SHORT_ESCAPES: Record<string, string> = { '"': '\\"', '\\': '\\\\', '\n': '\\n', '\r': '\\r', '\t': '\\t', '\b': '\\b', '\f': '\\f' };
+
 function encodeString(s: string): string {
-  let out = '"';
-  for (let i = 0; i < s.length; i++) {
-    const c = s.charCodeAt(i);
-    if (c === 0x22) out += '\\"';
-    else if (c === 0x5c) out += '\\\\';
-    else if (c === 0x0a) out += '\\n';
-    else if (c === 0x0d) out += '\\r';
-    else if (c === 0x09) out += '\\t';
-    else if (c === 0x08) out += '\\b';
-    else if (c === 0x0c) out += '\\f';
-    else if (c < 0x20 || c > 0x7e) out += '\\u' + c.toString(16).toUpperCase().padStart(4, '0');
-    else out += s[i];
-  }
-  return out + '"';
+  // One regex pass keeps the result a flat string: appending character by character would build a
+  // rope of one node per character (hundreds of MiB for a multi-MiB id echoed back).
+  // eslint-disable-next-line no-control-regex
+  const escaped = s.replace(/["\\\x00-\x1f\x7f-\uffff]/g, (c) => SHORT_ESCAPES[c] ?? '\\u' + c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0'));
+  return `"${escaped}"`;
 }

@@ -22,6 +22,8 @@ test('bad options get a one-line message and a non-zero exit', () => {
     [['--chardev'], /requires an argument/],
     [['--monitor', 'chardev=nope'], /chardev "nope" not found/],
     [['--chardev', 'socket,id=m'], /path=… or host=…,port=…/],
+    // No network listener without an explicit host (qemu-storage-daemon 7.2 opens none for this option).
+    [['--chardev', 'socket,id=m,port=4444,server=on,wait=off', '--monitor', 'chardev=m'], /chardev 'm': port= needs host= \(host=127\.0\.0\.1/],
     [['--blockdev', 'driver=file'], /Parameter 'filename' is missing/],
     [['--blockdev', 'driver=nope,node-name=x'], /Parameter 'driver' does not accept value 'nope'/],
     [['--blockdev', 'driver=file,filename=/nonexistent/x,node-name=f'], /Could not open '\/nonexistent\/x': No such file or directory/],
