@@ -560,12 +560,19 @@ export abstract class BlockNode {
    * shrink). The caller holds resize permission on the node (a BlockBackend, or the format above).
    */
   async truncate(size: number, exact = false): Promise<void> {
-    if (this.closed) throw genericError('No medium inserted');
+    // A closing node takes no resize either: its bitmaps are stored at the size they have then.
+    if (this.closing || this.closed) throw genericError('No medium inserted');
     if (!Number.isSafeInteger(size) || size < 0) throw genericError('Image size cannot be negative');
     if (this.readOnly) throw genericError('Image is read-only');
     if (!this.doTruncate) throw genericError('Image format driver does not support resize');
-    await this.doTruncate(size, exact);
-    for (const o of [...this.observers]) o.resized?.(this, this.length());
+    // Tracked (over no range) so that quiesce waits for it, the bitmaps' resize included.
+    const tracked = this.tracker.begin('truncate', 0, 0);
+    try {
+      await this.doTruncate(size, exact);
+      for (const o of [...this.observers]) o.resized?.(this, this.length());
+    } finally {
+      this.tracker.end(tracked);
+    }
   }
 
   /** Block status of [offset, offset+bytes): the status of a prefix of it. */

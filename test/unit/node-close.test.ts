@@ -147,3 +147,21 @@ test('a node is not found by name until its open finished (its stored bitmaps lo
   // The name is taken while the open runs: a second open of it is refused.
   await assert.rejects(openNull(core, 'f'), /Duplicate nodes with node-name='f'/);
 });
+
+test('quiesce waits for a resize under way (bitmaps resized with it); a closing node refuses to resize', async (t) => {
+  const core = newCore();
+  core.graph.registerDriver(fileDriver);
+  const { dir, cleanup } = await tempDir('bm-close-');
+  t.after(cleanup);
+  const img = path.join(dir, 'r.raw');
+  await fsp.writeFile(img, Buffer.alloc(MiB));
+  const node = await core.graph.open({ driver: 'file', 'node-name': 'f', filename: img });
+  const bm = core.bitmaps.create(node, 'b', 65536);
+  const resizing = node.truncate(2 * MiB);
+  await node.quiesce();
+  assert.equal(node.length(), 2 * MiB);
+  assert.equal(bm.size, 2 * MiB);
+  await resizing;
+  await assert.rejects(node.truncate(3 * MiB), /No medium inserted/);
+  assert.equal((await fsp.stat(img)).size, 2 * MiB);
+});
