@@ -1,7 +1,7 @@
 /**
  * HBitmap: a hierarchical bitmap as QEMU's util/hbitmap.c describes it (reference §3), items are bytes.
  *
- * Each bit of the bottom level stands for 2^granularity bytes. Every level above summarises the one
+ * Each bit of the bottom level stands for 2^granularityShift bytes. Every level above summarises the one
  * below: bit N of level k+1 is set iff word N of level k is non-zero, so searches for a set bit skip
  * empty regions in O(levels). Words are 32 bits (plain int32 arithmetic is what V8 does fast; BigInt
  * is not), so the fan-out is 32 and a 2^30-bit bitmap (64 TiB at 64 KiB) has 7 levels.
@@ -16,7 +16,7 @@
  *
  * Serialised form (qcow2 bitmap data, dirty-bitmap migration, x-debug sha256): the bottom level as a
  * linear bit sequence, bit n in byte n/8 at position n%8 (least significant first), i.e. little-endian
- * 64-bit words as QEMU's `unsigned long` array on x86-64. Chunks align to 64 << granularity bytes.
+ * 64-bit words as QEMU's `unsigned long` array on x86-64. Chunks align to 64 << granularityShift bytes.
  */
 import { createHash } from 'node:crypto';
 import { endianness } from 'node:os';
@@ -85,24 +85,26 @@ export interface DirtyArea {
 
 export class HBitmap {
   private origSize: number;
-  /** Bits in the bottom level: ceil(origSize / 2^granularity). */
+  /** Bits in the bottom level: ceil(origSize / gran). */
   private nbits: number;
+  /** Bytes per bit: 2^granularityShift. */
   private gran: number;
   private levels: Level[];
   private countBits = 0;
 
   /**
    * @param size number of items (bytes) covered
-   * @param granularity shift: each bit covers 2^granularity items (0..62)
+   * @param granularityShift each bit covers 2^granularityShift items (0..62); DirtyBitmap's
+   *   granularity is the byte count 2^granularityShift
    */
   constructor(
     size: number,
-    readonly granularity: number,
+    readonly granularityShift: number,
   ) {
     if (!Number.isSafeInteger(size) || size < 0) throw new RangeError(`HBitmap: bad size ${size}`);
-    if (!Number.isInteger(granularity) || granularity < 0 || granularity > 62) throw new RangeError(`HBitmap: bad granularity ${granularity}`);
+    if (!Number.isInteger(granularityShift) || granularityShift < 0 || granularityShift > 62) throw new RangeError(`HBitmap: bad granularity shift ${granularityShift}`);
     this.origSize = size;
-    this.gran = 2 ** granularity;
+    this.gran = 2 ** granularityShift;
     this.nbits = Math.ceil(size / this.gran);
     this.levels = levelSizes(this.nbits).map(newLevel);
   }
@@ -122,18 +124,9 @@ export class HBitmap {
     return this.nbits;
   }
 
-  /** Dirty items: set bits << granularity (a partial last chunk counts in full), as hbitmap_count. */
+  /** Dirty items: set bits << granularityShift (a partial last chunk counts in full), as hbitmap_count. */
   count(): number {
     return this.countBits * this.gran;
-  }
-
-  /** Number of set bits in the bottom level. */
-  countSetBits(): number {
-    return this.countBits;
-  }
-
-  isEmpty(): boolean {
-    return this.countBits === 0;
   }
 
   // ---- word access ------------------------------------------------------------------------------
@@ -490,7 +483,7 @@ export class HBitmap {
 
   /** An independent copy (all-ones pages stay shared; they are copy-on-write). */
   clone(): HBitmap {
-    const c = new HBitmap(this.origSize, this.granularity);
+    const c = new HBitmap(this.origSize, this.granularityShift);
     c.levels = this.levels.map((L) => ({
       bits: L.bits,
       pages: L.pages.map((p) => (p && p !== ONES ? p.slice() : p)),
@@ -646,13 +639,6 @@ export class HBitmap {
   deserializeZeroes(start: number, count: number, finish = true): void {
     this.serializationChunk(start, count);
     if (count > 0) this.resetLevelRange(0, start / this.gran, Math.floor((start + count - 1) / this.gran));
-    if (finish) this.deserializeFinish();
-  }
-
-  /** Set items [start, start+count) of the bottom level (a chunk known to be all ones). */
-  deserializeOnes(start: number, count: number, finish = true): void {
-    this.serializationChunk(start, count);
-    if (count > 0) this.setLevelRange(0, start / this.gran, Math.floor((start + count - 1) / this.gran));
     if (finish) this.deserializeFinish();
   }
 

@@ -161,7 +161,7 @@ export class DirtyBitmap {
   /** Clear everything, returning the old bits so that restore() can undo it (transactions). */
   clearWithBackup(): HBitmap {
     const old = this.hbitmap;
-    this.hbitmap = new HBitmap(old.size, old.granularity);
+    this.hbitmap = new HBitmap(old.size, old.granularityShift);
     return old;
   }
 
@@ -203,36 +203,6 @@ export class DirtyBitmap {
   }
 
   // ---- serialisation (qcow2 persistence, formats.md §2.4) ----------------------------------------
-
-  /** Serialised chunks start at multiples of this many bytes of the disk (64 << granularity bits). */
-  serializationAlign(): number {
-    return this.hbitmap.serializationAlign();
-  }
-
-  /** Bytes the serialised form of disk range [start, start+count) takes (whole 64-bit words). */
-  serializationSize(start: number, count: number): number {
-    return this.hbitmap.serializationSize(start, count);
-  }
-
-  serializePart(buf: Uint8Array, start: number, count: number): void {
-    this.hbitmap.serializePart(buf, start, count);
-  }
-
-  deserializePart(buf: Uint8Array, start: number, count: number, finish = true): void {
-    this.hbitmap.deserializePart(buf, start, count, finish);
-  }
-
-  deserializeZeroes(start: number, count: number, finish = true): void {
-    this.hbitmap.deserializeZeroes(start, count, finish);
-  }
-
-  deserializeOnes(start: number, count: number, finish = true): void {
-    this.hbitmap.deserializeOnes(start, count, finish);
-  }
-
-  deserializeFinish(): void {
-    this.hbitmap.deserializeFinish();
-  }
 
   /**
    * The whole bitmap in qcow2 order: ceil(ceil(size/granularity)/8) bytes, bit n of the disk in byte

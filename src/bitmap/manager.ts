@@ -45,10 +45,6 @@ export class BitmapManager {
     return [...(this.nodes.get(node)?.bitmaps ?? [])];
   }
 
-  hasBitmaps(node: BlockNode): boolean {
-    return (this.nodes.get(node)?.bitmaps.length ?? 0) > 0;
-  }
-
   /** The named bitmap on `node` (bdrv_find_dirty_bitmap), or undefined. */
   find(node: BlockNode, name: string): DirtyBitmap | undefined {
     return this.nodes.get(node)?.bitmaps.find((b) => b.name === name);
@@ -189,11 +185,6 @@ export class BitmapManager {
   /** Drop every bitmap of a node (the node is closing; persistent ones must have been stored first). */
   releaseAll(node: BlockNode): void {
     for (const bm of this.list(node)) this.release(bm);
-  }
-
-  /** Whether `bm` is still attached to its node. */
-  isAttached(bm: DirtyBitmap): boolean {
-    return this.nodes.get(bm.node)?.bitmaps.includes(bm) ?? false;
   }
 
   /** Follow a resize of the node: every bitmap grows (clean) or shrinks. */
