@@ -38,6 +38,16 @@ const BME_TABLE_ENTRY_RESERVED_MASK = 0xff000000000001fen;
 const BME_TABLE_ENTRY_OFFSET_MASK = 0x00fffffffffffe00n;
 const BME_TABLE_ENTRY_FLAG_ALL_ONES = 1n;
 
+/** The data cluster of bitmap table entry `k` (0: none; the cluster then reads as all ones if bit 0 is set). */
+export function bitmapTableEntryOffset(table: Buffer, k: number): number {
+  return Number(table.readBigUInt64BE(k * 8) & BME_TABLE_ENTRY_OFFSET_MASK);
+}
+
+/** Whether bitmap table entry `k` without a data cluster stands for all ones (else all zeroes). */
+export function bitmapTableEntryAllOnes(table: Buffer, k: number): boolean {
+  return (table.readBigUInt64BE(k * 8) & BME_TABLE_ENTRY_FLAG_ALL_ONES) !== 0n;
+}
+
 /**
  * The bitmaps extension's own checks, in QEMU's order and words (qcow2_read_extensions); only for an
  * extension the autoclear bit vouches for (an unvouched one is ignored).

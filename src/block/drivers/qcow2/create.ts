@@ -6,8 +6,9 @@
 import { isPowerOf2, MiB } from '../../../base/sizes.js';
 import { genericError } from '../../../errors.js';
 import type { BlockNode } from '../../node.js';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_COMPRESSION, serializeHeader, type Qcow2Header } from './header.js';
+import { COMPAT_LAZY_REFCOUNTS, serializeHeader, writeRefcountTableLocation, type Qcow2Header } from './header.js';
 import { Refcounts } from './refcount.js';
+import { COPIED_HI, encodeEntry } from './tables.js';
 
 export interface Qcow2CreateOptions {
   size: number;
@@ -51,7 +52,6 @@ export async function createQcow2(file: BlockNode, opts: Qcow2CreateOptions): Pr
   if (opts['compression-type'] !== undefined && opts['compression-type'] !== 'zlib' && version === 'v2') {
     throw genericError('Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
-  void INCOMPAT_COMPRESSION;
 
   const clusterBits = Math.log2(cs);
   const l2Entries = cs / 8;
@@ -137,14 +137,9 @@ async function preallocateMetadata(file: BlockNode, h: Qcow2Header, usedClusters
   const guestClusters = Math.ceil(h.size / cs);
   const refTableBuf = await file.read(h.refcountTableOffset, h.refcountTableClusters * cs);
   const { table } = Refcounts.parseTable(refTableBuf, (h.refcountTableClusters * cs) / 8);
-  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, table, async (off, clusters) => {
-    const b = Buffer.alloc(12);
-    b.writeBigUInt64BE(BigInt(off), 0);
-    b.writeUInt32BE(clusters, 8);
-    await file.write(48, b);
-    h.refcountTableOffset = off;
-    h.refcountTableClusters = clusters;
-  });
+  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, table, (off, clusters) =>
+    writeRefcountTableLocation(file, h, off, clusters),
+  );
   rc.highestAllocated = usedClusters - 1;
   const l1 = Buffer.alloc(h.l1Size * 8);
   for (let i = 0; i < h.l1Size; i++) {
@@ -152,14 +147,9 @@ async function preallocateMetadata(file: BlockNode, h: Qcow2Header, usedClusters
     const n = Math.min(l2Entries, guestClusters - i * l2Entries);
     const dataOff = await rc.alloc(n);
     const l2 = Buffer.alloc(cs);
-    for (let k = 0; k < n; k++) {
-      const off = dataOff + k * cs;
-      l2.writeUInt32BE((Math.floor(off / 2 ** 32) | 0x80000000) >>> 0, k * 8);
-      l2.writeUInt32BE(off % 2 ** 32, k * 8 + 4);
-    }
+    for (let k = 0; k < n; k++) encodeEntry(l2, k, dataOff + k * cs, COPIED_HI);
     await file.write(l2Off, l2);
-    l1.writeUInt32BE((Math.floor(l2Off / 2 ** 32) | 0x80000000) >>> 0, i * 8);
-    l1.writeUInt32BE(l2Off % 2 ** 32, i * 8 + 4);
+    encodeEntry(l1, i, l2Off, COPIED_HI);
   }
   await rc.flush();
   await file.write(h.l1TableOffset, l1);

@@ -5,6 +5,7 @@
  * unknown additional header fields.
  */
 import { genericError } from '../../../errors.js';
+import type { BlockNode } from '../../node.js';
 
 export const QCOW_MAGIC = 0x514649fb;
 
@@ -16,22 +17,21 @@ export const INCOMPAT_EXTL2 = 1n << 4n;
 export const INCOMPAT_MASK = 0x1fn;
 export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 export const AUTOCLEAR_BITMAPS = 1n << 0n;
-export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
-export const AUTOCLEAR_MASK = 0x3n;
 
-export const EXT_END = 0x00000000;
-export const EXT_BACKING_FORMAT = 0xe2792aca;
-export const EXT_FEATURE_TABLE = 0x6803f857;
+const EXT_END = 0x00000000;
+const EXT_BACKING_FORMAT = 0xe2792aca;
+const EXT_FEATURE_TABLE = 0x6803f857;
 export const EXT_BITMAPS = 0x23852875;
 export const EXT_CRYPTO = 0x0537be77;
-export const EXT_DATA_FILE = 0x44415441;
+const EXT_DATA_FILE = 0x44415441;
 
 /** QEMU's implementation limits. */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
 export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
-export const MAX_HOST_OFFSET = 2 ** 56 - 1;
-export const MIN_CLUSTER_BITS = 9;
-export const MAX_CLUSTER_BITS = 21;
+/** Host offsets are below 2^56: L1, L2, refcount-table and bitmap-table entries keep bits 9..55. */
+export const HOST_OFFSET_END = 2 ** 56;
+const MIN_CLUSTER_BITS = 9;
+const MAX_CLUSTER_BITS = 21;
 
 export interface HeaderExtension {
   type: number;
@@ -80,8 +80,6 @@ export interface Qcow2Header {
   hasCryptoExt: boolean;
 }
 
-export class Qcow2FormatError extends Error {}
-
 function u64(buf: Buffer, off: number, what: string): number {
   const v = buf.readBigUInt64BE(off);
   if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw genericError(`qcow2: ${what} is too large (${v})`);
@@ -89,7 +87,7 @@ function u64(buf: Buffer, off: number, what: string): number {
 }
 
 /** QEMU 7.2's feature table, written on every v3 image. */
-export const FEATURE_TABLE: Array<[number, number, string]> = [
+const FEATURE_TABLE: Array<[number, number, string]> = [
   [0, 0, 'dirty bit'],
   [0, 1, 'corrupt bit'],
   [0, 2, 'external data file'],
@@ -289,4 +287,19 @@ export function serializeHeader(h: Qcow2Header, clusterSize: number): Buffer {
     off += name.length;
   }
   return buf.subarray(0, off);
+}
+
+/**
+ * Point the header at a moved refcount table: refcount_table_offset and refcount_table_clusters (bytes
+ * 48..59) written in place, then flushed, so that the new table is what an open finds before anything
+ * relies on it; `h` follows. What Refcounts calls when it grows its table.
+ */
+export async function writeRefcountTableLocation(file: BlockNode, h: Qcow2Header, offset: number, clusters: number): Promise<void> {
+  const b = Buffer.alloc(12);
+  b.writeBigUInt64BE(BigInt(offset), 0);
+  b.writeUInt32BE(clusters, 8);
+  await file.write(48, b);
+  await file.flush();
+  h.refcountTableOffset = offset;
+  h.refcountTableClusters = clusters;
 }

@@ -27,18 +27,21 @@ import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
   INCOMPAT_CORRUPT,
+  HOST_OFFSET_END,
   INCOMPAT_DIRTY,
   serializeHeader,
   type Qcow2Header,
 } from './header.js';
 import { Refcounts, type MetadataRange } from './refcount.js';
-import { COPIED_HI, decodeL1, decodeL2, encodeEntry, RWLock, TableCache, type L2Entry } from './tables.js';
+import { COPIED_HI, decodeL1, decodeL2, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
 import { decompressCluster } from './compressed.js';
 import { walkReferences } from './walk.js';
 import {
   BME_FLAG_AUTO,
   BME_FLAG_IN_USE,
   BME_MAX_PHYS_SIZE,
+  bitmapTableEntryAllOnes,
+  bitmapTableEntryOffset,
   dirEntrySize,
   MAX_BITMAP_DIRECTORY_SIZE,
   MAX_BITMAPS,
@@ -201,7 +204,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   }
 
   private checkHostOffset(off: number, what: string): void {
-    if (off + this.cs > 2 ** 56 || off >= Math.max(this.file.length(), (this.rc.highestAllocated + 1) * this.cs)) {
+    if (off + this.cs > HOST_OFFSET_END || off >= Math.max(this.file.length(), (this.rc.highestAllocated + 1) * this.cs)) {
       throw new BlockIOError('EIO', `qcow2: ${what} at offset ${off} is beyond the end of the image file`);
     }
   }
@@ -257,7 +260,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         const lo = tb.readUInt32BE(i * 8 + 4);
         if (hosted) {
           const want = first.offset + (i - l2Index) * this.cs;
-          if (hi !== ((hi0 & 0xff000000) | Math.floor(want / 2 ** 32)) >>> 0 || lo !== ((lo0 & 0x1ff) | want % 2 ** 32) >>> 0) break;
+          if (hi !== ((hi0 & ~OFFSET_MASK_HI) | Math.floor(want / 2 ** 32)) >>> 0 || lo !== ((lo0 & ~OFFSET_MASK_LO) | want % 2 ** 32) >>> 0) break;
         } else if (hi !== hi0 || lo !== lo0) break;
         end += this.cs;
       }
@@ -806,13 +809,12 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     const out = Buffer.alloc(bytes);
     const table = await this.readFile(bm.tableOffset, bm.tableSize * 8);
     for (let k = 0; k < bm.tableSize && k * this.cs < bytes; k++) {
-      const e = table.readBigUInt64BE(k * 8);
-      const off = Number(e & 0x00fffffffffffe00n);
+      const off = bitmapTableEntryOffset(table, k);
       const n = Math.min(this.cs, bytes - k * this.cs);
       if (off) {
         this.checkHostOffset(off, 'bitmap data cluster');
         (await this.readFile(off, n)).copy(out, k * this.cs);
-      } else if (e & 1n) {
+      } else if (bitmapTableEntryAllOnes(table, k)) {
         out.fill(0xff, k * this.cs, k * this.cs + n);
       }
     }
@@ -917,7 +919,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           if (kept.has(b)) continue;
           const t = await this.readFile(b.tableOffset, b.tableSize * 8);
           for (let k = 0; k < b.tableSize; k++) {
-            const off = Number(t.readBigUInt64BE(k * 8) & 0x00fffffffffffe00n);
+            const off = bitmapTableEntryOffset(t, k);
             if (off) await this.rc.free(off);
           }
           await this.rc.free(b.tableOffset, Math.ceil((b.tableSize * 8) / this.cs));

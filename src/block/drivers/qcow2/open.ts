@@ -21,6 +21,7 @@ import {
   QCOW_MAGIC,
   parseHeader,
   unknownFeaturesMessage,
+  writeRefcountTableLocation,
   type Qcow2Header,
 } from './header.js';
 import { checkCompressionType } from './compressed.js';
@@ -204,15 +205,9 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
 
   const storedBitmaps = await loadBitmapDirectory(file, h, fileLength, readOnly);
 
-  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, refTable, async (off, clusters) => {
-    const b = Buffer.alloc(12);
-    b.writeBigUInt64BE(BigInt(off), 0);
-    b.writeUInt32BE(clusters, 8);
-    await file.write(48, b);
-    await file.flush();
-    h.refcountTableOffset = off;
-    h.refcountTableClusters = clusters;
-  });
+  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, refTable, (off, clusters) =>
+    writeRefcountTableLocation(file, h, off, clusters),
+  );
 
   // Backing chain.
   let backing: BlockNode | undefined;

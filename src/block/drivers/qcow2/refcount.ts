@@ -9,6 +9,7 @@
  * refcounts after the entry that referenced the cluster is durable.
  */
 import { BlockIOError, genericError } from '../../../errors.js';
+import { HOST_OFFSET_END } from './header.js';
 import type { BlockNode } from '../../node.js';
 import { TableCache } from './tables.js';
 
@@ -173,7 +174,7 @@ export class Refcounts {
         }
         c++;
       }
-      if ((start + n) * this.cs > 2 ** 56) throw new BlockIOError('EFBIG');
+      if ((start + n) * this.cs > HOST_OFFSET_END) throw new BlockIOError('EFBIG');
       if (firstFree >= 0) this.freeHint = firstFree;
       // Make sure every block covering the run exists; creating one may take clusters of the run.
       const tiFirst = Math.floor(start / this.entriesPerBlock);

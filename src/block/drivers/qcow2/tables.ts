@@ -5,10 +5,10 @@
 import type { BlockNode } from '../../node.js';
 
 export const COPIED_HI = 0x80000000;
-export const COMPRESSED_HI = 0x40000000;
-/** L1/L2 offset mask 0x00fffffffffffe00 split into halves. */
-const OFF_HI = 0x00ffffff;
-const OFF_LO = 0xfffffe00;
+const COMPRESSED_HI = 0x40000000;
+/** L1/L2 offset mask 0x00fffffffffffe00 split into halves; the other bits are flags and reserved bits. */
+export const OFFSET_MASK_HI = 0x00ffffff;
+export const OFFSET_MASK_LO = 0xfffffe00;
 /** L2 standard reserved bits 0x3f000000000001fe. */
 const L2_RES_HI = 0x3f000000;
 const L2_RES_LO = 0x1fe;
@@ -31,13 +31,13 @@ export interface L2Entry {
   reservedBits?: string;
 }
 
-export function readHalves(buf: Buffer, off: number): [number, number] {
+function readHalves(buf: Buffer, off: number): [number, number] {
   return [buf.readUInt32BE(off), buf.readUInt32BE(off + 4)];
 }
 
 export function decodeL1(buf: Buffer, index: number): { offset: number; copied: boolean; bad?: string } {
   const [hi, lo] = readHalves(buf, index * 8);
-  const offset = (hi & OFF_HI) * 2 ** 32 + ((lo & OFF_LO) >>> 0);
+  const offset = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
   const r: { offset: number; copied: boolean; bad?: string } = { offset, copied: (hi & COPIED_HI) !== 0 };
   if (hi & L1_RES_HI || lo & L1_RES_LO) r.bad = `L1 entry ${index} has reserved bits set`;
   return r;
@@ -62,7 +62,7 @@ export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: bo
     if (hi & COPIED_HI) r.reservedBits = 'compressed cluster with the copied flag';
     return r;
   }
-  const offset = (hi & OFF_HI) * 2 ** 32 + ((lo & OFF_LO) >>> 0);
+  const offset = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
   const copied = (hi & COPIED_HI) !== 0;
   const zero = v3 && (lo & 1) !== 0;
   let type: ClusterType;

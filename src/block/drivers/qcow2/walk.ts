@@ -5,9 +5,9 @@
  */
 import { BlockIOError } from '../../../errors.js';
 import type { BlockNode } from '../../node.js';
-import type { Qcow2Header } from './header.js';
+import { EXT_CRYPTO, type Qcow2Header } from './header.js';
 import { decodeL1, decodeL2 } from './tables.js';
-import { parseBitmapDirectory } from './bitmaps.js';
+import { bitmapTableEntryOffset, parseBitmapDirectory } from './bitmaps.js';
 
 export interface WalkResult {
   refs: Map<number, number>;
@@ -67,7 +67,7 @@ export async function walkReferences(file: BlockNode, h: Qcow2Header, includeBit
     inc(start, off - start);
   }
   for (const e of h.unknownExtensions) {
-    if (e.type === 0x0537be77 && e.data.length >= 16) inc(Number(e.data.readBigUInt64BE(0)), Number(e.data.readBigUInt64BE(8)));
+    if (e.type === EXT_CRYPTO && e.data.length >= 16) inc(Number(e.data.readBigUInt64BE(0)), Number(e.data.readBigUInt64BE(8)));
   }
   if (includeBitmaps && h.bitmaps) {
     inc(h.bitmaps.directoryOffset, h.bitmaps.directorySize);
@@ -76,7 +76,7 @@ export async function walkReferences(file: BlockNode, h: Qcow2Header, includeBit
       inc(bm.tableOffset, bm.tableSize * 8);
       const t = await readAt(file, bm.tableOffset, bm.tableSize * 8);
       for (let k = 0; k < bm.tableSize; k++) {
-        const off = Number(t.readBigUInt64BE(k * 8) & 0x00fffffffffffe00n);
+        const off = bitmapTableEntryOffset(t, k);
         if (off) inc(off, cs);
       }
     }
