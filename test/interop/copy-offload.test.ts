@@ -13,6 +13,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { setup, addQcow2, assertIdentical, poll, type Env } from '../support/daemon.js';
 import { mustRun } from '../support/tools.js';
+import { nativeAddon } from '../../src/block/native.js';
 
 const MiB = 1 << 20;
 
@@ -67,6 +68,7 @@ async function assertClean(file: string): Promise<void> {
 }
 
 test('copy offload: qcow2 (with a backing chain) to qcow2, raw to raw, qcow2 to raw: the kernel copies, the data is equal', async () => {
+  assert.ok(nativeAddon()?.copyFileRange, 'the native addon has copyFileRange (after an update: npm run build:native)');
   const { env, src, tq } = await start('offload');
   try {
     // qcow2 -> qcow2
