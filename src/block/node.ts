@@ -549,10 +549,20 @@ export abstract class BlockNode {
     await this.writeRequest({ node: this, kind: 'discard', offset, bytes, flags: {} });
   }
 
+  /**
+   * A flush request (bdrv_co_flush). As in QEMU, the request is announced to the node's primary child
+   * (flushParentRequest: blkdebug's flush_to_os/flush_to_disk events) before the driver flushes;
+   * flushes a driver makes of its own children (qcow2 ordering its metadata) announce nothing above
+   * them, so only requests made to this node are seen one level down.
+   */
   async flush(): Promise<void> {
     if (this.closed) return;
+    this.primaryChild()?.flushParentRequest();
     await this.doFlush();
   }
+
+  /** A parent node is flushing through this node (see flush); blkdebug raises its flush events here. */
+  protected flushParentRequest(): void {}
 
   /**
    * Resize the node (QEMU's bdrv_co_truncate, what block_resize and image creation use): QEMU's checks

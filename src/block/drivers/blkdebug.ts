@@ -15,7 +15,9 @@
  * Who raises which event:
  * - the node itself, as QEMU's generic write path does: `pwritev`, `pwritev_zero`, `pwritev_done`,
  *   the `pwritev_rmw_*` events around read-modify-write of an unaligned write, and `none` once at open;
- * - its parent nodes: `flush_to_os` and `flush_to_disk` when a parent flushes into it (generic in QEMU);
+ * - its parent nodes: `flush_to_os` and `flush_to_disk` when a flush request is made to a parent
+ *   (generic in QEMU: bdrv_co_flush; a format driver's own flushes of its file while it orders
+ *   metadata raise nothing here, as in QEMU);
  *   `read_aio`/`write_aio` when a parent reads or writes through it, as QEMU's raw driver does. Format
  *   drivers that raise their own events (qcow2: l2_load, read_aio for guest data only, cluster_alloc, …)
  *   call registerBlkdebugEventSource(driverName) once and blkdebugEvent(child, event) where QEMU does;
@@ -199,12 +201,10 @@ export class BlkdebugNode extends BlockNode {
     return super.read(offset, bytes);
   }
 
-  override async flush(): Promise<void> {
-    if (this.parents.some((e) => e.parentNode)) {
-      this.debugEvent('flush_to_os');
-      this.debugEvent('flush_to_disk');
-    }
-    return super.flush();
+  /** bdrv_co_flush of a parent raises these on its primary child (this node) before flushing. */
+  protected override flushParentRequest(): void {
+    this.debugEvent('flush_to_os');
+    this.debugEvent('flush_to_disk');
   }
 
   /** The events QEMU raises around the read-modify-write of an unaligned write's head and tail. */
