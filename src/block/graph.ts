@@ -8,6 +8,7 @@ import { visit, type Members, type Schema, type VisitOptions } from '../qapi/sch
 import { BlockNode, type BdrvChild } from './node.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, checkNewChild, refreshPermissions, unnamedBackend, type ChildRole } from './permissions.js';
 import { BlockdevDriver } from '../qapi/block.js';
+import { ThrottleGroups } from './throttle-group.js';
 
 /** What a driver gets to open its children and look up nodes. */
 export interface OpenContext {
@@ -73,6 +74,8 @@ export class BlockGraph {
   private readonly drivers = new Map<string, BlockDriver>();
   private readonly nodes = new Map<string, BlockNode>();
   private autoNameCounter = 0;
+  /** Throttle groups (object-add throttle-group) that `throttle` nodes name. */
+  readonly throttleGroups = new ThrottleGroups();
   /**
    * Run when a node closes (blockdev-del, shutdown), after it stopped taking requests and those in
    * flight ended, before it is flushed and closed: layers above the graph hook in here to let go of

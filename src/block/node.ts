@@ -6,6 +6,7 @@
  * through WriteObservers, so a write cannot reach a node without being recorded, whatever path it took.
  */
 import { BlockIOError, genericError } from '../errors.js';
+import { qdictOrder } from '../base/qdict.js';
 import { RequestTracker, type TrackedRequest } from './requests.js';
 import {
   BLK_PERM_ALL,
@@ -726,13 +727,14 @@ export abstract class BlockNode {
 
 /**
  * QEMU's json: pseudo-filename for a node it cannot name by a file name: the options as JSON with
- * QEMU's spacing (`{"a": 1, "b": {"c": null}}`), members in the order given.
+ * QEMU's spacing (`{"a": 1, "b": {"c": null}}`), members in QEMU's (QDict) order.
  */
 export function jsonFilename(options: Record<string, unknown>): string {
   const enc = (v: unknown): string => {
     if (v !== null && typeof v === 'object' && !Array.isArray(v)) {
-      return `{${Object.entries(v as Record<string, unknown>)
-        .map(([k, x]) => `${JSON.stringify(k)}: ${enc(x)}`)
+      const o = v as Record<string, unknown>;
+      return `{${qdictOrder(Object.keys(o))
+        .map((k) => `${JSON.stringify(k)}: ${enc(o[k])}`)
         .join(', ')}}`;
     }
     if (Array.isArray(v)) return `[${v.map(enc).join(', ')}]`;

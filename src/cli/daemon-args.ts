@@ -14,12 +14,22 @@ A storage daemon with QEMU's block layer behaviour, driven over QMP (qemu-storag
 
   --chardev socket,id=ID,path=PATH[,server=on,wait=off]   a unix socket for a monitor
   --chardev socket,id=ID,host=HOST,port=PORT[,server=on,wait=off]   a TCP socket for a monitor
+  --chardev stdio,id=ID   standard input and output, for a monitor
   --monitor [chardev=]ID[,mode=control][,pretty=off]   run a QMP monitor on a chardev
+  --object throttle-group,id=ID[,limits.bps-total=N…]   create an object (also JSON: '{"qom-type": …}')
   --blockdev [driver=]DRIVER[,node-name=N][,prop=value…]   open a block node (also JSON: '{"driver": …}')
   --trace [enable=]PATTERN   enable trace points matching PATTERN (glob)
   --pidfile PATH   write the process id to PATH
   -h, --help   this help
 `;
+
+function parseJsonOption(opt: string, text: string): Record<string, unknown> {
+  try {
+    return JSON.parse(text) as Record<string, unknown>;
+  } catch (err) {
+    throw new UsageError(`${opt}: invalid JSON: ${errorMessage(err)}`);
+  }
+}
 
 function value(argv: string[], i: number, opt: string): string {
   const v = argv[i + 1];
@@ -30,7 +40,7 @@ function value(argv: string[], i: number, opt: string): string {
 export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
   const chardevs = new Map<string, ListenAddress>();
   const monitorIds: string[] = [];
-  const opts: DaemonOptions = { monitors: [], blockdevs: [], tracePatterns: [] };
+  const opts: DaemonOptions = { monitors: [], blockdevs: [], objects: [], tracePatterns: [] };
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i];
     let inline: string | undefined;
@@ -47,9 +57,17 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
           return 'help';
         case '--chardev': {
           const kv = parseKeyval(take(), 'backend');
-          if (kv.backend !== 'socket') throw new UsageError(`chardev backend '${String(kv.backend)}' is not supported (only 'socket')`);
+          if (kv.backend !== 'socket' && kv.backend !== 'stdio') throw new UsageError(`chardev backend '${String(kv.backend)}' is not supported (only 'socket' and 'stdio')`);
           const id = kv.id as string | undefined;
           if (!id) throw new UsageError('chardev: "id" is required');
+          if (chardevs.has(id)) throw new UsageError(`attempt to add duplicate property '${id}' to object (type 'container')`);
+          if (kv.backend === 'stdio') {
+            // signal= (whether ^C on a terminal is a signal) changes nothing for a pipe; it is accepted.
+            for (const k of Object.keys(kv)) if (!['backend', 'id', 'signal', 'logfile', 'logappend', 'mux'].includes(k)) throw new UsageError(`Invalid parameter '${k}'`);
+            if ([...chardevs.values()].some((c) => c.kind === 'stdio')) throw new UsageError("cannot use stdio by multiple character devices");
+            chardevs.set(id, { kind: 'stdio' });
+            break;
+          }
           if (kv.server !== undefined && kv.server !== 'on' && kv.server !== 'yes') throw new UsageError(`chardev '${id}': only server=on sockets are supported`);
           let addr: ListenAddress;
           if (kv.path !== undefined) addr = { kind: 'unix', path: kv.path as string };
@@ -62,7 +80,6 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
             if (kv.host === undefined) throw new UsageError(`chardev '${id}': port= needs host= (host=127.0.0.1 for this machine only, host=0.0.0.0 for every interface)`);
             addr = { kind: 'tcp', host: kv.host as string, port };
           } else throw new UsageError(`chardev '${id}': socket needs path=… or host=…,port=…`);
-          if (chardevs.has(id)) throw new UsageError(`attempt to add duplicate property '${id}' to object (type 'container')`);
           chardevs.set(id, addr);
           break;
         }
@@ -72,19 +89,16 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
           monitorIds.push(kv.chardev as string);
           break;
         }
+        case '--object': {
+          const text = take();
+          if (text.trimStart().startsWith('{')) opts.objects.push({ options: parseJsonOption('--object', text), keyval: false });
+          else opts.objects.push({ options: parseKeyval(text, 'qom-type'), keyval: true });
+          break;
+        }
         case '--blockdev': {
           const text = take();
-          if (text.trimStart().startsWith('{')) {
-            let parsed: unknown;
-            try {
-              parsed = JSON.parse(text);
-            } catch (err) {
-              throw new UsageError(`--blockdev: invalid JSON: ${errorMessage(err)}`);
-            }
-            opts.blockdevs.push({ options: parsed as Record<string, unknown>, keyval: false });
-          } else {
-            opts.blockdevs.push({ options: parseKeyval(text, 'driver'), keyval: true });
-          }
+          if (text.trimStart().startsWith('{')) opts.blockdevs.push({ options: parseJsonOption('--blockdev', text), keyval: false });
+          else opts.blockdevs.push({ options: parseKeyval(text, 'driver'), keyval: true });
           break;
         }
         case '--trace': {

@@ -10,9 +10,10 @@ import { transactionCommands } from './transaction.js';
 import { jobCommands } from './jobs.js';
 import { createCommands } from './create.js';
 import { mirrorCommands } from './mirror.js';
+import { objectCommands } from './objects.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands);
   return table;
 }

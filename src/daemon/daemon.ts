@@ -6,12 +6,15 @@ import { promises as fsp } from 'node:fs';
 import { Core } from '../core/core.js';
 import { QmpServer, type ListenAddress } from '../qmp/server.js';
 import { allCommands } from '../commands/index.js';
+import { addObject } from '../commands/objects.js';
 import { BLOCK_DRIVERS } from './drivers.js';
 
 export interface DaemonOptions {
   monitors: ListenAddress[];
   /** --blockdev values, already parsed (JSON form or key=value form). */
   blockdevs: Array<{ options: Record<string, unknown>; keyval: boolean }>;
+  /** --object values (throttle groups), created before the nodes. */
+  objects: Array<{ options: Record<string, unknown>; keyval: boolean }>;
   tracePatterns: string[];
   pidfile?: string;
 }
@@ -20,6 +23,11 @@ export class Daemon {
   readonly core = new Core();
   readonly qmp: QmpServer;
   private stopping: Promise<void> | undefined;
+  /**
+   * Keeps the process running until stop(), as qemu-storage-daemon runs until quit or a signal: with
+   * only a stdio monitor whose input has ended (or no monitor at all) nothing else would.
+   */
+  private keepAlive: NodeJS.Timeout | undefined;
   private stoppedResolve!: () => void;
   /** Resolves when the daemon has shut down. */
   readonly stopped = new Promise<void>((r) => (this.stoppedResolve = r));
@@ -31,7 +39,9 @@ export class Daemon {
   }
 
   async start(): Promise<void> {
+    this.keepAlive ??= setInterval(() => undefined, 2 ** 30);
     for (const p of this.opts.tracePatterns) this.core.trace.setState(p, true);
+    for (const o of this.opts.objects) addObject(this.core, o.options, { keyval: o.keyval });
     for (const b of this.opts.blockdevs) {
       await this.core.openForMonitor(b.options, { keyval: b.keyval });
     }
@@ -44,6 +54,7 @@ export class Daemon {
       await this.qmp.close().catch(() => undefined);
       await this.core.shutdown();
       if (this.opts.pidfile) await fsp.unlink(this.opts.pidfile).catch(() => undefined);
+      clearInterval(this.keepAlive);
       this.stoppedResolve();
     })();
     return this.stopping;

@@ -7,5 +7,6 @@ import { rawDriver } from '../block/drivers/raw.js';
 import { nullDriver } from '../block/drivers/null.js';
 import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 import { qcow2Driver } from '../block/drivers/qcow2/index.js';
+import { throttleDriver } from '../block/filters/throttle.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver];

@@ -13,6 +13,7 @@
  * Input bytes come through Utf8StreamDecoder, which keeps invalid UTF-8 visible (see there): inside a
  * string it is "invalid UTF-8 sequence in string", bytes 0xFE and 0xFF are lexer errors anywhere.
  */
+import { qdictOrder } from '../base/qdict.js';
 
 type Token =
   | { t: 'punct'; v: '{' | '}' | '[' | ']' | ':' | ',' }
@@ -447,10 +448,12 @@ export function encodeQmp(v: unknown): string {
   if (typeof v === 'bigint') return v.toString();
   if (Array.isArray(v)) return `[${v.map(encodeQmp).join(', ')}]`;
   if (typeof v === 'object') {
+    // Members in the order QEMU prints them (its QDict's), so that output compares as text too.
+    const obj = v as Record<string, unknown>;
     const parts: string[] = [];
-    for (const [k, val] of Object.entries(v as Record<string, unknown>)) {
-      if (val === undefined) continue;
-      parts.push(`${encodeString(k)}: ${encodeQmp(val)}`);
+    for (const k of qdictOrder(Object.keys(obj))) {
+      if (obj[k] === undefined) continue;
+      parts.push(`${encodeString(k)}: ${encodeQmp(obj[k])}`);
     }
     return `{${parts.join(', ')}}`;
   }

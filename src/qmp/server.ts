@@ -5,6 +5,9 @@
  * A client that goes away mid-command harms nothing: the command finishes and its reply is dropped
  * (requests it had queued behind it are dropped, as QEMU does). A client that half-closes (shuts down
  * its write side) gets a reply to every request it sent, then the socket is closed.
+ * A monitor can also run on the daemon's standard input and output (`--chardev stdio`): one session
+ * from the start, as QEMU's; the end of standard input ends nothing else (replies and events still
+ * go out; the daemon runs on until quit).
  *
  * Fairness and memory: one client's input is parsed and executed in bounded steps, with a turn of the
  * event loop between them, so a client flooding requests (or garbage) cannot delay another's; its
@@ -12,6 +15,7 @@
  * client that never reads its replies makes the daemon hold a bounded amount for it.
  */
 import * as net from 'node:net';
+import type { Readable, Writable } from 'node:stream';
 import { promises as fsp } from 'node:fs';
 import { QmpError, errorMessage } from '../errors.js';
 import { encodeQmp, JsonStreamParser, Utf8StreamDecoder, type JsonMessage } from './json.js';
@@ -25,7 +29,17 @@ import { QEMU_COMPAT_VERSION } from '../base/version.js';
 const traceDispatch = tracer.point('monitor_qmp_cmd_in_band');
 const traceRespond = tracer.point('monitor_qmp_respond');
 
-export type ListenAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
+export type ListenAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number } | { kind: 'stdio' };
+
+/** The two directions of one client's connection: a socket, or standard input and output. */
+interface Transport {
+  readonly input: Readable;
+  readonly output: Writable;
+  /** The client's input has ended and every request is answered. */
+  inputDone(): void;
+  /** Stop talking to the client. */
+  close(): void;
+}
 
 export class QmpServer {
   private readonly servers: net.Server[] = [];
@@ -43,6 +57,11 @@ export class QmpServer {
   }
 
   async listen(addr: ListenAddress): Promise<void> {
+    if (addr.kind === 'stdio') {
+      // Standard output stays open when standard input ends: events and late replies still go out.
+      this.openSession({ input: process.stdin, output: process.stdout, inputDone: () => undefined, close: () => process.stdin.destroy() });
+      return;
+    }
     // allowHalfOpen: a client's end of input must not end our output before its replies are sent.
     const server = net.createServer({ allowHalfOpen: true }, (sock) => this.accept(sock));
     server.on('error', () => undefined);
@@ -59,9 +78,15 @@ export class QmpServer {
   }
 
   private accept(sock: net.Socket): void {
-    const session = new QmpSession(this, sock);
-    this.sessions.add(session);
+    sock.setNoDelay(true);
+    const session = this.openSession({ input: sock, output: sock, inputDone: () => sock.end(), close: () => sock.destroy() });
     sock.on('close', () => this.sessions.delete(session));
+  }
+
+  private openSession(transport: Transport): QmpSession {
+    const session = new QmpSession(this, transport);
+    this.sessions.add(session);
+    return session;
   }
 
   async close(): Promise<void> {
@@ -109,30 +134,32 @@ class QmpSession {
 
   constructor(
     private readonly server: QmpServer,
-    private readonly sock: net.Socket,
+    private readonly transport: Transport,
   ) {
     this.parser = new JsonStreamParser((m) => this.requests.push(m));
-    sock.setNoDelay(true);
-    sock.on('data', (chunk: Buffer) => {
+    const { input, output } = transport;
+    input.on('data', (chunk: Buffer) => {
       this.input.push(chunk);
       this.inputBytes += chunk.length;
-      if (this.inputBytes > INPUT_HIGH) sock.pause();
+      if (this.inputBytes > INPUT_HIGH) input.pause();
       void this.pump();
     });
-    sock.on('end', () => {
+    input.on('end', () => {
       this.inputEnded = true;
       void this.pump();
     });
     // Output backlog went away: run the requests that waited for it.
-    sock.on('drain', () => void this.pump());
-    sock.on('error', () => this.destroy());
-    sock.on('close', () => (this.alive = false));
+    output.on('drain', () => void this.pump());
+    input.on('error', () => this.destroy());
+    output.on('error', () => this.destroy());
+    // The session ends with its output (a socket's close).
+    output.on('close', () => (this.alive = false));
     this.send({ QMP: { version: QEMU_COMPAT_VERSION, capabilities: ['oob'] } });
   }
 
   destroy(): void {
     this.alive = false;
-    this.sock.destroy();
+    this.transport.close();
   }
 
   sendEvent(name: string, data: Record<string, unknown> | undefined, timestamp: { seconds: number; microseconds: number }): void {
@@ -144,10 +171,11 @@ class QmpSession {
   }
 
   private send(msg: Reply): void {
-    if (!this.alive || this.sock.destroyed) return;
+    const { output } = this.transport;
+    if (!this.alive || output.destroyed) return;
     const text = encodeQmp(msg);
     traceRespond({ msg: text.length > 200 ? text.slice(0, 200) : text });
-    this.sock.write(text + '\r\n');
+    output.write(text + '\r\n');
   }
 
   /**
@@ -162,7 +190,7 @@ class QmpSession {
       let turnStart = performance.now();
       while (this.alive) {
         // The client is not reading its replies: wait for 'drain' (which pumps again).
-        if (this.sock.writableLength > OUTPUT_HIGH) return;
+        if (this.transport.output.writableLength > OUTPUT_HIGH) return;
         const request = this.requests.shift();
         if (request) await this.handle(request);
         else if (this.inputBytes > 0) this.parseStep();
@@ -179,8 +207,8 @@ class QmpSession {
       if (this.inputEnded) {
         // Every request is answered (a scalar cut off by the end of input is not a request, as in QEMU).
         await Promise.all(this.oobRunning);
-        this.sock.end();
-      } else if (this.sock.isPaused()) this.sock.resume();
+        this.transport.inputDone();
+      } else if (this.transport.input.isPaused()) this.transport.input.resume();
     } finally {
       this.pumping = false;
     }

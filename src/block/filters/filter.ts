@@ -3,7 +3,24 @@
  * put themselves in the I/O path (mirror-top, copy-before-write) and be taken out again at the end.
  * Guest-visible data is the child's; block status, sizes and cluster facts are the child's too.
  */
-import { BlockNode, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../node.js';
+
+/**
+ * A node's options as QEMU writes them into a json: pseudo-filename: a json: name parsed back, a file
+ * by its file name, a format or filter by its driver over its file child.
+ */
+export function jsonOptions(node: BlockNode): Record<string, unknown> {
+  const filename = node.imageInfo().filename;
+  if (filename.startsWith('json:')) return JSON.parse(filename.slice(5)) as Record<string, unknown>;
+  const child = node.primaryChild();
+  if (!child) return { driver: node.driver, filename };
+  return { driver: node.driver, file: jsonOptions(child) };
+}
+
+/** The json: pseudo-filename of a filter with `own` options (its driver and child added after them). */
+export function filterJsonFilename(filter: FilterNode, own: Record<string, unknown> = {}): string {
+  return jsonFilename({ ...own, driver: filter.driver, file: jsonOptions(filter.filtered) });
+}
 
 export abstract class FilterNode extends BlockNode {
   /** QEMU's filters hold their child as 'backing' (mirror_top) or 'file' (copy-before-write). */

@@ -1,0 +1,73 @@
+/**
+ * The `throttle` filter driver: passes I/O to its `file` child within the limits of a throttle group
+ * (object-add throttle-group): the usual way to set I/O limits on a disk, and the way tests slow a job
+ * down. Reads count as reads, writes, write-zeroes and discards as writes; flushes are not limited.
+ */
+import { genericError } from '../../errors.js';
+import { str } from '../../qapi/schema.js';
+import type { BlockDriver } from '../graph.js';
+import type { ImageInfo, WriteFlags } from '../node.js';
+import type { ThrottleGroup } from '../throttle-group.js';
+import { BlockdevRef } from '../drivers/raw.js';
+import { FilterNode, filterJsonFilename } from './filter.js';
+import type { BlockNode } from '../node.js';
+
+export class ThrottleNode extends FilterNode {
+  readonly driver = 'throttle';
+  private released = false;
+
+  constructor(
+    nodeName: string,
+    child: BlockNode,
+    private readonly group: ThrottleGroup,
+  ) {
+    super(nodeName, child, 'file');
+    group.users++;
+  }
+
+  protected override async doRead(offset: number, bytes: number): Promise<Buffer> {
+    await this.group.admit(false, bytes);
+    return super.doRead(offset, bytes);
+  }
+  protected override async doReadInto(offset: number, buf: Buffer): Promise<void> {
+    await this.group.admit(false, buf.length);
+    return super.doReadInto(offset, buf);
+  }
+  protected override async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    await this.group.admit(true, data.length);
+    return super.doWrite(offset, data, flags);
+  }
+  protected override async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    await this.group.admit(true, bytes);
+    return super.doWriteZeroes(offset, bytes, flags);
+  }
+  protected override async doDiscard(offset: number, bytes: number): Promise<void> {
+    await this.group.admit(true, bytes);
+    return super.doDiscard(offset, bytes);
+  }
+
+  override async close(): Promise<void> {
+    await super.close();
+    if (!this.released) this.group.users--;
+    this.released = true;
+  }
+
+  override imageInfo(): ImageInfo {
+    // The group is an option of the node: QEMU names it by a json: filename.
+    const filename = filterJsonFilename(this, { 'throttle-group': this.group.id });
+    return { ...super.imageInfo(), filename };
+  }
+}
+
+export const throttleDriver: BlockDriver = {
+  name: 'throttle',
+  options: { 'throttle-group': str, file: BlockdevRef },
+  async open(nodeName, opts, ctx) {
+    // As QEMU: the child first, then the group.
+    const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file', 'filtered');
+    const id = opts['throttle-group'] as string;
+    const group = ctx.graph.throttleGroups.get(id);
+    if (!group) throw genericError(`Throttle group '${id}' does not exist`);
+    return new ThrottleNode(nodeName, file, group);
+  },
+};
