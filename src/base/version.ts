@@ -1,2 +1,2 @@
 /** The QEMU version we answer with (QMP greeting and query-version): the release whose behaviour we follow. */
-export const QEMU_COMPAT_VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: 'bitmirror-0.1.0' };
+export const QEMU_COMPAT_VERSION = { qemu: { major: 7, minor: 2, micro: 0 }, package: 'bitmirror-0.1.0' };

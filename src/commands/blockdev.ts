@@ -12,7 +12,9 @@ async function imageInfoWithSizes(node: BlockNode, flat: boolean): Promise<Image
   const size = await node.actualSize();
   if (size !== undefined) info['actual-size'] = size;
   const backing = node.backing();
-  if (!flat && backing) info['backing-image'] = await imageInfoWithSizes(backing, false);
+  // flat: no backing images (the format driver's ImageInfo may carry one).
+  if (flat) delete info['backing-image'];
+  else if (backing) info['backing-image'] = await imageInfoWithSizes(backing, false);
   return info;
 }
 

@@ -20,6 +20,7 @@ import type { BlockNode } from '../block/node.js';
 import { BITMAP_ALLOW_RO, BITMAP_DEFAULT, type DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { DEFAULT_MIRROR_BUF_SIZE, MirrorJob, type BitmapSyncMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import type { OnError } from '../jobs/job.js';
+import { protocolOptions } from '../block/filename.js';
 import * as path from 'node:path';
 
 const MirrorSyncMode = enumOf('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
@@ -252,7 +253,8 @@ export const mirrorCommands: CommandDef[] = [
       const target = await core.graph.open({
         driver: format,
         ...(nodeName !== undefined ? { 'node-name': nodeName } : {}),
-        file: { driver: 'file', filename },
+        // A legacy 'blkdebug:CONFIG:IMAGE' target is a blkdebug node over the image, as QEMU opens it.
+        file: protocolOptions(filename),
         ...(format === 'qcow2' && (sync === 'full' || newImage) ? { backing: null } : {}),
       });
       try {

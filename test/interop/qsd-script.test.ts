@@ -4,7 +4,8 @@
  * input/output (--chardev stdio, --monitor) and a throttle group (--object), and drives blockdev-add,
  * a mirror slowed down by a throttle filter, pause/resume, complete and quit over standard input. Its
  * output (every reply and event as text, timestamps and the greeting's version masked by the script,
- * then qemu-img compare and check of the copy) must be the same, byte for byte.
+ * then qemu-img compare and check of the copy) must be the same, byte for byte. The other scripts
+ * there: objects.sh (throttle groups), blkdebug-legacy.sh (legacy blkdebug:CONFIG:IMAGE filenames).
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -40,4 +41,13 @@ test('objects.sh (throttle groups and throttle nodes, their refusals) gives the 
   const ours = await runScript('objects.sh', [process.execPath, BITMIRROR_BIN, 'daemon']);
   assert.equal(ours, theirs);
   assert.match(ours, /object 'tg0' is in use, can not be deleted/);
+});
+
+test('blkdebug-legacy.sh (blkdebug:CONFIG:IMAGE as a backing file and as a drive-mirror target) gives the same output with bitmirror daemon', { skip: !haveQsd && 'qemu-storage-daemon not installed' }, async () => {
+  const theirs = await runScript('blkdebug-legacy.sh', ['qemu-storage-daemon']);
+  const ours = await runScript('blkdebug-legacy.sh', [process.execPath, BITMIRROR_BIN, 'daemon']);
+  assert.equal(ours, theirs);
+  assert.match(ours, /"operation": "read"/);
+  assert.match(ours, /No space left on device/);
+  assert.match(ours, /Images are identical\./);
 });

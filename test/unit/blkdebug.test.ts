@@ -8,7 +8,7 @@ import { strict as assert } from 'node:assert';
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { BlockGraph } from '../../src/block/graph.js';
 import { fileDriver } from '../../src/block/drivers/file.js';
 import { rawDriver } from '../../src/block/drivers/raw.js';
@@ -180,7 +180,16 @@ test('blkdebug: option errors', async () => {
   const g = graph();
   const image = { driver: 'file', filename: img, locking: 'off' };
   try {
-    await assert.rejects(g.open({ driver: 'blkdebug', image, config: '/etc/blkdebug.conf' }), /config files are not supported/);
+    await assert.rejects(g.open({ driver: 'blkdebug', image, config: '/nonexistent/blkdebug.conf' }), { message: 'Could not read blkdebug config file: No such file or directory' });
+    const conf = join(dirname(img), 'rules.conf');
+    writeFileSync(conf, '[inject-error]\nevent = "bogus"\n');
+    await assert.rejects(g.open({ driver: 'blkdebug', image, config: conf }), { message: 'Invalid event name "bogus"' });
+    writeFileSync(conf, '[inject-error]\nevent = "read_aio"\nerrno = "28"\nonce = "on"\n');
+    // The config's rule: the first read fails with errno 28 (read_aio comes from a raw parent).
+    const withConfig = await g.open({ driver: 'raw', file: { driver: 'blkdebug', image, config: conf } });
+    await assert.rejects(withConfig.read(0, 512), (e: unknown) => e instanceof BlockIOError && e.code === 'ENOSPC');
+    await withConfig.read(0, 512);
+    await g.remove(withConfig);
     await assert.rejects(g.open({ driver: 'blkdebug', image, align: 3 }), { message: 'Cannot meet constraints with align 3' });
     await assert.rejects(g.open({ driver: 'blkdebug', image, 'inject-error': [{ event: 'bogus' }] }), {
       message: "Parameter 'event' does not accept value 'bogus'", // QEMU 7.2 names only the member

@@ -25,11 +25,17 @@
  * A blkdebug node with no parent node (opened directly by qemu-io-like users) gets no read_aio, exactly
  * as in QEMU.
  *
- * Not supported: `config` files (refused with an error), breakpoints/suspend (no HMP here),
+ * Rules come from the options (`inject-error`, `set-state`) and from a `config` file in QEMU's format
+ * (docs/devel/blkdebug: `[inject-error]` and `[set-state]` sections of `name = "value"` lines); the
+ * legacy filename `blkdebug:CONFIG:IMAGE` (a backing file name, a drive-mirror target) names a blkdebug
+ * node with that config over the image file (block/filename.ts).
+ *
+ * Not supported: breakpoints/suspend (no HMP here),
  * max-transfer, opt-write-zero, max-write-zero, opt-discard and max-discard limits (accepted, checked like QEMU, not enforced), take/unshare-child-perms
  * (bitmirror has no permission system; accepted and ignored).
  */
-import { BlockIOError, genericError } from '../../errors.js';
+import { promises as fsp } from 'node:fs';
+import { BlockIOError, errorCode, genericError, strerror } from '../../errors.js';
 import { errnoCode } from '../native.js';
 import { BlockNode, type BlockStatus, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
@@ -103,7 +109,14 @@ export class BlkdebugNode extends BlockNode {
   private active: InjectRule[] = [];
   state = 1;
 
-  constructor(nodeName: string, readOnly: boolean, image: BlockNode, rules: Rule[], align: number) {
+  constructor(
+    nodeName: string,
+    readOnly: boolean,
+    image: BlockNode,
+    rules: Rule[],
+    align: number,
+    private readonly configFile?: string,
+  ) {
     super(nodeName, readOnly);
     this.attachChild('image', image, 'filtered');
     for (const r of rules) {
@@ -270,9 +283,16 @@ export class BlkdebugNode extends BlockNode {
     return this.image.nodeInfo();
   }
 
+  /** blkdebug is a protocol driver that cannot tell (bdrv_get_allocated_file_size: -ENOTSUP). */
+  override async actualSize(): Promise<number | undefined> {
+    return undefined;
+  }
+
   imageInfo(): ImageInfo {
     const i = this.image.imageInfo();
-    return { filename: i.filename, format: 'blkdebug', 'virtual-size': this.length(), 'dirty-flag': false };
+    // With a config file over a plain file, QEMU names the node by the legacy filename.
+    const filename = this.configFile !== undefined && !i.filename.startsWith('json:') ? `blkdebug:${this.configFile}:${i.filename}` : i.filename;
+    return { filename, format: 'blkdebug', 'virtual-size': this.length(), 'dirty-flag': false };
   }
 }
 
@@ -283,6 +303,64 @@ function checkLimit(opts: Record<string, unknown>, name: string, align: number):
   const v = (opts[name] as number | undefined) ?? 0;
   if (v && (v < 0 || v >= INT_MAX || v % align !== 0)) throw genericError(`Cannot meet constraints with ${name} ${v}`);
   return v;
+}
+
+/** The options of each section of a config file, and how to read their values. */
+const CONFIG_SECTIONS: Record<'inject-error' | 'set-state', Record<string, 'event' | 'int' | 'bool' | 'iotype'>> = {
+  'inject-error': { event: 'event', state: 'int', iotype: 'iotype', errno: 'int', sector: 'int', once: 'bool', immediately: 'bool' },
+  'set-state': { event: 'event', state: 'int', new_state: 'int' },
+};
+
+/**
+ * Read a blkdebug config file (QEMU's config format: `[section]` headers, `name = "value"` lines, `#`
+ * comments) into inject-error and set-state rule options, with QEMU's messages for what it refuses.
+ */
+async function readConfig(file: string): Promise<Record<'inject-error' | 'set-state', Record<string, unknown>[]>> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    throw genericError(`Could not read blkdebug config file: ${strerror(errorCode(err))}`);
+  }
+  const out: Record<'inject-error' | 'set-state', Record<string, unknown>[]> = { 'inject-error': [], 'set-state': [] };
+  let section: Record<string, unknown> | undefined;
+  let kinds: Record<string, string> | undefined;
+  const lines = text.split('\n');
+  for (let n = 0; n < lines.length; n++) {
+    const line = lines[n].trim();
+    if (line === '' || line.startsWith('#')) continue;
+    const header = /^\[([^\]"]+)\]$/.exec(line);
+    if (header) {
+      const name = header[1].trim();
+      if (name !== 'inject-error' && name !== 'set-state') throw genericError(`${file}:${n + 1}: no group definition for '${name}'`);
+      section = {};
+      kinds = CONFIG_SECTIONS[name];
+      out[name].push(section);
+      continue;
+    }
+    const kv = /^([A-Za-z0-9_-]+)\s*=\s*"([^"]*)"$/.exec(line);
+    if (!kv || !section || !kinds) throw genericError(`${file}:${n + 1}: parse error`);
+    const [, key, raw] = kv;
+    const kind = kinds[key];
+    if (!kind) throw genericError(`Invalid parameter '${key}'`);
+    if (kind === 'event') {
+      if (!(BLKDEBUG_EVENTS as readonly string[]).includes(raw)) throw genericError(`Invalid event name "${raw}"`);
+      section[key] = raw;
+    } else if (kind === 'iotype') {
+      if (!(BLKDEBUG_IO_TYPES as readonly string[]).includes(raw)) throw genericError(`Parameter 'iotype' does not accept value '${raw}'`);
+      section[key] = raw;
+    } else if (kind === 'bool') {
+      if (raw !== 'on' && raw !== 'off' && raw !== 'yes' && raw !== 'no' && raw !== 'true' && raw !== 'false') throw genericError(`Parameter '${key}' expects 'on' or 'off'`);
+      section[key] = raw === 'on' || raw === 'yes' || raw === 'true';
+    } else {
+      if (!/^-?(0x[0-9a-fA-F]+|\d+)$/.test(raw)) throw genericError(`Parameter '${key}' expects a number`);
+      section[key] = Number(raw);
+    }
+  }
+  for (const [name, list] of Object.entries(out)) {
+    for (const r of list) if (r.event === undefined) throw genericError(`Parameter 'event' is missing in ${name}`);
+  }
+  return out;
 }
 
 export const blkdebugDriver: BlockDriver = {
@@ -318,13 +396,11 @@ export const blkdebugDriver: BlockDriver = {
     '*unshare-child-perms': arrayOf(BlockPermission),
   },
   async open(nodeName, opts, ctx) {
-    if (opts.config !== undefined) {
-      throw genericError(
-        `blkdebug config files are not supported (config '${String(opts.config)}'): give the rules as 'inject-error' and 'set-state' options`,
-      );
-    }
+    // The config file's rules come before the options' (QEMU reads both into one list, file first).
+    const config = opts.config as string | undefined;
+    const fromFile = config !== undefined ? await readConfig(config) : { 'inject-error': [], 'set-state': [] };
     const rules: Rule[] = [];
-    for (const r of (opts['inject-error'] ?? []) as Record<string, unknown>[]) {
+    for (const r of [...fromFile['inject-error'], ...((opts['inject-error'] ?? []) as Record<string, unknown>[])]) {
       const sector = r.sector as number | undefined;
       rules.push({
         kind: 'inject',
@@ -337,7 +413,7 @@ export const blkdebugDriver: BlockDriver = {
         offset: sector === undefined || sector === -1 ? undefined : sector * SECTOR,
       });
     }
-    for (const r of (opts['set-state'] ?? []) as Record<string, unknown>[]) {
+    for (const r of [...fromFile['set-state'], ...((opts['set-state'] ?? []) as Record<string, unknown>[])]) {
       rules.push({
         kind: 'set-state',
         event: r.event as BlkdebugEvent,
@@ -356,7 +432,7 @@ export const blkdebugDriver: BlockDriver = {
     checkLimit(opts, 'max-write-zero', Math.max(optWriteZero, effective));
     const optDiscard = checkLimit(opts, 'opt-discard', effective);
     checkLimit(opts, 'max-discard', Math.max(optDiscard, effective));
-    const node = new BlkdebugNode(nodeName, opts['read-only'] as boolean, image, rules, align || 1);
+    const node = new BlkdebugNode(nodeName, opts['read-only'] as boolean, image, rules, align || 1, config);
     node.debugEvent('none');
     return node;
   },

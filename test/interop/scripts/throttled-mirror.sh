@@ -13,30 +13,8 @@ qemu-img create -q -f qcow2 "$dir/src.qcow2" 16M
 qemu-io -f qcow2 -c 'write -P 0x5a 0 8M' -c 'write -P 0xa5 8M 8M' "$dir/src.qcow2" >/dev/null
 qemu-img create -q -f qcow2 "$dir/dst.qcow2" 16M
 
-coproc DAEMON { exec "$@" --chardev stdio,id=mon0 --monitor chardev=mon0 \
-    --object throttle-group,id=tg0,limits.bps-total=8388608; }
-daemon_pid=$DAEMON_PID
-
-mask() {
-    sed -e 's/"timestamp": {"seconds": [0-9]*, "microseconds": [0-9]*}/"timestamp": T/' \
-        -e 's/^{"QMP": {"version": .*, "capabilities"/{"QMP": {"version": V, "capabilities"/'
-}
-
-send() {
-    echo "$1" >&"${DAEMON[1]}"
-}
-
-# Print what the daemon says until a line containing $1.
-expect() {
-    local line
-    while IFS= read -r line <&"${DAEMON[0]}"; do
-        line=${line%$'\r'}
-        printf '%s\n' "$line" | mask
-        [[ $line == *"$1"* ]] && return 0
-    done
-    echo "daemon ended before: $1"
-    return 1
-}
+source "$(dirname "$0")/qmp-stdio.sh"
+start_daemon "$@" --object throttle-group,id=tg0,limits.bps-total=8388608
 
 expect '"QMP"'
 send '{"execute": "qmp_capabilities"}'
@@ -57,10 +35,6 @@ send '{"execute": "block-job-resume", "arguments": {"device": "job0"}}'
 expect 'BLOCK_JOB_READY'
 send '{"execute": "block-job-complete", "arguments": {"device": "job0"}}'
 expect '"status": "null"'
-send '{"execute": "quit"}'
-expect '"return"'
-status=0
-wait "$daemon_pid" || status=$?
-echo "daemon exit status $status"
+quit_daemon
 qemu-img compare "$dir/src.qcow2" "$dir/dst.qcow2"
 qemu-img check -q "$dir/dst.qcow2" && echo "dst.qcow2 checks clean"

@@ -29,6 +29,7 @@ import { Refcounts } from './refcount.js';
 import { decodeL1 } from './tables.js';
 import { Qcow2Node } from './node.js';
 import { bitmapEntryValid, bitmapTableProblem, checkBitmapsExtension, dirEntrySize, parseBitmapDirectory, type StoredBitmap } from './bitmaps.js';
+import { hasProtocol, imageFileOf, protocolOptions } from '../../filename.js';
 
 /** How many backing files deep a chain may go. */
 export const MAX_BACKING_DEPTH = 32;
@@ -131,7 +132,7 @@ async function peekBacking(filename: string): Promise<{ qcow2: boolean; backing?
 }
 
 function resolveBacking(imageFilename: string, backing: string): string {
-  if (path.isAbsolute(backing) || backing.includes('://') || backing.startsWith('json:')) return backing;
+  if (path.isAbsolute(backing) || hasProtocol(backing)) return backing;
   return path.join(path.dirname(imageFilename), backing);
 }
 
@@ -219,9 +220,9 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
     const full = resolveBacking(fileName, h.backingFile);
     backingDisplay = full;
     await checkBackingChain(fileName, h.backingFile, h.backingFormat);
-    const fmt = h.backingFormat ?? (await probeFormat(full));
+    const fmt = h.backingFormat ?? (await probeFormat(imageFileOf(full)));
     try {
-      backing = await ctx.openChild({ driver: fmt, file: { driver: 'file', filename: full } }, true, 'backing', 'cow');
+      backing = await ctx.openChild({ driver: fmt, file: protocolOptions(full) }, true, 'backing', 'cow');
     } catch (err) {
       throw genericError(`Could not open backing file: ${errorMessage(err)}`);
     }
