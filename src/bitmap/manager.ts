@@ -145,6 +145,14 @@ export class BitmapManager {
         afterWrite: (req: WriteRequest) => this.markDirty(node, req.offset, req.bytes),
         // bdrv_dirty_bitmap_truncate: a grown node's bitmaps grow clean; a shrunk one's lose the tail.
         resized: (_node, size) => this.truncate(node, size),
+        beforeResize: (_node, names) => {
+          for (const name of names) {
+            const bm = this.find(node, name);
+            // We rely on every stored bitmap being in memory to resize it (QEMU's reason too).
+            if (!bm) throw genericError('Cannot resize qcow2 with persistent bitmaps that were not loaded');
+            bm.check(BITMAP_DEFAULT);
+          }
+        },
         // The node's first bitmap, created during a write, records that write too (bdrv_set_dirty
         // marks the bitmaps that exist when a write ends).
         seesWritesInFlight: true,

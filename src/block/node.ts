@@ -78,6 +78,11 @@ export interface WriteObserver {
    * created during a write records it.
    */
   readonly seesWritesInFlight?: boolean;
+  /**
+   * A format that keeps these persistent bitmaps in its image is about to be resized (qcow2's
+   * qcow2_truncate_bitmaps_check): throw QEMU's error when one of them cannot follow.
+   */
+  beforeResize?(node: BlockNode, storedBitmaps: readonly string[]): void;
   /** The node was resized (truncate): dirty bitmaps follow its size. */
   resized?(node: BlockNode, size: number): void;
 }
@@ -584,6 +589,12 @@ export abstract class BlockNode {
     } finally {
       this.tracker.end(tracked);
     }
+  }
+
+  /** For a format's doTruncate: let observers refuse a resize of an image that stores these bitmaps. */
+  protected checkStoredBitmapsResizable(names: readonly string[]): void {
+    if (names.length === 0) return;
+    for (const o of this.observers) o.beforeResize?.(this, names);
   }
 
   /** Block status of [offset, offset+bytes): the status of a prefix of it. */

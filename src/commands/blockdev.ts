@@ -1,8 +1,9 @@
 /**
- * blockdev-add, blockdev-del and query-named-block-nodes, with QEMU's checks and messages.
+ * blockdev-add, blockdev-del, block_resize and query-named-block-nodes, with QEMU's checks and messages.
  */
 import { genericError } from '../errors.js';
-import { bool, str } from '../qapi/schema.js';
+import { bool, int, str } from '../qapi/schema.js';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, unnamedBackend } from '../block/permissions.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
 import { BlockNode, type ImageInfo } from '../block/node.js';
@@ -76,6 +77,25 @@ export const blockdevCommands: CommandDef[] = [
     // The node goes even when storing its persistent bitmaps fails (reported on stderr), as in QEMU.
     BlockNode.detachParent(monitorRef);
     await core.graph.remove(node);
+    return {};
+  }),
+  command('block_resize', { '*device': str, '*node-name': str, size: int }, async (args, core) => {
+    const device = args.device as string | undefined;
+    const nodeName = args['node-name'] as string | undefined;
+    const size = args.size as number;
+    if (size < 0) throw genericError("Parameter 'size' expects a >0 size");
+    // bdrv_lookup_bs: there are no devices (BlockBackends with names) here, so only node-name finds one.
+    const node = nodeName !== undefined ? core.graph.find(nodeName) : undefined;
+    if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+    // An op blocker (a job on the node) refuses with QEMU's words, which print the absent device as '(null)'.
+    if (node.blockers.size > 0) throw genericError(`Device '${device ?? '(null)'}' is in use`);
+    // A BlockBackend that resizes and shares everything, for the time of the resize.
+    const edge = node.attachParent(unnamedBackend(), 'root', BLK_PERM_RESIZE, BLK_PERM_ALL);
+    try {
+      await node.truncate(size);
+    } finally {
+      BlockNode.detachParent(edge);
+    }
     return {};
   }),
   command('query-named-block-nodes', { '*flat': bool }, async (args, core) => {

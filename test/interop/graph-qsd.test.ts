@@ -128,3 +128,62 @@ test("a mirror job's claims: blockdev-del of its nodes, a second writer on its t
     await q('blockdev-del', { 'node-name': 'src' });
   });
 });
+
+test('block_resize grows qcow2 (its L1 table too) and raw, refuses what QEMU refuses; qemu-img check is clean', { skip }, async () => {
+  const checks: string[] = [];
+  await compare(async (q, d, f) => {
+    await q('blockdev-add', { driver: 'file', 'node-name': 'f', filename: f.a });
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: 'f' });
+    await q('block-dirty-bitmap-add', { node: 'q', name: 'b1', persistent: true });
+    await q('block_resize', { 'node-name': 'q', size: 3 << 20 });
+    // 600 GiB needs more L1 entries than the 1 MiB image's table has.
+    await q('block_resize', { 'node-name': 'q', size: 600 * 2 ** 30 });
+    await q('block_resize', { 'node-name': 'q', size: (3 << 20) + 100 });
+    await q('block_resize', { 'node-name': 'q', size: -1 });
+    await q('block_resize', { device: 'q', size: 4 << 20 });
+    await q('block_resize', { 'node-name': 'nope', size: 4 << 20 });
+    await q('block_resize', { size: 4 << 20 });
+    // The format above the file does not share resize.
+    await q('block_resize', { 'node-name': 'f', size: 64 << 20 });
+    await q('blockdev-add', { driver: 'file', 'node-name': 'rf', filename: f.r });
+    await q('blockdev-add', { driver: 'raw', 'node-name': 'rr', file: 'rf' });
+    await q('block_resize', { 'node-name': 'rr', size: (2 << 20) + 7 });
+    await q('blockdev-add', { driver: 'raw', 'node-name': 'rw', file: 'rf', size: 4096 });
+    await q('block_resize', { 'node-name': 'rw', size: 8192 });
+    await q('blockdev-add', { driver: 'null-co', 'node-name': 'n' });
+    await q('block_resize', { 'node-name': 'n', size: 8192 });
+    await q('blockdev-add', { driver: 'file', 'node-name': 'ro', filename: f.b, 'read-only': true });
+    await q('block_resize', { 'node-name': 'ro', size: 8 << 20 });
+    // A job's op blocker.
+    await q('blockdev-add', { driver: 'null-co', 'node-name': 'tgt', size: 600 * 2 ** 30 });
+    await q('blockdev-mirror', { 'job-id': 'j', device: 'q', target: 'tgt', sync: 'none' });
+    await q('block_resize', { 'node-name': 'q', size: 601 * 2 ** 30 });
+    await q('job-cancel', { id: 'j' });
+    await d.qmp.waitEvent('BLOCK_JOB_CANCELLED', { device: 'j' });
+    for (const n of ['q', 'f', 'rr', 'rw', 'rf']) await q('blockdev-del', { 'node-name': n });
+    checks.push(execFileSync('qemu-img', ['check', f.a]).toString());
+    const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', f.a]).toString()) as {
+      'virtual-size': number;
+      'format-specific': { data: { bitmaps: Array<{ name: string }> } };
+    };
+    assert.equal(info['virtual-size'], 600 * 2 ** 30);
+    assert.deepEqual(info['format-specific'].data.bitmaps.map((b) => b.name), ['b1']);
+    assert.equal((await fsp.stat(f.r)).size, (2 << 20) + 7);
+  });
+  for (const c of checks) assert.match(c, /No errors were found on the image/);
+});
+
+test('block_resize of a qcow2 whose persistent bitmap is inconsistent is refused, as QEMU refuses it', { skip }, async () => {
+  await compare(async (q, _d, f) => {
+    // A bitmap left in use by a daemon that was killed: inconsistent when the image opens again.
+    execFileSync('qemu-img', ['bitmap', '--add', f.a, 'b0']);
+    const killed = await spawnDaemon(`${f.a}.sock`, ['--blockdev', `driver=qcow2,node-name=q,file.driver=file,file.filename=${f.a}`], 'qemu-storage-daemon');
+    await killed.kill();
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: f.a } });
+    await q('block_resize', { 'node-name': 'q', size: 2 << 20 });
+    await q('block-dirty-bitmap-remove', { node: 'q', name: 'b0' });
+    await q('block_resize', { 'node-name': 'q', size: 2 << 20 });
+    await q('blockdev-del', { 'node-name': 'q' });
+    assert.match(execFileSync('qemu-img', ['check', f.a]).toString(), /No errors were found on the image/);
+  });
+});

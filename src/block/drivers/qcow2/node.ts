@@ -20,7 +20,7 @@
  * tables are written and flushed before the L1 entry that points at them (synchronous L1 write).
  * Refcounts are only decremented after the entry that referenced the cluster is durable.
  */
-import { BlockIOError, errorCode, genericError, strerror } from '../../../errors.js';
+import { BlockIOError, errorCode, errorMessage, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
 import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../../node.js';
 import {
@@ -29,6 +29,7 @@ import {
   INCOMPAT_CORRUPT,
   HOST_OFFSET_END,
   INCOMPAT_DIRTY,
+  MAX_L1_BYTES,
   serializeHeader,
   type Qcow2Header,
 } from './header.js';
@@ -128,7 +129,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     readOnly: boolean,
     file: BlockNode,
     readonly header: Qcow2Header,
-    private readonly l1: Buffer,
+    private l1: Buffer,
     readonly rc: Refcounts,
     readonly backingDisplayName: string | undefined,
   ) {
@@ -709,6 +710,68 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     }
     this.l2cache.clear();
     this.rc.cache.clear();
+  }
+
+  // ---- resize -------------------------------------------------------------------------------------
+
+  /**
+   * qcow2_co_truncate (block_resize): QEMU's checks in its order, then the L1 table grown to cover the
+   * new size, then the size in the header, each step synced before the next depends on it, so a crash
+   * leaves the old size or the new one. Growing only: shrinking is refused (QEMU discards the clusters
+   * past the end and shrinks the tables; bitmirror does not implement that yet).
+   */
+  protected override async doTruncate(size: number): Promise<void> {
+    if (size % 512) throw genericError('The new size must be a multiple of 512');
+    if (this.header.nbSnapshots) throw genericError("Can't resize an image which has snapshots");
+    // qcow2_truncate_bitmaps_check: every bitmap stored in the image must be in memory and usable.
+    this.checkStoredBitmapsResizable(this.bitmapsValid() ? this.cachedBitmaps.map((b) => b.name) : []);
+    if (size < this.header.size) throw genericError('Shrinking a qcow2 image is not supported by bitmirror');
+    const needL1 = Math.ceil(size / (this.cs * this.l2Entries));
+    if (needL1 * 8 > MAX_L1_BYTES) throw genericError('Failed to grow the L1 table: File too large');
+    await this.withAll(async () => {
+      if (needL1 > this.header.l1Size) await this.growL1(needL1);
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(size));
+      try {
+        await this.file.write(24, b);
+        await this.file.flush();
+      } catch (err) {
+        throw genericError(`Failed to update the image size: ${errorMessage(err)}`);
+      }
+      this.header.size = size;
+    });
+  }
+
+  /**
+   * qcow2_grow_l1_table with an exact size: a new table (the old entries, then zeroes) in fresh
+   * clusters, synced; then l1_size and l1_table_offset switched in one header write, synced; then the
+   * old table's clusters freed.
+   */
+  private async growL1(entries: number): Promise<void> {
+    const bytes = entries * 8;
+    const clusters = Math.ceil(bytes / this.cs);
+    const table = Buffer.alloc(clusters * this.cs);
+    this.l1.copy(table, 0, 0, this.header.l1Size * 8);
+    try {
+      await this.writebackMetadata();
+      const off = await this.rc.alloc(clusters, this.isReserved);
+      await this.rc.flush();
+      await this.file.write(off, table);
+      await this.file.flush();
+      const hdr = Buffer.alloc(12);
+      hdr.writeUInt32BE(entries, 0);
+      hdr.writeBigUInt64BE(BigInt(off), 4);
+      await this.file.write(36, hdr);
+      await this.file.flush();
+      const old = { offset: this.header.l1TableOffset, clusters: Math.ceil((this.header.l1Size * 8) / this.cs) };
+      this.header.l1TableOffset = off;
+      this.header.l1Size = entries;
+      this.l1 = table.subarray(0, bytes);
+      if (old.clusters > 0) await this.rc.free(old.offset, old.clusters);
+      await this.rc.flush();
+    } catch (err) {
+      throw genericError(`Failed to grow the L1 table: ${errorMessage(err)}`);
+    }
   }
 
   /** Rewrite the first cluster from `header` and flush. */
