@@ -666,6 +666,14 @@ export abstract class BlockNode {
 
   // ---- internals ----------------------------------------------------------------------------------
 
+  /** The end of the furthest write or write-zeroes, failed or not (QEMU's wr_highest_offset). */
+  wrHighestOffset = 0;
+
+  /** query-blockstats' `driver-specific` member (BlockStatsSpecific), for drivers that keep any. */
+  driverSpecificStats(): Record<string, unknown> | undefined {
+    return undefined;
+  }
+
   private async writeRequest(req: WriteRequest): Promise<void> {
     const tracked = this.tracker.begin(req.kind, req.offset, req.bytes);
     // Observers registered when the write begins are the ones that see it end.
@@ -682,6 +690,7 @@ export abstract class BlockNode {
     } catch (err) {
       writeError = err;
     }
+    if (req.kind !== 'discard') this.wrHighestOffset = Math.max(this.wrHighestOffset, req.offset + req.bytes);
     let observerError: unknown;
     const notify = async (o: WriteObserver): Promise<void> => {
       try {

@@ -5,6 +5,7 @@ import { genericError } from '../errors.js';
 import { bool, int, str } from '../qapi/schema.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, unnamedBackend } from '../block/permissions.js';
 import { command, type CommandDef } from './registry.js';
+import { writeThreshold } from './block-stats.js';
 import type { Core } from '../core/core.js';
 import { BlockNode, type ImageInfo } from '../block/node.js';
 
@@ -41,7 +42,7 @@ export async function blockDeviceInfo(core: Core, node: BlockNode, flat: boolean
     drv: node.driver,
     iops: 0,
     'bps_wr': 0,
-    'write_threshold': 0,
+    'write_threshold': writeThreshold(node),
     encrypted: false,
     bps: 0,
     'bps_rd': 0,

@@ -11,9 +11,10 @@ import { jobCommands } from './jobs.js';
 import { createCommands } from './create.js';
 import { mirrorCommands } from './mirror.js';
 import { objectCommands } from './objects.js';
+import { blockStatsCommands } from './block-stats.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands);
   return table;
 }
