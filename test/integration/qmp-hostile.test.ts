@@ -5,11 +5,11 @@
  */
 import { test, before, after } from 'node:test';
 import * as assert from 'node:assert/strict';
-import * as net from 'node:net';
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
+import { RawQmpClient } from '../support/raw-qmp.js';
 
 let dir: string;
 let d: SpawnedDaemon;
@@ -25,58 +25,8 @@ after(async () => {
   await fsp.rm(dir, { recursive: true, force: true });
 });
 
-/**
- * A raw client: writes bytes, collects every reply line (the daemon ends each with CRLF), can wait
- * for a number of replies or for the daemon to close the connection.
- */
-class RawClient {
-  readonly replies: Array<Record<string, unknown>> = [];
-  readonly closed: Promise<void>;
-  private buf = '';
-  private waiters: Array<() => void> = [];
-
-  constructor(readonly sock: net.Socket) {
-    sock.setEncoding('utf8');
-    sock.on('data', (s: string) => {
-      this.buf += s;
-      let nl;
-      while ((nl = this.buf.indexOf('\n')) >= 0) {
-        this.replies.push(JSON.parse(this.buf.slice(0, nl)) as Record<string, unknown>);
-        this.buf = this.buf.slice(nl + 1);
-      }
-      this.wake();
-    });
-    sock.on('error', () => undefined);
-    this.closed = new Promise((resolve) => sock.once('close', () => (this.wake(), resolve())));
-  }
-
-  static async connect(negotiate = true): Promise<RawClient> {
-    const sock = net.createConnection(d.socket);
-    await new Promise((r) => sock.once('connect', r));
-    const c = new RawClient(sock);
-    await c.waitFor(1);
-    if (negotiate) {
-      c.sock.write('{"execute":"qmp_capabilities"}');
-      await c.waitFor(2);
-      c.replies.splice(0, 2);
-    }
-    return c;
-  }
-
-  private wake(): void {
-    const w = this.waiters;
-    this.waiters = [];
-    for (const f of w) f();
-  }
-
-  /** Wait until `n` replies have arrived (fails if the connection closes first). */
-  async waitFor(n: number): Promise<void> {
-    while (this.replies.length < n) {
-      if (this.sock.destroyed) throw new Error(`connection closed after ${this.replies.length} of ${n} replies`);
-      await new Promise<void>((r) => this.waiters.push(r));
-    }
-  }
-}
+/** A raw client of the test's daemon. */
+const RawClient = { connect: (negotiate = true) => RawQmpClient.connect(d.socket, negotiate) };
 
 const notObject = { error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } };
 const expectingValue = { error: { class: 'GenericError', desc: 'JSON parse error, expecting value' } };
