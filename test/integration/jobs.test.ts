@@ -13,6 +13,7 @@ import { promises as fsp, existsSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
+import { poll } from '../support/wait.js';
 
 const run = promisify(execFile);
 const haveQemu = existsSync('/usr/bin/qemu-storage-daemon') && existsSync('/usr/bin/qemu-img');
@@ -70,16 +71,11 @@ async function drive(d: SpawnedDaemon, dir: string): Promise<Record_[]> {
     let reply: unknown;
     if (cmd === 'poll') {
       const id = args!.id as string;
-      for (let i = 0; ; i++) {
+      await poll(`job ${id} to conclude`, async () => {
         const jobs = (await d.qmp.execute('query-jobs')) as Array<Record<string, unknown>>;
-        const j = jobs.find((x) => x.id === id);
-        if (j?.status === 'concluded') {
-          reply = j;
-          break;
-        }
-        if (i > 500) throw new Error(`job ${id} did not conclude: ${JSON.stringify(jobs)}`);
-        await new Promise((r) => setTimeout(r, 10));
-      }
+        reply = jobs.find((x) => x.id === id && x.status === 'concluded');
+        return reply !== undefined;
+      }, undefined, 10);
     } else {
       reply = await d.qmp.request(cmd, args);
       delete (reply as Record<string, unknown>).id;

@@ -11,6 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
 import { JsonStreamParser } from '../../src/qmp/json.js';
+import { poll } from '../support/wait.js';
 
 let dir: string;
 let d: SpawnedDaemon;
@@ -142,16 +143,11 @@ test('several clients at once; a client that vanishes mid-command harms nothing'
   a.end();
   const b = d.qmp;
   // The write is finished by the daemon even though its client is gone; poll until it is visible.
-  let seen = false;
-  for (let i = 0; i < 100 && !seen; i++) {
+  await poll("the vanished client's write", async () => {
     const nodes = await b.execute<Array<{ 'node-name': string }>>('query-named-block-nodes');
-    if (nodes.some((n) => n['node-name'] === 'vanish')) {
-      const out = await b.hmpOutput('qemu-io vanish "read -P 0x5a 0 4M"');
-      seen = !out.includes('Pattern verification failed');
-    }
-    if (!seen) await new Promise((r) => setTimeout(r, 50));
-  }
-  assert.ok(seen, 'the vanished client\'s write completed');
+    if (!nodes.some((n) => n['node-name'] === 'vanish')) return false;
+    return !(await b.hmpOutput('qemu-io vanish "read -P 0x5a 0 4M"')).includes('Pattern verification failed');
+  }, undefined, 50);
   await b.execute('blockdev-del', { 'node-name': 'vanish' });
   const data = await fsp.readFile(img);
   assert.ok(data.every((x) => x === 0x5a));

@@ -8,12 +8,12 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, existsSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { BlockGraph } from '../../src/block/graph.js';
 import { fileDriver, FileNode, type HintedError } from '../../src/block/drivers/file.js';
 import { BlockNode, type BdrvChild } from '../../src/block/node.js';
 import { BLK_PERM_ALL, BLK_PERM_CONSISTENT_READ, BLK_PERM_RESIZE, BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED, unnamedBackend } from '../../src/block/permissions.js';
 import { rawDriver } from '../../src/block/drivers/raw.js';
+import { poll } from '../support/wait.js';
 
 const HAVE_QEMU = existsSync('/usr/bin/qemu-io') && existsSync('/usr/bin/qemu-img') && existsSync('/usr/bin/qemu-storage-daemon');
 const skip = HAVE_QEMU ? false : 'QEMU tools not installed';
@@ -77,13 +77,16 @@ async function holdWithQemu(cmd: string, args: string[], img: string, input = fa
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   const ino = spawnSync('stat', ['-c', '%i', img], { encoding: 'utf8' }).stdout.trim();
-  for (let i = 0; i < 100; i++) {
-    if (child.exitCode !== null) throw new Error(`${cmd} exited: ${err}`);
-    if (readFileSync('/proc/locks', 'utf8').includes(`:${ino} `)) return child;
-    await sleep(50);
+  try {
+    await poll(`${cmd} to lock ${img}`, () => {
+      if (child.exitCode !== null) throw new Error(`${cmd} exited: ${err}`);
+      return readFileSync('/proc/locks', 'utf8').includes(`:${ino} `);
+    }, undefined, 50);
+  } catch (e) {
+    child.kill();
+    throw new Error(`${(e as Error).message}: ${err}`);
   }
-  child.kill();
-  throw new Error(`${cmd} did not lock ${img}: ${err}`);
+  return child;
 }
 
 async function stop(child: ChildProcess): Promise<void> {

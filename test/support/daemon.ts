@@ -111,18 +111,12 @@ export async function bitmapCount(env: Env, node: string, name: string): Promise
   return b.count as number;
 }
 
-/** The job events (JOB_STATUS_CHANGE status names, BLOCK_JOB_* names) for a job, consumed until `until`. */
+/** Wait for the job's JOB_STATUS_CHANGE to `status`. */
 export async function waitStatus(env: Env, id: string, status: string, timeoutMs = 60_000): Promise<void> {
   await env.d.qmp.waitEvent('JOB_STATUS_CHANGE', { id, status }, timeoutMs);
 }
 
-export async function poll(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
+export { poll } from './wait.js';
 
 /** Summarise events: status changes as their status, block-job events as NAME{selected fields}. */
 export function summarise(events: QmpEvent[], fields: string[] = []): string[] {
