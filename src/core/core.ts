@@ -1,7 +1,7 @@
 /**
- * Core: the state one daemon holds — the block graph, events, and (as they land) the job registry,
- * the bitmap manager and the NBD server. Commands receive it; the daemon builds it. It holds no
- * protocol code: no JSON, no sockets.
+ * Core: the state one daemon holds — the block graph, events, the job registry and the bitmap manager
+ * — and the hooks that tie them together. It sits above jobs/, bitmap/ and block/ (ARCHITECTURE.md).
+ * Commands receive it; the daemon builds it. It holds no protocol code: no JSON, no sockets.
  */
 import { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
