@@ -1,6 +1,6 @@
 /**
  * `bitmirror daemon` command line, a drop-in for qemu-storage-daemon's: --chardev, --monitor,
- * --blockdev (key=value or JSON), --trace, --pidfile. Errors are UsageErrors with a one-line message.
+ * --blockdev (key=value or JSON), --nbd-server, --export, --trace, --pidfile. Errors are UsageErrors with a one-line message.
  */
 import { parseKeyval } from '../qapi/schema.js';
 import { errorMessage } from '../errors.js';
@@ -18,6 +18,10 @@ A storage daemon with QEMU's block layer behaviour, driven over QMP (qemu-storag
   --monitor [chardev=]ID[,mode=control][,pretty=off]   run a QMP monitor on a chardev
   --object throttle-group,id=ID[,limits.bps-total=N…]   create an object (also JSON: '{"qom-type": …}')
   --blockdev [driver=]DRIVER[,node-name=N][,prop=value…]   open a block node (also JSON: '{"driver": …}')
+  --nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]
+                             start the NBD server
+  --export [type=]nbd,id=ID,node-name=NODE[,name=N][,writable=on][,bitmaps.0=B][,allocation-depth=on]
+                             export a node over NBD
   --trace [enable=]PATTERN   enable trace points matching PATTERN (glob)
   --pidfile PATH   write the process id to PATH
   -h, --help   this help
@@ -40,7 +44,7 @@ function value(argv: string[], i: number, opt: string): string {
 export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
   const chardevs = new Map<string, ListenAddress>();
   const monitorIds: string[] = [];
-  const opts: DaemonOptions = { monitors: [], blockdevs: [], objects: [], tracePatterns: [] };
+  const opts: DaemonOptions = { monitors: [], blockdevs: [], objects: [], tracePatterns: [], exports: [] };
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i];
     let inline: string | undefined;
@@ -101,6 +105,13 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
           else opts.blockdevs.push({ options: parseKeyval(text, 'driver'), keyval: true });
           break;
         }
+        case '--nbd-server':
+          if (opts.nbdServer) throw new UsageError('--nbd-server: only one NBD server can be started');
+          opts.nbdServer = parseKeyval(take());
+          break;
+        case '--export':
+          opts.exports.push(parseKeyval(take(), 'type'));
+          break;
         case '--trace': {
           const kv = parseKeyval(take(), 'enable');
           if (kv.events !== undefined || kv.file !== undefined) throw new UsageError('--trace: events= and file= are not supported; trace output goes to stderr');

@@ -12,9 +12,10 @@ import { createCommands } from './create.js';
 import { mirrorCommands } from './mirror.js';
 import { objectCommands } from './objects.js';
 import { blockStatsCommands } from './block-stats.js';
+import { nbdCommands } from './nbd.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands);
   return table;
 }

@@ -12,6 +12,7 @@ import { BitmapManager } from '../bitmap/manager.js';
 import { loadPersistentBitmaps, storePersistentBitmaps } from '../bitmap/persistence.js';
 import { tracer } from '../trace/trace.js';
 import { JobRegistry } from '../jobs/registry.js';
+import { NbdServer } from '../nbd/server.js';
 
 export class Core {
   readonly graph = new BlockGraph();
@@ -25,10 +26,15 @@ export class Core {
   readonly shutdownHooks: Array<() => Promise<void>> = [];
   /** Every job (create, mirror, backup, …) by id; query-jobs, job-* and block-job-* look here. */
   readonly jobs = new JobRegistry(this.events);
+  /** The NBD server and its exports (nbd-server-start, block-export-add). */
+  readonly nbd = new NbdServer(this.bitmaps, this.events);
 
   constructor() {
     // Jobs first: their abort/clean hooks still need the nodes.
     this.shutdownHooks.push(() => this.jobs.cancelAll());
+    // Exports are parents of their nodes: their clients are disconnected and their requests have
+    // ended before any node closes.
+    this.shutdownHooks.push(() => this.nbd.shutdown());
     // Bitmaps stored in an image are loaded when it opens; persistent ones are written back when the
     // node closes, after its last request ended (see BlockGraph.closeNode). A failure to store them
     // does not keep the node: as QEMU, the lost bitmaps are reported on stderr and the node goes.

@@ -8,6 +8,8 @@ import { QmpServer, type ListenAddress } from '../qmp/server.js';
 import { allCommands } from '../commands/index.js';
 import { addObject } from '../commands/objects.js';
 import { BLOCK_DRIVERS } from './drivers.js';
+import { visit } from '../qapi/schema.js';
+import { addBlockExport, BLOCK_EXPORT_OPTIONS, NBD_SERVER_OPTIONS, startNbdServer } from '../commands/nbd.js';
 
 export interface DaemonOptions {
   monitors: ListenAddress[];
@@ -16,6 +18,10 @@ export interface DaemonOptions {
   /** --object values (throttle groups), created before the nodes. */
   objects: Array<{ options: Record<string, unknown>; keyval: boolean }>;
   tracePatterns: string[];
+  /** --nbd-server (key=value, checked when the daemon starts). */
+  nbdServer?: Record<string, unknown>;
+  /** --export values (key=value), in order. */
+  exports: Array<Record<string, unknown>>;
   pidfile?: string;
 }
 
@@ -45,6 +51,9 @@ export class Daemon {
     for (const b of this.opts.blockdevs) {
       await this.core.openForMonitor(b.options, { keyval: b.keyval });
     }
+    // As qemu-storage-daemon: the NBD server, then the exports, after the nodes they need.
+    if (this.opts.nbdServer) await startNbdServer(this.core, visit(NBD_SERVER_OPTIONS, this.opts.nbdServer, '', { keyval: true }) as Record<string, unknown>);
+    for (const e of this.opts.exports) addBlockExport(this.core, visit(BLOCK_EXPORT_OPTIONS, e, '', { keyval: true }) as Record<string, unknown>);
     for (const m of this.opts.monitors) await this.qmp.listen(m);
     if (this.opts.pidfile) await fsp.writeFile(this.opts.pidfile, `${process.pid}\n`);
   }

@@ -5,20 +5,27 @@
  */
 import type { BlockNode } from '../node.js';
 
-/** Whether [offset, +bytes) of `top` (a prefix of it, `bytes` returned) reads as zeroes, through its backing chain. */
-export async function chainStatus(top: BlockNode, offset: number, bytes: number): Promise<{ bytes: number; zero: boolean }> {
+/**
+ * Block status of `top` through its backing chain (bdrv_block_status_above to the bottom): for a prefix
+ * of [offset, +bytes) (`bytes` returned), whether it reads as zeroes and whether it is data, as decided
+ * by the first layer that has it allocated (below the last layer: as that layer says), and the depth of
+ * that layer (1 = `top`, 2 = its backing node, …; 0 = allocated nowhere). Copies use `zero`; NBD's
+ * base:allocation and qemu:allocation-depth contexts use all of it.
+ */
+export async function chainStatus(top: BlockNode, offset: number, bytes: number): Promise<{ bytes: number; zero: boolean; data: boolean; depth: number }> {
   let node: BlockNode | undefined = top.formatLayer();
   let want = bytes;
-  while (node) {
+  for (let depth = 1; node; depth++) {
     const st = await node.blockStatus(offset, want);
-    if (st.allocated || !node.backing()) return { bytes: st.bytes, zero: st.zero };
+    if (st.allocated) return { bytes: st.bytes, zero: st.zero, data: st.data, depth };
+    if (!node.backing()) return { bytes: st.bytes, zero: st.zero, data: st.data, depth: 0 };
     want = st.bytes;
     const next: BlockNode = node.backing()!;
-    if (offset >= next.length()) return { bytes: want, zero: true };
+    if (offset >= next.length()) return { bytes: want, zero: true, data: false, depth: 0 };
     want = Math.min(want, next.length() - offset);
     node = next.formatLayer();
   }
-  return { bytes: want, zero: false };
+  return { bytes: want, zero: false, data: true, depth: 0 };
 }
 
 /** Block status is asked about at most this much at a time, so that a stop request is seen between steps. */
