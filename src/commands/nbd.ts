@@ -132,7 +132,11 @@ export function addBlockExport(core: Core, args: Record<string, unknown>): void 
       allocationDepth: (args['allocation-depth'] as boolean | undefined) ?? false,
       bitmaps: (args.bitmaps as ExportBitmapRef[] | undefined) ?? [],
     },
-    (name) => core.graph.lookup(name),
+    (name) => {
+      const n = core.graph.find(name);
+      if (!n) throw genericError(`Node '${name}' not found`);
+      return n;
+    },
   );
 }
 
@@ -163,7 +167,6 @@ export const nbdCommands: CommandDef[] = [
     });
   }),
   command('nbd-server-remove', { name: str, '*mode': REMOVE_MODE }, (args, core) => {
-    if (!core.nbd.running) throw genericError('NBD server not running');
     core.nbd.deleteExport(args.name as string, (args.mode as 'safe' | 'hard' | undefined) ?? 'safe');
   }),
 ];

@@ -95,9 +95,10 @@ export class NbdExport {
     }
     const bitmaps: DirtyBitmap[] = [];
     for (const ref of opts.bitmaps) {
-      const bm = typeof ref === 'string' ? findBitmapBelow(manager, opts.node, ref) : manager.find(findNode(ref.node), ref.name);
       const name = typeof ref === 'string' ? ref : ref.name;
-      if (!bm) throw genericError(`Bitmap '${name}' is not found`);
+      // A name is looked for below the node; {node, name} exactly, with block_dirty_bitmap_lookup's message.
+      const bm = typeof ref === 'string' ? findBitmapBelow(manager, opts.node, ref) : manager.find(findNode(ref.node), ref.name);
+      if (!bm) throw genericError(typeof ref === 'string' ? `Bitmap '${name}' is not found` : `Dirty bitmap '${name}' not found`);
       bm.check(BITMAP_ALLOW_RO);
       if (!opts.writable && !opts.node.readOnly && bm.enabled) {
         throw genericError(`Enabled bitmap '${name}' incompatible with readonly export`);
