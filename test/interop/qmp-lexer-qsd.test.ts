@@ -1,0 +1,113 @@
+/**
+ * Hostile QMP input against qemu-storage-daemon 7.2 and bitmirror (issue 18): the same bytes, each on
+ * a connection of its own that half-closes, must get the same replies from both, in the same number:
+ * invalid UTF-8, lone surrogates, stray bytes, QEMU's lexer recovery, numbers and keywords, a flood of
+ * errors. Both end the connection after the last reply.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnDaemon } from '../../src/daemon/spawn.js';
+import { RawQmpClient } from '../support/raw-qmp.js';
+import { haveQsd } from '../support/daemon.js';
+
+const latin1 = (s: string) => Buffer.from(s, 'latin1');
+const add = (name: string) => latin1(`{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"${name}"}}`);
+
+/** Inputs as bytes (latin1 strings: one character per byte). */
+const CASES: Buffer[] = [
+  // The issue's bitmap names, and neighbours.
+  add('b\xe2\x822'),
+  add('c\xff'),
+  add('d\\ud800'),
+  add('e\\udc00x'),
+  add('f\\ud800\\udc00'),
+  add('g\xc0\x80'),
+  add('h\xed\xa0\x80'),
+  add('i\xf4\x90\x80\x80'),
+  add('j\xe2\x82'),
+  add('k\xc3\xa9\\u00e9\xf0\x9f\x98\x80'),
+  add('\\u0000\\u0000\\u0000'),
+  // Lexer errors and recovery.
+  latin1('{"a": @ }'),
+  latin1('{"a": @ "x" ] 1'),
+  latin1('"abc\x01" 1]'),
+  latin1('"a\tb"'),
+  latin1('"\xfe" ,'),
+  latin1('"a\xf5b"'),
+  latin1('\xe2\x82'),
+  latin1('\xc3\xa9 1,'),
+  latin1('{"a": \xc3\xa9}'),
+  latin1('1\xc3\xa9'),
+  latin1('tru\xc3\xa9'),
+  latin1('@ "x\n 1,'),
+  latin1('[\x01]'),
+  latin1('\xfe\xff 1,'),
+  latin1('{"execute":"query-version"}\x00{"execute":"query-version","id":2}'),
+  // Escapes.
+  latin1('"\\x41"'),
+  latin1('"\\u00"'),
+  latin1('"\\uzzzz"]'),
+  latin1('"\\uD83D\\uDE00"'),
+  latin1('"\\uD83Dx"'),
+  latin1('"\\uD83D\\u0041"'),
+  latin1('"\\uDE00\\uD83D"'),
+  latin1('{"execute":"query-version","id":"\\uD83D\\uDE00\\u007f\xc3\xa9"}'),
+  // Numbers, keywords, scalars at top level, cut off at the end of input.
+  latin1('1'),
+  latin1('1 '),
+  latin1('tru'),
+  latin1('x:'),
+  latin1('Abc,'),
+  latin1('01,'),
+  latin1('-,'),
+  latin1('1.,'),
+  latin1('1e,'),
+  latin1('%d,'),
+  latin1('-0.5e+3,1E5,'),
+  latin1('[1,2,]'),
+  latin1('{"a":1,}'),
+  latin1('{"a":1 2}'),
+  latin1('}{"execute":"query-version","id":3}'),
+  latin1('{"execute":"query-version","id":1.5e3}'),
+  latin1('{"execute":"query-version","id":12345678901234567890}'),
+  // The flood of issue 18 defect 1.
+  latin1('1,'.repeat(20000)),
+];
+
+/** Replies to each case, with the version (which differs by design) masked. */
+async function replies(program: 'bitmirror' | 'qemu-storage-daemon', dir: string): Promise<unknown[][]> {
+  const d = await spawnDaemon(path.join(dir, `${program}.sock`), ['--blockdev', 'driver=null-co,node-name=n0,size=1048576'], program);
+  const out: unknown[][] = [];
+  try {
+    await d.qmp.execute('query-version');
+    // qemu-storage-daemon's monitor serves one client at a time: leave the socket to the cases.
+    d.qmp.close();
+    for (const input of CASES) {
+      const c = await RawQmpClient.connect(d.socket);
+      c.sock.end(input);
+      await c.closed;
+      assert.ok(c.endedByServer, `${program} did not end the connection: ${input.toString('latin1').slice(0, 80)}`);
+      out.push(c.replies.map((r) => ('return' in r && typeof r.return === 'object' && r.return !== null && 'qemu' in r.return ? { ...r, return: 'version' } : r)));
+    }
+  } finally {
+    d.proc.kill('SIGTERM');
+    await new Promise((r) => d.proc.once('exit', r));
+  }
+  return out;
+}
+
+test('the same hostile bytes get the same replies from qemu-storage-daemon 7.2 and bitmirror', { skip: !haveQsd && 'qemu-storage-daemon not installed' }, async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-lexer-'));
+  try {
+    const theirs = await replies('qemu-storage-daemon', dir);
+    const ours = await replies('bitmirror', dir);
+    for (let i = 0; i < CASES.length; i++) assert.deepEqual(ours[i], theirs[i], `case ${i}: ${JSON.stringify(CASES[i].toString('latin1').slice(0, 80))}`);
+    // The flood: 20000 "not an object" and 20000 "expecting value", from both.
+    assert.equal(ours.at(-1)!.length, 40000);
+  } finally {
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+});
