@@ -15,6 +15,7 @@ import { BlockIOError, genericError } from '../errors.js';
 import type { BlockNode, WriteObserver, WriteRequest } from '../block/node.js';
 import { persistentStore } from '../block/bitmap-store.js';
 import { isPowerOf2 } from '../base/sizes.js';
+import { qemuStringBytes } from '../base/qemu-string.js';
 import { tracer } from '../trace/trace.js';
 import { BITMAP_ALLOW_RO, BITMAP_BUSY, BITMAP_DEFAULT, BITMAP_RO, BITMAP_MAX_NAME_SIZE, DirtyBitmap, type BlockDirtyInfo } from './dirty-bitmap.js';
 import type { HBitmap } from '../base/hbitmap.js';
@@ -108,7 +109,7 @@ export class BitmapManager {
     if (!isPowerOf2(granularity) || granularity < 512) throw genericError('Granularity must be power of 2 and at least 512');
     if (name !== undefined) {
       if (this.find(node, name)) throw genericError(`Bitmap already exists: ${name}`);
-      if (Buffer.byteLength(name) > BITMAP_MAX_NAME_SIZE) throw genericError(`Bitmap name too long: ${name}`);
+      if (qemuStringBytes(name).length > BITMAP_MAX_NAME_SIZE) throw genericError(`Bitmap name too long: ${name}`);
     }
     const bm = new DirtyBitmap(node, name, granularity, node.length(), opts);
     this.attach(bm);

@@ -2,7 +2,8 @@
  * Hostile QMP input against qemu-storage-daemon 7.2 and bitmirror (issue 18): the same bytes, each on
  * a connection of its own that half-closes, must get the same replies from both, in the same number:
  * invalid UTF-8, lone surrogates, stray bytes, QEMU's lexer recovery, numbers and keywords, a flood of
- * errors. Both end the connection after the last reply.
+ * errors. Both end the connection after the last reply. And a bitmap name of NUL characters is stored
+ * in a qcow2 image as QEMU stores it.
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -12,6 +13,7 @@ import * as path from 'node:path';
 import { spawnDaemon } from '../../src/daemon/spawn.js';
 import { RawQmpClient } from '../support/raw-qmp.js';
 import { haveQsd } from '../support/daemon.js';
+import { mustRun } from '../support/tools.js';
 
 const latin1 = (s: string) => Buffer.from(s, 'latin1');
 const add = (name: string) => latin1(`{"execute":"block-dirty-bitmap-add","arguments":{"node":"n0","name":"${name}"}}`);
@@ -107,6 +109,29 @@ test('the same hostile bytes get the same replies from qemu-storage-daemon 7.2 a
     for (let i = 0; i < CASES.length; i++) assert.deepEqual(ours[i], theirs[i], `case ${i}: ${JSON.stringify(CASES[i].toString('latin1').slice(0, 80))}`);
     // The flood: 20000 "not an object" and 20000 "expecting value", from both.
     assert.equal(ours.at(-1)!.length, 40000);
+  } finally {
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a bitmap name of NUL characters is stored as QEMU stores it (C0 80 each) and read back whole', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-nulname-'));
+  const img = path.join(dir, 'a.qcow2');
+  try {
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1M']);
+    const node = ['--blockdev', `driver=file,node-name=f0,filename=${img}`, '--blockdev', 'driver=qcow2,node-name=q0,file=f0'];
+    const d = await spawnDaemon(path.join(dir, 'a.sock'), node);
+    await d.qmp.execute('block-dirty-bitmap-add', { node: 'q0', name: '\0\0\0', persistent: true });
+    assert.equal(await d.stop(), 0);
+    // qemu-img (QEMU's own reader) sees the name as qemu-storage-daemon 7.2 would have stored it.
+    const info = JSON.parse(await mustRun('qemu-img', ['info', '--output=json', img])) as { 'format-specific': { data: { bitmaps: Array<{ name: string }> } } };
+    assert.deepEqual(info['format-specific'].data.bitmaps.map((b) => b.name), ['\0\0\0']);
+    const raw = await fsp.readFile(img);
+    assert.ok(raw.includes(Buffer.from([0xc0, 0x80, 0xc0, 0x80, 0xc0, 0x80])));
+    const again = await spawnDaemon(path.join(dir, 'b.sock'), node);
+    const nodes = await again.qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string }> }>>('query-named-block-nodes');
+    assert.deepEqual(nodes.find((n) => n['node-name'] === 'q0')!['dirty-bitmaps']!.map((b) => b.name), ['\0\0\0']);
+    assert.equal(await again.stop(), 0);
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });
   }

@@ -4,6 +4,7 @@
  * storeBitmaps on top of these.
  */
 import { genericError } from '../../../errors.js';
+import { qemuStringBytes, qemuStringFromBytes } from '../../../base/qemu-string.js';
 import type { BitmapsExtension } from './header.js';
 
 export const BME_FLAG_IN_USE = 1;
@@ -99,7 +100,7 @@ export function parseBitmapDirectory(dir: Buffer, nb: number, checkEntry?: (bm: 
     const rawName = dir.subarray(off + 24, off + 24 + nameSize);
     const nul = rawName.indexOf(0);
     const bm: StoredBitmap = {
-      name: (nul < 0 ? rawName : rawName.subarray(0, nul)).toString('utf8'),
+      name: qemuStringFromBytes(rawName),
       tableOffset,
       tableSize,
       flags,
@@ -163,7 +164,7 @@ export function bitmapTableProblem(table: Buffer, bm: StoredBitmap, clusterSize:
 export function serializeBitmapDirectory(entries: Array<{ name: string; tableOffset: number; tableSize: number; flags: number; granularityBits: number }>): Buffer {
   const parts: Buffer[] = [];
   for (const e of entries) {
-    const name = Buffer.from(e.name, 'utf8');
+    const name = qemuStringBytes(e.name);
     const b = Buffer.alloc(Math.ceil((24 + name.length) / 8) * 8);
     b.writeBigUInt64BE(BigInt(e.tableOffset), 0);
     b.writeUInt32BE(e.tableSize, 8);
