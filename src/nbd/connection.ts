@@ -336,10 +336,14 @@ export class NbdConnection {
         if (fua) await node.flush();
         return this.replyDone(req);
       case P.NBD_CMD.WRITE_ZEROES:
-        // FAST_ZERO asks for a failure unless zeroing is faster than writing. Whether a driver zeroes
-        // without writing buffers is not known here, and ENOTSUP is always a correct answer: the client
-        // then writes the zeroes itself (qemu-img, nbdcopy) or zeroes without the flag.
-        if (req.flags & P.NBD_CMD_FLAG.FAST_ZERO) throw new RequestError('ENOTSUP', 'fast zeroing is not supported');
+        // FAST_ZERO asks for a failure unless zeroing is faster than writing (QEMU's BDRV_REQ_NO_FALLBACK):
+        // only a node that zeroes without writing data, and only in whole units of its alignment.
+        if (req.flags & P.NBD_CMD_FLAG.FAST_ZERO) {
+          const caps = node.capabilities();
+          if (!caps.fastZero || offset % caps.requestAlignment || length % caps.requestAlignment) {
+            throw new RequestError('ENOTSUP', 'Operation not supported');
+          }
+        }
         await node.writeZeroes(offset, length, { fua, mayUnmap: (req.flags & P.NBD_CMD_FLAG.NO_HOLE) === 0 });
         return this.replyDone(req);
       case P.NBD_CMD.CACHE:

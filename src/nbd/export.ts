@@ -146,14 +146,17 @@ export class NbdExport {
   }
 
   /**
-   * NBD_INFO_BLOCK_SIZE, as QEMU's: the minimum is the node's request alignment when the client
-   * can honour block sizes (it asked for them, or used INFO), 1 otherwise (the block layer does
-   * read-modify-write around smaller requests); preferred at least 4096; maximum 32 MiB.
+   * NBD_INFO_BLOCK_SIZE from the node's capabilities, as QEMU's: the minimum is the node's request
+   * alignment when the client can honour block sizes (it asked for them, or used INFO), 1 otherwise
+   * (the block layer does read-modify-write around smaller requests); preferred at least 4096; maximum
+   * 32 MiB or the node's largest transfer if smaller.
    */
   blockSizes(clientHonoursSizes: boolean): BlockSizes {
-    const align = Math.max(1, this.current.requestAlignment);
+    const caps = this.current.capabilities();
+    const align = Math.max(1, caps.requestAlignment);
     const minimum = clientHonoursSizes ? align : 1;
-    return { minimum, preferred: Math.max(4096, align), maximum: NBD_MAX_BUFFER_SIZE };
+    const maximum = Math.max(align, Math.min(NBD_MAX_BUFFER_SIZE, caps.maxTransfer ?? NBD_MAX_BUFFER_SIZE));
+    return { minimum, preferred: Math.min(maximum, Math.max(4096, align)), maximum };
   }
 
   /** Every context this export offers, with QEMU's ids: base:allocation 0, allocation-depth 1, bitmap i 2 + i. */
