@@ -22,8 +22,10 @@
  * - abort runs for every action added, newest first: the failing action's own abort included (it undoes
  *   whatever its prepare did before it threw), and actions never prepared too (an action added for a
  *   change the caller has already made, without a prepare, is undone this way).
- * - commit runs in the order added (as qmp_transaction commits in QEMU 7.2); commit and abort must not
- *   fail. After either, every action's clean runs in the order added. A transaction ends once.
+ * - commit runs in the order added (as qmp_transaction commits in QEMU 7.2), or newest first with
+ *   `commitNewestFirst` (as QEMU's Transaction in util/transactions.c, and its job groups, do); commit
+ *   and abort must not fail. After either, every action's clean runs in the order added. A transaction
+ *   ends once.
  */
 export interface TransactionAction {
   /** Make the change, or check that it can be made and reserve what it needs. May throw. */
@@ -36,11 +38,21 @@ export interface TransactionAction {
   clean?(): void | Promise<void>;
 }
 
+export interface TransactionOptions {
+  /** Commit newest first, like abort (default: in the order added). */
+  commitNewestFirst?: boolean;
+}
+
 export class Transaction {
   private readonly actions: TransactionAction[] = [];
+  private readonly commitNewestFirst: boolean;
   /** How many of `actions` have been prepared (or have begun to). */
   private prepared = 0;
   private ended = false;
+
+  constructor(opts: TransactionOptions = {}) {
+    this.commitNewestFirst = opts.commitNewestFirst ?? false;
+  }
 
   /** Add an action. Its prepare runs at the next prepare(); its abort or commit when the transaction ends. */
   add(action: TransactionAction): void {
@@ -57,10 +69,10 @@ export class Transaction {
     }
   }
 
-  /** Commit every action in the order added, then clean them. Call after prepare() succeeded. */
+  /** Commit every action (in the order added, or newest first), then clean them. Call after prepare() succeeded. */
   async commit(): Promise<void> {
     this.end();
-    for (const a of this.actions) await a.commit?.();
+    for (const a of this.commitNewestFirst ? [...this.actions].reverse() : this.actions) await a.commit?.();
     await this.clean();
   }
 

@@ -60,3 +60,12 @@ test('transaction: prepare() prepares only what was added since the last call', 
   await tran.commit();
   assert.deepEqual(log, ['a.prepare', 'b.prepare', 'a.commit', 'b.commit', 'a.clean', 'b.clean']);
 });
+
+test('transaction: commitNewestFirst commits newest first (QEMU job groups and graph transactions)', async () => {
+  const log: string[] = [];
+  const tran = new Transaction({ commitNewestFirst: true });
+  for (const name of ['a', 'b', 'c']) tran.add(logged(log, name));
+  await tran.prepare();
+  await tran.commit();
+  assert.deepEqual(log, ['a.prepare', 'b.prepare', 'c.prepare', 'c.commit', 'b.commit', 'a.commit', 'a.clean', 'b.clean', 'c.clean']);
+});
