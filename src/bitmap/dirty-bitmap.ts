@@ -20,6 +20,11 @@ export interface BlockDirtyInfo {
   granularity: number;
   count: number;
   inconsistent?: boolean;
+  /**
+   * Downstream extension: present (true) when the persistent bitmap was in use when its image's
+   * last writer died and was recovered from the write-intent record at open.
+   */
+  '__org.bitmirror_recovered'?: boolean;
 }
 
 /** bdrv_dirty_bitmap_check flags. */
@@ -50,6 +55,8 @@ export class DirtyBitmap {
   readonly = false;
   /** Found with in_use set on disk: empty, disabled, usable only by remove. */
   inconsistent = false;
+  /** Recovered after a crash from the image's write-intent record (query: __org.bitmirror_recovered). */
+  recovered = false;
   /** Do not store this persistent bitmap (being removed by a transaction). */
   skipStore = false;
   /** Backup's successor: records writes while this bitmap is frozen (see BitmapManager.createSuccessor). */
@@ -106,6 +113,7 @@ export class DirtyBitmap {
       count: this.count(),
     };
     if (this.inconsistent) info.inconsistent = true;
+    if (this.recovered) info['__org.bitmirror_recovered'] = true;
     return info;
   }
 

@@ -139,9 +139,12 @@ export class BitmapManager {
     if (!entry) {
       const node = bm.node;
       const observer: WriteObserver = {
-        beforeWrite: () => {
+        beforeWrite: (req: WriteRequest) => {
           // bdrv_co_write_req_prepare: an image with read-only bitmaps may not be written.
           if (this.hasReadonlyBitmaps(node)) throw new BlockIOError('EPERM');
+          // Beyond QEMU: the image's write-intent record marks the range before it is written, so
+          // the stored bitmaps survive a crash (qcow2/write-intent.ts).
+          return persistentStore(node)?.markWriteIntent?.(req.offset, req.bytes);
         },
         afterWrite: (req: WriteRequest) => this.markDirty(node, req.offset, req.bytes),
         // bdrv_dirty_bitmap_truncate: a grown node's bitmaps grow clean; a shrunk one's lose the tail.

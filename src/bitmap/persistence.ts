@@ -4,7 +4,9 @@
  *
  *   loadPersistentBitmaps   after the node is opened: one persistent DirtyBitmap per stored bitmap
  *                           (enabled = the 'auto' flag); in_use on disk → inconsistent (empty,
- *                           disabled, only removable); a read-only node → readonly bitmaps.
+ *                           disabled, only removable), unless the image's write-intent record
+ *                           covers it: then it comes back consistent, recovered (logged through
+ *                           `log`); a read-only node → readonly bitmaps.
  *   storePersistentBitmaps  before the node is closed: the persistent bitmaps' bits are written back
  *                           and in_use cleared. A failure is thrown with QEMU's wording ("Lost
  *                           persistent bitmaps during inactivation of node ...") and never ignored.
@@ -20,7 +22,7 @@ function message(err: unknown): string {
 }
 
 /** Load the node's stored bitmaps into the manager. On failure nothing is left attached and the error is thrown. */
-export async function loadPersistentBitmaps(manager: BitmapManager, node: BlockNode): Promise<DirtyBitmap[]> {
+export async function loadPersistentBitmaps(manager: BitmapManager, node: BlockNode, log?: (line: string) => void): Promise<DirtyBitmap[]> {
   const store = persistentStore(node);
   if (!store?.loadPersistentDirtyBitmaps) return [];
   const created: DirtyBitmap[] = [];
@@ -31,6 +33,10 @@ export async function loadPersistentBitmaps(manager: BitmapManager, node: BlockN
       created.push(bm);
       if (s.inconsistent) bm.inconsistent = true;
       else if (s.data) bm.loadFromBuffer(s.data);
+      if (s.recovered) {
+        bm.recovered = true;
+        log?.(`node '${node.nodeName}': dirty bitmap '${s.name}' was in use when the image was last written and is recovered from its write-intent record (${s.recovered.regions} region(s) of ${s.recovered.regionSize} bytes marked dirty, ${bm.count()} bytes dirty)`);
+      }
       if (node.readOnly) bm.readonly = true;
     }
     return created;

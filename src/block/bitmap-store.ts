@@ -26,6 +26,12 @@ export interface PersistentBitmapStore {
    * Write these bitmaps back (the node is closing) and mark them consistent; stored bitmaps not in
    * the list (inconsistent ones) are kept as they are.
    */
+  /**
+   * Before a write, write-zeroes or discard of [offset, offset+bytes) is performed: make sure a
+   * crash after it leaves the range recoverable into the stored bitmaps (the node's write-intent
+   * record). Undefined when there is nothing to wait for.
+   */
+  markWriteIntent?(offset: number, bytes: number): Promise<void> | undefined;
   storePersistentDirtyBitmaps?(list: Array<{ name: string; granularity: number; auto: boolean; data: Buffer }>): Promise<void>;
 }
 
@@ -37,6 +43,11 @@ export interface LoadedDirtyBitmap {
   inconsistent: boolean;
   /** Serialized bits (qcow2 order: bit n in byte n/8, least significant first). */
   data?: Buffer;
+  /**
+   * Set when the bitmap was in use when its last writer died and came back from the write-intent
+   * record: its stored bits with `regions` regions of `regionSize` bytes marked dirty.
+   */
+  recovered?: { regions: number; regionSize: number };
 }
 
 /** The node as a bitmap store, or undefined when it cannot keep bitmaps in its image. */

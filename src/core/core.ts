@@ -38,7 +38,7 @@ export class Core {
     // Bitmaps stored in an image are loaded when it opens; persistent ones are written back when the
     // node closes, after its last request ended (see BlockGraph.closeNode). A failure to store them
     // does not keep the node: as QEMU, the lost bitmaps are reported on stderr and the node goes.
-    this.graph.afterOpen.push(async (node) => void (await loadPersistentBitmaps(this.bitmaps, node)));
+    this.graph.afterOpen.push(async (node) => void (await loadPersistentBitmaps(this.bitmaps, node, (line) => process.stderr.write(`bitmirror: ${line}\n`))));
     this.graph.beforeClose.push(async (node) => {
       try {
         await storePersistentBitmaps(this.bitmaps, node);

@@ -32,3 +32,16 @@ export async function tempDir(prefix = 'bm-test-'): Promise<{ dir: string; clean
   const dir = await mkdtemp(path.join(tmpdir(), prefix));
   return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
+
+/** Dirty extents of a bitmap as qemu-nbd exports it: [offset, length] pairs, merged. */
+export async function nbdDirtyRanges(img: string, name: string): Promise<Array<[number, number]>> {
+  const out = await mustRun('nbdinfo', [`--map=qemu:dirty-bitmap:${name}`, '--json', '--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', name, img, ']']);
+  const ranges: Array<[number, number]> = [];
+  for (const e of JSON.parse(out) as Array<{ offset: number; length: number; type: number }>) {
+    if (!(e.type & 1)) continue;
+    const last = ranges[ranges.length - 1];
+    if (last && last[0] + last[1] === e.offset) last[1] += e.length;
+    else ranges.push([e.offset, e.length]);
+  }
+  return ranges;
+}

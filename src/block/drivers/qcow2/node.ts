@@ -51,6 +51,17 @@ import {
   type StoredBitmap,
 } from './bitmaps.js';
 import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../../bitmap-store.js';
+import {
+  AUTOCLEAR_WRITE_INTENT,
+  chooseWriteIntentLayout,
+  decodeWriteIntent,
+  encodeWriteIntent,
+  EXT_WRITE_INTENT,
+  HEADER_SLACK,
+  markedRanges,
+  WriteIntentRecord,
+  type DecodedWriteIntent,
+} from './write-intent.js';
 
 /** Guest clusters [gStart, gEnd) getting new host clusters whose L2 entries are not linked yet. */
 interface InFlightAllocation {
@@ -188,7 +199,11 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     const l1End = this.header.l1TableOffset + this.header.l1Size * 8;
     if (off < l1End && off + this.cs > this.header.l1TableOffset) return true;
     const rtEnd = this.rc.tableOffset + this.rc.tableClusters * this.cs;
-    return off < rtEnd && off + this.cs > this.rc.tableOffset;
+    if (off < rtEnd && off + this.cs > this.rc.tableOffset) return true;
+    // The live bitmap directory (QEMU's overlap check guards it too): an image whose directory
+    // cluster lost its refcount must not get a new table there.
+    const dir = this.bitmapsValid() ? this.header.bitmaps : undefined;
+    return !!dir && off < dir.directoryOffset + dir.directorySize && off + this.cs > dir.directoryOffset;
   };
 
   private async readFile(off: number, n: number): Promise<Buffer> {
@@ -679,15 +694,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   protected override async doActivate(): Promise<void> {
     if (this.readOnly) return;
     const h = this.header;
-    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
-      await this.repairRefcounts();
-    } else {
-      // A writer must clear autoclear bits it does not know (and bit 0 when the extension is ignored).
-      const known = h.bitmaps ? AUTOCLEAR_BITMAPS : 0n;
-      if (h.autoclearFeatures & ~known) {
-        h.autoclearFeatures &= known;
-        await this.writeHeader();
-      }
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) await this.repairRefcounts();
+    // The write-intent record covering the bitmaps about to be marked in_use (write-intent.ts).
+    const hadIntent = h.unknownExtensions.some((e) => e.type === EXT_WRITE_INTENT);
+    const armed = this.prepareWriteIntent(this.loadedBitmapNames);
+    // A writer must clear autoclear bits it does not know (and bit 0 when the extension is ignored).
+    const known = (h.bitmaps ? AUTOCLEAR_BITMAPS : 0n) | (armed ? AUTOCLEAR_WRITE_INTENT : 0n);
+    if (h.autoclearFeatures & ~known || armed || hadIntent) {
+      h.autoclearFeatures &= known;
+      await this.writeHeader();
     }
     if (this.loadedBitmapNames.length) await this.setBitmapsInUse(this.loadedBitmapNames, true);
     this.loadedBitmapNames = [];
@@ -776,10 +791,23 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   /** Rewrite the first cluster from `header` and flush. */
   async writeHeader(): Promise<void> {
-    const buf = serializeHeader(this.header, this.cs);
-    this.header.headerLength = this.v3 ? buf.readUInt32BE(100) : 72;
-    await this.file.write(0, buf);
-    await this.file.flush();
+    await this.withHeader(async () => {
+      const buf = serializeHeader(this.header, this.cs);
+      this.header.headerLength = this.v3 ? buf.readUInt32BE(100) : 72;
+      await this.file.write(0, buf);
+      await this.file.flush();
+    });
+  }
+
+  /**
+   * Header writes one at a time: the write-intent record writes its part of the first cluster while
+   * guest I/O goes on, and must never be overtaken by a whole-header write serialised before it.
+   */
+  private headerWrites: Promise<unknown> = Promise.resolve();
+  private withHeader<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.headerWrites.then(fn, fn);
+    this.headerWrites = run.catch(() => undefined);
+    return run;
   }
 
   // ---- block status -------------------------------------------------------------------------------
@@ -1027,17 +1055,98 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   async loadPersistentDirtyBitmaps(): Promise<LoadedDirtyBitmap[]> {
     const out: LoadedDirtyBitmap[] = [];
     const loaded: string[] = [];
+    const intent = this.trustedWriteIntent();
+    this.recoveredBitmaps = false;
     for (const bm of this.listStoredBitmaps()) {
       if (bm.inUse) {
-        out.push({ name: bm.name, granularity: bm.granularity, enabled: false, inconsistent: true });
+        // In use when the last writer stopped: usable only when our write-intent record covers it.
+        if (!intent?.covered.includes(bm.tableOffset)) {
+          out.push({ name: bm.name, granularity: bm.granularity, enabled: false, inconsistent: true });
+          continue;
+        }
+        const data = await this.readBitmapData(bm);
+        const ranges = markedRanges(intent, this.header.size);
+        for (const [start, bytes] of ranges) setSerializedBits(data, start, bytes, bm.granularity);
+        out.push({ name: bm.name, granularity: bm.granularity, enabled: bm.auto, inconsistent: false, data, recovered: { regions: ranges.length, regionSize: 2 ** intent.regionBits } });
+        this.recoveredBitmaps = true;
+        loaded.push(bm.name);
         continue;
       }
       out.push({ name: bm.name, granularity: bm.granularity, enabled: bm.auto, inconsistent: false, data: await this.readBitmapData(bm) });
       loaded.push(bm.name);
     }
-    if (this.activated && !this.readOnly && loaded.length) await this.setBitmapsInUse(loaded, true);
-    else this.loadedBitmapNames = loaded;
+    if (this.activated && !this.readOnly && loaded.length) {
+      this.prepareWriteIntent(loaded);
+      await this.writeHeader();
+      await this.setBitmapsInUse(loaded, true);
+    } else this.loadedBitmapNames = loaded;
     return out;
+  }
+
+  // ---- write intent (write-intent.ts) -------------------------------------------------------------
+
+  /** The live record, when the loaded bitmaps are covered by one. */
+  private writeIntent?: WriteIntentRecord;
+  /** Some bitmap was recovered from the record at load: its regions must stay dirty on disk. */
+  private recoveredBitmaps = false;
+
+  /** The record found in the image, when our autoclear bit still vouches for it. */
+  private trustedWriteIntent(): DecodedWriteIntent | undefined {
+    if (!(this.header.autoclearFeatures & AUTOCLEAR_WRITE_INTENT) || !this.bitmapsValid()) return undefined;
+    const ext = this.header.unknownExtensions.find((e) => e.type === EXT_WRITE_INTENT);
+    return ext ? decodeWriteIntent(ext.data) : undefined;
+  }
+
+  /**
+   * Put a new record into the in-memory header covering the stored bitmaps `names` (keeping the
+   * old record's regions when bitmaps were recovered from it) and arm it; the caller writes the
+   * header. False, with no record left in the header, when there is nothing to cover or no room.
+   */
+  private prepareWriteIntent(names: string[]): boolean {
+    const h = this.header;
+    const old = this.recoveredBitmaps ? this.trustedWriteIntent() : undefined;
+    h.unknownExtensions = h.unknownExtensions.filter((e) => e.type !== EXT_WRITE_INTENT);
+    h.autoclearFeatures &= ~AUTOCLEAR_WRITE_INTENT;
+    this.writeIntent = undefined;
+    if (!names.length || !this.v3 || !this.bitmapsValid()) return false;
+    const covered = this.cachedBitmaps.filter((b) => names.includes(b.name)).map((b) => b.tableOffset);
+    let data: Buffer | undefined;
+    const room = () => this.cs - HEADER_SLACK - serializeHeader(h, this.cs).length - 8;
+    try {
+      if (old) {
+        data = encodeWriteIntent(old, covered, old.bits);
+      } else {
+        const layout = chooseWriteIntentLayout(h.size, room(), covered.length);
+        if (layout) data = encodeWriteIntent(layout, covered);
+      }
+      if (!data || data.length > room()) return false;
+    } catch {
+      return false; // the header itself no longer fits: no record
+    }
+    h.unknownExtensions.push({ type: EXT_WRITE_INTENT, data });
+    h.autoclearFeatures |= AUTOCLEAR_WRITE_INTENT;
+    const rec = decodeWriteIntent(data)!;
+    this.writeIntent = new WriteIntentRecord(rec, rec.bits, () => this.persistWriteIntent());
+    return true;
+  }
+
+  /** Write the record's bytes in the first cluster as they are in memory, and flush. */
+  private persistWriteIntent(): Promise<void> {
+    return this.withHeader(async () => {
+      const buf = serializeHeader(this.header, this.cs);
+      const at = findHeaderExtension(buf, buf.readUInt32BE(100), EXT_WRITE_INTENT);
+      if (!at) throw new BlockIOError('EIO', 'qcow2: write-intent record missing from the header');
+      await this.file.write(at.offset, Buffer.from(buf.subarray(at.offset, at.offset + at.length)));
+      await this.file.flush();
+    });
+  }
+
+  /**
+   * PersistentBitmapStore.markWriteIntent: before a write to [offset, offset+bytes) is performed,
+   * its regions are dirty on disk (undefined when they already are, or when no record is armed).
+   */
+  markWriteIntent(offset: number, bytes: number): Promise<void> | undefined {
+    return this.writeIntent?.mark(offset, bytes);
   }
 
   /**
@@ -1073,6 +1182,26 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.writeHeader();
     this.markedDirty = false;
   }
+}
+
+/** Set the bits of serialized bitmap `data` (granularity `granularity`) covering [start, start+bytes). */
+function setSerializedBits(data: Buffer, start: number, bytes: number, granularity: number): void {
+  const nbits = data.length * 8;
+  const first = Math.floor(start / granularity);
+  const last = Math.min(nbits - 1, Math.floor((start + bytes - 1) / granularity));
+  for (let i = first; i <= last; i++) data[i >> 3] |= 1 << (i & 7);
+}
+
+/** Where the data of header extension `type` is in a serialised first cluster. */
+function findHeaderExtension(buf: Buffer, headerLength: number, type: number): { offset: number; length: number } | undefined {
+  for (let off = headerLength; off + 8 <= buf.length; ) {
+    const t = buf.readUInt32BE(off);
+    const len = buf.readUInt32BE(off + 4);
+    if (t === 0) return undefined;
+    if (t === type) return { offset: off + 8, length: len };
+    off += 8 + Math.ceil(len / 8) * 8;
+  }
+  return undefined;
 }
 
 /** Run one I/O step of storing bitmaps; a failure becomes QEMU's "<what>: <strerror>" message. */

@@ -8,7 +8,7 @@
  * flush before writing an L2/L1 entry that references a newly allocated cluster, and only decrement
  * refcounts after the entry that referenced the cluster is durable.
  */
-import { BlockIOError, genericError } from '../../../errors.js';
+import { BlockIOError, genericError, strerror } from '../../../errors.js';
 import { HOST_OFFSET_END } from './header.js';
 import type { BlockNode } from '../../node.js';
 import { TableCache } from './tables.js';
@@ -149,6 +149,14 @@ export class Refcounts {
   /** Free `n` clusters starting at host offset `offset` (the references to them must already be gone from disk). */
   async free(offset: number, n = 1): Promise<void> {
     const c0 = Math.floor(offset / this.cs);
+    // As QEMU (qcow2_free_clusters): a refcount that would go below zero fails the whole update,
+    // which is undone; QEMU logs it and carries on (the image had a refcount error already).
+    for (let c = c0; c < c0 + n; c++) {
+      if ((await this.get(c)) === 0) {
+        process.stderr.write(`qcow2_free_clusters failed: ${strerror('EINVAL')}\n`);
+        return;
+      }
+    }
     for (let c = c0; c < c0 + n; c++) await this.update(c, -1);
   }
 

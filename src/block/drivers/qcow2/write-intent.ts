@@ -1,0 +1,178 @@
+/**
+ * Write-intent record for persistent dirty bitmaps in qcow2 (issue 14; the idea of Linux md's
+ * write-intent bitmap): what lets bitmaps that were in use when the daemon died come back usable.
+ *
+ * Where it lives. Inside the image's first cluster, as a header extension of our own (magic
+ * EXT_WRITE_INTENT) vouched for by an autoclear bit of our own (AUTOCLEAR_WRITE_INTENT). QEMU keeps
+ * unknown header extensions when it rewrites the header and clears unknown autoclear bits when it
+ * opens an image read-write, so a missing bit means another program may have written the image:
+ * the record is then not trusted and in-use bitmaps load inconsistent, as before. Being inside the
+ * header, the record owns no clusters: qemu-img check has nothing to count, and QEMU 7.2 opens and
+ * uses the image as before.
+ *
+ * Contents (big-endian): u32 version (1), u32 region_bits, u32 nb_regions, u32 nb_covered,
+ * u64 covered[nb_covered] (the bitmap-table offsets of the bitmaps the record covers: the stored
+ * version of each bitmap that was loaded consistent and then marked in_use), then the region bitmap,
+ * ceil(nb_regions / 8) bytes, bit i = byte i/8, least significant bit first. Region i covers guest
+ * bytes [i << region_bits, (i+1) << region_bits); the last region reaches to the end of the disk (so
+ * a grown disk stays covered).
+ *
+ * Region size: the smallest power of two of at least 1 MiB for which the region bitmap fits in the
+ * room the first cluster has left (at most 4 KiB of bits, and 512 bytes left free for what QEMU may
+ * add when it rewrites the header). Images whose first cluster has no room (clusters under 2 KiB,
+ * long backing names) get no record: their bitmaps behave as before.
+ *
+ * Protocol.
+ *   open        an in_use bitmap whose table offset is covered by a trusted record loads consistent:
+ *               its stored bits ∪ every marked region (recovered). Any other in_use bitmap loads
+ *               inconsistent.
+ *   activate    the record is rewritten (covering the bitmaps just loaded consistent; regions kept if
+ *               any bitmap was recovered, since their stored bits do not include them yet, else all
+ *               clean), the autoclear bit set and the header flushed, and only then are the bitmaps
+ *               marked in_use: every moment a bitmap is in_use on disk, a record covers it.
+ *   write       before any write, write-zeroes or discard is performed (and so before it is
+ *               acknowledged), each region it touches is dirty on disk (mark()). Regions already
+ *               dirty cost nothing; new ones are set in memory and one header write + flush makes
+ *               all of them durable: concurrent first writes to clean regions share that flush.
+ *   clearing    lazy: a region goes clean on disk only when the bitmaps' stored state covers it,
+ *               i.e. when the bitmaps are stored (in_use cleared) at close, after the data was
+ *               flushed; the next activation starts from a clean record. Until then a region once
+ *               dirty stays dirty, so each region costs one metadata write per session at most.
+ * The result after a crash is a superset of the true changes since each bitmap's last clear: its
+ * stored bits hold everything up to the session's open, and every write since then was inside a
+ * region made durable before the write reached the disk.
+ */
+export const EXT_WRITE_INTENT = 0x62697477; // 'bitw'
+/** Autoclear bit 48: any writer that does not know it clears it (formats.md, autoclear features). */
+export const AUTOCLEAR_WRITE_INTENT = 1n << 48n;
+
+const VERSION = 1;
+const FIXED_BYTES = 16;
+const MIN_REGION_BITS = 20;
+const MAX_BITMAP_BYTES = 4096;
+/** Room left in the first cluster for what QEMU may write there beyond our own serialisation. */
+export const HEADER_SLACK = 512;
+/** More covered bitmaps than this: no record (their table offsets would crowd the first cluster). */
+const MAX_COVERED = 64;
+
+export interface WriteIntentLayout {
+  regionBits: number;
+  nbRegions: number;
+}
+
+export interface DecodedWriteIntent extends WriteIntentLayout {
+  covered: number[];
+  /** The region bitmap (a view into the extension's data). */
+  bits: Buffer;
+}
+
+/** The extension's data, or undefined when it is not a record we wrote (wrong version or sizes). */
+export function decodeWriteIntent(data: Buffer): DecodedWriteIntent | undefined {
+  if (data.length < FIXED_BYTES || data.readUInt32BE(0) !== VERSION) return undefined;
+  const regionBits = data.readUInt32BE(4);
+  const nbRegions = data.readUInt32BE(8);
+  const nbCovered = data.readUInt32BE(12);
+  if (regionBits < 9 || regionBits > 62 || nbRegions < 1 || nbCovered > MAX_COVERED) return undefined;
+  const bitsAt = FIXED_BYTES + 8 * nbCovered;
+  if (data.length !== bitsAt + Math.ceil(nbRegions / 8)) return undefined;
+  const covered: number[] = [];
+  for (let i = 0; i < nbCovered; i++) covered.push(Number(data.readBigUInt64BE(FIXED_BYTES + 8 * i)));
+  return { regionBits, nbRegions, covered, bits: data.subarray(bitsAt) };
+}
+
+/** A new record's data: `layout`, `covered`, and the region bits `bits` (all clean if omitted). */
+export function encodeWriteIntent(layout: WriteIntentLayout, covered: number[], bits?: Buffer): Buffer {
+  const bitsAt = FIXED_BYTES + 8 * covered.length;
+  const data = Buffer.alloc(bitsAt + Math.ceil(layout.nbRegions / 8));
+  data.writeUInt32BE(VERSION, 0);
+  data.writeUInt32BE(layout.regionBits, 4);
+  data.writeUInt32BE(layout.nbRegions, 8);
+  data.writeUInt32BE(covered.length, 12);
+  covered.forEach((off, i) => data.writeBigUInt64BE(BigInt(off), FIXED_BYTES + 8 * i));
+  if (bits) bits.copy(data, bitsAt, 0, Math.min(bits.length, data.length - bitsAt));
+  return data;
+}
+
+/**
+ * The region layout for a disk of `virtualSize` bytes when the extension's data may take `roomBytes`
+ * (already net of the extension's own 8-byte header), or undefined when it does not fit.
+ */
+export function chooseWriteIntentLayout(virtualSize: number, roomBytes: number, nbCovered: number): WriteIntentLayout | undefined {
+  if (nbCovered > MAX_COVERED) return undefined;
+  const bitmapBytes = Math.min(MAX_BITMAP_BYTES, Math.floor((roomBytes - FIXED_BYTES - 8 * nbCovered) / 8) * 8);
+  if (bitmapBytes < 8) return undefined;
+  let regionBits = MIN_REGION_BITS;
+  while (Math.ceil(Math.max(1, virtualSize) / 2 ** regionBits) > bitmapBytes * 8) regionBits++;
+  return { regionBits, nbRegions: Math.max(1, Math.ceil(virtualSize / 2 ** regionBits)) };
+}
+
+/** The guest byte ranges of the marked regions of a disk of `size` bytes. */
+export function markedRanges(rec: DecodedWriteIntent, size: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  const regionSize = 2 ** rec.regionBits;
+  for (let i = 0; i < rec.nbRegions; i++) {
+    if (!(rec.bits[i >> 3] & (1 << (i & 7)))) continue;
+    const start = i * regionSize;
+    const end = i === rec.nbRegions - 1 ? size : Math.min(size, start + regionSize);
+    if (end > start) out.push([start, end - start]);
+  }
+  return out;
+}
+
+/**
+ * The live record of an open image: which regions are dirty in memory (`bits`, the extension's
+ * data the header is serialised from) and which of them are known durable. `persist` writes the
+ * extension as it is in memory and flushes.
+ */
+export class WriteIntentRecord {
+  private readonly durable: Buffer;
+  private inFlight?: Promise<void>;
+
+  constructor(
+    private readonly layout: WriteIntentLayout,
+    private readonly bits: Buffer,
+    private readonly persist: () => Promise<void>,
+  ) {
+    // What the record holds at arming time has just been written and flushed.
+    this.durable = Buffer.from(bits);
+  }
+
+  private regions(offset: number, bytes: number): [number, number] {
+    const last = this.layout.nbRegions - 1;
+    const first = Math.min(last, Math.floor(offset / 2 ** this.layout.regionBits));
+    const end = Math.min(last, Math.floor((offset + Math.max(bytes, 1) - 1) / 2 ** this.layout.regionBits));
+    return [first, end];
+  }
+
+  private allDurable(first: number, last: number): boolean {
+    for (let i = first; i <= last; i++) if (!(this.durable[i >> 3] & (1 << (i & 7)))) return false;
+    return true;
+  }
+
+  /**
+   * Make the regions of [offset, offset+bytes) dirty on disk. Undefined (no wait) when they already
+   * are; otherwise a promise that settles once a flushed write of the record includes them.
+   */
+  mark(offset: number, bytes: number): Promise<void> | undefined {
+    const [first, last] = this.regions(offset, bytes);
+    if (this.allDurable(first, last)) return undefined;
+    for (let i = first; i <= last; i++) this.bits[i >> 3] |= 1 << (i & 7);
+    return this.waitDurable(first, last);
+  }
+
+  private async waitDurable(first: number, last: number): Promise<void> {
+    while (!this.allDurable(first, last)) {
+      // One write at a time; whoever finds none running starts the next, covering every bit set
+      // by then: the writers that queued behind the running one share it.
+      if (!this.inFlight) {
+        const snapshot = Buffer.from(this.bits);
+        this.inFlight = this.persist()
+          .then(() => {
+            for (let i = 0; i < snapshot.length; i++) this.durable[i] |= snapshot[i];
+          })
+          .finally(() => (this.inFlight = undefined));
+      }
+      await this.inFlight;
+    }
+  }
+}
