@@ -9,6 +9,7 @@ import { BlockNode, type BdrvChild } from './node.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, checkNewChild, refreshPermissions, unnamedBackend, type ChildRole } from './permissions.js';
 import { BlockdevDriver } from '../qapi/block.js';
 import { ThrottleGroups } from './throttle-group.js';
+import type { CopyBitmapHost } from './copy/copy-bitmaps.js';
 
 /** What a driver gets to open its children and look up nodes. */
 export interface OpenContext {
@@ -83,6 +84,11 @@ export class BlockGraph {
    * the node closes anyway, as in QEMU (a failing hook's error reaches the caller afterwards).
    */
   readonly beforeClose: Array<(node: BlockNode) => Promise<void>> = [];
+  /**
+   * The anonymous bitmaps copy-before-write and the copy engine keep on nodes, from the layer that owns
+   * dirty bitmaps (the Core installs the BitmapManager's); undefined in a bare graph (unit tests).
+   */
+  copyBitmaps: CopyBitmapHost | undefined;
   /** Set once closeAll began: the daemon is going away and no node may be opened or added. */
   private shuttingDown = false;
   /** Nodes being closed (or closed) by closeNode, and when that is done. */

@@ -13,9 +13,10 @@ import { mirrorCommands } from './mirror.js';
 import { objectCommands } from './objects.js';
 import { blockStatsCommands } from './block-stats.js';
 import { nbdCommands } from './nbd.js';
+import { backupCommands } from './backup.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands);
   return table;
 }

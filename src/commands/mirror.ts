@@ -59,7 +59,8 @@ function rootNode(core: Core, name: string): BlockNode {
   return node;
 }
 
-function checkBusy(node: BlockNode): void {
+/** bdrv_op_is_blocked: a node a job uses refuses other jobs, with the job's reason. */
+export function checkBusy(node: BlockNode): void {
   for (const reason of node.blockers.values()) throw genericError(`Node '${node.nodeName}' is busy: ${reason}`);
 }
 

@@ -13,6 +13,8 @@ import { loadPersistentBitmaps, storePersistentBitmaps } from '../bitmap/persist
 import { tracer } from '../trace/trace.js';
 import { JobRegistry } from '../jobs/registry.js';
 import { NbdServer } from '../nbd/server.js';
+import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
+import type { CopyBitmap } from '../block/copy/block-copy.js';
 
 export class Core {
   readonly graph = new BlockGraph();
@@ -30,6 +32,17 @@ export class Core {
   readonly nbd = new NbdServer(this.bitmaps, this.events);
 
   constructor() {
+    // The copy engine's and copy-before-write's anonymous bitmaps are the manager's, like any other.
+    const bitmaps = this.bitmaps;
+    const dirty = (bm: CopyBitmap) => bm as DirtyBitmap;
+    this.graph.copyBitmaps = {
+      createHidden: (node, granularity) => bitmaps.createAnonymous(node, granularity, { disabled: true }),
+      release: (bm) => bitmaps.release(dirty(bm)),
+      lookup: (node, name) => bitmaps.get(node, name),
+      mergeInto: (dst, src) => dirty(dst).hbitmap.merge(dirty(src).hbitmap),
+      setAll: (bm) => dirty(bm).setDirty(0, dirty(bm).size),
+      granularity: (bm) => dirty(bm).granularity,
+    };
     // Jobs first: their abort/clean hooks still need the nodes.
     this.shutdownHooks.push(() => this.jobs.cancelAll());
     // Exports are parents of their nodes: their clients are disconnected and their requests have

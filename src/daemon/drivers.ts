@@ -8,5 +8,6 @@ import { nullDriver } from '../block/drivers/null.js';
 import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 import { throttleDriver } from '../block/filters/throttle.js';
+import { cbwDriver } from '../block/filters/copy-before-write.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver];

@@ -645,7 +645,9 @@ export abstract class Job {
     } finally {
       await this.clean();
     }
-    if (this.isBlockJob) {
+    // job_finalize_single: events only for a job that started (a transaction's abort cancels backups
+    // it made but never started, silently).
+    if (this.isBlockJob && this.started) {
       if (this.isCancelled()) this.registry.events.emit('BLOCK_JOB_CANCELLED', this.blockJobEventData());
       else {
         const data = this.blockJobEventData();
