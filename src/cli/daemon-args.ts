@@ -22,8 +22,11 @@ A storage daemon with QEMU's block layer behaviour, driven over QMP (qemu-storag
                              start the NBD server
   --export [type=]nbd,id=ID,node-name=NODE[,name=N][,writable=on][,bitmaps.0=B][,allocation-depth=on]
                              export a node over NBD
-  --trace [enable=]PATTERN   enable trace points matching PATTERN (glob)
+  --trace [[enable=]PATTERN][,events=FILE][,file=FILE]   enable trace points matching PATTERN (glob),
+        or those a FILE lists (a pattern a line, '-PATTERN' disables, '#' comments); trace output
+        goes to file=FILE instead of standard error
   --pidfile PATH   write the process id to PATH
+  --daemonize   run in the background; the command exits once the daemon has started
   -h, --help   this help
 `;
 
@@ -44,7 +47,7 @@ function value(argv: string[], i: number, opt: string): string {
 export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
   const chardevs = new Map<string, ListenAddress>();
   const monitorIds: string[] = [];
-  const opts: DaemonOptions = { monitors: [], blockdevs: [], objects: [], tracePatterns: [], exports: [] };
+  const opts: DaemonOptions = { monitors: [], blockdevs: [], objects: [], tracePatterns: [], traceEventsFiles: [], exports: [] };
   for (let i = 0; i < argv.length; i++) {
     let arg = argv[i];
     let inline: string | undefined;
@@ -114,12 +117,17 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
           break;
         case '--trace': {
           const kv = parseKeyval(take(), 'enable');
-          if (kv.events !== undefined || kv.file !== undefined) throw new UsageError('--trace: events= and file= are not supported; trace output goes to stderr');
-          opts.tracePatterns.push(kv.enable as string);
+          for (const k of Object.keys(kv)) if (k !== 'enable' && k !== 'events' && k !== 'file') throw new UsageError(`Invalid parameter '${k}'`);
+          if (kv.enable !== undefined) opts.tracePatterns.push(kv.enable as string);
+          if (kv.events !== undefined) opts.traceEventsFiles.push(kv.events as string);
+          if (kv.file !== undefined) opts.traceFile = kv.file as string;
           break;
         }
         case '--pidfile':
           opts.pidfile = take();
+          break;
+        case '--daemonize':
+          opts.daemonize = true;
           break;
         default:
           throw new UsageError(`unrecognized option '${argv[i]}'`);
@@ -129,6 +137,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
       throw new UsageError(`${arg}: ${errorMessage(err)}`);
     }
   }
+  if (opts.daemonize && [...chardevs.values()].some((c) => c.kind === 'stdio')) throw new UsageError('cannot use stdio with -daemonize');
   for (const id of monitorIds) {
     const addr = chardevs.get(id);
     if (!addr) throw new UsageError(`chardev "${id}" not found`);

@@ -1,6 +1,8 @@
 /**
  * bitmirror's command line: `bitmirror daemon …` (qemu-storage-daemon-like) and `bitmirror demo`.
  */
+import { spawn } from 'node:child_process';
+import { closeSync, writeSync } from 'node:fs';
 import { Daemon } from '../daemon/daemon.js';
 import { DAEMON_USAGE, parseDaemonArgs, UsageError } from './daemon-args.js';
 import { errorMessage } from '../errors.js';
@@ -24,6 +26,9 @@ async function daemonMain(argv: string[]): Promise<number> {
     process.stdout.write(DAEMON_USAGE);
     return 0;
   }
+  // --daemonize: the parent starts the daemon in a new session and exits once its startup is complete.
+  if (parsed.daemonize && process.env[DAEMONIZED_CHILD] === undefined) return daemonizeParent(argv);
+  const report = parsed.daemonize ? daemonizedChildReport() : undefined;
   const daemon = new Daemon(parsed);
   // Bugs must not take the daemon down with other clients' work: report them and carry on.
   process.on('unhandledRejection', (reason) => process.stderr.write(`bitmirror: internal error: ${errorMessage(reason)}\n`));
@@ -32,12 +37,58 @@ async function daemonMain(argv: string[]): Promise<number> {
     await daemon.start();
   } catch (err) {
     process.stderr.write(`bitmirror daemon: ${errorMessage(err)}\n`);
+    report?.(`bitmirror daemon: ${errorMessage(err)}`);
     await daemon.stop();
     return 1;
+  }
+  if (report) {
+    // As QEMU's os_setup_post: the working directory is '/' once started.
+    process.chdir('/');
+    report();
   }
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void daemon.stop());
   await daemon.stopped;
   return 0;
+}
+
+/** Set in the environment of the process --daemonize starts (the daemon itself). */
+const DAEMONIZED_CHILD = 'BITMIRROR_DAEMONIZED_CHILD';
+
+/**
+ * QEMU's os_daemonize, without fork: run this command again as a detached process (a new session,
+ * standard input/output/error on /dev/null) and wait on a pipe (its fd 3) until it says its startup is
+ * complete ("" ) or failed (the message, printed here); exit 0 or 1 accordingly.
+ */
+async function daemonizeParent(argv: string[]): Promise<number> {
+  const child = spawn(process.execPath, [...process.execArgv, process.argv[1], 'daemon', ...argv], {
+    detached: true,
+    stdio: ['ignore', 'ignore', 'ignore', 'pipe'],
+    env: { ...process.env, [DAEMONIZED_CHILD]: '1' },
+  });
+  let said = '';
+  const pipe = child.stdio[3] as NodeJS.ReadableStream;
+  pipe.setEncoding('utf8');
+  pipe.on('data', (d: string) => (said += d));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  await Promise.race([new Promise<void>((resolve) => pipe.once('end', () => resolve())), exited]);
+  if (said.startsWith('ok')) {
+    child.unref();
+    return 0;
+  }
+  process.stderr.write(said ? `${said.trimEnd()}\n` : 'bitmirror daemon: the daemon exited during startup\n');
+  return 1;
+}
+
+/** In the daemonized process: tell the parent (fd 3) that startup is complete, or why it failed. */
+function daemonizedChildReport(): (error?: string) => void {
+  return (error) => {
+    try {
+      writeSync(3, error === undefined ? 'ok\n' : `${error}\n`);
+      closeSync(3);
+    } catch {
+      // The parent is gone: nobody to tell.
+    }
+  };
 }
 
 export async function main(argv: string[]): Promise<number> {

@@ -2,7 +2,9 @@
  * Daemon: wires one Core (graph, events, jobs, bitmaps) to its QMP monitors, opens the nodes given on
  * the command line, and shuts everything down cleanly (jobs cancelled, nodes flushed and closed).
  */
-import { promises as fsp } from 'node:fs';
+import { openSync, promises as fsp, writeSync } from 'node:fs';
+import * as path from 'node:path';
+import { errorMessage } from '../errors.js';
 import { Core } from '../core/core.js';
 import { QmpServer, type ListenAddress } from '../qmp/server.js';
 import { allCommands } from '../commands/index.js';
@@ -22,7 +24,13 @@ export interface DaemonOptions {
   nbdServer?: Record<string, unknown>;
   /** --export values (key=value), in order. */
   exports: Array<Record<string, unknown>>;
+  /** --trace events=FILE: files of patterns, one a line ('-PATTERN' disables). */
+  traceEventsFiles: string[];
+  /** --trace file=FILE: trace output goes there instead of stderr. */
+  traceFile?: string;
   pidfile?: string;
+  /** --daemonize (the CLI runs the daemon detached; the daemon itself changes nothing). */
+  daemonize?: boolean;
 }
 
 export class Daemon {
@@ -46,6 +54,31 @@ export class Daemon {
 
   async start(): Promise<void> {
     this.keepAlive ??= setInterval(() => undefined, 2 ** 30);
+    if (this.opts.traceFile !== undefined) {
+      let fd: number;
+      try {
+        fd = openSync(this.opts.traceFile, 'w');
+      } catch (err) {
+        throw new Error(`could not open trace file '${this.opts.traceFile}': ${errorMessage(err)}`);
+      }
+      // Synchronous, as QEMU's log file: every line is written when the trace point fires.
+      this.core.trace.sink = (line) => writeSync(fd, line + '\n');
+    }
+    for (const file of this.opts.traceEventsFiles) {
+      let text: string;
+      try {
+        text = await fsp.readFile(file, 'utf8');
+      } catch (err) {
+        throw new Error(`could not open trace events file '${file}': ${errorMessage(err)}`);
+      }
+      // trace_init_events: a pattern a line, '-' disables, blank lines and '#' comments skipped.
+      for (const raw of text.split('\n')) {
+        const line = raw.trim();
+        if (line === '' || line.startsWith('#')) continue;
+        if (line.startsWith('-')) this.core.trace.setState(line.slice(1), false);
+        else this.core.trace.setState(line, true);
+      }
+    }
     for (const p of this.opts.tracePatterns) this.core.trace.setState(p, true);
     for (const o of this.opts.objects) addObject(this.core, o.options, { keyval: o.keyval });
     for (const b of this.opts.blockdevs) {
@@ -55,7 +88,11 @@ export class Daemon {
     if (this.opts.nbdServer) await startNbdServer(this.core, visit(NBD_SERVER_OPTIONS, this.opts.nbdServer, '', { keyval: true }) as Record<string, unknown>);
     for (const e of this.opts.exports) addBlockExport(this.core, visit(BLOCK_EXPORT_OPTIONS, e, '', { keyval: true }) as Record<string, unknown>);
     for (const m of this.opts.monitors) await this.qmp.listen(m);
-    if (this.opts.pidfile) await fsp.writeFile(this.opts.pidfile, `${process.pid}\n`);
+    if (this.opts.pidfile) {
+      // Absolute: a daemonized process changes its working directory once started, and removes it at exit.
+      this.opts.pidfile = path.resolve(this.opts.pidfile);
+      await fsp.writeFile(this.opts.pidfile, `${process.pid}\n`);
+    }
   }
 
   stop(): Promise<void> {

@@ -87,3 +87,59 @@ test('quit replies, then the daemon exits 0', async () => {
   assert.equal(await d.stop(), 0);
   await fsp.rm(dir, { recursive: true, force: true });
 });
+
+/** Wait until `cond()` holds (a file appears or goes away, a line is written). */
+async function until(what: string, cond: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    if (await cond()) return;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.fail(`timed out waiting for ${what}`);
+}
+
+test('--daemonize: the command exits 0 once the daemon has started; the daemon serves, quits and removes its pidfile', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-daemonize-'));
+  const sock = path.join(dir, 'q.sock');
+  const r = spawnSync(process.execPath, [BITMIRROR_BIN, 'daemon', '--daemonize', '--chardev', `socket,id=m,path=${sock},server=on,wait=off`, '--monitor', 'm', '--pidfile', 'pid'], { cwd: dir, encoding: 'utf8', timeout: 20_000 });
+  assert.equal(r.status, 0, r.stderr);
+  // Started means listening: no retries needed.
+  const qmp = await QmpClient.connect(sock);
+  const pid = Number((await fsp.readFile(path.join(dir, 'pid'), 'utf8')).trim());
+  assert.ok(pid > 0);
+  assert.doesNotThrow(() => process.kill(pid, 0), 'the daemon runs on after the command exited');
+  assert.deepEqual(await qmp.execute('query-block'), []);
+  await qmp.execute('quit');
+  // The pidfile was given relative to the old working directory; the daemon still removes it.
+  await until('the pidfile to go', async () => fsp.access(path.join(dir, 'pid')).then(() => false, () => true));
+  qmp.close();
+  for (const [args, msg] of [
+    [['--blockdev', 'driver=file,node-name=f,filename=/nonexistent/x'], /Could not open '\/nonexistent\/x': No such file or directory/],
+    [['--chardev', 'stdio,id=m', '--monitor', 'm'], /cannot use stdio with -daemonize/],
+  ] as const) {
+    const bad = spawnSync(process.execPath, [BITMIRROR_BIN, 'daemon', '--daemonize', ...args], { encoding: 'utf8', timeout: 20_000 });
+    assert.equal(bad.status, 1);
+    assert.match(bad.stderr, msg);
+  }
+  await fsp.rm(dir, { recursive: true, force: true });
+});
+
+test('--trace events=FILE (a pattern a line, -PATTERN disables) and file=FILE (trace output there)', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-tracefile-'));
+  const events = path.join(dir, 'events');
+  const out = path.join(dir, 'trace.log');
+  await fsp.writeFile(events, '# the monitor\nmonitor_qmp_*\n\n-monitor_qmp_respond\n');
+  const d = await spawnDaemon(path.join(dir, 'q.sock'), ['--trace', `events=${events},file=${out}`]);
+  try {
+    const st = await d.qmp.execute<Array<{ name: string; state: string }>>('trace-event-get-state', { name: 'monitor_qmp_*' });
+    assert.deepEqual(st.map((s) => [s.name, s.state]), [['monitor_qmp_cmd_in_band', 'enabled'], ['monitor_qmp_respond', 'disabled']]);
+    await d.qmp.execute('query-version');
+    // Written synchronously when the command is dispatched: there before the reply.
+    const log = await fsp.readFile(out, 'utf8');
+    assert.match(log, /monitor_qmp_cmd_in_band .*cmd=query-version/);
+    assert.doesNotMatch(log, /monitor_qmp_respond/);
+    assert.doesNotMatch(d.stderr(), /monitor_qmp/);
+  } finally {
+    await d.stop();
+  }
+  await fsp.rm(dir, { recursive: true, force: true });
+});
