@@ -6,7 +6,7 @@
 import { genericError } from '../../errors.js';
 import { str } from '../../qapi/schema.js';
 import type { BlockDriver } from '../graph.js';
-import type { ImageInfo, WriteFlags } from '../node.js';
+import type { HostRange, ImageInfo, WriteFlags } from '../node.js';
 import type { ThrottleGroup } from '../throttle-group.js';
 import { BlockdevRef } from '../drivers/raw.js';
 import { FilterNode, filterJsonFilename } from './filter.js';
@@ -44,6 +44,15 @@ export class ThrottleNode extends FilterNode {
   protected override async doDiscard(offset: number, bytes: number): Promise<void> {
     await this.group.admit(true, bytes);
     return super.doDiscard(offset, bytes);
+  }
+
+  // No copy offload through the limits (QEMU's throttle driver has no copy_range either): the copy
+  // engine then reads and writes, and the group sees every byte.
+  protected override doMapHost(): Promise<HostRange | undefined> {
+    return Promise.resolve(undefined);
+  }
+  protected override canWriteHost(): boolean {
+    return false;
   }
 
   override async close(): Promise<void> {

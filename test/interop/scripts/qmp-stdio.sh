@@ -5,6 +5,8 @@
 start_daemon() {
     coproc DAEMON { exec "$@" --chardev stdio,id=mon0 --monitor chardev=mon0; }
     daemon_pid=$DAEMON_PID
+    # A script that fails half-way must not leave the daemon running (it outlives its standard input).
+    trap 'kill "$daemon_pid" 2>/dev/null || true' EXIT
 }
 
 # The daemon's output with what differs between runs and daemons masked: event timestamps, the
@@ -19,15 +21,15 @@ send() {
     echo "$1" >&"${DAEMON[1]}"
 }
 
-# Print what the daemon says (masked) until a line containing $1.
+# Print what the daemon says (masked) until a line containing $1 (fail after 120 s of silence).
 expect() {
     local line
-    while IFS= read -r line <&"${DAEMON[0]}"; do
+    while IFS= read -r -t 120 line <&"${DAEMON[0]}"; do
         line=${line%$'\r'}
         printf '%s\n' "$line" | mask
         [[ $line == *"$1"* ]] && return 0
     done
-    echo "daemon ended before: $1"
+    echo "daemon ended or went silent before: $1"
     return 1
 }
 
