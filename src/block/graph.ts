@@ -387,8 +387,11 @@ export class BlockGraph {
    * conflict nothing moves and QEMU's error is thrown.
    */
   replace(from: BlockNode, to: BlockNode, except?: BlockNode): void {
+    // A parent below `to` stays (should_update_child): a fleecing image that is copy-before-write's
+    // target and has the source as its backing must not get the filter above it as backing (a loop).
+    const below = BlockGraph.descendants(to);
     const moving = from.parents.filter(
-      (e) => e.parent !== except && e.parent !== to && e.parentKind !== 'job' && e.parentKind !== 'monitor',
+      (e) => e.parent !== except && e.parent !== to && e.parentKind !== 'job' && e.parentKind !== 'monitor' && !(e.parentNode && below.has(e.parentNode)),
     );
     for (const e of moving) {
       if (e.frozen) throw genericError(`Cannot change '${e.name}' link to '${to.nodeName}'`);
@@ -408,6 +411,19 @@ export class BlockGraph {
       move(moving, to, from);
       throw err;
     }
+  }
+
+  /** Every node reachable from `node` through children (not `node` itself unless in a loop). */
+  private static descendants(node: BlockNode): Set<BlockNode> {
+    const seen = new Set<BlockNode>();
+    const stack = node.children.map((c) => c.node);
+    while (stack.length) {
+      const n = stack.pop()!;
+      if (seen.has(n)) continue;
+      seen.add(n);
+      for (const c of n.children) stack.push(c.node);
+    }
+    return seen;
   }
 
   /**

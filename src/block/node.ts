@@ -39,6 +39,12 @@ export interface WriteFlags {
   fua?: boolean;
   /** For write-zeroes: the range may be deallocated (BDRV_REQ_MAY_UNMAP). */
   mayUnmap?: boolean;
+  /**
+   * BDRV_REQ_SERIALISING: wait for every overlapping request in flight (reads included) and make later
+   * ones wait. Copy-before-write writes old data into a fleecing image this way, so that a read of the
+   * image that went on to its backing (the live source) has ended before the source changes.
+   */
+  serialising?: boolean;
 }
 
 /** Where a node's bytes are stored as they are in a host file, for copy offload (copy_file_range). */
@@ -682,6 +688,7 @@ export abstract class BlockNode {
     let writeError: unknown;
     try {
       await this.tracker.waitForSerialising(tracked);
+      if (req.flags.serialising) await this.tracker.serialise(tracked, req.offset, req.bytes);
       for (const o of observers) {
         if (o.beforeWrite) await o.beforeWrite(req);
         notified.push(o);

@@ -25,7 +25,7 @@
  *   error policy, see errorActionFor), the end of a copy (wake the user's loop).
  * It knows nothing of jobs: it lives in block/ and reports through the hooks.
  */
-import type { BlockNode } from '../node.js';
+import type { BlockNode, WriteFlags } from '../node.js';
 import { errorCode } from '../../errors.js';
 import { tracer } from '../../trace/trace.js';
 import { BufferPool } from './buffer-pool.js';
@@ -79,6 +79,11 @@ export interface BlockCopyOptions {
   fillPartialClusters: boolean;
   /** Let the kernel copy data between host files where it can (default true). */
   offload?: boolean;
+  /**
+   * Copies for a writer (copyNow) write the target serialising, without offload: a read of the target
+   * in flight (a fleecing image reading through to its backing, the source) ends first.
+   */
+  serialiseWriterCopies?: boolean;
   hooks?: BlockCopyHooks;
 }
 
@@ -237,7 +242,7 @@ export class BlockCopy {
       this.bitmap.resetDirty(runStart, runBytes);
       const lock = this.locks.hold(runStart, runBytes);
       try {
-        const failure = await this.copyChunks(runStart, runBytes);
+        const failure = await this.copyChunks(runStart, runBytes, undefined, this.o.serialiseWriterCopies === true);
         if (failure) throw failure.err;
       } finally {
         lock.release();
@@ -252,7 +257,8 @@ export class BlockCopy {
    * error the whole rest of the range is dirty again, not only the failed piece: its bits were reset
    * when the copy began and the pieces after the failed one are never copied.
    */
-  private async copyChunks(offset: number, bytes: number, copied?: (n: number) => void): Promise<CopyFailure | undefined> {
+  private async copyChunks(offset: number, bytes: number, copied?: (n: number) => void, serialising = false): Promise<CopyFailure | undefined> {
+    const flags = serialising ? { serialising: true } : undefined;
     const end = offset + bytes;
     let pos = offset;
     const failed = (operation: CopyOperation, err: unknown): CopyFailure => {
@@ -268,12 +274,12 @@ export class BlockCopy {
         return failed('read', err);
       }
       let n = Math.min(st.bytes, want);
-      const offloaded = st.zero || !this.offload ? 0 : await this.copyByKernel(pos, n);
+      const offloaded = st.zero || !this.offload || serialising ? 0 : await this.copyByKernel(pos, n);
       if (offloaded > 0) {
         n = offloaded;
       } else if (st.zero) {
         try {
-          await this.writeTargetZeroes(pos, n);
+          await this.writeTargetZeroes(pos, n, flags);
         } catch (err) {
           return failed('write', err);
         }
@@ -289,7 +295,7 @@ export class BlockCopy {
             return failed('read', err);
           }
           try {
-            await this.writeTarget(pos, data);
+            await this.writeTarget(pos, data, flags);
           } catch (err) {
             return failed('write', err);
           }
@@ -325,17 +331,17 @@ export class BlockCopy {
   // ---- writes to the target -----------------------------------------------------------------------
 
   /** Write source data to the target at `offset`, widened to whole clusters where needed. */
-  async writeTarget(offset: number, data: Buffer): Promise<void> {
+  async writeTarget(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
     const widened = await this.widenToClusters(offset, data.length, data);
-    if (widened) return this.target.write(widened.offset, widened.data);
-    return this.target.write(offset, data);
+    if (widened) return this.target.write(widened.offset, widened.data, flags);
+    return this.target.write(offset, data, flags);
   }
 
   /** Write zeroes to the target, widened to whole clusters (with source data around) where needed. */
-  async writeTargetZeroes(offset: number, bytes: number): Promise<void> {
+  async writeTargetZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
     const widened = await this.widenToClusters(offset, bytes, undefined);
-    if (widened) return this.target.write(widened.offset, widened.data);
-    return this.target.writeZeroes(offset, bytes, { mayUnmap: this.o.unmap });
+    if (widened) return this.target.write(widened.offset, widened.data, flags);
+    return this.target.writeZeroes(offset, bytes, { ...flags, mayUnmap: this.o.unmap });
   }
 
   /**

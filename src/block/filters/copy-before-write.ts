@@ -113,6 +113,7 @@ export class CopyBeforeWriteNode extends FilterNode {
       unmap: false,
       // A backup target holds whole clusters of the source (the chunk is at least its cluster size).
       fillPartialClusters: false,
+      serialiseWriterCopies: true,
       hooks: {
         launched: (offset, bytes) => this.jobHooks.launched?.(offset, bytes),
         progress: (bytes) => this.jobHooks.progress?.(bytes),

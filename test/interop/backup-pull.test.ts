@@ -1,0 +1,96 @@
+/**
+ * Pull-mode backup as libvirt runs it (consumers.md §1.5): a scratch qcow2 backed by the live disk, one
+ * transaction with the new checkpoint's bitmap, a temporary disabled bitmap on the scratch node merged
+ * from the previous checkpoint, and blockdev-backup sync=none into the scratch; then the scratch is
+ * exported over NBD with that bitmap. While writes continue on the disk (through the filter and on the
+ * disk node below it), nbdcopy reads a frozen image equal to the disk at the backup's start, and
+ * nbdinfo --map=qemu:dirty-bitmap:backup-vda shows exactly the extents changed since the previous
+ * checkpoint. Then libvirt's teardown: block-job-cancel force, job-dismiss, block-export-del,
+ * blockdev-del, bitmap removal, nbd-server-stop.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { KiB, MiB, setup, qcow2, addQcow2, io, flush, assertIdentical, eventsUntil } from '../support/daemon.js';
+import { mustRun } from '../support/tools.js';
+
+const SIZE = 32 * MiB;
+
+test('pull-mode backup: NBD readers get the frozen image and the changed extents while writes continue', async () => {
+  const env = await setup('backup-pull');
+  try {
+    const disk = await qcow2(env.f('disk.qcow2'), SIZE);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x10 0 8M', '-c', 'write -P 0x20 16M 4M', disk]);
+    await addQcow2(env, 'libvirt-1-format', disk);
+    // The previous checkpoint, and the writes since.
+    await env.d.qmp.execute('block-dirty-bitmap-add', { node: 'libvirt-1-format', name: 'c0', persistent: false });
+    await io(env, 'libvirt-1-format', 'write -P 0x31 1M 64k');
+    await io(env, 'libvirt-1-format', 'write -P 0x32 20M 128k');
+    await io(env, 'libvirt-1-format', 'write -P 0x33 30M 4k');
+    // The disk at the backup's start.
+    await flush(env, 'libvirt-1-format');
+    const point = env.f('point.raw');
+    await mustRun('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', disk, point]);
+    // The scratch image, backed by the live disk.
+    const scratch = env.f('scratch.qcow2');
+    await mustRun('qemu-img', ['create', '-f', 'qcow2', '-F', 'qcow2', '-b', disk, scratch]);
+    await addQcow2(env, 'backup-libvirt-1-format', scratch, { backing: 'libvirt-1-format' });
+    const sock = env.f('nbd.sock');
+    await env.d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    await env.d.qmp.execute('transaction', {
+      actions: [
+        { type: 'block-dirty-bitmap-add', data: { node: 'libvirt-1-format', name: 'c1', persistent: false } },
+        { type: 'block-dirty-bitmap-add', data: { node: 'backup-libvirt-1-format', name: 'backup-vda', persistent: false, disabled: true, granularity: 64 * KiB } },
+        { type: 'block-dirty-bitmap-merge', data: { node: 'backup-libvirt-1-format', target: 'backup-vda', bitmaps: [{ node: 'libvirt-1-format', name: 'c0' }] } },
+        {
+          type: 'blockdev-backup',
+          data: { device: 'libvirt-1-format', target: 'backup-libvirt-1-format', sync: 'none', 'job-id': 'backup-libvirt-1-format', 'auto-finalize': true, 'auto-dismiss': false },
+        },
+      ],
+    });
+    await env.d.qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: 'libvirt-nbd-backup-libvirt-1-format',
+      'node-name': 'backup-libvirt-1-format',
+      writable: false,
+      name: 'vda',
+      bitmaps: ['backup-vda'],
+    });
+    // The guest keeps writing: on the disk node (below the filter) and over what the checkpoint covers.
+    await io(env, 'libvirt-1-format', 'write -P 0x41 0 2M');
+    await io(env, 'libvirt-1-format', 'write -P 0x42 1M 64k');
+    await io(env, 'libvirt-1-format', 'write -z 16M 1M');
+    await io(env, 'libvirt-1-format', 'discard 24M 1M');
+    const uri = `nbd+unix:///vda?socket=${sock}`;
+    const copy = env.f('copy.raw');
+    await mustRun('nbdcopy', [uri, copy]);
+    await io(env, 'libvirt-1-format', 'write -P 0x43 6M 3M');
+    await assertIdentical(copy, point, ['-f', 'raw', '-F', 'raw']);
+    // The changed extents since c0: exactly the three writes' clusters.
+    const map = JSON.parse(await mustRun('nbdinfo', ['--json', '--map=qemu:dirty-bitmap:backup-vda', uri])) as Array<{ offset: number; length: number; type: number }>;
+    const dirty = map.filter((e) => e.type & 1).map((e) => [e.offset, e.length]);
+    assert.deepEqual(dirty, [
+      [1 * MiB, 64 * KiB],
+      [20 * MiB, 128 * KiB],
+      [30 * MiB, 64 * KiB],
+    ]);
+    // The new checkpoint recorded what the guest wrote during the backup.
+    const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
+    const c1 = ((nodes.find((n) => n['node-name'] === 'libvirt-1-format')!['dirty-bitmaps'] ?? []) as Array<Record<string, unknown>>).find((b) => b.name === 'c1');
+    assert.equal(c1?.count, 2 * MiB + 1 * MiB + 1 * MiB + 3 * MiB);
+    // libvirt's teardown.
+    await env.d.qmp.execute('block-job-cancel', { device: 'backup-libvirt-1-format', force: true });
+    await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'backup-libvirt-1-format', status: 'concluded' });
+    await env.d.qmp.execute('job-dismiss', { id: 'backup-libvirt-1-format' });
+    await env.d.qmp.execute('block-export-del', { id: 'libvirt-nbd-backup-libvirt-1-format' });
+    await eventsUntil(env, 'BLOCK_EXPORT_DELETED');
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'backup-libvirt-1-format' });
+    await env.d.qmp.execute('block-dirty-bitmap-remove', { node: 'libvirt-1-format', name: 'c0' });
+    await env.d.qmp.execute('nbd-server-stop');
+    const left = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
+    assert.deepEqual(left.map((n) => n['node-name']).filter((n) => !String(n).startsWith('#')), ['libvirt-1-format']);
+    await flush(env, 'libvirt-1-format');
+    await mustRun('qemu-img', ['check', '-U', disk]);
+  } finally {
+    await env.done();
+  }
+});
