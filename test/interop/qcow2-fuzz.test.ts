@@ -13,7 +13,7 @@ import { existsSync } from 'node:fs';
 import { readFile, rm, writeFile } from 'node:fs/promises';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
-import { mustRun, run, tempDir } from '../support/tools.js';
+import { errorOf, mustRun, run, tempDir } from '../support/tools.js';
 import { rng } from '../support/random.js';
 import { bitmapFields, damage, mappingFields, sha256, type Field } from '../support/qcow2-damage.js';
 
@@ -77,15 +77,6 @@ function firstDifference(ours: string, theirs: string): string {
 
 /** An internal error leaking out instead of a clear message. */
 const INTERNAL = /undefined|NaN|TypeError|RangeError|is not a function|Cannot read prop|ERR_[A-Z_]+|Maximum call stack/;
-
-async function errorOf(p: Promise<unknown>): Promise<string | undefined> {
-  try {
-    await p;
-    return undefined;
-  } catch (err) {
-    return (err as Error).message;
-  }
-}
 
 test('damaged qcow2 images: refused cleanly with the file unchanged, or read as qemu-io reads them; the daemon survives', { skip, timeout: 600_000 }, async () => {
   const { dir, cleanup } = await tempDir('bm-fuzz-');

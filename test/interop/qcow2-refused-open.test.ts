@@ -11,7 +11,7 @@ import { existsSync } from 'node:fs';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
-import { mustRun, tempDir } from '../support/tools.js';
+import { errorOf, mustRun, tempDir } from '../support/tools.js';
 import { rng } from '../support/random.js';
 import { bitmapFields, damage, sha256, type Field } from '../support/qcow2-damage.js';
 
@@ -25,15 +25,6 @@ async function makeFixture(img: string): Promise<void> {
   await mustRun('qemu-img', ['bitmap', '--add', img, 'b0']);
   await mustRun('qemu-img', ['bitmap', '--add', '-g', '128k', img, 'bitmap-1']);
   await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x17 64k 64k', '-c', 'write -P 0x18 8M 4k', img]);
-}
-
-async function errorOf(p: Promise<unknown>): Promise<string | undefined> {
-  try {
-    await p;
-    return undefined;
-  } catch (err) {
-    return (err as Error).message;
-  }
 }
 
 function addArgs(node: string, filename: string): Record<string, unknown> {
@@ -136,6 +127,42 @@ test('a refused read-write open of a qcow2 with damaged bitmaps changes no byte;
   } finally {
     await bm?.stop();
     await qsd?.stop();
+    await cleanup();
+  }
+});
+
+test('a bitmap name of NUL bytes: listed as \'\' read-only and refused read-write, as QEMU 7.2; the refused image unchanged', { skip }, async () => {
+  const { dir, cleanup } = await tempDir('bm-nulname-');
+  const daemons: SpawnedDaemon[] = [];
+  try {
+    const fixture = path.join(dir, 'fixture.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', fixture, '16M']);
+    await mustRun('qemu-img', ['bitmap', '--add', fixture, 'abc']);
+    const b = await readFile(fixture);
+    const at = b.indexOf('abc', 65536);
+    assert.ok(at > 0, 'the name in the directory');
+    b.fill(0, at, at + 3);
+    const seen: Record<string, unknown[]> = {};
+    for (const program of ['qemu-storage-daemon', 'bitmirror'] as const) {
+      const d = await spawnDaemon(path.join(dir, `${program}.sock`), [], program);
+      daemons.push(d);
+      seen[program] = [];
+      for (const readOnly of [true, false]) {
+        // A fresh copy for each open (QEMU's refused read-write open clears the autoclear bit).
+        const img = path.join(dir, `${program}-${readOnly}.qcow2`);
+        await writeFile(img, b);
+        const node = readOnly ? 'ro' : 'rw';
+        const err = await errorOf(d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': node, 'read-only': readOnly, file: { driver: 'file', filename: img, 'read-only': readOnly } }));
+        const nodes = (await d.qmp.execute('query-named-block-nodes', { flat: true })) as Array<Record<string, unknown>>;
+        seen[program].push(err ?? nodes.find((n) => n['node-name'] === node)?.['dirty-bitmaps']);
+        if (err === undefined) await d.qmp.execute('blockdev-del', { 'node-name': node });
+        else if (program === 'bitmirror') assert.equal(sha256(await readFile(img)), sha256(b), 'image unchanged after the refused open');
+      }
+    }
+    assert.deepEqual(seen.bitmirror, seen['qemu-storage-daemon']);
+    assert.equal((seen.bitmirror[0] as Array<{ name: string }>)[0].name, '');
+  } finally {
+    for (const d of daemons) await d.stop();
     await cleanup();
   }
 });

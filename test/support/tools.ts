@@ -45,3 +45,13 @@ export async function nbdDirtyRanges(img: string, name: string): Promise<Array<[
   }
   return ranges;
 }
+
+/** The message a promise rejects with, or undefined when it resolves (a command that may be refused). */
+export async function errorOf(p: Promise<unknown>): Promise<string | undefined> {
+  try {
+    await p;
+    return undefined;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
