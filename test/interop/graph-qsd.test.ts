@@ -10,15 +10,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
+import { haveQsd } from '../support/tools.js';
 
-const haveQsd = (() => {
-  try {
-    execFileSync('qemu-storage-daemon', ['--version']);
-    return true;
-  } catch {
-    return false;
-  }
-})();
 const skip = !haveQsd && 'qemu-storage-daemon not installed';
 
 type Program = 'bitmirror' | 'qemu-storage-daemon';

@@ -10,15 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { spawnDaemon } from '../../src/daemon/spawn.js';
-
-const haveQsd = (() => {
-  try {
-    execFileSync('qemu-storage-daemon', ['--version']);
-    return true;
-  } catch {
-    return false;
-  }
-})();
+import { haveQsd } from '../support/tools.js';
 
 /** Replace generated node names ('#block…') so the two daemons' replies compare. */
 function mask(v: unknown): unknown {

@@ -17,7 +17,7 @@ export { KiB, MiB };
 /** The default image size. */
 export const SIZE = 64 * MiB;
 
-export const haveQsd = await run('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
+export { haveQsd } from './tools.js';
 
 /** Daemons started by this test file that may still run. */
 const live = new Set<SpawnedDaemon>();

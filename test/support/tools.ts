@@ -55,3 +55,6 @@ export async function errorOf(p: Promise<unknown>): Promise<string | undefined> 
     return (err as Error).message;
   }
 }
+
+/** Whether qemu-storage-daemon runs here (the comparisons with QEMU skip without it). */
+export const haveQsd = await run('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
