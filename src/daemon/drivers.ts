@@ -9,5 +9,6 @@ import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 import { throttleDriver } from '../block/filters/throttle.js';
 import { cbwDriver } from '../block/filters/copy-before-write.js';
+import { snapshotAccessDriver } from '../block/filters/snapshot-access.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, snapshotAccessDriver];

@@ -267,3 +267,45 @@ test('completion-mode grouped: one failing backup cancels the group and no bitma
     await env.done();
   }
 });
+
+test('sync=top copies what the top layer allocates; drive-backup creates its target; on-source-error=stop pauses with the bitmap frozen', async () => {
+  const env = await setup('backup-top');
+  try {
+    const base = await qcow2(env.f('base.qcow2'), SIZE);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x01 0 16M', base]);
+    const top = env.f('top.qcow2');
+    await mustRun('qemu-img', ['create', '-f', 'qcow2', '-F', 'qcow2', '-b', base, top]);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x02 1M 1M', '-c', 'write -P 0x03 9M 64k', top]);
+    // The source, with a read error armed by a flush (for the stop below).
+    await addQcow2(env, 'top', top, {}, { 'inject-error': [{ event: 'read_aio', state: 2, errno: 5, once: true }], 'set-state': [{ event: 'flush_to_disk', state: 1, new_state: 2 }] });
+    // sync=top with drive-backup: the new image gets the source's backing; only the top's clusters are copied.
+    await env.d.qmp.execute('drive-backup', { 'job-id': 't', device: 'top', target: env.f('t.qcow2'), sync: 'top', format: 'qcow2' });
+    const ev = await eventsUntil(env, 'BLOCK_JOB_COMPLETED', { device: 't' });
+    const done = ev.find((e) => e.event === 'BLOCK_JOB_COMPLETED')!;
+    assert.equal(done.data?.len, 1 * MiB + 64 * KiB);
+    assert.equal(done.data?.offset, 1 * MiB + 64 * KiB);
+    const info = JSON.parse(await mustRun('qemu-img', ['info', '-U', '--output=json', env.f('t.qcow2')])) as Record<string, unknown>;
+    assert.equal(info['backing-filename'], base);
+    await assertIdentical(env.f('t.qcow2'), top);
+    // iotests 124: on-source-error=stop pauses the job; the bitmap is busy and recording; resume ends it.
+    await env.d.qmp.execute('block-dirty-bitmap-add', { node: 'top', name: 'b' });
+    await io(env, 'top', 'write -P 0x04 2M 448k');
+    await io(env, 'top', 'flush');
+    await qcow2(env.f('inc.qcow2'), SIZE);
+    await addQcow2(env, 'inc', env.f('inc.qcow2'));
+    await env.d.qmp.execute('blockdev-backup', { 'job-id': 'i', device: 'top', target: 'inc', sync: 'incremental', bitmap: 'b', 'on-source-error': 'stop' });
+    const stopped = summarise(await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'i', status: 'paused' }), ['action', 'operation']);
+    assert.ok(stopped.includes('BLOCK_JOB_ERROR{action="stop",operation="read"}'), stopped.join(' '));
+    const b = (await bitmaps(env, 'top')).b;
+    assert.deepEqual([b.busy, b.recording, b.count], [true, true, 458752]);
+    await env.d.qmp.execute('block-job-resume', { device: 'i' });
+    await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'i', status: 'null' });
+    const after = (await bitmaps(env, 'top')).b;
+    assert.deepEqual([after.busy, after.count], [false, 0]);
+    await flush(env, 'inc');
+    const r = await mustRun('qemu-io', ['-r', '-U', '-f', 'qcow2', '-c', 'read -P 0x04 2M 448k', env.f('inc.qcow2')]);
+    assert.match(r, /read 458752/);
+  } finally {
+    await env.done();
+  }
+});

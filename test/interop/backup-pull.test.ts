@@ -94,3 +94,51 @@ test('pull-mode backup: NBD readers get the frozen image and the changed extents
     await env.done();
   }
 });
+
+test('fleecing with copy-before-write and snapshot-access (blockdev-add): a frozen NBD image while the disk is written', async () => {
+  const env = await setup('backup-fleece');
+  try {
+    const disk = await qcow2(env.f('disk.qcow2'), SIZE);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x10 0 8M', '-c', 'write -P 0x20 16M 4M', disk]);
+    await addQcow2(env, 'disk', disk);
+    await qcow2(env.f('scratch.qcow2'), SIZE);
+    await addQcow2(env, 'scratch', env.f('scratch.qcow2'));
+    await env.d.qmp.execute('block-dirty-bitmap-add', { node: 'disk', name: 'c0' });
+    await io(env, 'disk', 'write -P 0x31 1M 64k');
+    // The disk when the filter is added.
+    await flush(env, 'disk');
+    const point = env.f('point.raw');
+    await mustRun('qemu-img', ['convert', '-U', '-f', 'qcow2', '-O', 'raw', disk, point]);
+    await env.d.qmp.execute('blockdev-add', { driver: 'copy-before-write', 'node-name': 'fleece', file: 'disk', target: 'scratch' });
+    await env.d.qmp.execute('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'fleece' });
+    // A copy-before-write that copies only what a bitmap marks: the rest of its snapshot is not readable.
+    await qcow2(env.f('scratch2.qcow2'), SIZE);
+    await addQcow2(env, 'scratch2', env.f('scratch2.qcow2'));
+    const sock = env.f('nbd.sock');
+    await env.d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    await env.d.qmp.execute('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'snap', name: 'snap', writable: false });
+    // Writes to the disk node itself (nothing passes through the filter) are copied first.
+    await io(env, 'disk', 'write -P 0x41 0 2M');
+    await io(env, 'disk', 'write -z 16M 1M');
+    await io(env, 'disk', 'write -P 0x32 1M 64k');
+    const copy = env.f('copy.raw');
+    await mustRun('nbdcopy', [`nbd+unix:///snap?socket=${sock}`, copy]);
+    await io(env, 'disk', 'write -P 0x42 5M 1M');
+    await assertIdentical(copy, point, ['-f', 'raw', '-F', 'raw']);
+    // snapshot-access refuses writes.
+    assert.match(await env.d.qmp.hmpOutput('qemu-io snap "write 0 4k"'), /Operation not permitted|Permission denied|failed/);
+    await env.d.qmp.execute('block-export-del', { id: 'e' });
+    await eventsUntil(env, 'BLOCK_EXPORT_DELETED');
+    await env.d.qmp.execute('nbd-server-stop');
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'snap' });
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'fleece' });
+    await env.d.qmp.execute('blockdev-add', { driver: 'copy-before-write', 'node-name': 'fleece2', file: 'disk', target: 'scratch2', bitmap: { node: 'disk', name: 'c0' } });
+    await env.d.qmp.execute('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap2', file: 'fleece2' });
+    assert.match(await env.d.qmp.hmpOutput('qemu-io snap2 "read -P 0x32 1M 64k"'), /read 65536/);
+    assert.match(await env.d.qmp.hmpOutput('qemu-io snap2 "read 8M 64k"'), /Permission denied/);
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'snap2' });
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'fleece2' });
+  } finally {
+    await env.done();
+  }
+});

@@ -159,6 +159,37 @@ export class CopyBeforeWriteNode extends FilterNode {
     return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
   }
 
+  // ---- the point-in-time image (for snapshot-access) ---------------------------------------------
+
+  /**
+   * cbw_co_preadv_snapshot: read the source as it was when copying began. Chunks still to copy are read
+   * from the source, copied ones from the target; the range is held in the copy's chunk locks meanwhile,
+   * so a write to the source waits (its copy-before-write waits for the lock) until the read is done.
+   * A chunk outside the access bitmap (not in the `bitmap` option's set, or discarded) fails EACCES, as
+   * does everything once the snapshot broke.
+   */
+  async snapshotRead(offset: number, bytes: number): Promise<Buffer> {
+    if (this.snapshotError !== undefined) throw new BlockIOError('EACCES');
+    const g = this.clusterSize;
+    const start = Math.floor(offset / g) * g;
+    const end = Math.min(this.length(), Math.ceil((offset + bytes) / g) * g);
+    const lock = await this.copy.locks.acquire(start, end - start);
+    try {
+      const out = Buffer.alloc(bytes);
+      for (let pos = offset; pos < offset + bytes; ) {
+        const chunkEnd = Math.min(offset + bytes, (Math.floor(pos / g) + 1) * g);
+        if (!this.accessBitmap.isDirty(pos)) throw new BlockIOError('EACCES');
+        const from = this.copyBitmap.isDirty(pos) ? this.filtered : this.child('target')!.node;
+        (await from.read(pos, chunkEnd - pos)).copy(out, pos - offset);
+        pos = chunkEnd;
+      }
+      if (this.snapshotError !== undefined) throw new BlockIOError('EACCES');
+      return out;
+    } finally {
+      lock.release();
+    }
+  }
+
   /** cbw_child_perm: the target is written (and not resized by others); the source as a filter's child. */
   override childPermissions(child: BdrvChild, perm: number, shared: number, writable: boolean): Permissions {
     if (child.name === 'target') return { perm: BLK_PERM_WRITE, shared: BLK_PERM_ALL & ~BLK_PERM_RESIZE };
