@@ -18,13 +18,13 @@ export const title = 'mirror: full qcow2 mirror vs qemu-storage-daemon and cp; i
 
 type Row = Record<string, string | number>;
 
-function sh(cmd: string, args: string[]): Promise<string> {
+export function sh(cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
     execFile(cmd, args, { maxBuffer: 64 << 20 }, (err, stdout, stderr) => (err ? reject(new Error(`${cmd}: ${String(stderr)}`)) : resolve(String(stdout))));
   });
 }
 
-async function have(cmd: string): Promise<boolean> {
+export async function have(cmd: string): Promise<boolean> {
   return sh(cmd, ['--version']).then(
     () => true,
     () => false,
