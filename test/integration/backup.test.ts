@@ -309,3 +309,41 @@ test('sync=top copies what the top layer allocates; drive-backup creates its tar
     await env.done();
   }
 });
+
+test('on-cbw-error: break-guest-write fails the write; break-snapshot lets it through and fails the backup', async () => {
+  const env = await setup('backup-cbw-error');
+  try {
+    const src = await qcow2(env.f('src.qcow2'), SIZE);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 4M', src]);
+    await addQcow2(env, 'src', src);
+    for (const mode of ['break-guest-write', 'break-snapshot'] as const) {
+      const tgtFile = env.f(`${mode}.raw`);
+      await fsp.writeFile(tgtFile, Buffer.alloc(0));
+      await fsp.truncate(tgtFile, SIZE);
+      // Every write to the target fails once armed (a flush of the target).
+      await env.d.qmp.execute('blockdev-add', {
+        driver: 'raw',
+        'node-name': mode,
+        file: { driver: 'blkdebug', image: { driver: 'file', filename: tgtFile }, 'inject-error': [{ event: 'write_aio', state: 2, errno: 28 }], 'set-state': [{ event: 'flush_to_disk', state: 1, new_state: 2 }] },
+      });
+      await io(env, mode, 'flush');
+      await env.d.qmp.execute('blockdev-backup', { 'job-id': mode, device: 'src', target: mode, sync: 'none', 'on-cbw-error': mode });
+      const out = await env.d.qmp.hmpOutput('qemu-io src "write -P 0x22 1M 4k"');
+      if (mode === 'break-guest-write') {
+        assert.match(out, /write failed: No space left on device/);
+        assert.match(await env.d.qmp.hmpOutput('qemu-io src "read -P 0x11 1M 4k"'), /read 4096/);
+        await env.d.qmp.execute('block-job-cancel', { device: mode, force: true });
+        const ev = summarise(await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: mode, status: 'null' }));
+        assert.ok(ev.includes('BLOCK_JOB_CANCELLED'), ev.join(' '));
+      } else {
+        assert.match(out, /wrote 4096/);
+        assert.match(await env.d.qmp.hmpOutput('qemu-io src "read -P 0x22 1M 4k"'), /read 4096/);
+        const ev = await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: mode, status: 'null' });
+        const done = ev.find((e) => e.event === 'BLOCK_JOB_COMPLETED');
+        assert.equal(done?.data?.error, 'No space left on device');
+      }
+    }
+  } finally {
+    await env.done();
+  }
+});
