@@ -4,7 +4,8 @@
  * nbd-server-remove, with QEMU 7.2's arguments, checks and messages. The server itself is nbd/server.ts.
  */
 import { genericError } from '../errors.js';
-import { alternate, arrayOf, bool, enumOf, object, str, uint16, uint32, visit, type Members, type Schema } from '../qapi/schema.js';
+import { alternate, arrayOf, bool, enumOf, object, str, uint32, visit, type Members, type Schema } from '../qapi/schema.js';
+import { SOCKET_ADDRESS, SOCKET_ADDRESS_LEGACY } from '../qapi/socket-address.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
 import type { NbdAddress } from '../nbd/server.js';
@@ -13,42 +14,7 @@ import { BLOCK_DIRTY_BITMAP } from './bitmaps.js';
 
 // ---- schemas --------------------------------------------------------------------------------------
 
-const INET_SOCKET_ADDRESS: Members = {
-  host: str,
-  port: str,
-  '*numeric': bool,
-  '*to': uint16,
-  '*ipv4': bool,
-  '*ipv6': bool,
-  '*keep-alive': bool,
-};
-const UNIX_SOCKET_ADDRESS: Members = { path: str, '*abstract': bool, '*tight': bool };
-const VSOCK_SOCKET_ADDRESS: Members = { cid: str, port: str };
-const FD_SOCKET_ADDRESS: Members = { str: str };
-const SOCKET_ADDRESS_TYPE = enumOf('SocketAddressType', ['inet', 'unix', 'vsock', 'fd']);
-
-/** SocketAddressLegacy (QMP's nbd-server-start): each variant wrapped in `data`. */
-const SOCKET_ADDRESS_LEGACY: Schema = {
-  kind: 'union',
-  name: 'SocketAddressLegacy',
-  base: { type: SOCKET_ADDRESS_TYPE },
-  discriminator: 'type',
-  variants: {
-    inet: { data: object('InetSocketAddress', INET_SOCKET_ADDRESS) },
-    unix: { data: object('UnixSocketAddress', UNIX_SOCKET_ADDRESS) },
-    vsock: { data: object('VsockSocketAddress', VSOCK_SOCKET_ADDRESS) },
-    fd: { data: object('String', FD_SOCKET_ADDRESS) },
-  },
-};
-
-/** SocketAddress (the flat form of --nbd-server addr.type=unix,addr.path=…). */
-export const SOCKET_ADDRESS: Schema = {
-  kind: 'union',
-  name: 'SocketAddress',
-  base: { type: SOCKET_ADDRESS_TYPE },
-  discriminator: 'type',
-  variants: { inet: INET_SOCKET_ADDRESS, unix: UNIX_SOCKET_ADDRESS, vsock: VSOCK_SOCKET_ADDRESS, fd: FD_SOCKET_ADDRESS },
-};
+export { SOCKET_ADDRESS };
 
 const NBD_SERVER_START: Members = { addr: SOCKET_ADDRESS_LEGACY, '*tls-creds': str, '*tls-authz': str, '*max-connections': uint32 };
 

@@ -10,5 +10,6 @@ import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 import { throttleDriver } from '../block/filters/throttle.js';
 import { cbwDriver } from '../block/filters/copy-before-write.js';
 import { snapshotAccessDriver } from '../block/filters/snapshot-access.js';
+import { nbdDriver } from '../nbd/client-driver.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, snapshotAccessDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, snapshotAccessDriver, nbdDriver];

@@ -1,0 +1,248 @@
+/**
+ * The `nbd` block driver against real servers: qemu-nbd, qemu-storage-daemon's nbd export, nbdkit's
+ * memory plugin and bitmirror's own export. qemu-io through HMP reads and writes over the wire; a full
+ * mirror and a backup from a local qcow2 into the nbd node, and a mirror out of an nbd node, compare
+ * identical (qemu-img compare); qemu-storage-daemon writes through a bitmirror export (its own backup
+ * job into an nbd node) while bitmirror mirrors the exported node, and the copy compares identical.
+ * Multi-conn is checked on the server side: nbdkit's log filter records every connection.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { assertIdentical, haveQsd, io, qcow2, setup, startDaemon, type Env } from '../support/daemon.js';
+import { mustRun, run } from '../support/tools.js';
+
+const MiB = 1024 * 1024;
+const haveNbdkit = await run('nbdkit', ['--version']).then((r) => r.code === 0);
+
+/** A 16 MiB qcow2 with patterns at a few places, a zeroed range and unallocated space between. */
+async function sourceImage(file: string): Promise<void> {
+  await qcow2(file, 16 * MiB);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xab 0 64k', '-c', 'write -P 0xcd 3M 1M', '-c', 'write -z 6M 1M', '-c', 'write -P 0x11 15M 512', file]);
+}
+
+/** Start a server that forks once its socket is ready and writes its pid; returns a stop function. */
+async function startForking(cmd: string, args: string[], pidFile: string): Promise<() => Promise<void>> {
+  await mustRun(cmd, args);
+  const pid = Number((await fsp.readFile(pidFile, 'utf8')).trim());
+  return async () => {
+    try {
+      process.kill(pid, 'SIGTERM');
+    } catch {
+      return;
+    }
+    // Wait for it to be gone, so its files are closed before they are compared.
+    for (;;) {
+      try {
+        process.kill(pid, 0);
+      } catch {
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  };
+}
+
+async function qemuNbd(dir: string, image: string, fmt: string, name = 'q'): Promise<{ sock: string; stop: () => Promise<void> }> {
+  const sock = path.join(dir, `${name}.sock`);
+  const pid = path.join(dir, `${name}.pid`);
+  const stop = await startForking('qemu-nbd', ['--fork', '--pid-file', pid, '-k', sock, '-f', fmt, '-e', '8', '--cache=none', '--aio=threads', image], pid);
+  return { sock, stop };
+}
+
+function nbdNode(node: string, sock: string, exportName = '', extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { driver: 'nbd', 'node-name': node, server: { type: 'unix', path: sock }, export: exportName, ...extra };
+}
+
+async function mirror(env: Env, device: string, target: string, sync = 'full'): Promise<void> {
+  await env.d.qmp.execute('blockdev-mirror', { 'job-id': 'm', device, target, sync });
+  await env.d.qmp.waitEvent('BLOCK_JOB_READY', { device: 'm' });
+  await env.d.qmp.execute('block-job-complete', { device: 'm' });
+  const done = await env.d.qmp.waitEvent('BLOCK_JOB_COMPLETED', { device: 'm' });
+  assert.equal((done.data as Record<string, unknown>).error, undefined, JSON.stringify(done.data));
+}
+
+async function backup(env: Env, device: string, target: string): Promise<void> {
+  await env.d.qmp.execute('blockdev-backup', { 'job-id': 'b', device, target, sync: 'full' });
+  const done = await env.d.qmp.waitEvent('BLOCK_JOB_COMPLETED', { device: 'b' });
+  assert.equal((done.data as Record<string, unknown>).error, undefined, JSON.stringify(done.data));
+}
+
+test('qemu-nbd: qemu-io over the wire, a full mirror and a backup into the nbd node, a mirror out of one', async () => {
+  const env = await setup('nbdc-qnbd');
+  const src = env.f('src.qcow2');
+  await sourceImage(src);
+  const target = env.f('target.raw');
+  await mustRun('qemu-img', ['create', '-f', 'raw', target, '16M']);
+  const server = await qemuNbd(env.dir, target, 'raw');
+  try {
+    await env.d.qmp.execute('blockdev-add', nbdNode('n0', server.sock));
+    // Reads, writes, zeroes, trim and flush through HMP qemu-io.
+    assert.match(await io(env, 'n0', 'write -P 0x5a 1M 64k'), /^wrote 65536\/65536 bytes at offset 1048576/);
+    assert.match(await io(env, 'n0', 'read -P 0x5a 1M 64k'), /^read 65536\/65536/);
+    await io(env, 'n0', 'write -z 1M 4k');
+    await io(env, 'n0', 'read -P 0 1M 4k');
+    await io(env, 'n0', 'discard 2M 64k');
+    await io(env, 'n0', 'flush');
+    const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
+    const n0 = nodes.find((n) => n['node-name'] === 'n0')!;
+    assert.equal(n0.drv, 'nbd');
+    assert.equal((n0.image as Record<string, unknown>)['virtual-size'], 16 * MiB);
+
+    // A mirror of a local qcow2 into it, then a backup: each compares identical with the source.
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    await mirror(env, 's0', 'n0');
+    await io(env, 'n0', 'flush');
+    await assertIdentical(src, `nbd+unix:///?socket=${server.sock}`, ['-f', 'qcow2', '-F', 'raw']);
+    await io(env, 'n0', 'write -P 0xee 0 8M');
+    await backup(env, 's0', 'n0');
+    await io(env, 'n0', 'flush');
+    await assertIdentical(src, `nbd+unix:///?socket=${server.sock}`, ['-f', 'qcow2', '-F', 'raw']);
+
+    // And the nbd node as a mirror's source.
+    const copy = env.f('copy.qcow2');
+    await qcow2(copy, 16 * MiB);
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'c0', file: { driver: 'file', filename: copy } });
+    await mirror(env, 'n0', 'c0');
+    await io(env, 'c0', 'flush');
+    await assertIdentical(copy, `nbd+unix:///?socket=${server.sock}`, ['-f', 'qcow2', '-F', 'raw']);
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'n0' });
+  } finally {
+    await env.done();
+    await server.stop();
+  }
+});
+
+test('nbd node refusals: missing server, missing export, tls-creds, read-only export', async () => {
+  const env = await setup('nbdc-refuse');
+  const img = env.f('ro.raw');
+  await mustRun('qemu-img', ['create', '-f', 'raw', img, '1M']);
+  const sock = path.join(env.dir, 'ro.sock');
+  const pid = path.join(env.dir, 'ro.pid');
+  const stop = await startForking('qemu-nbd', ['--fork', '--pid-file', pid, '-k', sock, '-f', 'raw', '-r', '-x', 'exp', '-t', img], pid);
+  try {
+    const err = async (opts: Record<string, unknown>) => {
+      try {
+        await env.d.qmp.execute('blockdev-add', opts);
+      } catch (e) {
+        return (e as Error).message;
+      }
+      assert.fail('blockdev-add succeeded');
+    };
+    assert.match(await err(nbdNode('x', env.f('nope.sock'))), /Failed to connect to '.*nope\.sock': No such file or directory/);
+    assert.match(await err(nbdNode('x', sock, 'other')), /Requested export not available/);
+    assert.match(await err(nbdNode('x', sock, 'exp', { 'tls-creds': 't0' })), /No TLS credentials with id 't0'/);
+    assert.match(await err(nbdNode('x', sock, 'exp')), /NBD export is read-only/);
+    await env.d.qmp.execute('blockdev-add', nbdNode('r', sock, 'exp', { 'read-only': true }));
+    await io(env, 'r', 'read -P 0 0 64k');
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'r' });
+  } finally {
+    await env.done();
+    await stop();
+  }
+});
+
+test('nbdkit memory: a full mirror into it over several connections (multi-conn seen by its log filter)', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
+  const env = await setup('nbdc-kit');
+  const src = env.f('src.qcow2');
+  await sourceImage(src);
+  const sock = env.f('kit.sock');
+  const log = env.f('kit.log');
+  const stop = await startForking('nbdkit', ['-P', env.f('kit.pid'), '-U', sock, '--filter=log', 'memory', '16M', `logfile=${log}`], env.f('kit.pid'));
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    await env.d.qmp.execute('blockdev-add', nbdNode('n0', sock));
+    await mirror(env, 's0', 'n0');
+    await io(env, 'n0', 'flush');
+    await assertIdentical(src, `nbd+unix:///?socket=${sock}`, ['-f', 'qcow2', '-F', 'raw']);
+    const text = await fsp.readFile(log, 'utf8');
+    // Every connection the node opened did its own handshake; writes went out on more than one.
+    const conns = new Set([...text.matchAll(/connection=(\d+) Connect/g)].map((m) => m[1]));
+    const writers = new Set([...text.matchAll(/connection=(\d+) Write /g)].map((m) => m[1]));
+    assert.ok(conns.size >= 4, `connections: ${conns.size}\n${text.slice(0, 2000)}`);
+    assert.ok(writers.size >= 2, `connections that wrote: ${writers.size}`);
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'n0' });
+  } finally {
+    await env.done();
+    await stop();
+  }
+});
+
+test('qemu-storage-daemon export: mirror and backup into the nbd node', { skip: !haveQsd && 'qemu-storage-daemon not installed' }, async () => {
+  const env = await setup('nbdc-qsd');
+  const src = env.f('src.qcow2');
+  await sourceImage(src);
+  const target = env.f('target.qcow2');
+  await qcow2(target, 16 * MiB);
+  const sock = env.f('qsd-nbd.sock');
+  const qsd = await startDaemon(env.f('qsd-qmp.sock'), [
+    '--blockdev', `driver=file,node-name=f0,filename=${target}`,
+    '--blockdev', 'driver=qcow2,node-name=t0,file=f0',
+    '--nbd-server', `addr.type=unix,addr.path=${sock}`,
+    '--export', 'type=nbd,id=e0,node-name=t0,name=t,writable=on',
+  ], 'qemu-storage-daemon');
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    await env.d.qmp.execute('blockdev-add', nbdNode('n0', sock, 't'));
+    await mirror(env, 's0', 'n0');
+    await io(env, 'n0', 'flush');
+    await assertIdentical(src, `nbd+unix:///t?socket=${sock}`, ['-f', 'qcow2', '-F', 'raw']);
+    await io(env, 'n0', 'write -P 0x77 2M 6M');
+    await backup(env, 's0', 'n0');
+    await io(env, 'n0', 'flush');
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'n0' });
+    await qsd.stop();
+    await assertIdentical(src, target);
+  } finally {
+    await env.done();
+    await qsd.kill();
+  }
+});
+
+test("bitmirror's own export: qemu-io through a second daemon's nbd node; qemu-storage-daemon writes through it while bitmirror mirrors the node", { skip: !haveQsd && 'qemu-storage-daemon not installed' }, async () => {
+  const env = await setup('nbdc-self');
+  const img = env.f('d0.qcow2');
+  await qcow2(img, 16 * MiB);
+  const copy = env.f('d1.qcow2');
+  await qcow2(copy, 16 * MiB);
+  const src = env.f('qsd-src.qcow2');
+  await sourceImage(src);
+  const sock = env.f('bm-nbd.sock');
+  const client = await setup('nbdc-self-client');
+  const qsd = await startDaemon(env.f('qsd-qmp.sock'), ['--blockdev', `driver=file,node-name=qf,filename=${src}`, '--blockdev', 'driver=qcow2,node-name=qs,file=qf'], 'qemu-storage-daemon');
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'd0', file: { driver: 'file', filename: img } });
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'd1', file: { driver: 'file', filename: copy } });
+    await env.d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    await env.d.qmp.execute('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'd0', name: 'd0', writable: true });
+
+    // Another bitmirror reads and writes the export through its nbd node.
+    await client.d.qmp.execute('blockdev-add', nbdNode('n0', sock, 'd0'));
+    await io(client, 'n0', 'write -P 0x42 10M 256k');
+    await io(client, 'n0', 'read -P 0x42 10M 256k');
+    await io(client, 'n0', 'flush');
+    await io(env, 'd0', 'read -P 0x42 10M 256k');
+    await client.d.qmp.execute('blockdev-del', { 'node-name': 'n0' });
+
+    // bitmirror mirrors d0 while qemu-storage-daemon backs its own image up into d0 over NBD.
+    await env.d.qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'd0', target: 'd1', sync: 'full' });
+    await env.d.qmp.waitEvent('BLOCK_JOB_READY', { device: 'm' });
+    await qsd.qmp.execute('blockdev-add', nbdNode('n0', sock, 'd0'));
+    await qsd.qmp.execute('blockdev-backup', { 'job-id': 'b', device: 'qs', target: 'n0', sync: 'full' });
+    const b = await qsd.qmp.waitEvent('BLOCK_JOB_COMPLETED', { device: 'b' });
+    assert.equal((b.data as Record<string, unknown>).error, undefined, JSON.stringify(b.data));
+    await qsd.qmp.execute('blockdev-del', { 'node-name': 'n0' });
+    await env.d.qmp.execute('block-job-complete', { device: 'm' });
+    const m = await env.d.qmp.waitEvent('BLOCK_JOB_COMPLETED', { device: 'm' });
+    assert.equal((m.data as Record<string, unknown>).error, undefined, JSON.stringify(m.data));
+    await io(env, 'd1', 'flush');
+    await io(env, 'd0', 'flush');
+    await assertIdentical(src, copy);
+    await assertIdentical(img, copy);
+  } finally {
+    await qsd.stop();
+    await client.done();
+    await env.done();
+  }
+});
