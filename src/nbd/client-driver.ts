@@ -30,6 +30,7 @@ export class NbdNode extends BlockNode {
   private readonly connections: Array<NbdClientConnection | undefined>;
   private reconnecting: Promise<void> | undefined;
   private closedByUs = false;
+  private nextPick = 0;
 
   constructor(
     nodeName: string,
@@ -101,10 +102,15 @@ export class NbdNode extends BlockNode {
     return this.reconnecting;
   }
 
-  /** The live connection with the fewest requests in flight. */
+  /** The live connection with the fewest requests in flight; ties go round, so serial requests spread too. */
   private pick(): NbdClientConnection | undefined {
     let best: NbdClientConnection | undefined;
-    for (const c of this.connections) if (c?.alive && (!best || c.inFlight < best.inFlight)) best = c;
+    const n = this.connections.length;
+    this.nextPick = (this.nextPick + 1) % n;
+    for (let k = 0; k < n; k++) {
+      const c = this.connections[(this.nextPick + k) % n];
+      if (c?.alive && (!best || c.inFlight < best.inFlight)) best = c;
+    }
     return best;
   }
 
