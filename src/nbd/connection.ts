@@ -28,6 +28,12 @@ export interface ConnectionHost {
 
 /** Requests served at once per connection (QEMU serves 16; more keeps a deep client's pipe full). */
 export const MAX_REQUESTS_IN_FLIGHT = 32;
+/**
+ * Reading requests stops while more reply bytes than this wait to be sent: a client that does not read
+ * its replies holds at most this much (plus the replies of the requests in flight). Waiting for the
+ * socket's own high-water mark (16 KiB) instead would serve one request at a time.
+ */
+const MAX_UNSENT_REPLY_BYTES = 8 << 20;
 /** Longest option data taken during the handshake; a longer option drops the connection. */
 const MAX_OPTION_LENGTH = 1 << 20;
 
@@ -98,8 +104,15 @@ export class NbdConnection {
 
   private send(...parts: Buffer[]): void {
     if (this.closed || this.socket.destroyed) return;
-    // One write per message so chunks of concurrent replies never interleave inside a message.
-    this.socket.write(parts.length === 1 ? parts[0] : Buffer.concat(parts));
+    // The parts of one message are written together (corked: one writev, no copy), so chunks of
+    // concurrent replies never interleave inside a message.
+    if (parts.length === 1) {
+      this.socket.write(parts[0]);
+      return;
+    }
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
   }
 
   // ---- handshake ----------------------------------------------------------------------------------
@@ -249,7 +262,7 @@ export class NbdConnection {
     for (;;) {
       // Back-pressure: wait for a free slot, and for the client to take the replies already sent.
       while (this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT) await Promise.race(this.inFlight);
-      if (this.socket.writableNeedDrain) await new Promise((r) => this.socket.once('drain', r).once('close', r));
+      if (this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) await new Promise((r) => this.socket.once('drain', r).once('close', r));
       if (this.closed) return;
       const req = P.parseRequest(await this.reader.read(headerSize), this.extended);
       let payload: Buffer | undefined;
