@@ -18,7 +18,8 @@ import { rng } from '../support/random.js';
 import { KiB, MiB } from '../../src/base/sizes.js';
 import type { SpawnedDaemon } from '../../src/daemon/spawn.js';
 
-const SIZE = 16 * MiB;
+/** 16 write-intent regions of 4 MiB. */
+const SIZE = 64 * MiB;
 const haveQemu = ['/usr/bin/qemu-img', '/usr/bin/qemu-io', '/usr/bin/qemu-nbd', '/usr/bin/nbdinfo'].every((p) => existsSync(p));
 const skip = haveQemu ? false : 'qemu-img, qemu-io, qemu-nbd or nbdinfo not installed';
 
@@ -151,7 +152,12 @@ test('persistent bitmaps survive SIGKILL: consistent, covering every change sinc
   try {
     const seed0 = Number(process.env.BM_BITMAP_CRASH_SEED ?? Date.now() % 1_000_000);
     const rounds = Number(process.env.BM_BITMAP_CRASH_ROUNDS ?? LAYOUTS.length);
-    for (let round = 0; round < rounds; round++) t.diagnostic(await oneRound(dir, round, seed0 + round));
+    for (let round = 0; round < rounds; round++) {
+      const line = await oneRound(dir, round, seed0 + round);
+      t.diagnostic(line);
+      // A long soak shows its progress as it goes.
+      if (process.env.BM_BITMAP_CRASH_ROUNDS) process.stderr.write(`round ${round}: ${line}\n`);
+    }
   } finally {
     await cleanup();
   }

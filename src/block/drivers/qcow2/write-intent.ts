@@ -17,9 +17,11 @@
  * bytes [i << region_bits, (i+1) << region_bits); the last region reaches to the end of the disk (so
  * a grown disk stays covered).
  *
- * Region size: the smallest power of two of at least 1 MiB for which the region bitmap fits in the
+ * Region size: the smallest power of two of at least 4 MiB for which the region bitmap fits in the
  * room the first cluster has left (at most 4 KiB of bits, and 512 bytes left free for what QEMU may
- * add when it rewrites the header). Images whose first cluster has no room (clusters under 2 KiB,
+ * add when it rewrites the header): 4 MiB up to 128 GiB, 32 MiB for 1 TiB. Larger regions mean fewer
+ * first writes (each costs a header write and a flush: in the page-cache mode that flush also
+ * writes back the guest data cached so far), smaller ones a tighter bitmap after a crash. Images whose first cluster has no room (clusters under 2 KiB,
  * long backing names) get no record: their bitmaps behave as before.
  *
  * Protocol.
@@ -48,7 +50,7 @@ export const AUTOCLEAR_WRITE_INTENT = 1n << 48n;
 
 const VERSION = 1;
 const FIXED_BYTES = 16;
-const MIN_REGION_BITS = 20;
+const MIN_REGION_BITS = 22;
 const MAX_BITMAP_BYTES = 4096;
 /** Room left in the first cluster for what QEMU may write there beyond our own serialisation. */
 export const HEADER_SLACK = 512;

@@ -1,0 +1,120 @@
+/**
+ * A power cut in simulation (as dm-log-writes or LazyFS): the test-only `recording` filter driver
+ * passes every request to its `file` child and logs each write (its bytes), write-zeroes, discard,
+ * truncate and flush, with their start and end. `rebuildAfterCut` then makes the image a power cut
+ * at a chosen point of the log would leave: what a flush had made durable before the cut, plus any
+ * subset of the writes that had started by then but were not yet covered by a flush.
+ */
+import { BlockNode, type BdrvChild, type NodeCapabilities, type WriteFlags } from '../../src/block/node.js';
+import { defaultChildPermissions, type Permissions } from '../../src/block/permissions.js';
+import type { BlockDriver } from '../../src/block/graph.js';
+
+export type LogEvent =
+  | { kind: 'write'; id: number; offset: number; data: Buffer; phase: 'start' | 'end' }
+  | { kind: 'truncate'; size: number }
+  | { kind: 'flush'; id: number; phase: 'start' | 'end' };
+
+/** The log every recording node of the process appends to (tests run one scenario at a time). */
+export const recordingLog: LogEvent[] = [];
+let nextId = 0;
+
+class RecordingNode extends BlockNode {
+  readonly driver = 'recording';
+  constructor(nodeName: string, readOnly: boolean, file: BlockNode) {
+    super(nodeName, readOnly);
+    this.attachChild('file', file, 'filtered');
+  }
+  override childPermissions(child: BdrvChild, perm: number, shared: number, writable: boolean): Permissions {
+    return defaultChildPermissions(child.role, writable, perm, shared, true);
+  }
+  private get file(): BlockNode {
+    return this.child('file')!.node;
+  }
+  length(): number {
+    return this.file.length();
+  }
+  override capabilities(): NodeCapabilities {
+    return this.file.capabilities();
+  }
+  // A growable file grows when qcow2 writes past its end (as blkdebug does it).
+  override async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    if (offset + data.length > this.length()) await this.truncate(offset + data.length);
+    return super.write(offset, data, flags);
+  }
+  override async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
+    if (offset + bytes > this.length()) await this.truncate(offset + bytes);
+    return super.writeZeroes(offset, bytes, flags);
+  }
+  private async logged(offset: number, data: Buffer, io: () => Promise<void>): Promise<void> {
+    const id = nextId++;
+    recordingLog.push({ kind: 'write', id, offset, data: Buffer.from(data), phase: 'start' });
+    await io();
+    recordingLog.push({ kind: 'write', id, offset, data, phase: 'end' });
+  }
+  protected doRead(offset: number, bytes: number): Promise<Buffer> {
+    return this.file.read(offset, bytes);
+  }
+  protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    return this.logged(offset, data, () => this.file.write(offset, data, flags));
+  }
+  protected override doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    return this.logged(offset, Buffer.alloc(bytes), () => this.file.writeZeroes(offset, bytes, flags));
+  }
+  // A discarded range reads back as zeroes from a file node (hole punched), or keeps its old bytes.
+  protected override doDiscard(offset: number, bytes: number): Promise<void> {
+    return this.logged(offset, Buffer.alloc(bytes), () => this.file.discard(offset, bytes));
+  }
+  protected async doFlush(): Promise<void> {
+    const id = nextId++;
+    recordingLog.push({ kind: 'flush', id, phase: 'start' });
+    await this.file.flush();
+    recordingLog.push({ kind: 'flush', id, phase: 'end' });
+  }
+  protected override async doTruncate(size: number, exact: boolean): Promise<void> {
+    await this.file.truncate(size, exact);
+    recordingLog.push({ kind: 'truncate', size });
+  }
+  imageInfo() {
+    return { ...this.file.imageInfo() };
+  }
+}
+
+export const recordingDriver: BlockDriver = {
+  name: 'recording',
+  options: { file: { kind: 'any' } },
+  async open(nodeName, opts, ctx) {
+    const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file', 'filtered');
+    return new RecordingNode(nodeName, opts['read-only'] as boolean, file);
+  },
+};
+
+/**
+ * The file a power cut after `cut` events of `log` leaves, starting from `initial`: every write that
+ * ended before a flush that started and ended before the cut, and each other write that started
+ * before the cut with probability 1/2 (`rand`), applied in the order they started.
+ */
+export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, rand: () => number): Buffer {
+  const ended = new Set<number>();
+  const durable = new Set<number>();
+  const flushStartEnded = new Map<number, Set<number>>();
+  for (let i = 0; i < cut; i++) {
+    const e = log[i];
+    if (e.kind === 'write' && e.phase === 'end') ended.add(e.id);
+    if (e.kind === 'flush' && e.phase === 'start') flushStartEnded.set(e.id, new Set(ended));
+    if (e.kind === 'flush' && e.phase === 'end') for (const id of flushStartEnded.get(e.id) ?? []) durable.add(id);
+  }
+  let size = initial.length;
+  for (let i = 0; i < cut; i++) {
+    const e = log[i];
+    if (e.kind === 'write' && e.phase === 'start') size = Math.max(size, e.offset + e.data.length);
+    if (e.kind === 'truncate') size = e.size;
+  }
+  const out = Buffer.alloc(size);
+  initial.copy(out, 0, 0, Math.min(size, initial.length));
+  for (let i = 0; i < cut; i++) {
+    const e = log[i];
+    if (e.kind !== 'write' || e.phase !== 'start') continue;
+    if (durable.has(e.id) || rand() < 0.5) e.data.copy(out, e.offset, 0, Math.max(0, Math.min(e.data.length, size - e.offset)));
+  }
+  return out;
+}
