@@ -794,8 +794,12 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.withHeader(async () => {
       const buf = serializeHeader(this.header, this.cs);
       this.header.headerLength = this.v3 ? buf.readUInt32BE(100) : 72;
+      // Where the write-intent record is on disk from now on (the header's layout may have moved).
+      const at = this.v3 ? findHeaderExtension(buf, this.header.headerLength, EXT_WRITE_INTENT) : undefined;
+      this.intentOnDisk = undefined;
       await this.file.write(0, buf);
       await this.file.flush();
+      this.intentOnDisk = at?.offset;
     });
   }
 
@@ -1126,17 +1130,22 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     h.unknownExtensions.push({ type: EXT_WRITE_INTENT, data });
     h.autoclearFeatures |= AUTOCLEAR_WRITE_INTENT;
     const rec = decodeWriteIntent(data)!;
-    this.writeIntent = new WriteIntentRecord(rec, rec.bits, () => this.persistWriteIntent());
+    this.writeIntent = new WriteIntentRecord(rec, rec.bits, () => this.persistWriteIntent(data));
     return true;
   }
 
-  /** Write the record's bytes in the first cluster as they are in memory, and flush. */
-  private persistWriteIntent(): Promise<void> {
+  /** Where the record's data is in the first cluster on disk, as the last header write put it. */
+  private intentOnDisk?: number;
+
+  /**
+   * Write the armed record's bytes in the first cluster as they are in memory, and flush: at the
+   * place the last header write put it, never where the in-memory header (which a bitmap store
+   * may be changing meanwhile) would put it.
+   */
+  private persistWriteIntent(data: Buffer): Promise<void> {
     return this.withHeader(async () => {
-      const buf = serializeHeader(this.header, this.cs);
-      const at = findHeaderExtension(buf, buf.readUInt32BE(100), EXT_WRITE_INTENT);
-      if (!at) throw new BlockIOError('EIO', 'qcow2: write-intent record missing from the header');
-      await this.file.write(at.offset, Buffer.from(buf.subarray(at.offset, at.offset + at.length)));
+      if (this.intentOnDisk === undefined) throw new BlockIOError('EIO', 'qcow2: write-intent record missing from the header');
+      await this.file.write(this.intentOnDisk, Buffer.from(data));
       await this.file.flush();
     });
   }
