@@ -106,9 +106,14 @@ test('the same hostile bytes get the same replies from qemu-storage-daemon 7.2 a
   try {
     const theirs = await replies('qemu-storage-daemon', dir);
     const ours = await replies('bitmirror', dir);
-    for (let i = 0; i < CASES.length; i++) assert.deepEqual(ours[i], theirs[i], `case ${i}: ${JSON.stringify(CASES[i].toString('latin1').slice(0, 80))}`);
-    // The flood: 20000 "not an object" and 20000 "expecting value", from both.
-    assert.equal(ours.at(-1)!.length, 40000);
+    const flood = CASES.length - 1;
+    for (let i = 0; i < flood; i++) assert.deepEqual(ours[i], theirs[i], `case ${i}: ${JSON.stringify(CASES[i].toString('latin1').slice(0, 80))}`);
+    // The flood: 20000 "not an object" and 20000 "expecting value". bitmirror answers every one before it
+    // closes; qemu-storage-daemon, on a loaded machine, may close the half-closed connection before it has
+    // answered the last of them (seen: 36998 of 40000), so its replies are compared as a prefix of ours.
+    assert.equal(ours[flood].length, 40000);
+    assert.ok(theirs[flood].length > 0, 'qemu-storage-daemon answered none of the flood');
+    assert.deepEqual(ours[flood].slice(0, theirs[flood].length), theirs[flood]);
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });
   }
