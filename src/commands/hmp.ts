@@ -1,6 +1,7 @@
 /**
- * human-monitor-command, for the two HMP commands tooling and QEMU's iotests lean on:
- * `qemu-io [-d] NODE "CMD"` and `trace-event NAME on|off`. Replies are HMP text with CRLF line ends,
+ * human-monitor-command, for the HMP commands tooling and QEMU's iotests lean on:
+ * `qemu-io [-d] NODE "CMD"`, `trace-event NAME on|off` and `block_resize DEVICE SIZE` (which, as in
+ * QEMU 7.2, finds devices only: nodes are resized with QMP block_resize node-name=…). Replies are HMP text with CRLF line ends,
  * as QEMU's monitor returns them; other HMP commands answer "unknown command: 'x'".
  *
  * qemu-io's own text goes where QEMU's goes: printed on the daemon's standard output (its errors such
@@ -12,6 +13,7 @@
 import { QmpError } from '../errors.js';
 import { bool, int, str } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
+import { blockdevCommands } from './blockdev.js';
 import { QemuIo, type QemuIoOutput } from './qemu-io.js';
 import type { Core } from '../core/core.js';
 import type { BlockNode } from '../block/node.js';
@@ -79,6 +81,31 @@ async function qemuIo(core: Core, args: string[]): Promise<HmpOutput> {
   return { monitor: '', ...(await session.run(cmdline)) };
 }
 
+/** HMP's size argument ('o'): a number with an optional B/K/M/G/T/P/E suffix, MiB without one. */
+function hmpSize(word: string | undefined): number | undefined {
+  const m = word === undefined ? null : /^(\d+(?:\.\d*)?)([bBkKmMgGtTpPeE]?)$/.exec(word);
+  if (!m) return undefined;
+  const shift: Record<string, number> = { b: 0, k: 10, '': 20, m: 20, g: 30, t: 40, p: 50, e: 60 };
+  const v = Number(m[1]) * 2 ** shift[m[2].toLowerCase()];
+  return Number.isSafeInteger(Math.floor(v)) ? Math.floor(v) : undefined;
+}
+
+/** `block_resize DEVICE SIZE`: QMP block_resize by device name (hmp_block_resize), errors as HMP prints them. */
+async function blockResize(core: Core, args: string[]): Promise<string> {
+  if (args.length === 0) return 'block_resize: block device name expected\nTry "help block_resize" for more information\n';
+  const size = hmpSize(args[1]);
+  if (size === undefined) return 'invalid size\nTry "help block_resize" for more information\n';
+  if (args.length > 2) return 'block_resize: extraneous characters at the end of line\nTry "help block_resize" for more information\n';
+  const resize = blockdevCommands.find((c) => c.name === 'block_resize')!;
+  try {
+    await resize.handler({ device: args[0], size }, core);
+    return '';
+  } catch (err) {
+    if (err instanceof QmpError) return `Error: ${err.message}\n`;
+    throw err;
+  }
+}
+
 function traceEvent(core: Core, args: string[]): string {
   if (args.length !== 2 || (args[1] !== 'on' && args[1] !== 'off')) return 'trace-event: invalid arguments\n';
   const matched = core.trace.setState(args[0], args[1] === 'on');
@@ -99,6 +126,9 @@ export const hmpCommands: CommandDef[] = [
         break;
       case 'trace-event':
         out = monitorText(traceEvent(core, rest));
+        break;
+      case 'block_resize':
+        out = monitorText(await blockResize(core, rest));
         break;
       default:
         out = monitorText(`unknown command: '${cmd}'\n`);

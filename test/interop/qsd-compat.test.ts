@@ -118,6 +118,10 @@ test('HMP qemu-io answers "" as QEMU does and prints its text on the daemon\'s s
     assert.doesNotMatch(d.stdout(), /bogus/);
     // What the monitor says itself stays the reply.
     assert.equal(await d.qmp.hmp('qemu-io nonode "read 0 512"'), "Error: Cannot find device='' nor node-name='nonode'\r\n");
+    // HMP block_resize finds devices only, as QEMU 7.2's: a node is resized with QMP block_resize node-name=….
+    assert.equal(await d.qmp.hmp('block_resize disk0 2M'), "Error: Cannot find device='disk0' nor node-name=''\r\n");
+    assert.equal(await d.qmp.hmp('block_resize disk0 2x'), 'invalid size\r\nTry "help block_resize" for more information\r\n');
+    assert.equal(await d.qmp.hmp('block_resize'), 'block_resize: block device name expected\r\nTry "help block_resize" for more information\r\n');
     // The data was written: QEMU's qemu-io reads it back.
     await d.qmp.execute('blockdev-del', { 'node-name': 'disk0' });
     const out = execFileSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5c 64k 4k', img]).toString();
