@@ -86,3 +86,12 @@ export async function storePersistentBitmaps(manager: BitmapManager, node: Block
 function lostError(node: BlockNode, msg: string): QmpError {
   return genericError(`Lost persistent bitmaps during inactivation of node '${node.nodeName}': ${msg}`);
 }
+
+/**
+ * After blockdev-reopen changed a node's read-only state (qcow2_reopen_bitmaps_ro/rw): its persistent
+ * bitmaps are read-only with it, or writable again (the image marked them in use on disk then).
+ * Going read-only, storePersistentBitmaps ran first, while the node could still write.
+ */
+export function persistentBitmapsFollowReopen(manager: BitmapManager, node: BlockNode): void {
+  for (const bm of manager.list(node)) if (bm.persistent && !bm.inconsistent) bm.readonly = node.readOnly;
+}

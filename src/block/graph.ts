@@ -5,7 +5,7 @@
  */
 import { genericError } from '../errors.js';
 import { visit, type Members, type Schema, type VisitOptions } from '../qapi/schema.js';
-import { BlockNode, type BdrvChild } from './node.js';
+import { BlockNode, type BdrvChild, type ReopenChange } from './node.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, checkNewChild, refreshPermissions, unnamedBackend, type ChildRole } from './permissions.js';
 import { BlockdevDriver } from '../qapi/block.js';
 import { ThrottleGroups } from './throttle-group.js';
@@ -21,6 +21,13 @@ export interface OpenContext {
    * is reported (with QEMU's message) before the driver reads anything through it.
    */
   openChild(ref: unknown, readOnly: boolean, childName: string, role: ChildRole): Promise<BlockNode>;
+}
+
+/** One node's part of a blockdev-reopen: its new state, and its new backing node (null: none) if that changes. */
+interface ReopenPlan {
+  node: BlockNode;
+  change: ReopenChange;
+  backing?: BlockNode | null;
 }
 
 /** What a driver's create gets: the protocol node a format is written on. */
@@ -186,6 +193,140 @@ export class BlockGraph {
     const variants: Record<string, Members> = {};
     for (const d of this.drivers.values()) if (d.create) variants[d.name] = d.create.options;
     return { kind: 'union', name: 'BlockdevCreateOptions', base: { driver: BlockdevDriver }, discriminator: 'driver', variants };
+  }
+
+  // ---- blockdev-reopen --------------------------------------------------------------------------------
+
+  /**
+   * Run around a change of a node's read-only state by blockdev-reopen, for layers above the graph:
+   * `beforeReadOnly` while the node is still writable (persistent bitmaps are stored), `afterReopen`
+   * once the new state is in place (bitmaps follow: read-only, or marked in use again).
+   */
+  readonly reopenHooks = {
+    beforeReadOnly: [] as Array<(node: BlockNode) => Promise<void>>,
+    afterReopen: [] as Array<(node: BlockNode, wasReadOnly: boolean) => Promise<void>>,
+  };
+
+  /**
+   * bdrv_reopen_multiple for blockdev-reopen: every node of the list takes its new options at once or
+   * none does. Checked first, with QEMU's messages: options the driver cannot change, the backing
+   * link (changed, detached, or missing), then the permissions of the new graph and read-only states;
+   * then each driver prepares, then all commit. `options` were checked against BlockdevOptions.
+   */
+  async reopen(list: Array<{ node: BlockNode; options: Record<string, unknown> }>): Promise<void> {
+    const plans: ReopenPlan[] = [];
+    for (const { node, options } of list) this.planReopen(node, options, '', plans);
+    const undo: Array<() => void> = [];
+    const touched = new Set<BlockNode>(plans.map((p) => p.node));
+    const readOnlyAfter = new Map(plans.map((p) => [p.node, p.change.readOnly]));
+    try {
+      for (const p of plans) {
+        if (p.backing === undefined) continue;
+        const old = p.node.child('backing');
+        if (old) touched.add(old.node);
+        if (p.backing) touched.add(p.backing);
+        undo.push(p.node.relinkChild('backing', p.backing ?? undefined, 'cow'));
+      }
+      refreshPermissions(touched, { readOnlyAfter });
+    } catch (err) {
+      for (const u of undo.reverse()) u();
+      throw err;
+    }
+    const prepared: ReopenPlan[] = [];
+    try {
+      for (const p of plans) {
+        if (p.change.readOnly && !p.node.readOnly) for (const hook of this.reopenHooks.beforeReadOnly) await hook(p.node);
+        prepared.push(p);
+        await p.node.reopenPrepare(p.change);
+      }
+    } catch (err) {
+      for (const p of prepared.reverse()) {
+        await p.node.reopenAbort(p.change).catch(() => undefined);
+        // Stored bitmaps of a node that stays writable are marked in use again.
+        if (p.change.readOnly && !p.node.readOnly) for (const hook of this.reopenHooks.afterReopen) await hook(p.node, false).catch(() => undefined);
+      }
+      for (const u of undo.reverse()) u();
+      refreshPermissions(touched);
+      throw err;
+    }
+    const wasReadOnly = plans.map((p) => p.node.readOnly);
+    for (const p of plans) p.node.reopenCommit(p.change);
+    let error: unknown;
+    for (const [i, p] of plans.entries()) {
+      try {
+        await p.node.reopenFinish(p.change, wasReadOnly[i]);
+        for (const hook of this.reopenHooks.afterReopen) await hook(p.node, wasReadOnly[i]);
+      } catch (err) {
+        error ??= err;
+      }
+    }
+    if (error !== undefined) throw error;
+  }
+
+  /** Options every node may change in blockdev-reopen (bdrv_reopen_prepare's own). */
+  private static readonly GENERIC_REOPENABLE = new Set(['driver', 'node-name', 'read-only', 'auto-read-only', 'discard', 'detect-zeroes', 'cache', 'force-share']);
+  /** Options that name children. */
+  private static readonly CHILD_OPTIONS = ['file', 'backing', 'image', 'data-file'];
+
+  /** Check one node's new options (and nested children's, with `prefix`), adding the plans to `out`. */
+  private planReopen(node: BlockNode, opts: Record<string, unknown>, prefix: string, out: ReopenPlan[]): void {
+    const old = node.openOptions;
+    const cannot = (key: string) => genericError(`Cannot change the option '${prefix}${key}'`);
+    if (opts.driver !== node.driver) throw cannot('driver');
+    const readOnly = (opts['read-only'] as boolean | undefined) ?? false;
+    if (((opts['force-share'] as boolean | undefined) ?? false) !== node.forceShare) throw genericError('Cannot change force-share option');
+    // cache.direct and cache.no-flush would need the file's descriptor reopened: not done yet.
+    if ((node.driver === 'file' || node.driver === 'host_device') && JSON.stringify(opts.cache ?? {}) !== JSON.stringify(old.cache ?? {})) {
+      const c = (opts.cache ?? {}) as Record<string, unknown>;
+      const o = (old.cache ?? {}) as Record<string, unknown>;
+      throw cannot(c.direct !== o.direct ? 'cache.direct' : 'cache.no-flush');
+    }
+    const plan: ReopenPlan = { node, change: { readOnly, options: opts } };
+    for (const key of BlockGraph.CHILD_OPTIONS) {
+      const current = node.child(key);
+      const value = opts[key];
+      if (value === undefined) {
+        // Omitting backing keeps nothing: it must be named (or null) while the node has one, or its
+        // image names one.
+        if (key === 'backing' && (node.backing() || node.imageInfo()['backing-filename'] !== undefined)) {
+          throw genericError(`backing is missing for '${node.nodeName}'`);
+        }
+        continue;
+      }
+      if (value !== null && typeof value === 'object') {
+        // Nested options reopen the current child; without one they are options that cannot change.
+        if (!current) throw cannot(`${key}.${Object.keys(value)[0] ?? ''}`);
+        this.planReopen(current.node, value as Record<string, unknown>, `${prefix}${key}.`, out);
+        continue;
+      }
+      if (key !== 'backing') {
+        if (typeof value === 'string' && !this.find(value)) throw genericError(`Cannot find device='' nor node-name='${value}'`);
+        if (typeof value !== 'string' || value !== current?.node.nodeName) throw cannot(key);
+        continue;
+      }
+      // bdrv_reopen_parse_file_or_backing for 'backing': null detaches, a node-name attaches that node.
+      const target = value === null ? null : this.find(value as string);
+      if (target === undefined) throw genericError(`Cannot find device='' nor node-name='${String(value)}'`);
+      if ((target ?? undefined) === node.backing()) continue;
+      if (target && BlockGraph.reaches(target, node)) {
+        throw genericError(`Making '${target.nodeName}' a backing child of '${node.nodeName}' would create a cycle`);
+      }
+      if (current?.frozen) {
+        throw genericError(`Cannot change frozen 'backing' link from '${node.nodeName}' to '${current.node.nodeName}'`);
+      }
+      plan.backing = target;
+    }
+    const driverOwn = new Set(node.reopenableOptions());
+    for (const key of Object.keys(opts)) {
+      if (BlockGraph.GENERIC_REOPENABLE.has(key) || BlockGraph.CHILD_OPTIONS.includes(key) || driverOwn.has(key)) continue;
+      if (JSON.stringify(opts[key]) !== JSON.stringify(old[key])) throw cannot(key);
+    }
+    out.push(plan);
+  }
+
+  /** Whether `to` is `from` or below it. */
+  private static reaches(from: BlockNode, to: BlockNode): boolean {
+    return from === to || from.children.some((c) => BlockGraph.reaches(c.node, to));
   }
 
   /** Whether the driver can create images (blockdev-create). */

@@ -146,6 +146,17 @@ export interface ImageInfo {
   [key: string]: unknown;
 }
 
+/** QEMU's BlockOpType values that commands check (bdrv_op_is_blocked). */
+export type BlockOp = 'drive-del' | 'resize' | 'mirror-source' | 'mirror-target' | 'backup-source' | 'backup-target' | 'commit-target' | 'stream';
+/** What a backing file's blocker lets through (bdrv_backing_attach's bdrv_op_unblock calls). */
+const BACKING_ALLOWS: ReadonlySet<BlockOp> = new Set(['commit-target', 'stream', 'backup-source', 'backup-target']);
+
+/** What blockdev-reopen changes on one node: its read-only state and its options (checked). */
+export interface ReopenChange {
+  readonly readOnly: boolean;
+  readonly options: Record<string, unknown>;
+}
+
 /** Facts about a node used by jobs and bitmaps (bdrv_get_info). */
 export interface NodeInfo {
   /** Cluster size of a format with clusters (qcow2); undefined when the format has none. */
@@ -391,6 +402,18 @@ export abstract class BlockNode {
     }
   }
 
+  /**
+   * QEMU's bdrv_op_is_blocked: why `op` may not run on this node, if it may not — a job's blocker
+   * (blocks everything), or being a backing file (QEMU's backing_blocker, which lets commit, stream
+   * and backup through).
+   */
+  opBlocker(op: BlockOp): string | undefined {
+    for (const reason of this.blockers.values()) return reason;
+    if (BACKING_ALLOWS.has(op)) return undefined;
+    const backingOf = this.parents.find((e) => e.role === 'cow' && e.parentNode)?.parentNode;
+    return backingOf ? `node is used as backing hd of '${backingOf.nodeName}'` : undefined;
+  }
+
   /** The edges of parents that are not nodes, of one kind. */
   parentsOfKind(kind: ExternalParent['kind']): BdrvChild[] {
     return this.parents.filter((e) => e.parentKind === kind);
@@ -595,6 +618,47 @@ export abstract class BlockNode {
     } finally {
       this.tracker.end(tracked);
     }
+  }
+
+  // ---- reopen (blockdev-reopen; see BlockGraph.reopen) -----------------------------------------------
+
+  /**
+   * The driver's own options blockdev-reopen may change; every other option given must keep its
+   * value ("Cannot change the option 'x'"). Generic ones (read-only, discard, ...) are the graph's.
+   */
+  reopenableOptions(): readonly string[] {
+    return [];
+  }
+
+  /**
+   * bdrv_reopen_prepare's driver part, after the permissions of the new state were checked: do what
+   * the change needs and can still be undone (a qcow2 going read-only writes back its metadata; a file
+   * going read-write opens a writable descriptor). Throws to refuse.
+   */
+  async reopenPrepare(_change: ReopenChange): Promise<void> {}
+  /** Make the change (cannot fail). */
+  reopenCommit(change: ReopenChange): void {
+    this.readOnly = change.readOnly;
+    this.openOptions = change.options;
+  }
+  /** Undo reopenPrepare. */
+  async reopenAbort(_change: ReopenChange): Promise<void> {}
+  /** After every node of the reopen committed: the write phase of a node that became writable. */
+  async reopenFinish(_change: ReopenChange, _wasReadOnly: boolean): Promise<void> {}
+
+  /**
+   * Point child `name` at `node`, or remove it (undefined), without checking permissions: for a change
+   * its caller checks as a whole (reopen). Returns the undo.
+   */
+  relinkChild(name: string, node: BlockNode | undefined, role: ChildRole): () => void {
+    const old = this.child(name);
+    if (old) this.unlink(old);
+    const edge = node ? new BdrvChild(name, this, node, role) : undefined;
+    if (edge) this.link(edge);
+    return () => {
+      if (edge) this.unlink(edge);
+      if (old) this.link(old);
+    };
   }
 
   /** For a format's doTruncate: let observers refuse a resize of an image that stores these bitmaps. */

@@ -99,8 +99,8 @@ async function createBackupJob(core: Core, args: Record<string, unknown>, source
     // QEMU names the target's BlockBackend (none for a node: ''); the node name is clearer.
     throw genericError(`Compression is not supported for this drive ${target.nodeName}`);
   }
-  checkBusy(source);
-  checkBusy(target);
+  checkBusy(source, 'backup-source');
+  checkBusy(target, 'backup-target');
   if (maxWorkers < 1 || maxWorkers > INT_MAX) throw genericError(`max-workers must be between 1 and ${INT_MAX}`);
   if (maxChunk < 0) throw genericError('max-chunk must be zero (which means no limit) or positive');
   const minClusterSize = checkMinClusterSize(perf['min-cluster-size']);
@@ -206,7 +206,7 @@ function driveBackupAction(core: Core, data: Record<string, unknown>, ctx?: Tran
     const source = core.graph.lookup(data.device as string);
     const mode = (data.mode as string | undefined) ?? 'absolute-paths';
     const format = (data.format as string | undefined) ?? (mode === 'existing' ? undefined : source.formatLayer().driver);
-    checkBusy(source);
+    checkBusy(source, 'backup-source');
     let sync = data.sync as string;
     let backing: BlockNode | undefined;
     if (sync === 'top') {

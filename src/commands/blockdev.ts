@@ -1,8 +1,9 @@
 /**
- * blockdev-add, blockdev-del, block_resize and query-named-block-nodes, with QEMU's checks and messages.
+ * blockdev-add, blockdev-del, blockdev-reopen, block_resize and query-named-block-nodes, with QEMU's
+ * checks and messages.
  */
 import { genericError } from '../errors.js';
-import { bool, int, str } from '../qapi/schema.js';
+import { any, arrayOf, bool, int, str, visit } from '../qapi/schema.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, unnamedBackend } from '../block/permissions.js';
 import { command, type CommandDef } from './registry.js';
 import { writeThreshold } from './block-stats.js';
@@ -71,7 +72,8 @@ export const blockdevCommands: CommandDef[] = [
     if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
     // QEMU's order: a BlockBackend (a job's, an export's), op blockers, the monitor's reference, others.
     if (node.parentsOfKind('backend').length > 0) throw genericError(`Node ${name} is in use`);
-    for (const reason of node.blockers.values()) throw genericError(`Node '${name}' is busy: ${reason}`);
+    const blocked = node.opBlocker('drive-del');
+    if (blocked) throw genericError(`Node '${name}' is busy: ${blocked}`);
     const monitorRef = node.parentsOfKind('monitor')[0];
     if (!monitorRef) throw genericError(`Node ${name} is not owned by the monitor`);
     if (node.parents.length > 1) throw genericError(`Block device ${name} is in use`);
@@ -89,7 +91,7 @@ export const blockdevCommands: CommandDef[] = [
     const node = nodeName !== undefined ? core.graph.find(nodeName) : undefined;
     if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
     // An op blocker (a job on the node) refuses with QEMU's words, which print the absent device as '(null)'.
-    if (node.blockers.size > 0) throw genericError(`Device '${device ?? '(null)'}' is in use`);
+    if (node.opBlocker('resize')) throw genericError(`Device '${device ?? '(null)'}' is in use`);
     // A BlockBackend that resizes and shares everything, for the time of the resize.
     const edge = node.attachParent(unnamedBackend(), 'root', BLK_PERM_RESIZE, BLK_PERM_ALL);
     try {
@@ -97,6 +99,19 @@ export const blockdevCommands: CommandDef[] = [
     } finally {
       BlockNode.detachParent(edge);
     }
+    return {};
+  }),
+  command('blockdev-reopen', { options: arrayOf(any) }, async (args, core) => {
+    const list: Array<{ node: BlockNode; options: Record<string, unknown> }> = [];
+    for (const [i, raw] of (args.options as unknown[]).entries()) {
+      const options = visit(core.graph.blockdevOptionsSchema(), raw, `options[${i}]`) as Record<string, unknown>;
+      const name = options['node-name'] as string | undefined;
+      if (name === undefined) throw genericError('node-name not specified');
+      const node = core.graph.find(name);
+      if (!node) throw genericError(`Failed to find node with node-name='${name}'`);
+      list.push({ node, options });
+    }
+    await core.graph.reopen(list);
     return {};
   }),
   command('query-named-block-nodes', { '*flat': bool }, async (args, core) => {

@@ -16,7 +16,7 @@ import { genericError } from '../errors.js';
 import { bool, enumOf, int, str, uint32, type Members } from '../qapi/schema.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
-import type { BlockNode } from '../block/node.js';
+import type { BlockNode, BlockOp } from '../block/node.js';
 import { BITMAP_ALLOW_RO, BITMAP_DEFAULT, type DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { DEFAULT_MIRROR_BUF_SIZE, MirrorJob, type BitmapSyncMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import type { OnError } from '../jobs/job.js';
@@ -59,9 +59,10 @@ function rootNode(core: Core, name: string): BlockNode {
   return node;
 }
 
-/** bdrv_op_is_blocked: a node a job uses refuses other jobs, with the job's reason. */
-export function checkBusy(node: BlockNode): void {
-  for (const reason of node.blockers.values()) throw genericError(`Node '${node.nodeName}' is busy: ${reason}`);
+/** bdrv_op_is_blocked: a node a job uses (or a backing file, for some jobs) refuses `op`, with the reason. */
+export function checkBusy(node: BlockNode, op: BlockOp): void {
+  const reason = node.opBlocker(op);
+  if (reason) throw genericError(`Node '${node.nodeName}' is busy: ${reason}`);
 }
 
 interface BitmapChoice {
@@ -122,8 +123,8 @@ async function startMirror(
   target: BlockNode,
   extra: { unmap: boolean; targetIsZero: boolean; filterNodeName?: string; ownedTarget?: boolean; backingAtCompletion?: BlockNode },
 ): Promise<MirrorJob> {
-  checkBusy(source);
-  checkBusy(target);
+  checkBusy(source, 'mirror-source');
+  checkBusy(target, 'mirror-target');
   if (target.parentsOfKind('backend').length > 0) throw genericError('Cannot mirror to an attached block device');
   const sync0 = args.sync as string;
   if (sync0 !== 'bitmap' && sync0 !== 'incremental' && args.bitmap === undefined && args['bitmap-mode'] !== undefined) {

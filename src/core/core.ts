@@ -9,7 +9,7 @@ import { BLK_PERM_ALL, MONITOR_PARENT } from '../block/permissions.js';
 import type { VisitOptions } from '../qapi/schema.js';
 import { EventBus } from '../base/events.js';
 import { BitmapManager } from '../bitmap/manager.js';
-import { loadPersistentBitmaps, storePersistentBitmaps } from '../bitmap/persistence.js';
+import { loadPersistentBitmaps, persistentBitmapsFollowReopen, storePersistentBitmaps } from '../bitmap/persistence.js';
 import { tracer } from '../trace/trace.js';
 import { JobRegistry } from '../jobs/registry.js';
 import { NbdServer } from '../nbd/server.js';
@@ -60,6 +60,10 @@ export class Core {
       }
       this.bitmaps.releaseAll(node);
     });
+    // blockdev-reopen: a node going read-only stores its persistent bitmaps first; afterwards they
+    // follow its state.
+    this.graph.reopenHooks.beforeReadOnly.push((node) => storePersistentBitmaps(this.bitmaps, node));
+    this.graph.reopenHooks.afterReopen.push(async (node) => persistentBitmapsFollowReopen(this.bitmaps, node));
   }
 
   /**

@@ -180,3 +180,99 @@ test('block_resize of a qcow2 whose persistent bitmap is inconsistent is refused
     assert.match(execFileSync('qemu-img', ['check', f.a]).toString(), /No errors were found on the image/);
   });
 });
+
+/** qemu-img info's bitmaps of an image: name and flags, in the order qemu-img lists them. */
+function storedBitmaps(file: string): Array<{ name: string; flags: string[] }> {
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '-U', '--output=json', file]).toString()) as {
+    'format-specific': { data: { bitmaps?: Array<{ name: string; flags: string[] }> } };
+  };
+  return (info['format-specific'].data.bitmaps ?? []).map((b) => ({ name: b.name, flags: b.flags }));
+}
+
+test('blockdev-reopen read-only <-> read-write of a qcow2 with persistent bitmaps, and options that cannot change', { skip }, async () => {
+  const seen: Record<string, unknown[]> = {};
+  const run1 = (program: string): Script => async (q, _d, f) => {
+    const infos: unknown[] = (seen[program] = []);
+    execFileSync('qemu-img', ['bitmap', '--add', f.a, 'b0']);
+    await q('blockdev-add', { driver: 'file', 'node-name': 'f', filename: f.a });
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': true });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': false }] });
+    // Writable now: the stored bitmap is in use on disk, and a new persistent one can be added.
+    infos.push(storedBitmaps(f.a));
+    await q('block-dirty-bitmap-add', { node: 'q', name: 'b1', persistent: true });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': true }] });
+    // Read-only again: both stored, neither in use.
+    infos.push(storedBitmaps(f.a));
+    await q('block-dirty-bitmap-clear', { node: 'q', name: 'b1' });
+    // Options that cannot change, and the ones qcow2 can.
+    await q('blockdev-reopen', { options: [{ driver: 'raw', 'node-name': 'q', file: 'f' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'file', 'node-name': 'f', filename: f.b }] });
+    await q('blockdev-reopen', { options: [{ driver: 'file', 'node-name': 'f', filename: f.a, locking: 'off' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': false, 'lazy-refcounts': true }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'nope', file: 'f' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', file: 'f' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'x' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q' }] });
+    // The file cannot become read-only under a writer; together with it, it can.
+    await q('blockdev-reopen', { options: [{ driver: 'file', 'node-name': 'f', filename: f.a, 'read-only': true }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': true }, { driver: 'file', 'node-name': 'f', filename: f.a, 'read-only': true }] });
+    // A writer on a read-only file is refused; both writable again, file first.
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': false }] });
+    await q('blockdev-reopen', { options: [{ driver: 'file', 'node-name': 'f', filename: f.a, 'read-only': false }, { driver: 'qcow2', 'node-name': 'q', file: 'f', 'read-only': false }] });
+    await q('block-dirty-bitmap-add', { node: 'q', name: 'b2', persistent: true });
+    infos.push(storedBitmaps(f.a));
+    await q('blockdev-del', { 'node-name': 'q' });
+    await q('blockdev-del', { 'node-name': 'f' });
+    infos.push(storedBitmaps(f.a));
+    assert.match(execFileSync('qemu-img', ['check', f.a]).toString(), /No errors were found on the image/);
+  };
+  const theirs = await run('qemu-storage-daemon', run1('qemu-storage-daemon'));
+  const ours = await run('bitmirror', run1('bitmirror'));
+  for (let i = 0; i < theirs.length; i++) assert.deepEqual(ours[i], theirs[i], `reply ${i}`);
+  assert.deepEqual(seen.bitmirror, seen['qemu-storage-daemon']);
+  assert.deepEqual(seen.bitmirror[1], [
+    { name: 'b0', flags: ['auto'] },
+    { name: 'b1', flags: ['auto'] },
+  ]);
+});
+
+test('blockdev-reopen changes and detaches a backing file, as qemu-storage-daemon 7.2', { skip }, async () => {
+  const backings: Record<string, unknown[]> = {};
+  const script = (program: string): Script => async (q, d, f) => {
+    const seen: unknown[] = (backings[program] = []);
+    const base = `${f.a}.base.qcow2`;
+    const top = `${f.a}.top.qcow2`;
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '1M']);
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 64k', base]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 0 64k', f.b]);
+    const backingOf = async () => {
+      const nodes = await d.qmp.execute<Array<{ 'node-name': string; image: { 'backing-image'?: { filename: string } } }>>('query-named-block-nodes');
+      return nodes.find((n) => n['node-name'] === 'top')?.image['backing-image']?.filename ?? null;
+    };
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'base', file: { driver: 'file', filename: base } });
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'base2', file: { driver: 'file', filename: f.b } });
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', 'node-name': 'topf', filename: top }, backing: 'base' });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf', backing: 'base2' }] });
+    seen.push(await backingOf());
+    await q('blockdev-del', { 'node-name': 'base2' });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf', backing: null }] });
+    seen.push(await backingOf());
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf', backing: 'nope' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf', backing: 'top' }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf', backing: { driver: 'null-co' } }] });
+    await q('blockdev-reopen', { options: [{ driver: 'qcow2', 'node-name': 'top', file: 'topf', backing: 'base' }] });
+    seen.push(await backingOf());
+    // top reads through to its backing file again; base cannot go while top uses it.
+    await q('blockdev-del', { 'node-name': 'base' });
+    await q('blockdev-del', { 'node-name': 'top' });
+    await q('blockdev-del', { 'node-name': 'base' });
+  };
+  const theirs = await run('qemu-storage-daemon', script('qemu-storage-daemon'));
+  const ours = await run('bitmirror', script('bitmirror'));
+  for (let i = 0; i < theirs.length; i++) assert.deepEqual(ours[i], theirs[i], `reply ${i}`);
+  const mask = (v: unknown[]) => v.map((x) => (typeof x === 'string' ? path.basename(x.replace(/.*"filename": "([^"]+)".*/, '$1')) : x));
+  assert.deepEqual(mask(backings.bitmirror), ['b.qcow2', null, 'a.qcow2.base.qcow2']);
+  assert.deepEqual(mask(backings['qemu-storage-daemon']), ['b.qcow2', null, 'a.qcow2.base.qcow2']);
+});

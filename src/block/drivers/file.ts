@@ -28,7 +28,7 @@
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { BlockIOError, genericError, strerror, errorCode, QmpError } from '../../errors.js';
 import { PreallocModeEnum, type PreallocMode } from '../../qapi/block.js';
-import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
+import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type ReopenChange, type WriteFlags } from '../node.js';
 import type { BlockDriver } from '../graph.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, PERM_NAMES } from '../permissions.js';
 import { bool, enumOf, str, int, size } from '../../qapi/schema.js';
@@ -160,7 +160,7 @@ export class FileNode extends BlockNode {
     nodeName: string,
     readOnly: boolean,
     readonly filename: string,
-    private readonly fh: fsp.FileHandle,
+    private fh: fsp.FileHandle,
     size: number,
     readonly fileOptions: FileNodeOptions,
   ) {
@@ -192,6 +192,69 @@ export class FileNode extends BlockNode {
     if (!p) return;
     this.pending = undefined;
     if (this.fileOptions.locking && !this.isClosed()) dropImageLocks(this.fh.fd, this.lockBytes, p.before);
+  }
+
+  // ---- reopen -------------------------------------------------------------------------------------
+
+  /** Whether the descriptor was opened for writing (a read-only open has O_RDONLY). */
+  private fdWritable = !this.readOnly;
+  /** A writable descriptor opened by reopenPrepare, taken over by reopenCommit. */
+  private reopenFh: fsp.FileHandle | undefined;
+
+  override reopenableOptions(): readonly string[] {
+    return ['drop-cache', 'x-check-cache-dropped', 'aio-max-batch'];
+  }
+
+  /**
+   * Becoming writable with a read-only descriptor (raw_reopen_prepare): open the file again for
+   * writing and move the lock bytes to the new descriptor (the permission refresh already set them for
+   * the new state on the old one). The old descriptor's bytes are dropped first — two descriptions of
+   * one file conflict with each other as with anyone — and taken back if the new one cannot get them.
+   * Going read-only keeps the descriptor: nothing is written through it any more.
+   */
+  override async reopenPrepare(change: ReopenChange): Promise<void> {
+    if (change.readOnly || this.fdWritable) return;
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(this.filename, fsc.O_RDWR | (this.fileOptions.direct ? nativeAddon()!.O_DIRECT : 0));
+    } catch (err) {
+      throw genericError(`Could not reopen file: ${strerror(errorCode(err))}`);
+    }
+    if (this.fileOptions.locking) {
+      dropImageLocks(this.fh.fd, this.lockBytes, new Set());
+      try {
+        prepareImageLocks(fh.fd, this.filename, this.lockBytes, this.perm, this.shared);
+      } catch (err) {
+        await fh.close().catch(() => undefined);
+        this.lockBytes.clear();
+        prepareImageLocks(this.fh.fd, this.filename, this.lockBytes, this.perm, this.shared);
+        throw err;
+      }
+    }
+    this.reopenFh = fh;
+  }
+
+  override reopenCommit(change: ReopenChange): void {
+    super.reopenCommit(change);
+    if (this.reopenFh) {
+      const old = this.fh;
+      this.fh = this.reopenFh;
+      this.reopenFh = undefined;
+      this.fdWritable = true;
+      void old.close().catch(() => undefined);
+    }
+    this.fileOptions.discardUnmap = change.options.discard === 'unmap';
+  }
+
+  override async reopenAbort(): Promise<void> {
+    const fh = this.reopenFh;
+    if (!fh) return;
+    this.reopenFh = undefined;
+    if (this.fileOptions.locking) {
+      dropImageLocks(fh.fd, this.lockBytes, new Set());
+      prepareImageLocks(this.fh.fd, this.filename, this.lockBytes, this.perm, this.shared);
+    }
+    await fh.close().catch(() => undefined);
   }
 
   /** The OS file descriptor (for tests and diagnostics). */

@@ -22,7 +22,7 @@
  */
 import { BlockIOError, errorCode, errorMessage, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
-import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type ReopenChange, type WriteFlags } from '../../node.js';
 import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
@@ -693,6 +693,13 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    */
   protected override async doActivate(): Promise<void> {
     if (this.readOnly) return;
+    await this.prepareForWriting();
+    if (this.loadedBitmapNames.length) await this.setBitmapsInUse(this.loadedBitmapNames, true);
+    this.loadedBitmapNames = [];
+  }
+
+  /** What a writer does first: repair a dirty image's refcounts, or clear autoclear bits it does not know. */
+  private async prepareForWriting(): Promise<void> {
     const h = this.header;
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) await this.repairRefcounts();
     // The write-intent record covering the bitmaps about to be marked in_use (write-intent.ts).
@@ -704,7 +711,50 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       h.autoclearFeatures &= known;
       await this.writeHeader();
     }
-    if (this.loadedBitmapNames.length) await this.setBitmapsInUse(this.loadedBitmapNames, true);
+  }
+
+  // ---- reopen -------------------------------------------------------------------------------------
+
+  /** qcow2_update_options: what qcow2 lets blockdev-reopen change (bitmirror keeps them as given). */
+  override reopenableOptions(): readonly string[] {
+    return [
+      'lazy-refcounts', 'pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', 'discard-no-unref', 'overlap-check',
+      'cache-size', 'l2-cache-size', 'l2-cache-entry-size', 'refcount-cache-size', 'cache-clean-interval',
+    ];
+  }
+
+  /** Going read-only: everything cached is written back and the image marked clean, as at close. */
+  override async reopenPrepare(change: ReopenChange): Promise<void> {
+    if (!change.readOnly || this.readOnly || !this.activated) return;
+    await this.withAll(async () => {
+      await this.writebackMetadata();
+      if (this.markedDirty && this.header.incompatibleFeatures & INCOMPAT_DIRTY) {
+        await this.file.flush();
+        this.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+        await this.writeHeader();
+        this.markedDirty = false;
+        this.dirtySetByUs = false;
+      }
+      await this.file.flush();
+    });
+  }
+
+  override reopenCommit(change: ReopenChange): void {
+    super.reopenCommit(change);
+    this.unmapAllowed = change.options.discard === 'unmap';
+  }
+
+  /**
+   * Became writable (qcow2_reopen_bitmaps_rw): the writer's first steps, and the stored bitmaps,
+   * which the layer above now lets change, are marked in use on disk.
+   */
+  override async reopenFinish(_change: ReopenChange, wasReadOnly: boolean): Promise<void> {
+    if (!wasReadOnly || this.readOnly) return;
+    // As after a read-write open: the bitmaps about to be in use are covered by the write-intent record.
+    const names = this.bitmapsValid() ? this.cachedBitmaps.filter((b) => !b.inUse).map((b) => b.name) : [];
+    this.loadedBitmapNames = names;
+    await this.prepareForWriting();
+    if (names.length) await this.setBitmapsInUse(names, true);
     this.loadedBitmapNames = [];
   }
 
