@@ -106,7 +106,7 @@ type Reply = Record<string, unknown>;
  * turn of the event loop to other clients and to I/O, and the time after which it yields sooner (a
  * few slow requests, like query-qmp-schema, take as long as many cheap ones).
  */
-const TURN_BUDGET = 32;
+export const TURN_BUDGET = 32;
 const TURN_MS = 5;
 /** Bytes of input parsed per step: a step can yield at most this many messages. */
 const PARSE_STEP = 4096;

@@ -64,13 +64,17 @@ export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: bo
   }
   const offset = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
   const copied = (hi & COPIED_HI) !== 0;
-  const zero = v3 && (lo & 1) !== 0;
+  // The zero flag is decoded in every version, as QEMU 7.2 does; a version 2 image has no zero
+  // clusters, so QEMU fails any read or write through such an entry ("Zero cluster entry found in
+  // pre-v3 image", EIO) instead of reading it as zeroes or as its data: so do we.
+  const zero = (lo & 1) !== 0;
   let type: ClusterType;
   if (zero) type = offset ? 'zero-alloc' : 'zero-plain';
   else type = offset ? 'normal' : 'unallocated';
   const r: L2Entry = { type, offset, copied, csize: 0 };
-  if (hi & L2_RES_HI || lo & L2_RES_LO || (!v3 && lo & 1)) r.reservedBits = 'L2 entry has reserved bits set';
+  if (hi & L2_RES_HI || lo & L2_RES_LO) r.reservedBits = 'L2 entry has reserved bits set';
   if (offset % 2 ** clusterBits !== 0) r.bad = 'data cluster is not properly aligned';
+  if (zero && !v3) r.bad = 'Zero cluster entry found in pre-v3 image';
   return r;
 }
 
