@@ -120,6 +120,28 @@ test('L2 entry pointing beyond EOF: read-only reads zeroes there as qemu-io does
   }
 });
 
+test('zero cluster in a version 2 image (a v3 image relabelled): reads through it fail with EIO as in qemu-io, the other clusters read', async () => {
+  const { dir, cleanup } = await tempDir();
+  try {
+    const img = await fresh(dir); // 0x42 at [0, 128k), 64 KiB clusters
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -z 448k 64k', '-c', 'write -P 0x43 512k 64k', '-c', 'write -z 512k 64k', img]);
+    await patch(img, (b) => b.writeUInt32BE(2, 4)); // version 3 → 2: no zero clusters in that version
+    const before = await readFile(img);
+    const q = await run('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read 448k 64k', '-c', 'read 512k 64k', '-c', 'read -P 0x42 0 64k', img]);
+    assert.equal(q.stdout.match(/read failed: Input\/output error/g)?.length, 2, q.stdout + q.stderr);
+    assert.match(q.stderr, /Zero cluster entry found in pre-v3 image/);
+    const g = newGraph();
+    const n = await openQcow2File(g, img, { 'read-only': true });
+    await assert.rejects(n.read(448 << 10, 64 << 10), /Zero cluster entry found in pre-v3 image/); // zero-plain
+    await assert.rejects(n.read(512 << 10, 64 << 10), /Zero cluster entry found in pre-v3 image/); // zero-alloc
+    assert.ok((await n.read(0, 64 << 10)).equals(Buffer.alloc(64 << 10, 0x42)));
+    await g.closeAll();
+    assert.ok((await readFile(img)).equals(before), 'file unchanged');
+  } finally {
+    await cleanup();
+  }
+});
+
 test('damaged L1 entries, read-only: every 2 MiB region reads as qemu-io reads it (undamaged ones served, unaligned ones EIO)', async () => {
   const { dir, cleanup } = await tempDir();
   try {
