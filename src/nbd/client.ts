@@ -9,6 +9,7 @@
  */
 import * as net from 'node:net';
 import { BlockIOError } from '../errors.js';
+import { tracer } from '../trace/trace.js';
 import { SocketClosedError, SocketReader } from './socket-reader.js';
 import {
   CONTEXT_BASE_ALLOCATION,
@@ -45,6 +46,11 @@ import {
   type BlockSizes,
   type Extent,
 } from './protocol.js';
+
+/** A connection broke: why (a protocol fault the server made, or the server hung up). */
+const traceConnectionLost = tracer.point('nbd_client_connection_lost');
+/** A connection finished its handshake. */
+const traceConnected = tracer.point('nbd_client_connected');
 
 export type NbdClientAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 
@@ -133,6 +139,7 @@ export class NbdClientConnection {
     const reader = new SocketReader(sock, 64 << 20);
     try {
       const session = await handshake(sock, reader, exportName, context);
+      traceConnected({ size: session.size, flags: `0x${session.flags.toString(16)}`, extended: session.extended, context_id: session.contextId });
       return new NbdClientConnection(sock, reader, session);
     } catch (e) {
       sock.destroy();
@@ -179,6 +186,7 @@ export class NbdClientConnection {
   private lose(err: Error): void {
     if (this.dead) return;
     this.dead = err;
+    traceConnectionLost({ reason: JSON.stringify(err.message), in_flight: this.pending.size });
     this.sock.destroy();
     this.failAll(new BlockIOError('EIO', `NBD connection lost: ${err.message}`));
     this.onLost?.(err);
