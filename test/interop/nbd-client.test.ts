@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
-import { assertIdentical, haveQsd, io, qcow2, setup, startDaemon, type Env } from '../support/daemon.js';
+import { assertIdentical, haveQsd, io, poll, qcow2, setup, startDaemon, type Env } from '../support/daemon.js';
 import { mustRun, run } from '../support/tools.js';
 
 const MiB = 1024 * 1024;
@@ -25,6 +25,8 @@ async function sourceImage(file: string): Promise<void> {
 /** Start a server that forks once its socket is ready and writes its pid; returns a stop function. */
 async function startForking(cmd: string, args: string[], pidFile: string): Promise<() => Promise<void>> {
   await mustRun(cmd, args);
+  // nbdkit's parent may exit before its child has written the pid file (written once it listens).
+  await poll(`${cmd}'s pid file`, async () => /^\d+\s*$/.test(await fsp.readFile(pidFile, 'utf8').catch(() => '')));
   const pid = Number((await fsp.readFile(pidFile, 'utf8')).trim());
   return async () => {
     try {
