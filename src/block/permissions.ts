@@ -21,6 +21,9 @@ export const BLK_PERM_WRITE_UNCHANGED = 0x4;
 export const BLK_PERM_RESIZE = 0x8;
 export const BLK_PERM_ALL = 0xf;
 
+/** QAPI's BlockPermission names for the bits, in bit order (x-debug-query-block-graph). */
+export const PERM_QAPI_NAMES = ['consistent-read', 'write', 'write-unchanged', 'resize'];
+
 /** QEMU's names for the permission bits, in bit order (bdrv_perm_names). */
 export const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
 
@@ -52,6 +55,8 @@ export interface ExternalParent {
   readonly kind: ParentKind;
   /** QEMU's get_parent_desc: "an unnamed block device", "mirror job 'j'". */
   describe(): string;
+  /** The name x-debug-query-block-graph shows: a job's id; a backend's name ("" when unnamed). */
+  readonly name?: string;
 }
 
 /** A BlockBackend without a name (QEMU's for jobs, blockdev-create, block_resize, exports). */
@@ -61,7 +66,7 @@ export function unnamedBackend(): ExternalParent {
 
 /** A block job's claim on a node (QEMU's block_job_add_bdrv). */
 export function jobParent(type: string, id: string): ExternalParent {
-  return { kind: 'job', describe: () => `${type} job '${id}'` };
+  return { kind: 'job', name: id, describe: () => `${type} job '${id}'` };
 }
 
 /** The monitor's reference (blockdev-add, --blockdev). */

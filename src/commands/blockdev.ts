@@ -4,7 +4,7 @@
  */
 import { genericError } from '../errors.js';
 import { any, arrayOf, bool, int, str, visit } from '../qapi/schema.js';
-import { BLK_PERM_ALL, BLK_PERM_RESIZE, unnamedBackend } from '../block/permissions.js';
+import { BLK_PERM_ALL, BLK_PERM_RESIZE, PERM_QAPI_NAMES, unnamedBackend, type ExternalParent } from '../block/permissions.js';
 import { command, type CommandDef } from './registry.js';
 import { writeThreshold } from './block-stats.js';
 import type { Core } from '../core/core.js';
@@ -25,6 +25,45 @@ function backingDepth(node: BlockNode): number {
   let depth = 0;
   for (let b = node.backing(); b; b = b.backing()) depth++;
   return depth;
+}
+
+/** A permission mask as x-debug-query-block-graph lists it: highest bit first, as QEMU builds the list. */
+function permList(perm: number): string[] {
+  return PERM_QAPI_NAMES.filter((_, i) => perm & (1 << i)).reverse();
+}
+
+/**
+ * XDbgBlockGraph: every node, every parent that is not a node (block backends: jobs' and exports';
+ * jobs, one graph node per job id) and every edge with its permissions. Ids are numbered from 1 in the
+ * order QEMU's xdbg_graph_add_node meets them: backends, then jobs, then nodes. The monitor's reference
+ * is not an edge in QEMU and is left out. The numbering and the list order are not stable in QEMU (it
+ * walks a hash table), so scripts match nodes by name.
+ */
+function blockGraph(core: Core): unknown {
+  const nodes = core.graph.allNodes();
+  const ids = new Map<unknown, number>();
+  const out: { nodes: { id: number; type: string; name: string }[]; edges: unknown[] } = { nodes: [], edges: [] };
+  const add = (key: unknown, type: string, name: string): number => {
+    let id = ids.get(key);
+    if (id === undefined) {
+      id = ids.size + 1;
+      ids.set(key, id);
+      out.nodes.push({ id, type, name });
+    }
+    return id;
+  };
+  const external = (p: ExternalParent): number =>
+    p.kind === 'job' ? add(`job:${p.name ?? ''}`, 'block-job', p.name ?? '') : add(p, 'block-backend', p.name ?? '');
+  const edges = nodes.flatMap((n) => n.parents.filter((e) => e.parentKind !== 'monitor'));
+  for (const kind of ['backend', 'job'] as const) {
+    for (const e of edges) if (e.parentKind === kind) external(e.parent as ExternalParent);
+  }
+  for (const n of nodes) add(n, 'block-driver', n.nodeName);
+  for (const e of edges) {
+    const parent = e.parentNode ? add(e.parentNode, 'block-driver', e.parentNode.nodeName) : external(e.parent as ExternalParent);
+    out.edges.push({ parent, child: add(e.node, 'block-driver', e.node.nodeName), name: e.name, perm: permList(e.perm), 'shared-perm': permList(e.shared) });
+  }
+  return out;
 }
 
 /** BlockDeviceInfo, as QEMU's query-named-block-nodes shows it. */
@@ -121,4 +160,5 @@ export const blockdevCommands: CommandDef[] = [
     for (const n of nodes) out.push(await blockDeviceInfo(core, n, flat));
     return out;
   }),
+  command('x-debug-query-block-graph', {}, async (_args, core) => blockGraph(core)),
 ];

@@ -19,7 +19,7 @@
  */
 import { genericError } from '../errors.js';
 import { BlockNode, type BdrvChild } from '../block/node.js';
-import { BLK_PERM_ALL, jobParent, unnamedBackend } from '../block/permissions.js';
+import { BLK_PERM_ALL, jobParent } from '../block/permissions.js';
 import { idWellFormed, type BlockGraph } from '../block/graph.js';
 import { CopyBeforeWriteNode, type OnCbwError } from '../block/filters/copy-before-write.js';
 import type { CopyOperation } from '../block/copy/block-copy.js';
@@ -86,7 +86,6 @@ export class BackupJob extends Job {
     try {
       const job = jobParent('backup', this.id);
       // block_job_create(cbw, 0, BLK_PERM_ALL); the target's claim (its writer is the filter).
-      this.claims.push(this.filter.attachParent(unnamedBackend(), 'root', 0, BLK_PERM_ALL));
       this.claims.push(this.filter.attachParent(job, 'main node', 0, BLK_PERM_ALL));
       this.claims.push(this.target.attachParent(job, 'target', 0, BLK_PERM_ALL));
     } catch (err) {

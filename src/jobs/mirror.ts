@@ -186,9 +186,9 @@ export class MirrorJob extends Job {
     graph.insertFilter(this.filter, this.source);
     try {
       const job = jobParent('mirror', this.id);
-      // block_job_create: the job's BlockBackend reads through the filter; its claim on the filter.
-      this.claims.push(this.filter.attachParent(unnamedBackend(), 'root', BLK_PERM_CONSISTENT_READ, BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE));
-      this.claims.push(this.filter.attachParent(job, 'main node', 0, BLK_PERM_ALL));
+      // block_job_create: the job reads through the filter (its "main node" edge; QEMU's jobs have had no
+      // BlockBackend of their own since 6.1, x-debug-query-block-graph shows the edge).
+      this.claims.push(this.filter.attachParent(job, 'main node', BLK_PERM_CONSISTENT_READ, BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE));
       // The target's BlockBackend writes and lets nobody else do anything but unchanged writes.
       this.claims.push(this.target.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED));
       // The source may be written and read by others while the job runs, but not resized.
