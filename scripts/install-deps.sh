@@ -14,6 +14,8 @@ command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v g++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
 command -v python3 >/dev/null || need+=(python3)
+# rsvg-convert: the bitmap map test renders the SVG picture to a PNG with it.
+command -v rsvg-convert >/dev/null || need+=(librsvg2-bin)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
