@@ -201,9 +201,10 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     const rtEnd = this.rc.tableOffset + this.rc.tableClusters * this.cs;
     if (off < rtEnd && off + this.cs > this.rc.tableOffset) return true;
     // The live bitmap directory (QEMU's overlap check guards it too): an image whose directory
-    // cluster lost its refcount must not get a new table there.
-    const dir = this.bitmapsValid() ? this.header.bitmaps : undefined;
-    return !!dir && off < dir.directoryOffset + dir.directorySize && off + this.cs > dir.directoryOffset;
+    // cluster lost its refcount must not get a new table there. (Whether it is live is asked last:
+    // it is a BigInt test, and this runs for every cluster an allocation scans.)
+    const dir = this.header.bitmaps;
+    return !!dir && off < dir.directoryOffset + dir.directorySize && off + this.cs > dir.directoryOffset && this.bitmapsValid();
   };
 
   private async readFile(off: number, n: number): Promise<Buffer> {

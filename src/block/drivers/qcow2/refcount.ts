@@ -133,17 +133,38 @@ export class Refcounts {
 
   /** Add `delta` to the refcount of `cluster`, creating the refcount block if needed. */
   async update(cluster: number, delta: number): Promise<void> {
-    const ti = Math.floor(cluster / this.entriesPerBlock);
-    await this.ensureBlock(ti);
-    const boff = this.table[ti];
-    const block = await this.cache.get(boff);
-    const i = cluster % this.entriesPerBlock;
-    const v = this.readEntry(block, i) + delta;
-    if (v < 0) throw new BlockIOError('EIO', `qcow2: refcount of cluster ${cluster} would become negative`);
-    if (v > this.maxRefcount) throw new BlockIOError('ERANGE', `qcow2: refcount of cluster ${cluster} overflows`);
-    this.writeEntry(block, i, v);
-    this.cache.markDirty(boff);
-    if (v === 0 && cluster < this.freeHint) this.freeHint = cluster;
+    return this.updateRun(cluster, 1, delta);
+  }
+
+  /**
+   * Add `delta` to the refcounts of clusters [first, first+n), creating refcount blocks if needed: one
+   * block lookup and one dirty mark per refcount block the run touches, not per cluster (a run of
+   * newly allocated data clusters is one update). Checked entry by entry before any is changed, so a
+   * refcount that would leave its range changes nothing.
+   */
+  async updateRun(first: number, n: number, delta: number): Promise<void> {
+    let c = first;
+    const end = first + n;
+    while (c < end) {
+      const ti = Math.floor(c / this.entriesPerBlock);
+      await this.ensureBlock(ti);
+      const boff = this.table[ti];
+      const block = await this.cache.get(boff);
+      const base = ti * this.entriesPerBlock;
+      const stop = Math.min(end, base + this.entriesPerBlock);
+      for (let k = c; k < stop; k++) {
+        const v = this.readEntry(block, k - base) + delta;
+        if (v < 0) throw new BlockIOError('EIO', `qcow2: refcount of cluster ${k} would become negative`);
+        if (v > this.maxRefcount) throw new BlockIOError('ERANGE', `qcow2: refcount of cluster ${k} overflows`);
+      }
+      for (let k = c; k < stop; k++) {
+        const v = this.readEntry(block, k - base) + delta;
+        this.writeEntry(block, k - base, v);
+        if (v === 0 && k < this.freeHint) this.freeHint = k;
+      }
+      this.cache.markDirty(boff);
+      c = stop;
+    }
   }
 
   /** Free `n` clusters starting at host offset `offset` (the references to them must already be gone from disk). */
@@ -171,16 +192,20 @@ export class Refcounts {
       let run = 0;
       let c = start;
       while (run < n) {
+        // One refcount block at a time: looked up once, its entries scanned without awaiting.
         const ti = Math.floor(c / this.entriesPerBlock);
-        const free = ti >= this.table.length || this.table[ti] === 0 ? true : (await this.get(c)) === 0;
-        if (free && !(isReserved && isReserved(c))) {
-          if (firstFree < 0) firstFree = c;
-          run++;
-        } else {
-          run = 0;
-          start = c + 1;
+        const base = ti * this.entriesPerBlock;
+        const block = ti >= this.table.length || this.table[ti] === 0 ? undefined : await this.cache.get(this.table[ti]);
+        for (const stop = base + this.entriesPerBlock; c < stop && run < n; c++) {
+          const free = block === undefined || this.readEntry(block, c - base) === 0;
+          if (free && !(isReserved && isReserved(c))) {
+            if (firstFree < 0) firstFree = c;
+            run++;
+          } else {
+            run = 0;
+            start = c + 1;
+          }
         }
-        c++;
       }
       if ((start + n) * this.cs > HOST_OFFSET_END) throw new BlockIOError('EFBIG');
       if (firstFree >= 0) this.freeHint = firstFree;
@@ -195,7 +220,7 @@ export class Refcounts {
         }
       }
       if (changed) continue; // search again (QEMU's -EAGAIN)
-      for (let k = 0; k < n; k++) await this.update(start + k, 1);
+      await this.updateRun(start, n, 1);
       if (start === this.freeHint) this.freeHint = start + n;
       this.highestAllocated = Math.max(this.highestAllocated, start + n - 1);
       return start * this.cs;
