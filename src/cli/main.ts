@@ -1,5 +1,6 @@
 /**
- * bitmirror's command line: `bitmirror daemon …` (qemu-storage-daemon-like) and `bitmirror demo`.
+ * bitmirror's command line: `bitmirror daemon …` (qemu-storage-daemon-like), `bitmirror copy` and
+ * `bitmirror demo`.
  */
 import { spawn } from 'node:child_process';
 import { closeSync, writeSync } from 'node:fs';
@@ -7,10 +8,13 @@ import { Daemon } from '../daemon/daemon.js';
 import { DAEMON_USAGE, parseDaemonArgs, UsageError } from './daemon-args.js';
 import { errorMessage } from '../errors.js';
 import { runDemo } from './demo.js';
+import { copyMain } from './copy.js';
+import { EMBEDDED_DAEMON_ENV } from '../daemon/spawn.js';
 
 const USAGE = `Usage: bitmirror <command> [options]
 Commands:
   daemon   run the storage daemon (see 'bitmirror daemon --help')
+  copy     copy a disk live, with its dirty bitmaps (see 'bitmirror copy --help')
   demo     show what bitmirror does, in a temporary folder, on built-in defaults
 `;
 
@@ -47,6 +51,12 @@ async function daemonMain(argv: string[]): Promise<number> {
     report();
   }
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) process.on(sig, () => void daemon.stop());
+  if (process.env[EMBEDDED_DAEMON_ENV] !== undefined) {
+    // An embedded daemon (bitmirror copy on image files…) ends with the command that started it.
+    process.stdin.on('end', () => void daemon.stop());
+    process.stdin.on('error', () => void daemon.stop());
+    process.stdin.resume();
+  }
   await daemon.stopped;
   return 0;
 }
@@ -96,6 +106,8 @@ export async function main(argv: string[]): Promise<number> {
   switch (cmd) {
     case 'daemon':
       return daemonMain(rest);
+    case 'copy':
+      return copyMain(rest);
     case 'demo':
       return runDemo(rest);
     case '-h':

@@ -37,7 +37,16 @@ export interface SpawnOptions {
    * past it fails with EFBIG, "File too large". For tests of write failures.
    */
   maxFileSize?: number;
+  /**
+   * An embedded daemon, private to one CLI command: its own process group (a Ctrl-C on the terminal
+   * reaches only the command, which cancels its work and then stops the daemon) and tied to the
+   * command by a pipe on its standard input, so that it stops when the command dies, however it dies.
+   */
+  embedded?: boolean;
 }
+
+/** Set in an embedded daemon's environment: it stops when its standard input ends (see SpawnOptions.embedded). */
+export const EMBEDDED_DAEMON_ENV = 'BITMIRROR_EMBEDDED_DAEMON';
 
 export async function spawnDaemon(
   socket: string,
@@ -51,7 +60,9 @@ export async function spawnDaemon(
     // An ignored signal stays ignored across exec, so the limit makes writes fail instead of killing.
     command = ['bash', '-c', 'trap "" XFSZ; exec prlimit --fsize="$0" -- "$@"', String(opts.maxFileSize), ...command];
   }
-  const proc = spawn(command[0], command.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = opts.embedded
+    ? spawn(command[0], command.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], detached: true, env: { ...process.env, [EMBEDDED_DAEMON_ENV]: '1' } })
+    : spawn(command[0], command.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   proc.stderr!.setEncoding('utf8');
   proc.stderr!.on('data', (d: string) => (err += d));

@@ -22,6 +22,7 @@ export class QmpClient {
   /** Every event received, in order; waitEvent consumes from here. */
   readonly events: QmpEvent[] = [];
   private eventWaiters: Array<() => void> = [];
+  private eventListeners = new Set<(ev: QmpEvent) => void>();
   private closed = false;
 
   private constructor(private readonly sock: net.Socket) {
@@ -31,6 +32,7 @@ export class QmpClient {
       if ('QMP' in msg) this.greetingResolve(msg);
       else if ('event' in msg) {
         this.events.push(msg as unknown as QmpEvent);
+        for (const l of this.eventListeners) l(msg as unknown as QmpEvent);
         const w = this.eventWaiters;
         this.eventWaiters = [];
         for (const f of w) f();
@@ -132,6 +134,20 @@ export class QmpClient {
         });
       });
     }
+  }
+
+  /**
+   * Call `listener` with every event from now on (beside the `events` queue, which waitEvent
+   * consumes: a listener sees events whoever waits for them). Returns the function that removes it.
+   */
+  onEvent(listener: (ev: QmpEvent) => void): () => void {
+    this.eventListeners.add(listener);
+    return () => void this.eventListeners.delete(listener);
+  }
+
+  /** Whether the connection has closed (the daemon went away). */
+  get isClosed(): boolean {
+    return this.closed;
   }
 
   close(): void {

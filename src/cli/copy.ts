@@ -1,0 +1,352 @@
+/**
+ * `bitmirror copy SRC DST`: a whole block copy in one command (libvirt's blockcopy, without losing a
+ * bitmap). Against a running daemon (`--qmp SOCKET`: SRC a node name, DST a node or a new image file)
+ * or on image files (an embedded daemon, session.ts). Steps: open or create the target (same size,
+ * cluster size and format as the source, or `--reuse` an existing image), blockdev-mirror with
+ * bitmirror's bitmap-carrying extension, progress (progress.ts), at READY the switch (job-complete) or
+ * with --no-pivot a consistent copy without switching (soft cancel), then which bitmaps the copy
+ * carries, and with --verify a comparison (verify.ts). Ctrl-C cancels the job: the source is untouched,
+ * and the message says what is left. Exit codes: exit-codes.ts (README has the table).
+ */
+import { promises as fsp } from 'node:fs';
+import * as path from 'node:path';
+import { errorMessage } from '../errors.js';
+import { CliError, EXIT_OK, EXIT_VERIFY, exitCodeForSignal, usageError } from './exit-codes.js';
+import { Session, type ImageNodes, type NodeSummary, type BitmapSummary } from './session.js';
+import { chooseProgressMode, formatBytes, Progress } from './progress.js';
+import { runJob, type JobOutcome } from './job-runner.js';
+import { SignalWatch } from './signals.js';
+import { verifyCopy, VERIFY_BITMAP, type VerifyResult } from './verify.js';
+
+export const COPY_USAGE = `Usage: bitmirror copy [options] SRC DST
+Copy a disk live, with its dirty bitmaps: mirror SRC to DST, then switch over to DST.
+
+  SRC, DST        image files (an embedded daemon does the copy), or with --qmp a node name (SRC)
+                  and a node name or a new image file (DST)
+  --qmp SOCKET    a running daemon's QMP socket (a unix socket path, or HOST:PORT)
+  --reuse         copy into the existing image DST (same size as SRC); default: create DST with the
+                  source's size, cluster size and format
+  --node-name N   with --qmp and DST a file: the node name DST gets (default: SRC-copy)
+  --shallow       copy only the top image; DST gets SRC's backing file (sync=top)
+  --sync-writes   write-blocking mode: guest writes reach the copy before they complete, so the copy
+                  keeps up with any write rate
+  --speed RATE    limit the copy to RATE bytes per second (suffixes K, M, G: powers of 1024)
+  --bitmap NAME   copy only what bitmap NAME of SRC marks dirty (an incremental re-sync of a copy made
+                  before; needs --reuse or a DST node). NAME is the mirror's working bitmap: it is
+                  empty (and recording) when the copy is done
+  --no-pivot      end with a consistent copy and leave SRC in use (no switch)
+  --no-bitmaps    do not carry SRC's dirty bitmaps onto DST
+  --verify        compare SRC and the copy afterwards (what a live SRC changed meanwhile is skipped)
+  --progress MODE auto (a bar on a terminal, JSON lines otherwise), bar, json or none
+  -h, --help      this help
+
+Exit codes: 0 done, 1 failed (SRC untouched; the message says what is left), 2 bad arguments
+(nothing done), 3 --verify found a difference, 130 cancelled by Ctrl-C (143 SIGTERM).
+`;
+
+/**
+ * bitmirror's blockdev-mirror extension (issue 13 item 2): every bitmap of the source chain is carried
+ * onto the target at the switch (and at a soft cancel after READY).
+ */
+const CARRY_BITMAPS = '__org.bitmirror_carry-bitmaps';
+/** Whether the daemon has the carry extension yet (one line to switch on once it is on main). */
+export const CARRY_BITMAPS_AVAILABLE = false;
+
+export interface CopyOptions {
+  src: string;
+  dst: string;
+  qmp?: string;
+  reuse: boolean;
+  nodeName?: string;
+  shallow: boolean;
+  syncWrites: boolean;
+  speed?: number;
+  bitmap?: string;
+  pivot: boolean;
+  carryBitmaps: boolean;
+  verify: boolean;
+  progress?: string;
+}
+
+/** "10M" → 10485760; plain numbers are bytes. */
+export function parseRate(text: string): number {
+  const m = /^(\d+)([kKmMgGtT]?)(i?[bB])?(\/s)?$/.exec(text);
+  if (!m) throw usageError(`--speed: '${text}' is not a rate (bytes per second, e.g. 10M)`);
+  const shift = { '': 0, k: 10, m: 20, g: 30, t: 40 }[m[2].toLowerCase()]!;
+  return Number(m[1]) * 2 ** shift;
+}
+
+export function parseCopyArgs(argv: string[]): CopyOptions | 'help' {
+  const positional: string[] = [];
+  const o: CopyOptions = { src: '', dst: '', reuse: false, shallow: false, syncWrites: false, pivot: true, carryBitmaps: true, verify: false };
+  for (let i = 0; i < argv.length; i++) {
+    let arg = argv[i];
+    let inline: string | undefined;
+    const eq = arg.indexOf('=');
+    if (arg.startsWith('--') && eq > 0) {
+      inline = arg.slice(eq + 1);
+      arg = arg.slice(0, eq);
+    }
+    const value = (): string => {
+      const v = inline ?? argv[++i];
+      if (v === undefined) throw usageError(`option '${arg}' requires an argument`);
+      return v;
+    };
+    switch (arg) {
+      case '-h':
+      case '--help':
+        return 'help';
+      case '--qmp':
+        o.qmp = value();
+        break;
+      case '--reuse':
+        o.reuse = true;
+        break;
+      case '--node-name':
+        o.nodeName = value();
+        break;
+      case '--shallow':
+        o.shallow = true;
+        break;
+      case '--sync-writes':
+        o.syncWrites = true;
+        break;
+      case '--speed':
+        o.speed = parseRate(value());
+        break;
+      case '--bitmap':
+        o.bitmap = value();
+        break;
+      case '--no-pivot':
+        o.pivot = false;
+        break;
+      case '--no-bitmaps':
+        o.carryBitmaps = false;
+        break;
+      case '--verify':
+        o.verify = true;
+        break;
+      case '--progress':
+        o.progress = value();
+        break;
+      default:
+        if (arg.startsWith('-') && arg !== '-') throw usageError(`unrecognized option '${argv[i]}'`);
+        positional.push(arg);
+    }
+  }
+  if (positional.length !== 2) throw usageError(`expected SRC and DST, got ${positional.length} argument${positional.length === 1 ? '' : 's'}`);
+  [o.src, o.dst] = positional;
+  if (o.bitmap !== undefined && o.shallow) throw usageError('--bitmap and --shallow cannot be combined (a working bitmap needs a full copy)');
+  if (o.nodeName !== undefined && o.qmp === undefined) throw usageError('--node-name needs --qmp');
+  return o;
+}
+
+/** The command: parse, run, print errors; resolves with the exit code. */
+export async function copyMain(argv: string[]): Promise<number> {
+  let opts: CopyOptions | 'help';
+  let progress: Progress;
+  try {
+    opts = parseCopyArgs(argv);
+    if (opts === 'help') {
+      process.stdout.write(COPY_USAGE);
+      return EXIT_OK;
+    }
+    progress = new Progress(chooseProgressMode(opts.progress));
+  } catch (err) {
+    process.stderr.write(`bitmirror copy: ${errorMessage(err)}\n`);
+    return err instanceof CliError ? err.exitCode : 2;
+  }
+  try {
+    return await runCopy(opts, progress);
+  } catch (err) {
+    progress.endBar();
+    process.stderr.write(`bitmirror copy: ${errorMessage(err)}\n`);
+    return err instanceof CliError ? err.exitCode : 1;
+  }
+}
+
+/** What a finished copy reports. */
+export interface CopyResult {
+  status: 'completed';
+  source: string;
+  target: string;
+  /** Bytes the mirror copied. */
+  bytes: number;
+  pivot: boolean;
+  /** The bitmaps on the copy, as carried. */
+  bitmaps: BitmapSummary[];
+  verify?: VerifyResult;
+}
+
+/**
+ * Run a copy with its options; resolves with the exit code, throws a CliError on failure (after
+ * cleaning up: the source untouched, a target this run created removed). Used by the demo too.
+ */
+export async function runCopy(opts: CopyOptions, progress: Progress, onResult?: (r: CopyResult) => void): Promise<number> {
+  const signals = new SignalWatch();
+  let session: Session | undefined;
+  let createdFile: string | undefined;
+  let target: ImageNodes | undefined;
+  let targetNode: string;
+  let outcome: JobOutcome | undefined;
+  const fileForm = opts.qmp === undefined;
+  try {
+    session = await Session.open({ qmp: opts.qmp, signals });
+    const s = session;
+    // The source.
+    let sourceNode: string;
+    if (fileForm) {
+      const src = path.resolve(opts.src);
+      await fsp.access(src).catch(() => {
+        throw usageError(`cannot open '${opts.src}': No such file or directory`);
+      });
+      sourceNode = (await s.openImage(src, 'src')).node;
+    } else sourceNode = opts.src;
+    const source = await s.nodeSummary(sourceNode);
+    signals.throwIfSignalled();
+
+    // The target: a node of the daemon, an existing image (--reuse), or a new image like the source.
+    const dstIsNode = !fileForm && (await s.hasNode(opts.dst));
+    if (dstIsNode) {
+      targetNode = opts.dst;
+    } else {
+      const dst = path.resolve(opts.dst);
+      const exists = await fsp.access(dst).then(() => true, () => false);
+      const nodeName = fileForm ? 'dst' : (opts.nodeName ?? `${sourceNode}-copy`);
+      if (!fileForm && (await s.hasNode(nodeName))) throw usageError(`the daemon already has a node '${nodeName}': name the copy's node with --node-name`);
+      if (opts.reuse) {
+        if (!exists) throw usageError(`'${opts.dst}' does not exist (--reuse copies into an existing image)`);
+        target = await s.openImage(dst, nodeName);
+      } else {
+        if (exists) throw usageError(`'${opts.dst}' exists: use --reuse to copy into it`);
+        if (opts.bitmap !== undefined) throw usageError('--bitmap re-syncs an existing copy: give --reuse (or a DST node)');
+        const format = source.driver === 'qcow2' ? 'qcow2' : 'raw';
+        createdFile = dst;
+        target = await s.createImage(dst, nodeName, {
+          format,
+          size: source.virtualSize,
+          clusterSize: source.clusterSize,
+          backingFile: opts.shallow && format === 'qcow2' ? source.fullBackingFilename : undefined,
+          backingFormat: opts.shallow ? source.backingFormat : undefined,
+        });
+      }
+      targetNode = target.node;
+    }
+    const targetInfo = await s.nodeSummary(targetNode);
+    if (targetInfo.virtualSize !== source.virtualSize) {
+      throw usageError(`'${opts.dst}' is ${targetInfo.virtualSize} bytes and '${opts.src}' ${source.virtualSize}: a copy needs the same size`);
+    }
+    const carry = opts.carryBitmaps && CARRY_BITMAPS_AVAILABLE;
+    if (carry) checkCarriable(source, targetInfo, opts.dst);
+    signals.throwIfSignalled();
+
+    // The mirror.
+    const jobId = fileForm ? 'copy' : `bitmirror-copy-${process.pid}`;
+    const args: Record<string, unknown> = {
+      'job-id': jobId,
+      device: sourceNode,
+      target: targetNode,
+      sync: opts.shallow ? 'top' : 'full',
+      'auto-dismiss': false,
+    };
+    if (opts.speed !== undefined) args.speed = opts.speed;
+    if (opts.syncWrites) args['copy-mode'] = 'write-blocking';
+    if (opts.bitmap !== undefined) args.bitmap = opts.bitmap;
+    if (carry) args[CARRY_BITMAPS] = true;
+    let verifyBitmapAdded = false;
+    outcome = await runJob(s.qmp, {
+      id: jobId,
+      phase: 'copy',
+      progress,
+      signals,
+      start: () => s.qmp.execute('blockdev-mirror', args),
+      whenReady: async () => {
+        if (opts.verify) {
+          // Records every write from here on: the regions a live source changes while and after the
+          // copy ends, which the comparison skips (verify.ts).
+          await s.qmp.execute('block-dirty-bitmap-add', { node: sourceNode, name: VERIFY_BITMAP, persistent: false });
+          verifyBitmapAdded = true;
+        }
+        return opts.pivot ? 'complete' : 'cancel';
+      },
+    });
+    if (outcome.status === 'interrupted') throw new CliError(`cancelled: ${leftBehind(opts, outcome, createdFile)}`, exitCodeForSignal(outcome.signal ?? 'SIGINT'));
+    if (outcome.status === 'failed') throw new CliError(`the copy failed: ${outcome.error ?? 'unknown error'}; ${leftBehind(opts, outcome, createdFile)}`);
+
+    // Done: the copy is consistent (and switched to, unless --no-pivot). What it carries:
+    const copied = await s.nodeSummary(targetNode);
+    const bitmaps = copied.bitmaps.filter((b) => b.name !== VERIFY_BITMAP);
+    const result: CopyResult = { status: 'completed', source: opts.src, target: opts.dst, bytes: outcome.done, pivot: opts.pivot, bitmaps };
+    if (opts.verify) {
+      progress.message('verifying: comparing the source and the copy');
+      result.verify = await verifyCopy(s, { source: sourceNode, target: targetNode, skipBitmap: verifyBitmapAdded ? VERIFY_BITMAP : undefined, progress, signals });
+    }
+    if (!fileForm) {
+      if (opts.pivot && target) s.keep(target);
+    }
+    createdFile = undefined; // the copy is complete: it stays, whatever happens next
+    const problems = await s.close();
+    if (problems.length > 0) throw new CliError(`the copy is complete, but closing failed: ${problems.join('; ')}`);
+    onResult?.(result);
+    progress.result({ ...result }, describe(result, opts, targetNode, fileForm));
+    if (result.verify && !result.verify.identical) {
+      process.stderr.write(`bitmirror copy: verify: the copy differs from the source at offset ${String(result.verify.firstDifference)}\n`);
+      return EXIT_VERIFY;
+    }
+    return signals.signal ? exitCodeForSignal(signals.signal) : EXIT_OK;
+  } catch (err) {
+    // Clean up: nodes this run opened, the daemon it started, a target file it created.
+    if (session) await session.close().catch(() => undefined);
+    if (createdFile !== undefined) await fsp.rm(createdFile, { force: true });
+    if (err instanceof CliError) throw err;
+    if (signals.signal) throw new CliError(`cancelled: ${leftBehind(opts, outcome, createdFile)}`, exitCodeForSignal(signals.signal));
+    throw new CliError(errorMessage(err));
+  } finally {
+    signals.dispose();
+  }
+}
+
+/** A bitmap that cannot be carried fails here, before anything is copied (the daemon would refuse the switch). */
+function checkCarriable(source: NodeSummary, target: NodeSummary, dst: string): void {
+  const persistent = source.bitmaps.filter((b) => b.persistent).map((b) => b.name);
+  if (persistent.length > 0 && target.driver !== 'qcow2') {
+    throw usageError(
+      `cannot carry the persistent bitmap${persistent.length > 1 ? 's' : ''} ${persistent.join(', ')} onto '${dst}': a ${target.driver} image cannot store bitmaps (use a qcow2 target, or --no-bitmaps)`,
+    );
+  }
+  const inconsistent = source.bitmaps.filter((b) => b.inconsistent).map((b) => b.name);
+  if (inconsistent.length > 0) throw usageError(`cannot carry the inconsistent bitmap${inconsistent.length > 1 ? 's' : ''} ${inconsistent.join(', ')} (remove ${inconsistent.length > 1 ? 'them' : 'it'}, or --no-bitmaps)`);
+}
+
+/** What an unfinished copy leaves: the source is always untouched. */
+function leftBehind(opts: CopyOptions, outcome: JobOutcome | undefined, createdFile: string | undefined): string {
+  const parts = [`'${opts.src}' is untouched`];
+  if (createdFile !== undefined) parts.push(`the incomplete copy '${opts.dst}' was removed`);
+  else {
+    const copied = outcome ? ` (${formatBytes(outcome.done)} of ${formatBytes(outcome.total)} copied)` : '';
+    parts.push(`'${opts.dst}' is an incomplete copy${copied}, not usable as it is`);
+  }
+  if (opts.bitmap !== undefined) parts.push(`bitmap '${opts.bitmap}' still marks what is left to copy: run the same command again to finish`);
+  return parts.join('; ');
+}
+
+function describe(r: CopyResult, opts: CopyOptions, targetNode: string, fileForm: boolean): string {
+  const lines = [`copied '${r.source}' to '${r.target}': ${formatBytes(r.bytes)} mirrored, ${r.pivot ? 'switched over to the copy' : 'consistent copy, no switch (--no-pivot)'}`];
+  if (!fileForm && r.pivot) lines.push(`the source's users now use node '${targetNode}'; node '${opts.src}' is still open, unused`);
+  if (r.bitmaps.length === 0) lines.push('bitmaps on the copy: none');
+  else {
+    lines.push('bitmaps on the copy:');
+    for (const b of r.bitmaps) {
+      lines.push(`  ${b.name}: ${formatBytes(b.count)} dirty (${b.count} bytes), granularity ${formatBytes(b.granularity)}, ${b.persistent ? 'persistent' : 'not persistent'}, ${b.recording ? 'recording' : 'disabled'}`);
+    }
+  }
+  if (r.verify) {
+    const v = r.verify;
+    lines.push(
+      v.identical
+        ? `verify: identical (${formatBytes(v.compared)} compared${v.skipped > 0 ? `, ${formatBytes(v.skipped)} skipped: written while the copy ended` : ''})`
+        : `verify: DIFFERENT at offset ${String(v.firstDifference)}`,
+    );
+  }
+  return lines.join('\n');
+}

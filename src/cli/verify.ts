@@ -1,0 +1,188 @@
+/**
+ * verifyCopy: compare a source node and its copy, byte for byte, through the daemon — what
+ * `bitmirror copy --verify` does once the copy has ended.
+ *
+ * What "the copy is right" means for a live source: at the instant the mirror ended (the switch, or
+ * the soft cancel of --no-pivot) the copy equals the source. After that instant the source (no pivot)
+ * or the copy (pivot: the users write to it now) may change: those regions cannot be compared. So the
+ * copy command adds a bitmap (VERIFY_BITMAP) on the source at READY, before it ends the job; it
+ * records every write from then on, and the carry extension takes it onto the copy at the switch,
+ * where it goes on recording. Every byte outside those bitmaps was written by nobody since before
+ * the instant and must be equal on both sides; a difference inside them (read after the comparison,
+ * so they include writes made during it) is skipped and counted. On image files (an embedded daemon)
+ * nobody else writes: the bitmaps stay empty and every byte must be equal.
+ *
+ * The bytes are read over NBD: the daemon exports both nodes read-only on a private unix socket
+ * (nbd-server-start; a daemon that already runs an NBD server is refused with a message), and this
+ * process reads them with bitmirror's NBD client, the bitmaps' dirty extents through the
+ * `qemu:dirty-bitmap:` context.
+ */
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { NbdClientConnection } from '../nbd/client.js';
+import { NBD_CMD } from '../nbd/protocol.js';
+import { errorMessage } from '../errors.js';
+import { CliError } from './exit-codes.js';
+import type { Progress } from './progress.js';
+import type { Session } from './session.js';
+import type { SignalWatch } from './signals.js';
+
+/** The temporary bitmap that records writes while and after a copy ends (never reported as carried). */
+export const VERIFY_BITMAP = '__bitmirror-verify';
+/** A frozen (disabled) copy of VERIFY_BITMAP, which a read-only export can offer. */
+const FROZEN_BITMAP = '__bitmirror-verify-frozen';
+
+export interface VerifyResult {
+  identical: boolean;
+  /** Bytes compared. */
+  compared: number;
+  /** Bytes skipped: written while or after the copy ended. */
+  skipped: number;
+  /** The first offset where the two differ. */
+  firstDifference?: number;
+}
+
+const CHUNK = 4 * 1024 * 1024;
+
+type Range = [start: number, end: number];
+
+/** The dirty ranges of the bitmap an export offers as its context (flag bit 0: dirty). */
+async function dirtyRanges(conn: NbdClientConnection, size: number): Promise<Range[]> {
+  const ranges: Range[] = [];
+  for (let off = 0; off < size; ) {
+    const len = Math.min(size - off, 1 << 30);
+    const { extents } = await conn.request(NBD_CMD.BLOCK_STATUS, off, len);
+    if (!extents || extents.length === 0) throw new CliError('verify: the daemon answered block status with no extents');
+    for (const e of extents) {
+      const end = Math.min(size, off + e.length);
+      if (e.flags & 1) {
+        const last = ranges[ranges.length - 1];
+        if (last && last[1] === off) last[1] = end;
+        else ranges.push([off, end]);
+      }
+      off = end;
+      if (off >= size) break;
+    }
+  }
+  return ranges;
+}
+
+/** The parts of [start, end) outside the sorted, disjoint `skip` ranges. */
+function outside(start: number, end: number, skip: Range[]): Range[] {
+  const out: Range[] = [];
+  let at = start;
+  for (const [s, e] of skip) {
+    if (e <= at) continue;
+    if (s >= end) break;
+    if (s > at) out.push([at, s]);
+    at = Math.max(at, e);
+  }
+  if (at < end) out.push([at, end]);
+  return out;
+}
+
+/** Union of sorted range lists. */
+function union(a: Range[], b: Range[]): Range[] {
+  const all = [...a, ...b].sort((x, y) => x[0] - y[0]);
+  const out: Range[] = [];
+  for (const r of all) {
+    const last = out[out.length - 1];
+    if (last && r[0] <= last[1]) last[1] = Math.max(last[1], r[1]);
+    else out.push([r[0], r[1]]);
+  }
+  return out;
+}
+
+export async function verifyCopy(
+  session: Session,
+  opts: { source: string; target: string; skipBitmap?: string; progress?: Progress; signals?: SignalWatch },
+): Promise<VerifyResult> {
+  const qmp = session.qmp;
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bitmirror-verify-'));
+  const socket = path.join(dir, 'nbd.sock');
+  const exports: string[] = [];
+  const conns: NbdClientConnection[] = [];
+  const frozenOn: string[] = [];
+  try {
+    try {
+      await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
+    } catch (err) {
+      throw new CliError(`verify: cannot start the daemon's NBD server to read the images: ${errorMessage(err)}`);
+    }
+    const exportNode = async (node: string, name: string, bitmap?: string): Promise<NbdClientConnection> => {
+      const id = `bitmirror-verify-${name}`;
+      await qmp.execute('block-export-add', { type: 'nbd', id, 'node-name': node, name, writable: false, ...(bitmap !== undefined ? { bitmaps: [bitmap] } : {}) });
+      exports.push(id);
+      const conn = await NbdClientConnection.open({ kind: 'unix', path: socket }, name, bitmap !== undefined ? `qemu:dirty-bitmap:${bitmap}` : undefined);
+      conns.push(conn);
+      return conn;
+    };
+    const src = await exportNode(opts.source, 'source');
+    const dst = await exportNode(opts.target, 'copy');
+    const size = src.session.size;
+    if (dst.session.size !== size) return { identical: false, compared: 0, skipped: 0, firstDifference: Math.min(size, dst.session.size) };
+    const differing: Range[] = [];
+    for (let off = 0; off < size; off += CHUNK) {
+      opts.signals?.throwIfSignalled();
+      const end = Math.min(size, off + CHUNK);
+      const [a, b] = await Promise.all([src.request(NBD_CMD.READ, off, end - off), dst.request(NBD_CMD.READ, off, end - off)]);
+      if (!a.data!.equals(b.data!)) {
+        let i = 0;
+        while (a.data![i] === b.data![i]) i++;
+        differing.push([off + i, end]);
+      }
+      opts.progress?.update({ phase: 'verify', done: end, total: size }, end === size);
+    }
+    if (differing.length === 0) return { identical: true, compared: size, skipped: 0 };
+    // Differences: those inside what was written since the copy ended (the bitmaps, read now, after
+    // the comparison) are no differences. A read-only export offers only a disabled bitmap: a frozen
+    // copy of each.
+    let skip: Range[] = [];
+    if (opts.skipBitmap !== undefined) {
+      for (const [node, tag] of [[opts.source, 'source'], [opts.target, 'copy']] as const) {
+        const summary = await session.nodeSummary(node);
+        if (!summary.bitmaps.some((b) => b.name === opts.skipBitmap)) continue;
+        await qmp.execute('transaction', {
+          actions: [
+            { type: 'block-dirty-bitmap-add', data: { node, name: FROZEN_BITMAP, persistent: false, disabled: true } },
+            { type: 'block-dirty-bitmap-merge', data: { node, target: FROZEN_BITMAP, bitmaps: [opts.skipBitmap] } },
+          ],
+        });
+        frozenOn.push(node);
+        skip = union(skip, await dirtyRanges(await exportNode(node, `${tag}-dirty`, FROZEN_BITMAP), size));
+      }
+    }
+    const skipped = skip.reduce((n, [s, e]) => n + (e - s), 0);
+    const real = differing.map(([s, e]) => outside(s, e, skip)).flat();
+    return real.length === 0 ? { identical: true, compared: size - skipped, skipped } : { identical: false, compared: size - skipped, skipped, firstDifference: real[0][0] };
+  } finally {
+    for (const c of conns) await c.close().catch(() => undefined);
+    // An export goes once its connections have (BLOCK_EXPORT_DELETED); until then its bitmap is busy.
+    const gone = new Set<string>();
+    let wake: (() => void) | undefined;
+    const off = qmp.onEvent((ev) => {
+      if (ev.event === 'BLOCK_EXPORT_DELETED') {
+        gone.add(String(ev.data?.id));
+        wake?.();
+      }
+    });
+    try {
+      const deleting: string[] = [];
+      for (const id of exports) {
+        if (await qmp.execute('block-export-del', { id, mode: 'hard' }).then(() => true, () => false)) deleting.push(id);
+      }
+      while (!qmp.isClosed && deleting.some((id) => !gone.has(id))) await new Promise<void>((resolve) => (wake = resolve));
+    } finally {
+      off();
+    }
+    await qmp.execute('nbd-server-stop').catch(() => undefined);
+    for (const node of frozenOn) await qmp.execute('block-dirty-bitmap-remove', { node, name: FROZEN_BITMAP }).catch(() => undefined);
+    if (opts.skipBitmap !== undefined) {
+      for (const node of new Set([opts.source, opts.target])) {
+        await qmp.execute('block-dirty-bitmap-remove', { node, name: opts.skipBitmap }).catch(() => undefined);
+      }
+    }
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,222 @@
+/**
+ * `bitmirror copy` as a user runs it: on image files (an embedded daemon) and against a running daemon
+ * (--qmp), checked by qemu-img (compare, check, info: the bitmaps on the copy, the source unchanged).
+ * JSON progress lines are parsed and must be monotone; Ctrl-C (SIGINT) cancels cleanly. The terminal
+ * (progress bar, Ctrl-C from a keyboard) is copy-cli-terminal.test.ts.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { promises as fsp, existsSync } from 'node:fs';
+import * as path from 'node:path';
+import { mustRun, run, tempDir } from '../support/tools.js';
+import { MiB, startDaemon } from '../support/daemon.js';
+import { jsonLines, runCli, startCli } from '../support/cli.js';
+import { poll } from '../support/wait.js';
+import { CARRY_BITMAPS_AVAILABLE } from '../../src/cli/copy.js';
+
+interface InfoBitmap {
+  name: string;
+  flags: string[];
+  granularity: number;
+}
+
+async function infoBitmaps(img: string): Promise<InfoBitmap[]> {
+  const info = JSON.parse(await mustRun('qemu-img', ['info', '-U', '--output=json', img])) as { 'format-specific'?: { data?: { bitmaps?: InfoBitmap[] } } };
+  return info['format-specific']?.data?.bitmaps ?? [];
+}
+
+async function assertIdentical(a: string, b: string): Promise<void> {
+  const r = await run('qemu-img', ['compare', '-U', a, b]);
+  assert.equal(r.code, 0, `qemu-img compare ${a} ${b}: ${r.stdout}${r.stderr}`);
+}
+
+async function assertCheckClean(img: string): Promise<void> {
+  const r = await run('qemu-img', ['check', img]);
+  assert.equal(r.code, 0, `qemu-img check ${img}: ${r.stdout}${r.stderr}`);
+}
+
+/**
+ * A qcow2 source of `size` with data and two persistent bitmaps carrying dirty bits (bm0 at 64 KiB,
+ * bm1 at 128 KiB, disabled), and a pristine copy of it (`.orig`) to show later that it is unchanged.
+ */
+async function makeSource(dir: string, size = 16 * MiB): Promise<{ src: string; orig: string }> {
+  const src = path.join(dir, 'src.qcow2');
+  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', src, String(size)]);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x5a 0 ${size / 2}`, src]);
+  await mustRun('qemu-img', ['bitmap', '--add', src, 'bm0']);
+  await mustRun('qemu-img', ['bitmap', '--add', '-g', '128k', src, 'bm1']);
+  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 1M 64k', '-c', `write -P 0x22 ${size - MiB} 192k`, src]);
+  await mustRun('qemu-img', ['bitmap', '--disable', src, 'bm1']);
+  const orig = path.join(dir, 'src.orig.qcow2');
+  await fsp.copyFile(src, orig);
+  return { src, orig };
+}
+
+/** The source is as it was: same data, same bitmaps (names, flags, granularity), no damage. */
+async function assertSourceUnchanged(src: string, orig: string): Promise<void> {
+  await assertIdentical(src, orig);
+  assert.deepEqual(await infoBitmaps(src), await infoBitmaps(orig));
+  await assertCheckClean(src);
+}
+
+/** The JSON progress lines of a phase: `done` never goes back, never exceeds `total`. */
+function assertMonotone(lines: Array<Record<string, unknown>>, phase: string): Array<Record<string, unknown>> {
+  const progress = lines.filter((l) => l.type === 'progress' && l.phase === phase);
+  assert.ok(progress.length >= 1, `progress lines of ${phase}: ${JSON.stringify(lines)}`);
+  for (let i = 0; i < progress.length; i++) {
+    const p = progress[i];
+    assert.ok(Number.isSafeInteger(p.done) && Number.isSafeInteger(p.total), JSON.stringify(p));
+    assert.ok((p.done as number) <= (p.total as number), JSON.stringify(p));
+    if (i > 0) assert.ok((p.done as number) >= (progress[i - 1].done as number), `done went back: ${JSON.stringify(progress)}`);
+  }
+  return progress;
+}
+
+test('copy on image files: identical copy, bitmaps carried, JSON progress monotone, --verify, source unchanged', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-');
+  try {
+    const { src, orig } = await makeSource(dir);
+    const dst = path.join(dir, 'dst.qcow2');
+    const r = await runCli(['copy', '--verify', src, dst]);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.equal(r.stderr, '');
+    const lines = jsonLines(r.stdout);
+    const progress = assertMonotone(lines, 'copy');
+    const last = progress[progress.length - 1];
+    assert.equal(last.done, last.total);
+    assertMonotone(lines, 'verify');
+    const result = lines[lines.length - 1];
+    assert.equal(result.type, 'result');
+    assert.equal(result.status, 'completed');
+    assert.equal(result.pivot, true);
+    assert.deepEqual(result.verify, { identical: true, compared: 16 * MiB, skipped: 0 });
+    await assertIdentical(src, dst);
+    await assertCheckClean(dst);
+    await assertSourceUnchanged(src, orig);
+    // Same format, size and cluster size as the source.
+    const info = JSON.parse(await mustRun('qemu-img', ['info', '--output=json', dst])) as Record<string, unknown>;
+    assert.equal(info.format, 'qcow2');
+    assert.equal(info['virtual-size'], 16 * MiB);
+    assert.equal(info['cluster-size'], 65536);
+    if (CARRY_BITMAPS_AVAILABLE) {
+      assert.deepEqual(await infoBitmaps(dst), await infoBitmaps(orig));
+      assert.deepEqual(
+        (result.bitmaps as Array<Record<string, unknown>>).map((b) => [b.name, b.count, b.granularity, b.persistent, b.recording]),
+        [
+          ['bm0', 4 * 65536, 65536, true, true],
+          ['bm1', 2 * 131072, 131072, true, false],
+        ],
+      );
+    }
+    // A second copy onto the same file is refused without --reuse: nothing changes.
+    const again = await runCli(['copy', src, dst]);
+    assert.equal(again.code, 2);
+    assert.match(again.stderr, /^bitmirror copy: '.*dst\.qcow2' exists: use --reuse to copy into it\n$/);
+    await assertIdentical(src, dst);
+  } finally {
+    await cleanup();
+  }
+});
+
+test('copy --qmp: a node of a running daemon to a new file, switched over; then --no-pivot into --reuse', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-qmp-');
+  const sock = path.join(dir, 'qmp.sock');
+  const d = await startDaemon(sock);
+  try {
+    const { src, orig } = await makeSource(dir);
+    await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'disk0', file: { driver: 'file', filename: src } });
+    const dst = path.join(dir, 'dst.qcow2');
+    const r = await runCli(['copy', '--qmp', sock, 'disk0', dst, '--progress', 'none']);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    assert.match(r.stdout, /switched over to the copy/);
+    assert.match(r.stdout, /the source's users now use node 'disk0-copy'/);
+    // The copy's nodes stay in the daemon; no job is left.
+    const nodes = (await d.qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true })).map((n) => n['node-name']);
+    assert.ok(nodes.includes('disk0-copy') && nodes.includes('disk0-copy-file'), nodes.join());
+    assert.deepEqual(await d.qmp.execute('query-jobs'), []);
+    if (CARRY_BITMAPS_AVAILABLE) assert.match(r.stdout, /bm0: 256\.0 KiB dirty \(262144 bytes\)/);
+
+    // A consistent copy without a switch, into the existing file, after a write to the source.
+    for (const n of ['disk0-copy', 'disk0-copy-file']) await d.qmp.execute('blockdev-del', { 'node-name': n });
+    assert.match(await d.qmp.hmpOutput('qemu-io disk0 "write -P 0x33 5M 64k"'), /^wrote 65536\/65536 bytes at offset 5242880/);
+    const np = await runCli(['copy', '--qmp', sock, '--reuse', '--no-pivot', '--node-name', 'again', 'disk0', dst, '--progress', 'json']);
+    assert.equal(np.code, 0, np.stdout + np.stderr);
+    const result = jsonLines(np.stdout).pop()!;
+    assert.equal(result.pivot, false);
+    // The copy's nodes are closed again (the file is consistent on its own); the source still open.
+    const after = (await d.qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true })).map((n) => n['node-name']);
+    assert.ok(!after.includes('again') && after.includes('disk0'), after.join());
+    assert.deepEqual(await d.qmp.execute('query-jobs'), []);
+    assert.equal(await d.stop(), 0, d.stderr());
+    await assertIdentical(src, dst);
+    await assertCheckClean(dst);
+    await assertCheckClean(src);
+    // The source's own bitmaps are still there (bm0 recorded the write at 5M).
+    assert.deepEqual((await infoBitmaps(src)).map((b) => b.name), (await infoBitmaps(orig)).map((b) => b.name));
+    if (CARRY_BITMAPS_AVAILABLE) assert.deepEqual((await infoBitmaps(dst)).map((b) => b.name), ['bm0', 'bm1']);
+  } finally {
+    await d.stop();
+    await cleanup();
+  }
+});
+
+test('copy: a raw target cannot take the bitmaps: refused with the message, the source unchanged', { skip: CARRY_BITMAPS_AVAILABLE ? false : 'waits for the carry extension' }, async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-raw-');
+  try {
+    const { src, orig } = await makeSource(dir);
+    const dst = path.join(dir, 'dst.raw');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'raw', dst, String(16 * MiB)]);
+    const r = await runCli(['copy', '--reuse', src, dst]);
+    assert.equal(r.code, 2, r.stdout + r.stderr);
+    assert.match(r.stderr, /cannot carry the persistent bitmaps bm0, bm1 onto '.*dst\.raw': a raw image cannot store bitmaps \(use a qcow2 target, or --no-bitmaps\)/);
+    await assertSourceUnchanged(src, orig);
+    // Without the bitmaps the copy goes through.
+    const nb = await runCli(['copy', '--reuse', '--no-bitmaps', src, dst]);
+    assert.equal(nb.code, 0, nb.stdout + nb.stderr);
+    await assertIdentical(src, dst);
+    await assertSourceUnchanged(src, orig);
+  } finally {
+    await cleanup();
+  }
+});
+
+test('copy on image files: SIGINT cancels, the copy is removed, the embedded daemon is gone, the source unchanged', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-int-');
+  try {
+    const { src, orig } = await makeSource(dir, 32 * MiB);
+    const dst = path.join(dir, 'dst.qcow2');
+    // Throttled, so that the copy is still running when the signal comes.
+    const c = startCli(['copy', '--speed', '1M', src, dst]);
+    await c.waitStdout(/"phase":"copy","done":[1-9]/);
+    // The embedded daemon: the command's child.
+    const children = (await fsp.readFile(`/proc/${c.proc.pid}/task/${c.proc.pid}/children`, 'utf8')).trim().split(/\s+/).filter(Boolean);
+    assert.equal(children.length, 1, `children of the command: ${children.join()}`);
+    c.proc.kill('SIGINT');
+    const code = await c.exited;
+    assert.equal(code, 130, c.stdout() + c.stderr());
+    assert.match(c.stderr(), /^bitmirror copy: cancelled: '.*src\.qcow2' is untouched; the incomplete copy '.*dst\.qcow2' was removed\n$/);
+    assert.ok(!existsSync(dst));
+    await poll('the embedded daemon to exit', () => !existsSync(`/proc/${children[0]}`));
+    await assertSourceUnchanged(src, orig);
+  } finally {
+    await cleanup();
+  }
+});
+
+test('copy: bad arguments exit 2 and change nothing', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-args-');
+  try {
+    const missing = await runCli(['copy', path.join(dir, 'nope.qcow2'), path.join(dir, 'x.qcow2')]);
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /^bitmirror copy: cannot open '.*nope\.qcow2': No such file or directory\n$/);
+    assert.ok(!existsSync(path.join(dir, 'x.qcow2')));
+    const one = await runCli(['copy', 'a']);
+    assert.equal(one.code, 2);
+    assert.match(one.stderr, /expected SRC and DST, got 1 argument/);
+    const speed = await runCli(['copy', '--speed', 'fast', 'a', 'b']);
+    assert.equal(speed.code, 2);
+    assert.match(speed.stderr, /--speed: 'fast' is not a rate/);
+  } finally {
+    await cleanup();
+  }
+});
