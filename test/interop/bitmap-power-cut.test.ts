@@ -2,15 +2,21 @@
  * Persistent bitmaps after a power cut, in simulation (issue 14): a qcow2 node over the test-only
  * `recording` filter (test/support/recording.ts) over the file gets random concurrent writes,
  * write-zeroes, discards, flushes and bitmap clears and merges (in-process Core: the daemon's graph,
- * bitmap manager and load/store hooks). The image is then rebuilt as a power cut at a random point of
- * the log leaves it (what flushes made durable, plus any subset of the rest), and opened again by
- * bitmirror: every persistent bitmap loads consistent and, stored and exported by qemu-nbd, covers
- * every byte that differs from the disk at the bitmap's last clear that was durable before the cut
- * (each clear here follows a flush; the disk is read then). qemu-img check finds no corruption.
- * Seeds are printed; BM_POWER_CUT_SEED replays, BM_POWER_CUT_ROUNDS sets the number of cuts.
+ * bitmap manager and load/store hooks). The image is then rebuilt as a power cut at some point of the
+ * log leaves it (what flushes made durable, plus a subset of the rest) and checked: qemu-img check
+ * finds no corruption, QEMU still sees every bitmap, and bitmirror loads every persistent bitmap
+ * consistent, covering every byte that differs from the disk at the bitmap's last clear that was
+ * durable before the cut (each clear here follows a flush; the disk is read then).
+ *
+ * Two tests: random cuts anywhere in a session (open, requests, close), and every cut point of the
+ * open (in-use marking, write-intent arming) and of the close (storing the bitmaps), each with every
+ * subset of the writes not yet flushed (a sample when there are many), starting from clean bitmaps
+ * and from bitmaps a previous cut left in use. Seeds are printed; BM_POWER_CUT_SEED replays,
+ * BM_POWER_CUT_ROUNDS sets the number of random cuts and of every-cut scenarios (BM_SOAK=1: 1000).
  */
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
+import { createHash } from 'node:crypto';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { Core } from '../../src/core/core.js';
@@ -18,14 +24,19 @@ import { BLOCK_DRIVERS } from '../../src/daemon/drivers.js';
 import type { BlockNode } from '../../src/block/node.js';
 import { mustRun, nbdDirtyRanges, run, tempDir } from '../support/tools.js';
 import { rng } from '../support/random.js';
-import { recordingDriver, recordingLog, rebuildAfterCut } from '../support/recording.js';
+import { pendingWrites, recordingDriver, recordingLog, rebuildAfterCut, type LogEvent } from '../support/recording.js';
 import { KiB, MiB } from '../../src/base/sizes.js';
 
-const SIZE = 64 * MiB;
 const haveQemu = ['/usr/bin/qemu-img', '/usr/bin/qemu-io', '/usr/bin/qemu-nbd', '/usr/bin/nbdinfo'].every((p) => existsSync(p));
 const skip = haveQemu ? false : 'qemu-img, qemu-io, qemu-nbd or nbdinfo not installed';
+const soak = !!process.env.BM_SOAK;
+const seed0 = Number(process.env.BM_POWER_CUT_SEED ?? Date.now() % 1_000_000);
 
-const LAYOUTS: Array<{ cluster: number; bitmaps: Array<[string, number]> }> = [
+interface Layout {
+  cluster: number;
+  bitmaps: Array<[string, number]>;
+}
+const LAYOUTS: Layout[] = [
   { cluster: 64 * KiB, bitmaps: [['b0', 64 * KiB], ['b1', 4 * KiB]] },
   { cluster: 4 * KiB, bitmaps: [['b0', 512], ['b1', 1 * MiB]] },
 ];
@@ -36,36 +47,53 @@ function newCore(): Core {
   return core;
 }
 
-/**
- * Where the cut may fall: anywhere after the open has finished (guest writes, flushes, clears, the close),
- * or only among the writes of the open itself (the image marked in use and the write-intent record armed).
- */
-type CutWindow = 'after-open' | 'during-open';
-
-async function oneCut(dir: string, round: number, seed: number, window: CutWindow = 'after-open'): Promise<string> {
-  const rand = rng(seed);
-  const layout = LAYOUTS[round % LAYOUTS.length];
-  const img = path.join(dir, `p${round}.qcow2`);
-  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${layout.cluster}`, img, String(SIZE)]);
+/** A qcow2 image of `size` bytes with 1 MiB of data and the layout's (empty) bitmaps. */
+async function createImage(img: string, layout: Layout, size: number): Promise<void> {
+  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${layout.cluster}`, img, String(size)]);
   await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xee 0 1M', img]);
   for (const [name, g] of layout.bitmaps) await mustRun('qemu-img', ['bitmap', '--add', '-g', String(g), img, name]);
-  const initialFile = await fsp.readFile(img);
-  const names = layout.bitmaps.map(([n]) => n);
+}
 
+/** Per bitmap: [log length when its clear was durable, the disk then], oldest first. */
+type Clears = Map<string, Array<[number, Buffer]>>;
+
+/** The disk a bitmap must be compared with after a cut at `cut`: the one at its last clear before it. */
+function referenceAt(clears: Clears, name: string, cut: number): Buffer {
+  return clears
+    .get(name)!
+    .filter(([at]) => at <= cut)
+    .pop()![1];
+}
+
+interface Session {
+  log: LogEvent[];
+  /** Log length when the open had finished, and when the close began. */
+  opened: number;
+  closing: number;
+  clears: Clears;
+  ops: number;
+}
+
+/**
+ * One session through the recording filter: open, `total` requests from three concurrent workers
+ * (writes, write-zeroes, discards, flushes, merges; `nbClears` bitmap clears), close. `base` is each
+ * bitmap's reference disk at the open (default: the disk as opened).
+ */
+async function recordedSession(img: string, layout: Layout, rand: () => number, total: number, nbClears: number, base?: Map<string, Buffer>): Promise<Session> {
+  const names = layout.bitmaps.map(([n]) => n);
   recordingLog.length = 0;
   const core = newCore();
   const node: BlockNode = await core.openForMonitor({ driver: 'qcow2', 'node-name': 'q', discard: 'unmap', file: { driver: 'recording', discard: 'unmap', file: { driver: 'file', filename: img, discard: 'unmap' } } });
   const opened = recordingLog.length;
-  const guest0 = await node.read(0, SIZE);
-  /** Per bitmap: [log length when its clear was durable, the disk then]. */
-  const clears = new Map<string, Array<[number, Buffer]>>(names.map((n) => [n, [[0, guest0]]]));
+  const size = node.length();
+  const guest0 = await node.read(0, size);
+  const clears: Clears = new Map(names.map((n) => [n, [[0, base?.get(n) ?? guest0]]]));
   const pick = <T>(xs: T[]): T => xs[Math.floor(rand() * xs.length)];
   let paused = false;
   const busy = new Set<Promise<unknown>>();
   let ops = 0;
   // Counted, not timed: the seed decides how many requests there are and when the clears come.
-  const total = 100 + Math.floor(rand() * 300);
-  const clearAt = new Set(Array.from({ length: 3 }, () => Math.floor(rand() * total)));
+  const clearAt = new Set(Array.from({ length: nbClears }, () => Math.floor(rand() * total)));
   const worker = async () => {
     while (ops < total) {
       if (paused) {
@@ -79,13 +107,13 @@ async function oneCut(dir: string, round: number, seed: number, window: CutWindo
         const name = pick(names);
         await node.flush();
         core.bitmaps.clear(core.bitmaps.get(node, name));
-        clears.get(name)!.push([recordingLog.length, await node.read(0, SIZE)]);
+        clears.get(name)!.push([recordingLog.length, await node.read(0, size)]);
         paused = false;
         continue;
       }
       const x = rand();
       const bytes = 1 + Math.floor(rand() * (rand() < 0.7 ? 16 * KiB : 1 * MiB));
-      const offset = Math.floor(rand() * (SIZE - bytes));
+      const offset = Math.floor(rand() * (size - bytes));
       let p: Promise<unknown>;
       if (x < 0.06) p = node.flush();
       else if (x < 0.1) p = Promise.resolve().then(() => core.bitmaps.merge(core.bitmaps.get(node, pick(names)), core.bitmaps.get(node, pick(names))));
@@ -98,22 +126,67 @@ async function oneCut(dir: string, round: number, seed: number, window: CutWindo
     }
   };
   await Promise.all([worker(), worker(), worker()]);
-  const log = recordingLog.slice();
+  const closing = recordingLog.length;
   await core.shutdown();
+  return { log: recordingLog.slice(), opened, closing, clears, ops };
+}
 
-  // The power cut: at a random point of the chosen window of the log.
-  const cut = window === 'after-open' ? opened + Math.floor(rand() * (log.length - opened + 1)) : Math.floor(rand() * (opened + 1));
-  await fsp.writeFile(img, rebuildAfterCut(initialFile, log, cut, rand));
+/** QEMU's view of an image after a cut: qemu-img check finds no corruption and lists every bitmap. */
+async function checkWithQemu(img: string, names: string[], what: string): Promise<void> {
+  const check = await run('qemu-img', ['check', img]);
+  assert.ok(check.code === 0 || check.code === 3, `${what}: qemu-img check exited ${check.code}\n${check.stdout}${check.stderr}`);
+  const info = JSON.parse(await mustRun('qemu-img', ['info', '-U', '--output=json', img])) as { 'format-specific': { data: { bitmaps?: Array<{ name: string }> } } };
+  const seen = (info['format-specific'].data.bitmaps ?? []).map((b) => b.name);
+  for (const name of names) assert.ok(seen.includes(name), `${what}: QEMU no longer sees bitmap ${name} (it sees ${JSON.stringify(seen)})`);
+}
+
+/**
+ * bitmirror's view: every bitmap loads consistent and covers every 512-byte chunk of the disk that
+ * differs from its reference. Returns the number of changed chunks.
+ */
+async function checkWithBitmirror(img: string, refs: Map<string, Buffer>, what: string): Promise<number> {
+  const core = newCore();
+  try {
+    const node = await core.openForMonitor({ driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: img } });
+    const now = await node.read(0, node.length());
+    let differing = 0;
+    for (const [name, ref] of refs) {
+      const bm = core.bitmaps.get(node, name);
+      assert.equal(bm.inconsistent, false, `${what}: ${name} inconsistent`);
+      for (let p = 0; p < now.length; p += 512) {
+        if (now.compare(ref, p, p + 512, p, p + 512) === 0) continue;
+        differing++;
+        assert.ok(bm.isDirty(p), `${what}: bitmap ${name} (granularity ${bm.granularity}) misses changed bytes at ${p}`);
+      }
+    }
+    return differing;
+  } finally {
+    await core.shutdown();
+  }
+}
+
+/** Random cuts anywhere in a session: the image checked by QEMU, then stored by bitmirror and exported by qemu-nbd. */
+async function randomCut(dir: string, round: number, seed: number): Promise<string> {
+  const rand = rng(seed);
+  const layout = LAYOUTS[round % LAYOUTS.length];
+  const names = layout.bitmaps.map(([n]) => n);
+  const size = 64 * MiB;
+  const img = path.join(dir, `p${round}.qcow2`);
+  await createImage(img, layout, size);
+  const initialFile = await fsp.readFile(img);
+  const s = await recordedSession(img, layout, rand, 100 + Math.floor(rand() * 300), 3);
+
+  const cut = Math.floor(rand() * (s.log.length + 1));
+  await fsp.writeFile(img, rebuildAfterCut(initialFile, s.log, cut, () => rand() < 0.5));
+  const what = `seed ${seed} (cut ${cut}/${s.log.length}, open ends at ${s.opened}, close starts at ${s.closing})`;
+  await checkWithQemu(img, names, what);
 
   const core2 = newCore();
   const node2 = await core2.openForMonitor({ driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: img } });
-  for (const name of names) {
-    const bm = core2.bitmaps.get(node2, name);
-    assert.equal(bm.inconsistent, false, `seed ${seed}: ${name} inconsistent (cut ${cut}/${log.length})`);
-  }
+  for (const name of names) assert.equal(core2.bitmaps.get(node2, name).inconsistent, false, `${what}: ${name} inconsistent`);
   await core2.shutdown();
   const check = await run('qemu-img', ['check', img]);
-  assert.ok(check.code === 0 || check.code === 3, `seed ${seed}: qemu-img check exited ${check.code}\n${check.stdout}${check.stderr}`);
+  assert.ok(check.code === 0 || check.code === 3, `${what}: qemu-img check after the store exited ${check.code}\n${check.stdout}${check.stderr}`);
   const raw = path.join(dir, `p${round}.raw`);
   await mustRun('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, raw]);
   const now = await fsp.readFile(raw);
@@ -121,47 +194,97 @@ async function oneCut(dir: string, round: number, seed: number, window: CutWindo
   let differing = 0;
   for (const [name, g] of layout.bitmaps) {
     const dirty = await nbdDirtyRanges(img, name);
-    const ref = clears
-      .get(name)!
-      .filter(([at]) => at <= cut)
-      .pop()![1];
-    for (let p = 0; p < SIZE; p += 512) {
+    const ref = referenceAt(s.clears, name, cut);
+    for (let p = 0; p < size; p += 512) {
       if (now.compare(ref, p, p + 512, p, p + 512) === 0) continue;
       differing++;
       assert.ok(
-        dirty.some(([s, l]) => s <= p && p < s + l),
-        `seed ${seed}: bitmap ${name} (granularity ${g}) misses changed bytes at ${p} (cut ${cut}/${log.length})`,
+        dirty.some(([st, l]) => st <= p && p < st + l),
+        `${what}: bitmap ${name} (granularity ${g}) misses changed bytes at ${p}`,
       );
     }
   }
   await fsp.rm(img);
-  return `cluster ${layout.cluster}: seed ${seed}, ${ops} requests, cut at ${cut}/${log.length} events, ${differing} changed 512-byte chunks covered`;
+  return `cluster ${layout.cluster}: seed ${seed}, ${s.ops} requests, cut at ${cut}/${s.log.length} events, ${differing} changed 512-byte chunks covered`;
 }
 
-test('persistent bitmaps survive a simulated power cut: consistent, covering every change since their last durable clear', { skip, timeout: 3_600_000 }, async (t) => {
+/** Every subset of `ids` when there are at most 16, else none, all and 14 random ones; only none and all when not `full`. */
+function subsetsOf(ids: number[], rand: () => number, full: boolean): Array<Set<number>> {
+  if (!full) return ids.length ? [new Set<number>(), new Set(ids)] : [new Set<number>()];
+  if (ids.length <= 4) return Array.from({ length: 2 ** ids.length }, (_, m) => new Set(ids.filter((_, i) => m & (1 << i))));
+  return [new Set<number>(), new Set(ids), ...Array.from({ length: 14 }, () => new Set(ids.filter(() => rand() < 0.5)))];
+}
+
+/**
+ * Every cut point of the open and of the close of one session (with a few requests between), each
+ * with every subset of the writes not yet flushed. `start`: clean bitmaps, or bitmaps left in use with
+ * a write-intent record by a random cut in a previous session (so the open recovers them).
+ */
+async function everyCut(dir: string, round: number, seed: number): Promise<string> {
+  const rand = rng(seed);
+  const layout = LAYOUTS[round % LAYOUTS.length];
+  // Rounds 0 and 1 (CI): clean bitmaps in one layout, recovered ones in the other.
+  const start = (round ^ Math.floor(round / LAYOUTS.length)) & 1 ? 'recovered' : 'clean';
+  const names = layout.bitmaps.map(([n]) => n);
+  const img = path.join(dir, `e${round}.qcow2`);
+  await createImage(img, layout, 16 * MiB);
+  let base: Map<string, Buffer> | undefined;
+  if (start === 'recovered') {
+    const before = await fsp.readFile(img);
+    const s1 = await recordedSession(img, layout, rand, 60, 1);
+    const cut1 = s1.opened + Math.floor(rand() * (s1.closing - s1.opened + 1));
+    await fsp.writeFile(img, rebuildAfterCut(before, s1.log, cut1, () => rand() < 0.5));
+    base = new Map(names.map((n) => [n, referenceAt(s1.clears, n, cut1)]));
+  }
+  const initialFile = await fsp.readFile(img);
+  const s = await recordedSession(img, layout, rand, 20, 1, base);
+  const cuts = [...Array.from({ length: s.opened + 1 }, (_, i) => i), ...Array.from({ length: s.log.length - s.closing + 1 }, (_, i) => s.closing + i)];
+  const seen = new Set<string>();
+  let images = 0;
+  for (const cut of cuts) {
+    // The open: every subset of what is not yet flushed. The close (many more writes): every cut point
+    // with none or all of them in CI, every subset (or a sample) in the soak.
+    for (const kept of subsetsOf(pendingWrites(s.log, cut), rand, cut <= s.opened || soak)) {
+      const file = rebuildAfterCut(initialFile, s.log, cut, (id) => kept.has(id));
+      const hash = createHash('sha1').update(file).digest('hex');
+      if (seen.has(hash)) continue;
+      seen.add(hash);
+      images++;
+      const what = `seed ${seed} (${start}, cut ${cut}/${s.log.length}, open ends at ${s.opened}, close starts at ${s.closing}, kept writes ${[...kept].join(',') || 'none'})`;
+      await fsp.writeFile(img, file);
+      await checkWithQemu(img, names, what);
+      await checkWithBitmirror(img, new Map(names.map((n) => [n, referenceAt(s.clears, n, cut)])), what);
+    }
+  }
+  await fsp.rm(img);
+  return `cluster ${layout.cluster}, ${start}: seed ${seed}, ${cuts.length} cut points (open ${s.opened + 1}, close ${s.log.length - s.closing + 1}), ${images} distinct images`;
+}
+
+const rounds = Number(process.env.BM_POWER_CUT_ROUNDS ?? (soak ? 1000 : 4));
+
+test('persistent bitmaps survive a simulated power cut anywhere: consistent, covering every change since their last durable clear', { skip, timeout: 24 * 3_600_000 }, async (t) => {
   const { dir, cleanup } = await tempDir('bm-power-cut-');
   try {
-    const seed0 = Number(process.env.BM_POWER_CUT_SEED ?? Date.now() % 1_000_000);
-    const rounds = Number(process.env.BM_POWER_CUT_ROUNDS ?? 4);
     for (let round = 0; round < rounds; round++) {
-      const line = await oneCut(dir, round, seed0 + round);
+      const line = await randomCut(dir, round, seed0 + round);
       t.diagnostic(line);
-      if (process.env.BM_POWER_CUT_ROUNDS) process.stderr.write(`cut ${round}: ${line}\n`);
+      if (process.env.BM_POWER_CUT_ROUNDS || soak) process.stderr.write(`cut ${round}: ${line}\n`);
     }
   } finally {
     await cleanup();
   }
 });
 
-// Known gap (issue 14, seed 900124): marking the bitmaps in use at open follows QEMU 7.2's sequence (clear
-// autoclear bit 0, rewrite the directory, set the bit again); a cut between those writes leaves the bitmaps
-// extension ignored, so the bitmaps are gone (QEMU 7.2 has the same window). Run as a todo until the
-// in-use flags are written in place.
-test('persistent bitmaps survive a power cut during the open that marks them in use', { skip, todo: 'the bitmaps extension can be lost by a cut during activation (issue 14)', timeout: 3_600_000 }, async (t) => {
-  const { dir, cleanup } = await tempDir('bm-power-cut-open-');
+test('a power cut at any point of the open (in-use marking) or of the close (storing) loses no bitmap and leaves none claimed consistent but missing changes', { skip, timeout: 24 * 3_600_000 }, async (t) => {
+  const { dir, cleanup } = await tempDir('bm-power-cut-every-');
   try {
-    const seed0 = Number(process.env.BM_POWER_CUT_SEED ?? Date.now() % 1_000_000);
-    for (let round = 0; round < 2; round++) t.diagnostic(await oneCut(dir, round, seed0 + round, 'during-open'));
+    // CI: clean bitmaps in one layout, recovered ones in the other; the soak: every combination, many seeds.
+    const scenarios = soak ? rounds : 2;
+    for (let round = 0; round < scenarios; round++) {
+      const line = await everyCut(dir, round, seed0 + round);
+      t.diagnostic(line);
+      if (soak) process.stderr.write(`every-cut ${round}: ${line}\n`);
+    }
   } finally {
     await cleanup();
   }

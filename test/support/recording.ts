@@ -3,7 +3,8 @@
  * passes every request to its `file` child and logs each write (its bytes), write-zeroes, discard,
  * truncate and flush, with their start and end. `rebuildAfterCut` then makes the image a power cut
  * at a chosen point of the log would leave: what a flush had made durable before the cut, plus any
- * subset of the writes that had started by then but were not yet covered by a flush.
+ * subset of the writes that had started by then but were not yet covered by a flush
+ * (`pendingWrites` lists them, so a test can try every subset).
  */
 import { BlockNode, type BdrvChild, type NodeCapabilities, type WriteFlags } from '../../src/block/node.js';
 import { defaultChildPermissions, type Permissions } from '../../src/block/permissions.js';
@@ -88,12 +89,8 @@ export const recordingDriver: BlockDriver = {
   },
 };
 
-/**
- * The file a power cut after `cut` events of `log` leaves, starting from `initial`: every write that
- * ended before a flush that started and ended before the cut, and each other write that started
- * before the cut with probability 1/2 (`rand`), applied in the order they started.
- */
-export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, rand: () => number): Buffer {
+/** The writes of `log` that had ended by the time each flush that had also ended before `cut` started. */
+function durableWrites(log: LogEvent[], cut: number): Set<number> {
   const ended = new Set<number>();
   const durable = new Set<number>();
   const flushStartEnded = new Map<number, Set<number>>();
@@ -103,6 +100,31 @@ export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, r
     if (e.kind === 'flush' && e.phase === 'start') flushStartEnded.set(e.id, new Set(ended));
     if (e.kind === 'flush' && e.phase === 'end') for (const id of flushStartEnded.get(e.id) ?? []) durable.add(id);
   }
+  return durable;
+}
+
+/**
+ * The writes a power cut after `cut` events of `log` may or may not have kept: those that had started
+ * but that no completed flush covers, in the order they started.
+ */
+export function pendingWrites(log: LogEvent[], cut: number): number[] {
+  const durable = durableWrites(log, cut);
+  const out: number[] = [];
+  for (let i = 0; i < cut; i++) {
+    const e = log[i];
+    if (e.kind === 'write' && e.phase === 'start' && !durable.has(e.id)) out.push(e.id);
+  }
+  return out;
+}
+
+/**
+ * The file a power cut after `cut` events of `log` leaves, starting from `initial`: every write that
+ * ended before a flush that started and ended before the cut, and each other write that started
+ * before the cut when `kept(id)` says so (e.g. at random, or one subset of pendingWrites), applied in
+ * the order they started.
+ */
+export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, kept: (writeId: number) => boolean): Buffer {
+  const durable = durableWrites(log, cut);
   let size = initial.length;
   for (let i = 0; i < cut; i++) {
     const e = log[i];
@@ -114,7 +136,7 @@ export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, r
   for (let i = 0; i < cut; i++) {
     const e = log[i];
     if (e.kind !== 'write' || e.phase !== 'start') continue;
-    if (durable.has(e.id) || rand() < 0.5) e.data.copy(out, e.offset, 0, Math.max(0, Math.min(e.data.length, size - e.offset)));
+    if (durable.has(e.id) || kept(e.id)) e.data.copy(out, e.offset, 0, Math.max(0, Math.min(e.data.length, size - e.offset)));
   }
   return out;
 }

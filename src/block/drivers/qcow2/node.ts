@@ -970,8 +970,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   }
 
   /**
-   * Set or clear in_use on the named bitmaps in place (QEMU's sequence: clear autoclear bit 0, write
-   * header, flush → rewrite the directory in place → set the bit again, write header, flush).
+   * Set or clear in_use on the named bitmaps in place: the directory is rewritten where it is with
+   * only their flags changed, then flushed. QEMU 7.2 first clears autoclear bit 0, rewrites the
+   * directory, then sets the bit again; a power cut between those writes leaves the bitmaps
+   * extension ignored, i.e. every bitmap lost (issue 14). Not needed here: each entry's flags field
+   * (entry offset + 12, entries 8-byte aligned, the directory cluster aligned) lies inside one
+   * 512-byte sector, and no other byte of the directory changes, so however the write is torn every
+   * entry reads either its old or its new flags, both valid. Before in_use is set, the write-intent
+   * record covering these bitmaps is durable (doActivate), so each bitmap's state on disk is usable
+   * at every cut. No guest write runs before the open completes, so nothing else is in flight.
    */
   async setBitmapsInUse(names: string[] | 'all', inUse: boolean): Promise<void> {
     if (this.readOnly) throw new BlockIOError('EPERM');
@@ -979,18 +986,18 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.withAll(async () => {
       const bm = this.header.bitmaps!;
       const dir = await this.readFile(bm.directoryOffset, bm.directorySize);
+      let changed = false;
       for (const b of this.cachedBitmaps) {
         if (names !== 'all' && !names.includes(b.name)) continue;
-        b.flags = inUse ? b.flags | BME_FLAG_IN_USE : b.flags & ~BME_FLAG_IN_USE;
+        const flags = inUse ? b.flags | BME_FLAG_IN_USE : b.flags & ~BME_FLAG_IN_USE;
+        changed ||= flags !== b.flags;
+        b.flags = flags;
         b.inUse = inUse;
         dir.writeUInt32BE(b.flags, b.dirOffset + 12);
       }
-      this.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
-      await this.writeHeader();
+      if (!changed) return;
       await this.file.write(bm.directoryOffset, dir);
       await this.file.flush();
-      this.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
-      await this.writeHeader();
     });
   }
 

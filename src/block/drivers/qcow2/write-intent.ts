@@ -31,11 +31,20 @@
  *   activate    the record is rewritten (covering the bitmaps just loaded consistent; regions kept if
  *               any bitmap was recovered, since their stored bits do not include them yet, else all
  *               clean), the autoclear bit set and the header flushed, and only then are the bitmaps
- *               marked in_use: every moment a bitmap is in_use on disk, a record covers it.
+ *               marked in_use: every moment a bitmap is in_use on disk, a record covers it. The
+ *               in_use flags are written in place in the existing directory (node.ts
+ *               setBitmapsInUse), not by QEMU's clear-bit-0 / rewrite / set-bit-0 sequence, whose
+ *               middle would leave the bitmaps extension ignored (all bitmaps lost) after a power
+ *               cut: a flags field never straddles a sector, so every cut leaves each bitmap
+ *               either not in use or in use and covered.
  *   write       before any write, write-zeroes or discard is performed (and so before it is
  *               acknowledged), each region it touches is dirty on disk (mark()). Regions already
  *               dirty cost nothing; new ones are set in memory and one header write + flush makes
  *               all of them durable: concurrent first writes to clean regions share that flush.
+ *   store       (close) copy-on-write as QEMU: new data clusters, tables and directory, flushed, then
+ *               one header write switches to them (in_use cleared), then the old clusters are freed;
+ *               a cut leaves the old directory (in use, covered) or the new one (not in use), at
+ *               worst with leaked clusters.
  *   clearing    lazy: a region goes clean on disk only when the bitmaps' stored state covers it,
  *               i.e. when the bitmaps are stored (in_use cleared) at close, after the data was
  *               flushed; the next activation starts from a clean record. Until then a region once
