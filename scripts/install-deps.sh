@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the peer tools bitmirror is checked against (Debian packages): qemu-img/qemu-io/qemu-nbd
-# (qemu-utils), qemu-storage-daemon (qemu-system-common), nbdinfo/nbdcopy (libnbd-bin), nbdkit, python3-libnbd, and the
+# (qemu-utils), qemu-storage-daemon (qemu-system-common), nbdinfo/nbdcopy (libnbd-bin), nbdkit, python3-libnbd, tmux, and the
 # toolchain node-gyp needs for the native addon. Needs root (or sudo) and Debian's package lists.
 set -euo pipefail
 need=()
@@ -11,6 +11,8 @@ command -v nbdinfo >/dev/null || need+=(libnbd-bin)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 # The libnbd Python bindings (tests drive the NBD server's handshake and commands with them).
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
+# tmux: a real terminal for the test of bitmirror copy's progress bar and Ctrl-C.
+command -v tmux >/dev/null || need+=(tmux)
 command -v g++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
 command -v python3 >/dev/null || need+=(python3)
