@@ -4,6 +4,7 @@
  * A legacy `blkdebug:CONFIG:IMAGE` is a blkdebug node (with that config file) over the image; any
  * other name is a file.
  */
+import * as path from 'node:path';
 import { genericError } from '../errors.js';
 
 /**
@@ -36,4 +37,14 @@ export function hasProtocol(filename: string): boolean {
 export function imageFileOf(filename: string): string {
   const debug = parseBlkdebugFilename(filename);
   return debug ? imageFileOf(debug.image) : filename;
+}
+
+/**
+ * A backing file name as an image records it, resolved as QEMU's bdrv_get_full_backing_filename
+ * does: relative names against the directory of the image that names them; absolute names and
+ * names with a protocol as they are.
+ */
+export function resolveBackingFilename(imageFilename: string, backing: string): string {
+  if (path.isAbsolute(backing) || hasProtocol(backing)) return backing;
+  return path.join(path.dirname(imageFilename), backing);
 }

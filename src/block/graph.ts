@@ -324,6 +324,59 @@ export class BlockGraph {
     out.push(plan);
   }
 
+  /**
+   * bdrv_reopen_set_read_only: reopen `node` read-only or read-write with its other options as they
+   * are (its children by reference; a file child opened with it follows, as QEMU's inherited options
+   * do). What change-backing-file, snapshots and chain jobs use on a backing file. Throws QEMU's
+   * reopen errors with nothing changed.
+   */
+  async setReadOnly(node: BlockNode, readOnly: boolean): Promise<void> {
+    if (node.readOnly === readOnly) return;
+    await this.reopen([{ node, options: BlockGraph.optionsWithReadOnly(node, readOnly) }]);
+  }
+
+  /** A node's open options with `read-only` set, children by name (implicit ones nested, following). */
+  private static optionsWithReadOnly(node: BlockNode, readOnly: boolean): Record<string, unknown> {
+    const opts: Record<string, unknown> = { ...node.openOptions, 'read-only': readOnly };
+    for (const key of BlockGraph.CHILD_OPTIONS) {
+      const child = node.child(key);
+      if (!child) continue;
+      const implicit = child.node.nodeName.startsWith('#') && child.node.parents.length === 1;
+      opts[key] = key !== 'backing' && implicit && child.node.readOnly !== readOnly ? BlockGraph.optionsWithReadOnly(child.node, readOnly) : child.node.nodeName;
+    }
+    if (!node.backing() && node.imageInfo()['backing-filename'] !== undefined) opts.backing = null;
+    return opts;
+  }
+
+  /**
+   * bdrv_set_backing_hd: make `backing` the backing child of `node` (undefined: none) in the graph.
+   * The image's own record of its backing file is not touched (BlockNode.changeBackingFile does
+   * that). QEMU's checks and messages: a frozen link, a driver without backing files, a cycle; then
+   * the permissions of the new graph (the file driver's lock bytes follow). On any of them nothing
+   * changes. Returns the undo, for a transaction's abort.
+   */
+  setBacking(node: BlockNode, backing: BlockNode | undefined): () => void {
+    const current = node.child('backing');
+    if (current?.node === backing) return () => undefined;
+    if (current?.frozen) throw genericError(`Cannot change frozen 'backing' link from '${node.nodeName}' to '${current.node.nodeName}'`);
+    if (backing && !node.supportsBacking()) throw genericError(`Driver '${node.driver}' of node '${node.nodeName}' does not support backing files`);
+    if (backing && BlockGraph.reaches(backing, node)) {
+      throw genericError(`Making '${backing.nodeName}' a backing child of '${node.nodeName}' would create a cycle`);
+    }
+    const touched = [node, ...(current ? [current.node] : []), ...(backing ? [backing] : [])];
+    const undo = node.relinkChild('backing', backing, 'cow');
+    try {
+      refreshPermissions(touched);
+    } catch (err) {
+      undo();
+      throw err;
+    }
+    return () => {
+      undo();
+      refreshPermissions(touched);
+    };
+  }
+
   /** Whether `to` is `from` or below it. */
   private static reaches(from: BlockNode, to: BlockNode): boolean {
     return from === to || from.children.some((c) => BlockGraph.reaches(c.node, to));

@@ -147,7 +147,18 @@ export interface ImageInfo {
 }
 
 /** QEMU's BlockOpType values that commands check (bdrv_op_is_blocked). */
-export type BlockOp = 'drive-del' | 'resize' | 'mirror-source' | 'mirror-target' | 'backup-source' | 'backup-target' | 'commit-target' | 'stream';
+export type BlockOp =
+  | 'drive-del'
+  | 'resize'
+  | 'mirror-source'
+  | 'mirror-target'
+  | 'backup-source'
+  | 'backup-target'
+  | 'commit-source'
+  | 'commit-target'
+  | 'stream'
+  | 'change'
+  | 'external-snapshot';
 /** What a backing file's blocker lets through (bdrv_backing_attach's bdrv_op_unblock calls). */
 const BACKING_ALLOWS: ReadonlySet<BlockOp> = new Set(['commit-target', 'stream', 'backup-source', 'backup-target']);
 
@@ -289,6 +300,32 @@ export abstract class BlockNode {
   nodeInfo(): NodeInfo {
     return {};
   }
+  /** Whether the driver can have a backing file (QEMU's supports_backing): qcow2. */
+  supportsBacking(): boolean {
+    return false;
+  }
+
+  /**
+   * Optional: record `backingFile` (and its format) as the backing file name in the image's own
+   * metadata, or none (undefined): see changeBackingFile.
+   */
+  protected doChangeBackingFile?(backingFile: string | undefined, backingFormat: string | undefined): Promise<void>;
+
+  /**
+   * bdrv_change_backing_file: make the image name `backingFile` of format `backingFormat` as its
+   * backing file (the string a later open follows; the qcow2 header), or no backing file. Only the
+   * image's record changes: the graph's backing link is BlockGraph.setBacking's. Throws BlockIOError
+   * as QEMU's errno: EINVAL for a format without a file, ENOTSUP when the driver records no backing
+   * file, EPERM on a read-only node.
+   */
+  async changeBackingFile(backingFile: string | undefined, backingFormat: string | undefined): Promise<void> {
+    if (backingFormat !== undefined && backingFile === undefined) throw new BlockIOError('EINVAL');
+    if (this.closing || this.closed) throw new BlockIOError('ENOMEDIUM');
+    if (!this.doChangeBackingFile) throw new BlockIOError('ENOTSUP');
+    if (this.readOnly) throw new BlockIOError('EPERM');
+    await this.doChangeBackingFile(backingFile, backingFormat);
+  }
+
   /** Whether a freshly created image reads as zeroes without writing them (bdrv_has_zero_init). */
   hasZeroInit(): boolean {
     return false;

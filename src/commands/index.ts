@@ -14,9 +14,10 @@ import { objectCommands } from './objects.js';
 import { blockStatsCommands } from './block-stats.js';
 import { nbdCommands } from './nbd.js';
 import { backupCommands } from './backup.js';
+import { chainCommands } from './chain.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands);
   return table;
 }

@@ -52,7 +52,7 @@ const COMMON: Members = {
 };
 
 /** The device must be a root node (nothing above it), as qmp_get_root_bs requires. */
-function rootNode(core: Core, name: string): BlockNode {
+export function rootNode(core: Core, name: string): BlockNode {
   const node = core.graph.lookup(name);
   // A parent node or a job's claim makes a node no root (the filter and the target of a running mirror).
   if (!node.isRoot()) throw genericError('Need a root block node');

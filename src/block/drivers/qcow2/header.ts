@@ -303,3 +303,56 @@ export async function writeRefcountTableLocation(file: BlockNode, h: Qcow2Header
   h.refcountTableOffset = offset;
   h.refcountTableClusters = clusters;
 }
+
+/** Where the header extension area of a serialised first cluster ends (after its end marker). */
+export function extensionsEnd(buf: Buffer, headerLength: number): number {
+  for (let off = headerLength; off + 8 <= buf.length; ) {
+    const type = buf.readUInt32BE(off);
+    const len = buf.readUInt32BE(off + 4);
+    off += 8;
+    if (type === EXT_END) return off;
+    off += pad8(len);
+  }
+  return buf.length;
+}
+
+/** One write of a header update: `data` at `offset` of the first cluster, followed by a flush. */
+export interface HeaderWrite {
+  offset: number;
+  data: Buffer;
+}
+
+/** Writes of at most one sector within it are taken as atomic (what a disk promises). */
+const SECTOR = 512;
+
+/**
+ * The writes (each flushed before the next) that turn the first cluster `onDisk` into the header
+ * `next` (serializeHeader's output with a new backing file name or format), ordered so that a crash
+ * at any point leaves either the old header or the new one:
+ *   1. the new name goes where the old header uses nothing (past its extensions and its name, and
+ *      past the new extensions): the old header stays valid;
+ *   2. one write within the first sector (the header fields with backing_file_offset/size, and the
+ *      start of the extension area) switches to the new header at once.
+ * This holds when the extension area beyond the first sector stays as it is on disk (a name
+ * replaced, a format of the same padded length); otherwise (a backing format added or removed that
+ * moves the later extensions) the header is written at once, as QEMU's qcow2_update_header does.
+ */
+export function backingChangeWrites(onDisk: Buffer, next: Buffer, headerLength: number, clusterSize: number): HeaderWrite[] {
+  const whole = [{ offset: 0, data: next }];
+  const nameOffset = Number(next.readBigUInt64BE(8));
+  const nameLength = next.readUInt32BE(16);
+  const extEnd = nameOffset > 0 ? nameOffset : next.length;
+  if (onDisk.length < Math.max(extEnd, 20)) return whole;
+  if (extEnd > SECTOR && !next.subarray(SECTOR, extEnd).equals(onDisk.subarray(SECTOR, extEnd))) return whole;
+  const head = Buffer.from(next.subarray(0, Math.min(extEnd, SECTOR)));
+  if (nameLength === 0) return [{ offset: 0, data: head }];
+  const oldNameOffset = Number(onDisk.readBigUInt64BE(8));
+  const oldNameEnd = oldNameOffset > 0 ? oldNameOffset + onDisk.readUInt32BE(16) : 0;
+  const at = pad8(Math.max(extEnd, extensionsEnd(onDisk, headerLength), oldNameEnd));
+  if (at + nameLength > clusterSize) return whole;
+  head.writeBigUInt64BE(BigInt(at), 8);
+  return [
+    { offset: at, data: Buffer.from(next.subarray(nameOffset, nameOffset + nameLength)) },
+    { offset: 0, data: head },
+  ];
+}

@@ -30,9 +30,11 @@ import {
   HOST_OFFSET_END,
   INCOMPAT_DIRTY,
   MAX_L1_BYTES,
+  backingChangeWrites,
   serializeHeader,
   type Qcow2Header,
 } from './header.js';
+import { resolveBackingFilename } from '../../filename.js';
 import { Refcounts, type MetadataRange } from './refcount.js';
 import { COPIED_HI, decodeL1, decodeL2, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
 import { decompressCluster } from './compressed.js';
@@ -142,7 +144,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     readonly header: Qcow2Header,
     private l1: Buffer,
     readonly rc: Refcounts,
-    readonly backingDisplayName: string | undefined,
+    /** full-backing-filename: the header's backing file name resolved against the image's directory. */
+    public backingDisplayName: string | undefined,
   ) {
     super(nodeName, readOnly);
     this.attachChild('file', file, 'image');
@@ -854,6 +857,47 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     });
   }
 
+  /** qcow2 images can have a backing file (QEMU's supports_backing). */
+  override supportsBacking(): boolean {
+    return true;
+  }
+
+  /**
+   * qcow2_change_backing_file: the header names `backingFile` (of `backingFormat`) as the backing
+   * file, or none. Crash-safe: the new name is written where the old header uses nothing, then one
+   * write within the first sector switches to it (backingChangeWrites), each flushed. A name over
+   * 1023 bytes is EINVAL, as in QEMU.
+   */
+  protected override async doChangeBackingFile(backingFile: string | undefined, backingFormat: string | undefined): Promise<void> {
+    if (backingFile !== undefined && Buffer.byteLength(backingFile) > 1023) throw new BlockIOError('EINVAL');
+    await this.withHeader(async () => {
+      const h = this.header;
+      const old = { file: h.backingFile, format: h.backingFormat };
+      h.backingFile = backingFile;
+      h.backingFormat = backingFormat;
+      let buf: Buffer;
+      let writes;
+      try {
+        buf = serializeHeader(h, this.cs);
+        const onDisk = await this.file.read(0, Math.min(this.cs, this.file.length()));
+        writes = backingChangeWrites(onDisk, buf, h.headerLength, this.cs);
+      } catch (err) {
+        h.backingFile = old.file;
+        h.backingFormat = old.format;
+        throw err;
+      }
+      const at = this.v3 ? findHeaderExtension(buf, h.headerLength, EXT_WRITE_INTENT) : undefined;
+      this.intentOnDisk = undefined;
+      for (const w of writes) {
+        await this.file.write(w.offset, w.data);
+        await this.file.flush();
+      }
+      this.intentOnDisk = at?.offset;
+      this.autoBackingFile = backingFile ?? '';
+      this.backingDisplayName = backingFile === undefined || backingFile === '' ? undefined : resolveBackingFilename(this.file.imageInfo().filename, backingFile);
+    });
+  }
+
   /**
    * Header writes one at a time: the write-intent record writes its part of the first cluster while
    * guest I/O goes on, and must never be overtaken by a whole-header write serialised before it.
@@ -895,17 +939,40 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     return this.openOptions.backing === null && !this.backing() && !!this.header.backingFile && this.file.driver === 'file';
   }
 
+  /**
+   * QEMU's auto_backing_file once change-backing-file (or a chain job) rewrote the header: the name
+   * as written, unresolved. When it is not the backing node's file name, QEMU's bdrv_backing_overridden
+   * names the node by a json: pseudo-filename that spells out the backing node. Undefined before.
+   */
+  private autoBackingFile: string | undefined;
+
+  /** The json: options of the backing node when the header's name no longer names it (see autoBackingFile). */
+  private overridingBacking(): Record<string, unknown> | undefined {
+    const b = this.backing();
+    if (this.autoBackingFile === undefined || !b || this.file.driver !== 'file') return undefined;
+    const name = b.imageInfo().filename;
+    if (this.autoBackingFile === name) return undefined;
+    const child = b.primaryChild();
+    return name.startsWith('json:') || !child ? undefined : { driver: b.driver, file: { driver: child.driver, filename: child.imageInfo().filename } };
+  }
+
   imageInfo(): ImageInfo {
     const f = this.file.imageInfo();
     const h = this.header;
+    const overriding = this.overridingBacking();
     const info: ImageInfo = {
-      filename: this.overriddenBacking() ? jsonFilename({ backing: null, driver: 'qcow2', file: { driver: 'file', filename: f.filename } }) : f.filename,
+      filename: this.overriddenBacking()
+        ? jsonFilename({ backing: null, driver: 'qcow2', file: { driver: 'file', filename: f.filename } })
+        : overriding
+          ? jsonFilename({ backing: overriding, driver: 'qcow2', file: { driver: 'file', filename: f.filename } })
+          : f.filename,
       format: 'qcow2',
       'virtual-size': h.size,
       'cluster-size': this.cs,
       'dirty-flag': (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n && !this.dirtySetByUs,
     };
-    if (h.backingFile !== undefined) {
+    // An empty name is no backing file name (QEMU's backing_file[0] == '\0').
+    if (h.backingFile) {
       info['backing-filename'] = h.backingFile;
       if (this.backingDisplayName) info['full-backing-filename'] = this.backingDisplayName;
       if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;

@@ -29,7 +29,7 @@ import { Refcounts } from './refcount.js';
 import { decodeL1 } from './tables.js';
 import { Qcow2Node } from './node.js';
 import { bitmapEntryValid, bitmapTableProblem, checkBitmapsExtension, dirEntrySize, parseBitmapDirectory, type StoredBitmap } from './bitmaps.js';
-import { hasProtocol, imageFileOf, protocolOptions } from '../../filename.js';
+import { imageFileOf, protocolOptions, resolveBackingFilename } from '../../filename.js';
 
 /** How many backing files deep a chain may go. */
 export const MAX_BACKING_DEPTH = 32;
@@ -131,16 +131,12 @@ async function peekBacking(filename: string): Promise<{ qcow2: boolean; backing?
   }
 }
 
-function resolveBacking(imageFilename: string, backing: string): string {
-  if (path.isAbsolute(backing) || hasProtocol(backing)) return backing;
-  return path.join(path.dirname(imageFilename), backing);
-}
 
 /** Follow the chain below `imageFilename` through the headers: refuse loops and chains too deep. */
 async function checkBackingChain(imageFilename: string, backing: string, format: string | undefined): Promise<void> {
   const seen = new Set<string>();
   seen.add(await fsp.realpath(imageFilename).catch(() => path.resolve(imageFilename)));
-  let cur = resolveBacking(imageFilename, backing);
+  let cur = resolveBackingFilename(imageFilename, backing);
   let fmt = format;
   for (let depth = 1; ; depth++) {
     if (depth > MAX_BACKING_DEPTH) throw genericError(`Backing chain of '${imageFilename}' is more than ${MAX_BACKING_DEPTH} files deep`);
@@ -160,7 +156,7 @@ async function checkBackingChain(imageFilename: string, backing: string, format:
       return;
     }
     if (!p.qcow2 || p.backing === undefined) return;
-    cur = resolveBacking(real, p.backing);
+    cur = resolveBackingFilename(real, p.backing);
     fmt = p.format;
   }
 }
@@ -217,7 +213,7 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   if (opts.backing !== undefined && opts.backing !== null) {
     backing = await ctx.openChild(opts.backing, true, 'backing', 'cow');
   } else if (opts.backing === undefined && h.backingFile !== undefined && h.backingFile !== '') {
-    const full = resolveBacking(fileName, h.backingFile);
+    const full = resolveBackingFilename(fileName, h.backingFile);
     backingDisplay = full;
     await checkBackingChain(fileName, h.backingFile, h.backingFormat);
     const fmt = h.backingFormat ?? (await probeFormat(imageFileOf(full)));

@@ -1,0 +1,79 @@
+/**
+ * Walking backing chains as QEMU's block layer does (block.c's bdrv_filter_or_cow_bs, bdrv_skip_filters,
+ * bdrv_chain_contains, bdrv_find_overlay, bdrv_find_base, bdrv_find_backing_image): what the chain
+ * operations (snapshots, change-backing-file, block-stream, block-commit) use to find their nodes.
+ * A chain goes down through backing links ('cow' children) of format nodes and through the filtered
+ * child of filters; a raw node over a file is no chain link (its file holds its data).
+ */
+import * as path from 'node:path';
+import type { BlockNode } from './node.js';
+import { FilterNode } from './filters/filter.js';
+import { resolveBackingFilename } from './filename.js';
+
+/** Whether QEMU counts the node as a filter (is_filter): mirror_top, copy-before-write, throttle, copy-on-read. */
+export function isFilter(node: BlockNode): boolean {
+  return node instanceof FilterNode;
+}
+
+/** bdrv_filter_or_cow_bs: the next node down the chain: a filter's child, else the backing node. */
+export function filterOrCowChild(node: BlockNode): BlockNode | undefined {
+  return node instanceof FilterNode ? node.filtered : node.backing();
+}
+
+/** bdrv_skip_filters: the first node at or below `node` that is no filter. */
+export function skipFilters(node: BlockNode): BlockNode;
+export function skipFilters(node: BlockNode | undefined): BlockNode | undefined;
+export function skipFilters(node: BlockNode | undefined): BlockNode | undefined {
+  let n = node;
+  while (n instanceof FilterNode) n = n.filtered;
+  return n;
+}
+
+/** bdrv_backing_chain_next: the next format layer below `node` (filters skipped on both sides). */
+export function backingChainNext(node: BlockNode): BlockNode | undefined {
+  return skipFilters(skipFilters(node).backing());
+}
+
+/** bdrv_chain_contains: whether `node` is `top` or lies below it through filters and backing links. */
+export function chainContains(top: BlockNode, node: BlockNode | undefined): boolean {
+  for (let n: BlockNode | undefined = top; n; n = filterOrCowChild(n)) if (n === node) return true;
+  return false;
+}
+
+/** bdrv_find_overlay: the format layer of `active`'s chain whose backing is `node`, if any. */
+export function findOverlay(active: BlockNode, node: BlockNode): BlockNode | undefined {
+  const target = skipFilters(node);
+  for (let n: BlockNode | undefined = skipFilters(active); n; ) {
+    const next = backingChainNext(n);
+    if (next === target) return n;
+    n = next;
+  }
+  return undefined;
+}
+
+/** bdrv_find_base: the bottom format layer of `node`'s chain (`node` itself when it has no backing). */
+export function findBase(node: BlockNode): BlockNode {
+  let n = skipFilters(node);
+  for (let next = backingChainNext(n); next; next = backingChainNext(n)) n = next;
+  return n;
+}
+
+/**
+ * bdrv_find_backing_image: the node below `active` whose image is `name` — the backing file string
+ * its overlay records, or its file name (a relative name taken against the overlay's directory).
+ */
+export function findBackingImage(active: BlockNode, name: string): BlockNode | undefined {
+  for (let n: BlockNode | undefined = skipFilters(active); n; ) {
+    const next = backingChainNext(n);
+    if (!next) return undefined;
+    const recorded = n.imageInfo()['backing-filename'];
+    const file = next.imageInfo().filename;
+    if (name === recorded || name === file) return next;
+    const overlayFile = n.imageInfo().filename;
+    if (!overlayFile.startsWith('json:') && !file.startsWith('json:')) {
+      if (path.resolve(resolveBackingFilename(overlayFile, name)) === path.resolve(file)) return next;
+    }
+    n = next;
+  }
+  return undefined;
+}
