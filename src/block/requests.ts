@@ -50,6 +50,15 @@ export class RequestTracker {
     return this.inFlight.size;
   }
 
+  /**
+   * Resolves when every write-class request (anything but a read) now in flight has ended; undefined
+   * when there is none. Requests that begin meanwhile are not waited for.
+   */
+  writesEnded(): Promise<void> | undefined {
+    const writes = [...this.inFlight].filter((r) => r.kind !== 'read');
+    return writes.length ? Promise.all(writes.map((r) => r.done)).then(() => undefined) : undefined;
+  }
+
   /** Wait until no request is in flight. */
   drain(): Promise<void> {
     if (this.inFlight.size === 0) return Promise.resolve();

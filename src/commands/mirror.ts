@@ -11,6 +11,8 @@
  *   QAPI's rule for downstream extensions (a reversed domain name with a leading `__`).
  * - `__org.bitmirror_copy-offload` (default true): data between host files is copied by the kernel
  *   (copy_file_range) where it can; false reads and writes every byte (QEMU's mirror always does).
+ * - `__org.bitmirror_carry-bitmaps` (default false): at the pivot or the soft cancel after READY, the
+ *   source chain's bitmaps are carried onto the target (bitmap/carry.ts, jobs/mirror.ts).
  */
 import { genericError } from '../errors.js';
 import { bool, enumOf, int, str, uint32, type Members } from '../qapi/schema.js';
@@ -30,6 +32,7 @@ const BitmapSyncModeEnum = enumOf('BitmapSyncMode', ['on-success', 'never', 'alw
 const FILL = '__org.bitmirror_fill-partial-clusters';
 const COARSE = '__org.bitmirror_allow-coarse-target';
 const OFFLOAD = '__org.bitmirror_copy-offload';
+const CARRY = '__org.bitmirror_carry-bitmaps';
 
 const COMMON: Members = {
   '*job-id': str,
@@ -49,6 +52,7 @@ const COMMON: Members = {
   [`*${FILL}`]: bool,
   [`*${COARSE}`]: bool,
   [`*${OFFLOAD}`]: bool,
+  [`*${CARRY}`]: bool,
 };
 
 /** The device must be a root node (nothing above it), as qmp_get_root_bs requires. */
@@ -155,6 +159,8 @@ async function startMirror(
     throw genericError("Cannot mirror to a filter on top of a node in the source's backing chain");
   }
   const bm = choice.workingBitmap ?? choice.syncBitmap?.bitmap;
+  // The job's own bitmap is busy while it runs and means "still to copy" afterwards: nothing to carry.
+  if (bm && args[CARRY] === true) throw genericError(`'${CARRY}' cannot be used with 'bitmap'`);
   if (bm) granularity = bm.granularity;
   if (!granularity) granularity = defaultGranularity(target);
   const buf = Math.ceil((bufSize || DEFAULT_MIRROR_BUF_SIZE) / granularity) * granularity;
@@ -180,6 +186,7 @@ async function startMirror(
     syncBitmap: choice.syncBitmap,
     fillPartialClusters: (args[FILL] as boolean | undefined) ?? true,
     copyOffload: (args[OFFLOAD] as boolean | undefined) ?? true,
+    carryBitmaps: (args[CARRY] as boolean | undefined) ?? false,
     ownedTarget: extra.ownedTarget,
     backingAtCompletion: extra.backingAtCompletion,
   });

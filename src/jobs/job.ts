@@ -223,6 +223,12 @@ export abstract class Job {
     return true;
   }
 
+  /**
+   * A soft cancel (one onCancel did not force) is about to be accepted: throw to refuse it with
+   * nothing changed (mirror: bitmaps that could not be carried onto the target).
+   */
+  protected checkSoftCancel?(): void | Promise<void>;
+
   /** Finalization hooks (QEMU's .prepare, .commit, .abort, .clean). prepare may fail, aborting the group. */
   protected async prepare(): Promise<void> {}
   protected async commit(): Promise<void> {}
@@ -528,6 +534,7 @@ export abstract class Job {
     traceCancel({ job: this.id, force });
     this.applyVerb('cancel');
     force = this.onCancel(force);
+    if (!force && !this.hasRunEnded && !this._cancelRequested) await this.checkSoftCancel?.();
     if (this._userPaused) {
       this._ioStatus = 'ok';
       this._userPaused = false;

@@ -22,6 +22,15 @@
  *   file (a "diff" target) is widened to the whole cluster with the missing part read from the source,
  *   so the target never holds a cluster with partial data (the pitfall both bitmap-mirror patches
  *   document). The engine does the widening; the option says whether.
+ * - The switch (the pivot of job-complete, or the end of a soft cancel after READY) happens in one
+ *   synchronous step at a moment when nothing is dirty and no write is in flight on the filter or the
+ *   source (prepare waits for one, copying every new write synchronously meanwhile): the target then
+ *   equals the source, and a write either reached the source before the switch (and the target through
+ *   the job) or goes to the target after it. With `__org.bitmirror_carry-bitmaps` the source chain's
+ *   bitmaps are carried onto the target in that same step (bitmap/carry.ts), so every write is
+ *   recorded by the source's bitmaps or by the target's, never by neither. The carry is checked when
+ *   job-complete or the soft cancel is asked for (refused with the reason, nothing changed) and
+ *   again before the switch (the job then fails without switching).
  */
 import { genericError, errorMessage } from '../errors.js';
 import { BlockNode, type BdrvChild, type WriteObserver, type WriteRequest } from '../block/node.js';
@@ -37,6 +46,7 @@ import type { BlockGraph } from '../block/graph.js';
 import { MirrorTopNode } from '../block/filters/mirror-top.js';
 import type { BitmapManager } from '../bitmap/manager.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
+import { commitCarry, planCarry, sourceChainLayers, type CarryDone } from '../bitmap/carry.js';
 import { BlockCopy, type CopyOperation } from '../block/copy/block-copy.js';
 import { forEachAllocated, readsAllZeroes } from '../block/copy/chain-status.js';
 import type { ChunkLock } from '../block/copy/chunk-locks.js';
@@ -100,6 +110,11 @@ export interface MirrorJobOptions extends JobOptions {
    * the source's backing for sync=top — instead of opening the image named in its header a second time.
    */
   backingAtCompletion?: BlockNode;
+  /**
+   * `__org.bitmirror_carry-bitmaps`: at the switch (pivot or soft cancel after READY) the source
+   * chain's bitmaps (the whole chain for sync=full, the top layer otherwise) are carried onto the target.
+   */
+  carryBitmaps?: boolean;
 }
 
 export class MirrorJob extends Job {
@@ -125,6 +140,8 @@ export class MirrorJob extends Job {
   private activelySynced = false;
   private observer: WriteObserver | undefined;
   private pivoted = false;
+  /** The switch has happened (or the job ended without one): writes are no longer copied synchronously. */
+  private switched = false;
   private abandoned = false;
   private readonly blockerReason = 'block device is in use by block job: mirror';
   /** The job's parent edges (its BlockBackends and job claims) on the filter, source and target. */
@@ -324,7 +341,8 @@ export class MirrorJob extends Job {
   // ---- writes to the source (the observer) --------------------------------------------------------
 
   private syncWrites(): boolean {
-    return (this.copyMode === 'write-blocking' || this.finalSync) && this.failure === undefined && !this.isCancelled() && !this.isCompleted();
+    // While completing, writes stay synchronous after the run has ended, until the switch in prepare().
+    return (this.copyMode === 'write-blocking' || this.finalSync) && this.failure === undefined && !this.isCancelled() && !this.switched && (this.finalSync || !this.isCompleted());
   }
 
   private async beforeSourceWrite(req: WriteRequest): Promise<void> {
@@ -402,9 +420,12 @@ export class MirrorJob extends Job {
 
   // ---- verbs --------------------------------------------------------------------------------------
 
-  protected override doComplete(): void {
+  protected override async doComplete(): Promise<void> {
     if (!this.isReady()) throw genericError(`The active block job '${this.id}' cannot be completed`);
     if (this.o.replaces && !this.o.graph.find(this.o.replaces.nodeName)) throw genericError(`Node name '${this.o.replaces.nodeName}' not found`);
+    // A bitmap that cannot be carried refuses the completion now, with the job still ready.
+    if (this.o.carryBitmaps) await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+    if (this.cancelRequested || this.shouldComplete || !this.isReady()) throw genericError(`The active block job '${this.id}' cannot be completed`);
     this.o.replaces?.blockers.set(this, 'block device is in use by block-job-complete');
     this.shouldComplete = true;
   }
@@ -412,6 +433,17 @@ export class MirrorJob extends Job {
   /** Before READY every cancel is a force cancel; after it a soft cancel completes without pivot. */
   protected override onCancel(force: boolean): boolean {
     return force || !this.isReady();
+  }
+
+  /** A soft cancel after READY carries the bitmaps too: refused (job still ready) when they cannot be. */
+  protected override async checkSoftCancel(): Promise<void> {
+    if (this.o.carryBitmaps) await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+  }
+
+  /** The layers whose bitmaps go to the target: the whole source chain for a full copy, else the top. */
+  private carryLayers(): BlockNode[] {
+    const base = this.o.sync === 'full' ? undefined : this.source.formatLayer().backing();
+    return sourceChainLayers(this.source, base);
   }
 
   protected override doChange(opts: Record<string, unknown>): void {
@@ -429,22 +461,107 @@ export class MirrorJob extends Job {
 
   // ---- finalization -------------------------------------------------------------------------------
 
-  /** mirror_exit_common on success: pivot when completing. */
+  /**
+   * mirror_exit_common on success: the switch. Completing, the target takes the source's place (the
+   * pivot); a soft cancel after READY leaves the graph as it is, the target a copy of the source as of
+   * that moment. Either way the bitmaps are carried when asked for, in the same synchronous step.
+   */
   protected override async prepare(): Promise<void> {
-    if (!this.shouldComplete) return;
+    const softCancel = !this.shouldComplete && this.cancelRequested;
+    if (!this.shouldComplete && !softCancel) {
+      this.switched = true;
+      return;
+    }
     const toReplace = this.o.replaces ?? this.source;
-    if (!this.o.graph.find(toReplace.nodeName) && toReplace !== this.source) {
+    if (this.shouldComplete && !this.o.graph.find(toReplace.nodeName) && toReplace !== this.source) {
+      this.switched = true;
       throw genericError(`Can no longer replace '${toReplace.nodeName}' by '${this.target.nodeName}', because it can no longer be guaranteed that doing so would not lead to an abrupt change of visible data`);
     }
-    // mirror_exit_common: drop the job's claims (the target's writer above all) and stop the filter
-    // passing on permissions before the target takes the source's place, where they could conflict.
-    this.releaseClaims();
-    const backing = this.o.backingAtCompletion;
-    if (backing && this.target.formatLayer().backing() !== backing) this.target.formatLayer().attachChild('backing', backing, 'cow');
-    // The filter's parents and the replaced node's parents now use the target.
-    this.o.graph.replace(this.filter, this.target);
-    this.o.graph.replace(toReplace, this.target, this.filter);
+    let plan;
+    try {
+      // Checked again: bitmaps may have changed since job-complete. A refusal fails the job unswitched.
+      if (this.o.carryBitmaps) plan = await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+      await this.settleForSwitch();
+    } catch (err) {
+      this.switched = true;
+      throw err;
+    }
+    // From here to the end of the switch nothing awaits: no write can come between the carry and the
+    // switch, and none is in flight on the source (settleForSwitch).
+    let carried: CarryDone | undefined;
+    try {
+      if (plan) carried = commitCarry(this.o.bitmaps, plan);
+    } finally {
+      this.switched = true;
+    }
+    if (softCancel) return;
+    try {
+      // mirror_exit_common: drop the job's claims (the target's writer above all) and stop the filter
+      // passing on permissions before the target takes the source's place, where they could conflict.
+      this.releaseClaims();
+      const backing = this.o.backingAtCompletion;
+      if (backing && this.target.formatLayer().backing() !== backing) this.target.formatLayer().attachChild('backing', backing, 'cow');
+      // The filter's parents and the replaced node's parents now use the target.
+      this.o.graph.replace(this.filter, this.target);
+      this.o.graph.replace(toReplace, this.target, this.filter);
+    } catch (err) {
+      carried?.undo();
+      throw err;
+    }
     this.pivoted = true;
+  }
+
+  /**
+   * Wait for a moment at which the target equals the source: nothing dirty, no copy in flight, no
+   * write in flight on the filter or the source. New writes meanwhile are copied synchronously
+   * (syncWrites), and whatever got dirty since the run ended (e.g. while the job waited for
+   * job-finalize) is copied here. Returns at such a moment; the caller switches without awaiting.
+   */
+  private async settleForSwitch(): Promise<void> {
+    this.finalSync = true;
+    let wrote = false;
+    for (;;) {
+      if (this.failure !== undefined) throw this.failure;
+      if (this.isCancelled()) throw genericError(`Job '${this.id}' was cancelled while switching`);
+      if (this.bitmap.count() > 0 || this.copy.copiesInFlight > 0) {
+        await this.copyDirty();
+        wrote = true;
+        continue;
+      }
+      if (this.activeWrites > 0) {
+        await this.waitActiveWritesIdle();
+        wrote = true;
+        continue;
+      }
+      const writes = this.filter.tracker.writesEnded() ?? this.source.tracker.writesEnded();
+      if (writes) {
+        await writes;
+        wrote = true;
+        continue;
+      }
+      if (wrote) {
+        wrote = false;
+        if (!(await this.flushTarget())) continue;
+        continue;
+      }
+      return;
+    }
+  }
+
+  /** Copy every dirty chunk (after the run has ended: no rate limit, no pause). */
+  private async copyDirty(): Promise<void> {
+    while (this.bitmap.count() > 0 && this.failure === undefined && !this.isCancelled()) {
+      if (this.copy.hasRoom()) {
+        const before = this.copy.copiesInFlight;
+        if (!(await this.copy.launchNext())) break;
+        if (this.copy.copiesInFlight > before) continue;
+      }
+      // No room, or the next dirty chunks are held (a copy or a synchronous write): wait for one to end.
+      const ended = this.copy.anyEnded();
+      if (ended) await ended;
+      else await new Promise<void>((r) => setImmediate(r));
+    }
+    await this.copy.drain();
   }
 
   /** Undo what the constructor and install() did, for a job that fails before it starts. */
@@ -461,6 +578,7 @@ export class MirrorJob extends Job {
 
   protected override async clean(): Promise<void> {
     const { graph, bitmaps } = this.o;
+    this.switched = true;
     this.copy.release();
     if (this.observer) this.source.removeWriteObserver(this.observer);
     this.observer = undefined;

@@ -58,3 +58,21 @@ export async function errorOf(p: Promise<unknown>): Promise<string | undefined> 
 
 /** Whether qemu-storage-daemon runs here (the comparisons with QEMU skip without it). */
 export const haveQsd = await run('qemu-storage-daemon', ['--version']).then((r) => r.code === 0);
+
+/** qemu-io on an NBD export (a guest writing through it): runs `cmds` in order; fails on an error. */
+export async function qemuIoNbd(uri: string, cmds: string[]): Promise<string> {
+  const out = await mustRun('qemu-io', ['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri]);
+  if (/error|failed/i.test(out)) throw new Error(`qemu-io ${uri}: ${out}`);
+  return out;
+}
+
+/** Whether the [offset, length] ranges (sorted, merged) cover [offset, offset+bytes). */
+export function rangesCover(ranges: Array<[number, number]>, offset: number, bytes: number): boolean {
+  let at = offset;
+  for (const [o, l] of ranges) {
+    if (o > at) break;
+    if (o + l > at) at = o + l;
+    if (at >= offset + bytes) return true;
+  }
+  return at >= offset + bytes;
+}
