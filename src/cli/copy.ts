@@ -178,11 +178,22 @@ export interface CopyResult {
   verify?: VerifyResult;
 }
 
+/** What a caller of runCopy (the demo) can do while the copy runs. */
+export interface CopyHooks {
+  /**
+   * At READY, right before the switch (or the soft cancel): the mirror is in sync and still copies
+   * every write. The demo writes here, as a guest would while a copy ends.
+   */
+  beforeSwitch?: () => Promise<void>;
+  /** The finished copy's result (also printed through `progress`). */
+  onResult?: (r: CopyResult) => void;
+}
+
 /**
  * Run a copy with its options; resolves with the exit code, throws a CliError on failure (after
  * cleaning up: the source untouched, a target this run created removed). Used by the demo too.
  */
-export async function runCopy(opts: CopyOptions, progress: Progress, onResult?: (r: CopyResult) => void): Promise<number> {
+export async function runCopy(opts: CopyOptions, progress: Progress, hooks: CopyHooks = {}): Promise<number> {
   const signals = new SignalWatch();
   let session: Session | undefined;
   let createdFile: string | undefined;
@@ -267,6 +278,7 @@ export async function runCopy(opts: CopyOptions, progress: Progress, onResult?: 
           await s.qmp.execute('block-dirty-bitmap-add', { node: sourceNode, name: VERIFY_BITMAP, persistent: false });
           verifyBitmapAdded = true;
         }
+        await hooks.beforeSwitch?.();
         return opts.pivot ? 'complete' : 'cancel';
       },
     });
@@ -287,7 +299,7 @@ export async function runCopy(opts: CopyOptions, progress: Progress, onResult?: 
     createdFile = undefined; // the copy is complete: it stays, whatever happens next
     const problems = await s.close();
     if (problems.length > 0) throw new CliError(`the copy is complete, but closing failed: ${problems.join('; ')}`);
-    onResult?.(result);
+    hooks.onResult?.(result);
     progress.result({ ...result }, describe(result, opts, targetNode, fileForm));
     if (result.verify && !result.verify.identical) {
       process.stderr.write(`bitmirror copy: verify: the copy differs from the source at offset ${String(result.verify.firstDifference)}\n`);

@@ -2,8 +2,9 @@
  * `bitmirror demo`: shows what bitmirror does, on built-in defaults, in a temporary folder:
  *   1. start a daemon; create a qcow2 disk with blockdev-create; write "guest" data into it;
  *   2. add a dirty bitmap and write more, so it records what changed;
- *   3. live-copy the disk with blockdev-mirror while writes go on, copy its bitmap onto the copy
- *      (as libvirt's block copy does), and switch over with job-complete;
+ *   3. live-copy the disk with `bitmirror copy`'s code (against this daemon, as `--qmp` does) while
+ *      writes go on: it mirrors, carries the bitmaps onto the copy, switches over and verifies; the
+ *      report names each bitmap the copy carries and the bytes it marks dirty;
  *   4. keep writing, then re-sync the copy incrementally: a mirror driven by a bitmap copies only
  *      the clusters that changed;
  *   5. verify everything with QEMU's own tools: qemu-img compare and check, and the bitmaps' digests.
@@ -17,6 +18,8 @@ import { promisify } from 'node:util';
 import { spawnDaemon } from '../daemon/spawn.js';
 import type { QmpClient } from '../qmp/client.js';
 import { MiB } from '../base/sizes.js';
+import { CARRY_BITMAPS_AVAILABLE, runCopy, type CopyResult } from './copy.js';
+import { Progress } from './progress.js';
 
 const run = promisify(execFile);
 
@@ -74,7 +77,8 @@ export async function runDemo(argv: string[]): Promise<number> {
     if (!ok) failures++;
   };
   step(`working in ${dir}`);
-  const d = await spawnDaemon(path.join(dir, 'qmp.sock'));
+  const socket = path.join(dir, 'qmp.sock');
+  const d = await spawnDaemon(socket);
   const qmp = d.qmp;
   const io = async (node: string, cmd: string) => {
     const out = await qmp.hmpOutput(`qemu-io ${node} "${cmd}"`);
@@ -96,24 +100,38 @@ export async function runDemo(argv: string[]): Promise<number> {
     const bm0 = await bitmapInfo(qmp, 'disk0', 'bm0');
     check(bm0?.count === 8 * 65536, `bm0 records 8 changed clusters (count ${bm0?.count})`);
 
-    step('3. live copy: blockdev-mirror sync=full while the guest keeps writing');
-    await createQcow2(qmp, copy, size, 'copy0');
-    await qmp.execute('blockdev-mirror', { 'job-id': 'copy', device: 'disk0', target: 'copy0', sync: 'full', 'filter-node-name': 'disk0-mirror' });
-    for (let i = 0; i < 4; i++) await io('disk0-mirror', `write -P 0xc${i} ${(i * 32 + 1) * MiB} 128k`);
-    const ready = await qmp.waitEvent('BLOCK_JOB_READY', { device: 'copy' });
-    process.stdout.write(`    BLOCK_JOB_READY: ${String(ready.data?.offset)}/${String(ready.data?.len)} bytes copied\n`);
-    // libvirt's block copy carries the bitmaps over: a bitmap of the same name on the copy, merged
-    // from the source's, in one transaction right before the switch.
-    await qmp.execute('transaction', {
-      actions: [
-        { type: 'block-dirty-bitmap-add', data: { node: 'copy0', name: 'bm0', granularity: 65536, disabled: true } },
-        { type: 'block-dirty-bitmap-merge', data: { node: 'copy0', target: 'bm0', bitmaps: [{ node: 'disk0', name: 'bm0' }] } },
-        { type: 'block-dirty-bitmap-enable', data: { node: 'copy0', name: 'bm0' } },
-      ],
-    });
-    await qmp.execute('job-complete', { id: 'copy' });
-    const done = await qmp.waitEvent('BLOCK_JOB_COMPLETED', { device: 'copy' });
-    check(done.data?.error === undefined, `mirror completed and switched over (${String(done.data?.len)} bytes)`);
+    step('3. live copy with `bitmirror copy`: mirror while the guest keeps writing, carry the bitmaps, switch over');
+    let copied: CopyResult | undefined;
+    const copyCode = await runCopy(
+      { src: 'disk0', dst: copy, qmp: socket, nodeName: 'copy0', reuse: false, shallow: false, syncWrites: false, pivot: true, carryBitmaps: true, verify: true },
+      new Progress(process.stdout.isTTY ? 'bar' : 'none'),
+      {
+        // The guest writes while the copy is in sync and about to switch: the mirror copies each write.
+        beforeSwitch: async () => {
+          for (let i = 0; i < 4; i++) await io('disk0', `write -P 0xc${i} ${(i * 32 + 1) * MiB} 128k`);
+          if (!CARRY_BITMAPS_AVAILABLE) {
+            // Until the daemon carries bitmaps itself: libvirt's way, a bitmap of the same name on the
+            // copy merged from the source's, in one transaction right before the switch.
+            await qmp.execute('transaction', {
+              actions: [
+                { type: 'block-dirty-bitmap-add', data: { node: 'copy0', name: 'bm0', granularity: 65536, disabled: true } },
+                { type: 'block-dirty-bitmap-merge', data: { node: 'copy0', target: 'bm0', bitmaps: [{ node: 'disk0', name: 'bm0' }] } },
+                { type: 'block-dirty-bitmap-enable', data: { node: 'copy0', name: 'bm0' } },
+              ],
+            });
+          }
+        },
+        onResult: (r) => (copied = r),
+      },
+    );
+    check(copyCode === 0 && copied !== undefined, `bitmirror copy switched over to the copy (${String(copied?.bytes)} bytes mirrored)`);
+    check(copied?.verify?.identical === true, `bitmirror copy --verify: the copy equals the disk (${String(copied?.verify?.compared)} bytes compared)`);
+    for (const b of copied?.bitmaps ?? []) {
+      process.stdout.write(`    the copy carries bitmap ${b.name}: ${b.count} bytes dirty (granularity ${b.granularity}, ${b.persistent ? 'persistent' : 'not persistent'}, ${b.recording ? 'recording' : 'disabled'})\n`);
+    }
+    const srcBm0 = await bitmapInfo(qmp, 'disk0', 'bm0');
+    const carried = copied?.bitmaps.find((b) => b.name === 'bm0');
+    check(carried !== undefined && carried.count === srcBm0?.count, `the copy carries bm0 with the disk's ${String(srcBm0?.count)} dirty bytes`);
     const [srcSum, dstSum] = await Promise.all([
       qmp.execute<{ sha256: string }>('x-debug-block-dirty-bitmap-sha256', { node: 'disk0', name: 'bm0' }),
       qmp.execute<{ sha256: string }>('x-debug-block-dirty-bitmap-sha256', { node: 'copy0', name: 'bm0' }),
