@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs the peer tools bitmirror is checked against (Debian packages): qemu-img/qemu-io/qemu-nbd
 # (qemu-utils), qemu-storage-daemon (qemu-system-common), nbdinfo/nbdcopy (libnbd-bin), nbdkit, python3-libnbd, tmux, and the
-# toolchain node-gyp needs for the native addon. Needs root (or sudo) and Debian's package lists.
+# toolchain node-gyp needs for the native addon; for the rbd driver and its tests a throwaway Ceph
+# (ceph-mon, ceph-mgr, ceph-osd, ceph-common: test/support/ceph-fixture.sh), librbd-dev (the rbd addon
+# builds only where it is installed) and qemu-block-extra (QEMU's rbd driver, the peer). The Ceph
+# packages add about 30 s to a fresh install. Needs root (or sudo) and Debian's package lists.
 set -euo pipefail
 need=()
 command -v qemu-img >/dev/null || need+=(qemu-utils)
@@ -13,6 +16,11 @@ command -v nbdkit >/dev/null || need+=(nbdkit)
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need+=(python3-libnbd)
 # tmux: a real terminal for the test of bitmirror copy's progress bar and Ctrl-C.
 command -v tmux >/dev/null || need+=(tmux)
+# Ceph: a single-node cluster for the rbd tests, librbd's headers for the addon, QEMU's rbd driver.
+for p in ceph-mon ceph-mgr ceph-osd; do command -v "$p" >/dev/null || need+=("$p"); done
+command -v rbd >/dev/null || need+=(ceph-common)
+[ -f /usr/include/rbd/librbd.h ] || need+=(librbd-dev)
+ls /usr/lib/*/qemu/block-rbd.so >/dev/null 2>&1 || need+=(qemu-block-extra)
 command -v g++ >/dev/null || need+=(g++)
 command -v make >/dev/null || need+=(make)
 command -v python3 >/dev/null || need+=(python3)

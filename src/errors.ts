@@ -46,6 +46,10 @@ const STRERROR: Record<string, string> = {
   ESHUTDOWN: 'Cannot send after transport endpoint shutdown',
   ECONNRESET: 'Connection reset by peer',
   EPIPE: 'Broken pipe',
+  ETIMEDOUT: 'Connection timed out',
+  ECONNREFUSED: 'Connection refused',
+  EBADF: 'Bad file descriptor',
+  ENOTCONN: 'Transport endpoint is not connected',
 };
 
 export function strerror(code: string): string {

@@ -29,36 +29,84 @@ interface NativeAddon {
   readonly O_DIRECT: number;
 }
 
-/** Where the addon is, relative to this module both in src/ (tsx, tests) and in dist/src/. */
-const CANDIDATES = ['../../native/build/Release/bitmirror_native.node', '../../../native/build/Release/bitmirror_native.node'];
+/** Where an addon is, relative to this module both in src/ (tsx, tests) and in dist/src/. */
+const BUILD_DIRS = ['../../native/build/Release/', '../../../native/build/Release/'];
 
-let addon: NativeAddon | null | undefined;
-let loadError: string | undefined;
+interface Loaded<T> {
+  addon?: T;
+  error?: string;
+}
 
-/** The addon, or undefined when it is not built (loadError() says why). */
-export function nativeAddon(): NativeAddon | undefined {
-  if (addon !== undefined) return addon ?? undefined;
-  addon = null;
+/** Load native/build/Release/<name>.node (or the file `override` names) once; say why when it is not there. */
+function loadAddon<T>(name: string, override: string | undefined): Loaded<T> {
   const require = createRequire(import.meta.url);
-  const override = process.env.BITMIRROR_NATIVE_ADDON;
-  const paths = override ? [override] : CANDIDATES.map((c) => fileURLToPath(new URL(c, import.meta.url)));
+  const paths = override ? [override] : BUILD_DIRS.map((d) => fileURLToPath(new URL(`${d}${name}.node`, import.meta.url)));
   for (const p of paths) {
     if (!existsSync(p)) continue;
     try {
-      addon = require(p) as NativeAddon;
-      return addon;
+      return { addon: require(p) as T };
     } catch (err) {
-      loadError = `cannot load ${p}: ${(err as Error).message}`;
-      return undefined;
+      return { error: `cannot load ${p}: ${(err as Error).message}` };
     }
   }
-  loadError = `native addon not built (run 'npm run build:native'); looked in ${paths.join(', ')}`;
-  return undefined;
+  return { error: `native addon ${name} not built (run 'npm run build:native'); looked in ${paths.join(', ')}` };
+}
+
+let loaded: Loaded<NativeAddon> | undefined;
+
+/** The addon, or undefined when it is not built (nativeLoadError() says why). */
+export function nativeAddon(): NativeAddon | undefined {
+  loaded ??= loadAddon<NativeAddon>('bitmirror_native', process.env.BITMIRROR_NATIVE_ADDON);
+  return loaded.addon;
 }
 
 export function nativeLoadError(): string | undefined {
   nativeAddon();
-  return loadError;
+  return loaded?.error;
+}
+
+/** A librbd completion or control call result: bytes (or 0), or a negative errno. */
+type RbdResult = Promise<number>;
+/** An open image (librados cluster handle, pool I/O context and rbd_image_t) inside the addon. */
+export type RbdHandle = { readonly __brand: 'RbdHandle' };
+/** Which step of connect/open/create failed: the driver words QEMU's message for it. */
+export type RbdStage = 'conf' | 'connect' | 'pool' | 'namespace' | 'open' | 'create';
+
+/**
+ * native/bitmirror_rbd.c: librbd for the rbd driver, a separate addon built only where librbd-dev is
+ * installed. I/O calls are librbd's asynchronous ones, completed on the event loop; control calls
+ * run on libuv's thread pool. Everything resolves (never rejects) with a result or a negative errno.
+ */
+export interface RbdAddon {
+  open(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, snapshot: string | null, readOnly: boolean): Promise<{ ret: number; stage?: RbdStage; handle?: RbdHandle }>;
+  create(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, size: number, order: number): Promise<{ ret: number; stage?: RbdStage }>;
+  close(h: RbdHandle): RbdResult;
+  resize(h: RbdHandle, size: number): RbdResult;
+  stat(h: RbdHandle): Promise<{ size: number; objectSize: number; features: number; flags: number } | number>;
+  /** Extents of [offset, offset+length) from rbd_diff_iterate2 (whole objects), flat: offset, length, exists… (at most 64). */
+  diff(h: RbdHandle, offset: number, length: number): Promise<number[] | number>;
+  metadataGet(h: RbdHandle, key: string): Promise<string | number>;
+  metadataSet(h: RbdHandle, key: string, value: string): RbdResult;
+  metadataRemove(h: RbdHandle, key: string): RbdResult;
+  metadataList(h: RbdHandle): Promise<Record<string, string> | number>;
+  /** kind: RBD_AIO_*; `data` is the buffer (read, write) or a length (write-zeroes, discard). */
+  aio(h: RbdHandle, kind: number, offset: number, data: Buffer | number, flags: number): RbdResult;
+  readonly FEATURE_FAST_DIFF: number;
+  readonly FEATURE_OBJECT_MAP: number;
+  readonly FLAG_FAST_DIFF_INVALID: number;
+  readonly FLAG_OBJECT_MAP_INVALID: number;
+  readonly WRITE_ZEROES_FLAG_THICK_PROVISION: number;
+}
+
+/** The `kind` argument of RbdAddon.aio (the addon's aio_kind). */
+export const RBD_AIO = { read: 0, write: 1, writeZeroes: 2, discard: 3, flush: 4 } as const;
+
+let loadedRbd: Loaded<RbdAddon> | undefined;
+
+/** The librbd addon, or the reason it is not there. */
+export function rbdAddon(): Loaded<RbdAddon> {
+  loadedRbd ??= loadAddon<RbdAddon>('bitmirror_rbd', process.env.BITMIRROR_RBD_ADDON);
+  return loadedRbd;
 }
 
 const ERRNO_NAMES = new Map<number, string>();

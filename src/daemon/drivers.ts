@@ -11,5 +11,6 @@ import { throttleDriver } from '../block/filters/throttle.js';
 import { cbwDriver } from '../block/filters/copy-before-write.js';
 import { snapshotAccessDriver } from '../block/filters/snapshot-access.js';
 import { nbdDriver } from '../nbd/client-driver.js';
+import { rbdDriver } from '../block/drivers/rbd.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, snapshotAccessDriver, nbdDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, snapshotAccessDriver, nbdDriver, rbdDriver];
