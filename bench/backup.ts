@@ -10,32 +10,11 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds, have, sh } from './mirror.js';
+import { have, makeDataImage, makeEmptyImage, median, pct, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
 
 export const title = 'backup: full backup vs qemu-storage-daemon and cp; write latency added by copy-before-write (p50/p99)';
 
-type Row = Record<string, string | number>;
 type Program = 'bitmirror' | 'qemu-storage-daemon';
-
-async function timedBackup(program: Program, dir: string, src: string, tgt: string, size: number): Promise<{ seconds: number; cpu: number }> {
-  await fsp.rm(tgt, { force: true });
-  await sh('qemu-img', ['create', '-f', 'qcow2', tgt, String(size)]);
-  await sh('sync', []);
-  const d = await spawnDaemon(path.join(dir, `${program}.sock`), [], program);
-  try {
-    const q = d.qmp;
-    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'src', file: { driver: 'file', filename: src } });
-    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: tgt } });
-    const c0 = cpuSeconds(d.proc.pid);
-    const t0 = performance.now();
-    await q.execute('blockdev-backup', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full' });
-    await q.waitEvent('BLOCK_JOB_COMPLETED', { device: 'j' }, 600_000);
-    await q.execute('blockdev-del', { 'node-name': 'tgt' });
-    return { seconds: (performance.now() - t0) / 1000, cpu: cpuSeconds(d.proc.pid) - c0 };
-  } finally {
-    await d.stop();
-  }
-}
 
 /** Per-write latencies (ms) of 4 KiB writes at `offsets` through NBD, from qemu-io's ops/sec. */
 async function writeLatencies(sock: string, offsets: number[]): Promise<number[]> {
@@ -67,8 +46,6 @@ async function latency(program: Program, dir: string, src: string, tgt: string, 
   }
 }
 
-const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((xs.length * p) / 100))];
-
 export async function run(): Promise<Row[]> {
   const mib = Number(process.env.BM_BACKUP_MIB ?? 512);
   const dataBytes = mib << 20;
@@ -77,27 +54,27 @@ export async function run(): Promise<Row[]> {
   const rows: Row[] = [];
   try {
     const src = path.join(dir, 'src.qcow2');
-    await sh('qemu-img', ['create', '-f', 'qcow2', src, String(size)]);
-    const cmds: string[] = [];
-    for (let off = 0, i = 1; off < dataBytes; off += 128 << 20, i++) cmds.push('-c', `write -P ${i} ${off} ${Math.min(128 << 20, dataBytes - off)}`);
-    await sh('qemu-io', ['-f', 'qcow2', ...cmds, src]);
+    await makeDataImage(src, 'qcow2', dataBytes, 'dense');
+    await sh('qemu-img', ['resize', '-q', src, String(size)]);
     const rounds = Math.max(1, Number(process.env.BM_BACKUP_ROUNDS ?? 3));
     const qsd = await have('qemu-storage-daemon');
     const tools = ['bitmirror', ...(qsd ? ['qemu-storage-daemon'] : []), 'cp'];
-    const runs: Record<string, Array<{ seconds: number; cpu: number }>> = Object.fromEntries(tools.map((t) => [t, []]));
+    const runs: Record<string, Sample[]> = Object.fromEntries(tools.map((t) => [t, []]));
     for (let r = 0; r < rounds; r++) {
       for (const tool of r % 2 === 1 ? [...tools].reverse() : tools) {
         if (tool === 'cp') {
           const t0 = performance.now();
           await sh('cp', ['--sparse=always', src, path.join(dir, 'cp.qcow2')]);
-          runs.cp.push({ seconds: (performance.now() - t0) / 1000, cpu: NaN });
+          runs.cp.push({ seconds: (performance.now() - t0) / 1000, cpu: NaN, peakMiB: NaN });
           await fsp.rm(path.join(dir, 'cp.qcow2'), { force: true });
         } else {
-          runs[tool].push(await timedBackup(tool as Program, dir, src, path.join(dir, `${tool}.qcow2`), size));
+          const tgt = path.join(dir, `${tool}.qcow2`);
+          await makeEmptyImage(tgt, 'qcow2', size);
+          await sh('sync', []);
+          runs[tool].push(await timedBlockJob(dir, { program: tool as Program, job: 'backup', src: { file: src, format: 'qcow2' }, tgt: { file: tgt, format: 'qcow2' } }));
         }
       }
     }
-    const median = (xs: number[]) => pct(xs, 50);
     const bm = median(runs.bitmirror.map((x) => x.seconds));
     for (const tool of tools) {
       const secs = runs[tool].map((x) => x.seconds);
@@ -106,7 +83,7 @@ export async function run(): Promise<Row[]> {
         case: `full backup ${mib} MiB, median of ${rounds}`,
         tool,
         seconds: t,
-        range: `${Math.min(...secs).toFixed(2)}–${Math.max(...secs).toFixed(2)}`,
+        range: spread(secs),
         'MiB/s': mib / t,
         'cpu s': tool === 'cp' ? '' : median(runs[tool].map((x) => x.cpu)),
         'bitmirror/this': tool === 'bitmirror' ? '' : bm / t,

@@ -12,7 +12,6 @@
  * and the page cache; each side is the median of REPEAT alternating runs.
  * Runs alone as `node dist/bench/bitmaps.js`.
  */
-import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -21,6 +20,7 @@ import { Core } from '../src/core/core.js';
 import { BLOCK_DRIVERS } from '../src/daemon/drivers.js';
 import type { BlockNode } from '../src/block/node.js';
 import { nativeAddon } from '../src/block/native.js';
+import { sh, type Row } from './support.js';
 
 export const title = 'persistent bitmaps: write-intent tracking on vs off (1 GiB qcow2, depth 16)';
 
@@ -34,11 +34,6 @@ const STRIDE = 257 * SMALL;
 /** Runs per side and case (BM_BENCH_REPEAT). */
 const REPEAT = Number(process.env.BM_BENCH_REPEAT ?? 3);
 
-type Row = Record<string, string | number>;
-
-function sh(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => execFile(cmd, args, (err, stdout, stderr) => (err ? reject(new Error(`${cmd} ${args.join(' ')}: ${stderr || err.message}`)) : resolve(String(stdout)))));
-}
 
 /** `count` requests, DEPTH at a time: seconds in all, and per-request latencies in ms. */
 async function timed(count: number, op: (i: number) => Promise<unknown>): Promise<{ s: number; lat: number[] }> {

@@ -6,23 +6,16 @@
  * multi-conn (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections. The server's CPU
  * seconds over the copy are shown too: steadier than wall time on a shared machine.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds } from './mirror.js';
+import { cpuSeconds, sh, type Row } from './support.js';
 
 export const title = 'nbd: nbdcopy out of and into an export, bitmirror vs qemu-storage-daemon vs qemu-nbd';
 
-type Row = Record<string, string | number>;
 type Server = 'bitmirror' | 'qemu-storage-daemon' | 'qemu-nbd';
-
-function sh(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    execFile(cmd, args, { maxBuffer: 64 << 20 }, (err, stdout, stderr) => (err ? reject(new Error(`${cmd} ${args.join(' ')}: ${String(stderr)}`)) : resolve(String(stdout))));
-  });
-}
 
 interface Running {
   pid: number | undefined;

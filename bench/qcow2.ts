@@ -13,7 +13,6 @@
  * otherwise the page cache on both (writeback) — the table says which. Ratios are bitmirror time /
  * qemu-img time (>1 = bitmirror slower). Runs alone as `node dist/bench/qcow2.js`.
  */
-import { execFile } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -23,6 +22,7 @@ import { fileDriver } from '../src/block/drivers/file.js';
 import { qcow2Driver } from '../src/block/drivers/qcow2/index.js';
 import type { BlockNode } from '../src/block/node.js';
 import { nativeAddon } from '../src/block/native.js';
+import { sh, type Row } from './support.js';
 
 export const title = 'qcow2: bitmirror vs qemu-img bench (1 GiB sequential in 1 MiB, scattered 4 KiB, depth 16)';
 
@@ -36,13 +36,6 @@ const SMALL = 4096;
 const SMALL_OPS = 65536;
 const STRIDE = 257 * SMALL; // odd multiple of 4 KiB: visits every 4 KiB slot before repeating
 
-type Row = Record<string, string | number>;
-
-function sh(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) =>
-    execFile(cmd, args, { maxBuffer: 16 << 20 }, (err, stdout, stderr) => (err ? reject(new Error(`${cmd} ${args.join(' ')}: ${stderr || err.message}`)) : resolve(String(stdout)))),
-  );
-}
 
 async function createImage(file: string): Promise<void> {
   await fsp.rm(file, { force: true });

@@ -11,11 +11,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { spawnDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds } from './mirror.js';
+import { cpuSeconds, type Row } from './support.js';
 
 export const title = 'qmp: a flood of error replies on one monitor, query-version latency on another';
 
-type Row = Record<string, string | number>;
 
 async function flood(program: 'bitmirror' | 'qemu-storage-daemon', n: number, dir: string): Promise<Row> {
   const second = path.join(dir, `${program}-2.sock`);
