@@ -9,12 +9,14 @@
  * goes on. Every I/O goes through the export's node (BlockNode methods), so bitmaps and jobs see it.
  */
 import type { Socket } from 'node:net';
+import type { BlockNode } from '../block/node.js';
 import { BlockIOError, errorCode, errorMessage } from '../errors.js';
 import { tracer } from '../trace/trace.js';
 import * as P from './protocol.js';
 import { NBD_MAX_BUFFER_SIZE, type MetaContext, type NbdExport } from './export.js';
 import { SocketReader } from './socket-reader.js';
 import { chainStatus } from '../block/copy/chain-status.js';
+import { SizedBufferPool } from '../block/copy/buffer-pool.js';
 
 /** What the connection needs from its server. */
 export interface ConnectionHost {
@@ -34,6 +36,16 @@ export const MAX_REQUESTS_IN_FLIGHT = 32;
  * socket's own high-water mark (16 KiB) instead would serve one request at a time.
  */
 const MAX_UNSENT_REPLY_BYTES = 8 << 20;
+/**
+ * Data buffers of READ replies and WRITE payloads of at least this size come from the server's pool
+ * (smaller ones are cheap to allocate, and a WRITE within one socket chunk is taken without a copy).
+ */
+const POOLED_MIN_BYTES = 64 << 10;
+/** Free buffers the pool keeps, for all connections together. */
+const POOL_FREE_BYTES = 64 << 20;
+/** The server's pool: connections come and go, their buffers stay for the next. */
+const dataBuffers = new SizedBufferPool(POOL_FREE_BYTES);
+
 /** Longest option data taken during the handshake; a longer option drops the connection. */
 const MAX_OPTION_LENGTH = 1 << 20;
 
@@ -103,15 +115,27 @@ export class NbdConnection {
   }
 
   private send(...parts: Buffer[]): void {
-    if (this.closed || this.socket.destroyed) return;
+    this.sendThen(undefined, ...parts);
+  }
+
+  /**
+   * send(), then `sent` once the socket no longer needs the parts (written to the kernel, or the
+   * socket gone): when a pooled buffer may be reused.
+   */
+  private sendThen(sent: (() => void) | undefined, ...parts: Buffer[]): void {
+    if (this.closed || this.socket.destroyed) {
+      sent?.();
+      return;
+    }
     // The parts of one message are written together (corked: one writev, no copy), so chunks of
     // concurrent replies never interleave inside a message.
     if (parts.length === 1) {
-      this.socket.write(parts[0]);
+      this.socket.write(parts[0], sent && (() => sent()));
       return;
     }
     this.socket.cork();
-    for (const p of parts) this.socket.write(p);
+    for (let i = 0; i < parts.length - 1; i++) this.socket.write(parts[i]);
+    this.socket.write(parts[parts.length - 1], sent && (() => sent()));
     this.socket.uncork();
   }
 
@@ -262,10 +286,11 @@ export class NbdConnection {
     for (;;) {
       // Back-pressure: wait for a free slot, and for the client to take the replies already sent.
       while (this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT) await Promise.race(this.inFlight);
-      if (this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) await new Promise((r) => this.socket.once('drain', r).once('close', r));
+      if (this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) await this.drained();
       if (this.closed) return;
       const req = P.parseRequest(await this.reader.read(headerSize), this.extended);
       let payload: Buffer | undefined;
+      let pooled: Buffer | undefined;
       const hasPayload = req.type === P.NBD_CMD.WRITE || (this.extended && req.flags & P.NBD_CMD_FLAG.PAYLOAD_LEN);
       if (hasPayload) {
         if (req.length > BigInt(NBD_MAX_BUFFER_SIZE)) {
@@ -273,12 +298,31 @@ export class NbdConnection {
           this.replyRequestError(req, new RequestError('EINVAL', `len (${req.length}) is larger than max len (${NBD_MAX_BUFFER_SIZE})`));
           throw new DropConnection('payload too large');
         }
-        payload = await this.reader.read(Number(req.length));
+        const len = Number(req.length);
+        // A large payload goes into a pooled buffer, given back when the request has been served: the
+        // node's write has ended by then (no layer keeps a write's buffer past its completion).
+        if (len >= POOLED_MIN_BYTES) pooled = dataBuffers.take(len);
+        payload = pooled ? await this.reader.readInto(pooled.subarray(0, len)) : await this.reader.read(len);
       }
       if (req.type === P.NBD_CMD.DISC) return;
-      const p = this.serve(req, payload).finally(() => this.inFlight.delete(p));
+      const buf = pooled;
+      const p = this.serve(req, payload).finally(() => {
+        this.inFlight.delete(p);
+        if (buf) dataBuffers.give(buf);
+      });
       this.inFlight.add(p);
     }
+  }
+
+  /** Resolves when the socket has sent what it buffered, or closed (both listeners removed either way). */
+  private drained(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        this.socket.off('drain', done).off('close', done);
+        resolve();
+      };
+      this.socket.on('drain', done).on('close', done);
+    });
   }
 
   private async serve(req: P.NbdRequest, payload: Buffer | undefined): Promise<void> {
@@ -383,7 +427,7 @@ export class NbdConnection {
     }
     if (length === 0) return this.chunk(req, P.NBD_REPLY_TYPE.NONE, true);
     if (req.flags & P.NBD_CMD_FLAG.DF) {
-      return this.chunk(req, P.NBD_REPLY_TYPE.OFFSET_DATA, true, P.encodeOffsetDataPrefix(offset), await node.read(offset, length));
+      return this.readChunk(req, node, offset, length, true);
     }
     const pieces: Array<{ offset: number; bytes: number; zero: boolean }> = [];
     for (let pos = offset; pos < offset + length; ) {
@@ -397,8 +441,23 @@ export class NbdConnection {
       const p = pieces[i];
       const done = i === pieces.length - 1;
       if (p.zero) this.chunk(req, P.NBD_REPLY_TYPE.OFFSET_HOLE, done, P.encodeOffsetHole(p.offset, p.bytes));
-      else this.chunk(req, P.NBD_REPLY_TYPE.OFFSET_DATA, done, P.encodeOffsetDataPrefix(p.offset), await node.read(p.offset, p.bytes));
+      else await this.readChunk(req, node, p.offset, p.bytes, done);
     }
+  }
+
+  /** One OFFSET_DATA chunk: the data read into a pooled buffer, given back once the socket has sent it. */
+  private async readChunk(req: P.NbdRequest, node: BlockNode, offset: number, bytes: number, done: boolean): Promise<void> {
+    if (bytes < POOLED_MIN_BYTES) return this.chunk(req, P.NBD_REPLY_TYPE.OFFSET_DATA, done, P.encodeOffsetDataPrefix(offset), await node.read(offset, bytes));
+    const buf = dataBuffers.take(bytes);
+    const data = buf.subarray(0, bytes);
+    try {
+      await node.readInto(offset, data);
+    } catch (err) {
+      dataBuffers.give(buf);
+      throw err;
+    }
+    const header = P.encodeChunkHeader(this.extended, done ? P.NBD_REPLY_FLAG_DONE : 0, P.NBD_REPLY_TYPE.OFFSET_DATA, req.cookie, req.offset, 8 + bytes);
+    this.sendThen(() => dataBuffers.give(buf), header, P.encodeOffsetDataPrefix(offset), data);
   }
 
   /** BLOCK_STATUS: one chunk per selected context, in id order, the last with DONE. */

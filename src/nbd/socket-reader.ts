@@ -16,7 +16,7 @@ export class SocketClosedError extends Error {
 export class SocketReader {
   private chunks: Buffer[] = [];
   private buffered = 0;
-  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private waiter: { n: number; into?: Buffer; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
   private ended = false;
   private endError: Error | undefined;
 
@@ -55,12 +55,24 @@ export class SocketReader {
     });
   }
 
+  /**
+   * The next `into.length` bytes, copied into `into` (a reused buffer: no allocation per read, where
+   * read() allocates whenever the bytes span the socket's chunks); resolves with it.
+   */
+  readInto(into: Buffer): Promise<Buffer> {
+    if (this.waiter) throw new Error('SocketReader: concurrent reads');
+    return new Promise<Buffer>((resolve, reject) => {
+      this.waiter = { n: into.length, into, resolve, reject };
+      this.deliver();
+    });
+  }
+
   private deliver(): void {
     const w = this.waiter;
     if (!w) return;
     if (this.buffered >= w.n) {
       this.waiter = undefined;
-      w.resolve(this.take(w.n));
+      w.resolve(this.take(w.n, w.into));
       if (this.buffered <= this.highWater) this.socket.resume();
       return;
     }
@@ -73,17 +85,17 @@ export class SocketReader {
     this.socket.resume();
   }
 
-  private take(n: number): Buffer {
-    if (n === 0) return Buffer.alloc(0);
+  private take(n: number, into?: Buffer): Buffer {
+    if (n === 0) return into ?? Buffer.alloc(0);
     const first = this.chunks[0];
-    if (first.length >= n) {
+    if (first.length >= n && !into) {
       const out = first.subarray(0, n);
       if (first.length === n) this.chunks.shift();
       else this.chunks[0] = first.subarray(n);
       this.buffered -= n;
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = into ?? Buffer.allocUnsafe(n);
     let pos = 0;
     while (pos < n) {
       const c = this.chunks[0];
