@@ -1,17 +1,18 @@
 /**
  * NBD server benchmark: nbdcopy out of an export (into null:, so only the server's side is measured)
  * and into an export (a fresh qcow2 each time), bitmirror vs qemu-storage-daemon vs qemu-nbd serving
- * the same qcow2 in the same run, alternating, best of BM_NBD_RUNS (default 3). The image holds
- * BM_NBD_MIB (default 512) MiB of data in 1 MiB extents with a hole after each. Every server announces
- * multi-conn (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections. The server's CPU
- * seconds over the copy are shown too: steadier than wall time on a shared machine.
+ * the same qcow2 in the same run, BM_NBD_RUNS (default 5) rounds with the order reversed every other
+ * round: medians and ranges of MiB/s and of the server's CPU seconds, and bitmirror's time ÷ the
+ * server's per round. The image holds BM_NBD_MIB (default 512) MiB of data in 1 MiB extents with a hole
+ * after each, in TMPDIR (TMPDIR=/dev/shm keeps the disk out of it). Every server announces multi-conn
+ * (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon, type SpawnedDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds, sh, type Row } from './support.js';
+import { cpuSeconds, loadNow, median, pairedRatio, sh, spread, type Row } from './support.js';
 
 export const title = 'nbd: nbdcopy out of and into an export, bitmirror vs qemu-storage-daemon vs qemu-nbd';
 
@@ -68,7 +69,7 @@ async function timed(r: Running, args: string[]): Promise<{ seconds: number; cpu
 
 export async function run(): Promise<Row[]> {
   const mib = Number(process.env.BM_NBD_MIB ?? 512);
-  const runs = Number(process.env.BM_NBD_RUNS ?? 3);
+  const runs = Math.max(1, Number(process.env.BM_NBD_RUNS ?? 5));
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-bench-nbd-'));
   try {
     const servers: Server[] = ['bitmirror'];
@@ -90,12 +91,10 @@ export async function run(): Promise<Row[]> {
     const image = path.join(dir, 'src.qcow2');
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, image]);
 
-    const best: Record<string, { seconds: number; cpu: number }> = {};
-    const keep = (key: string, t: { seconds: number; cpu: number }) => {
-      if (!best[key] || t.seconds < best[key].seconds) best[key] = t;
-    };
+    const samples: Record<string, Array<{ seconds: number; cpu: number }>> = {};
+    const keep = (key: string, t: { seconds: number; cpu: number }) => (samples[key] ??= []).push(t);
     for (let i = 0; i < runs; i++) {
-      for (const s of servers) {
+      for (const s of i % 2 ? [...servers].reverse() : servers) {
         const r = await serve(s, dir, image, false);
         try {
           keep(`${s} out`, await timed(r, [r.uri, 'null:']));
@@ -115,20 +114,24 @@ export async function run(): Promise<Row[]> {
     }
     const rows: Row[] = [];
     for (const dirn of ['out', 'in'] as const) {
-      const base = best[`bitmirror ${dirn}`];
+      const base = samples[`bitmirror ${dirn}`];
       for (const s of servers) {
-        const t = best[`${s} ${dirn}`];
+        const t = samples[`${s} ${dirn}`];
+        const rate = t.map((x) => mib / x.seconds);
+        const ratio = pairedRatio(base.map((x) => x.seconds), t.map((x) => x.seconds));
         rows.push({
           copy: dirn === 'out' ? 'nbdcopy export -> null:' : 'nbdcopy raw -> export',
           server: s,
           'data MiB': mib,
-          seconds: t.seconds,
-          'MiB/s': mib / t.seconds,
-          'server CPU s': t.cpu,
-          'time vs bitmirror': t.seconds / base.seconds,
+          'MiB/s': Math.round(median(rate)),
+          'MiB/s range': spread(rate, 0),
+          'server CPU s': median(t.map((x) => x.cpu)),
+          'CPU range': spread(t.map((x) => x.cpu)),
+          'bitmirror time ÷ this': s === 'bitmirror' ? '' : `${ratio.median.toFixed(2)} (${ratio.range}) ${ratio.verdict}`,
         });
       }
     }
+    rows.push({ copy: `load average ${loadNow()}, ${runs} rounds` });
     return rows;
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });
