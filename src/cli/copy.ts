@@ -49,8 +49,6 @@ Exit codes: 0 done, 1 failed (SRC untouched; the message says what is left), 2 b
  * onto the target at the switch (and at a soft cancel after READY).
  */
 const CARRY_BITMAPS = '__org.bitmirror_carry-bitmaps';
-/** Whether the daemon has the carry extension yet (one line to switch on once it is on main). */
-export const CARRY_BITMAPS_AVAILABLE = false;
 
 export interface CopyOptions {
   src: string;
@@ -247,7 +245,8 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     if (targetInfo.virtualSize !== source.virtualSize) {
       throw usageError(`'${opts.dst}' is ${targetInfo.virtualSize} bytes and '${opts.src}' ${source.virtualSize}: a copy needs the same size`);
     }
-    const carry = opts.carryBitmaps && CARRY_BITMAPS_AVAILABLE;
+    // A mirror with a working bitmap carries none (the daemon refuses both): a re-synced copy keeps its own.
+    const carry = opts.carryBitmaps && opts.bitmap === undefined;
     if (carry) checkCarriable(source, targetInfo, opts.dst);
     signals.throwIfSignalled();
 
@@ -276,6 +275,8 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
           // Records every write from here on: the regions a live source changes while and after the
           // copy ends, which the comparison skips (verify.ts).
           await s.qmp.execute('block-dirty-bitmap-add', { node: sourceNode, name: VERIFY_BITMAP, persistent: false });
+          // Without the carry, one on the copy too (it also marks the mirror's last writes: more skipped, never less).
+          if (!carry) await s.qmp.execute('block-dirty-bitmap-add', { node: targetNode, name: VERIFY_BITMAP, persistent: false });
           verifyBitmapAdded = true;
         }
         await hooks.beforeSwitch?.();
@@ -287,7 +288,7 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
 
     // Done: the copy is consistent (and switched to, unless --no-pivot). What it carries:
     const copied = await s.nodeSummary(targetNode);
-    const bitmaps = copied.bitmaps.filter((b) => b.name !== VERIFY_BITMAP);
+    const bitmaps = copied.bitmaps.filter((b) => b.name !== VERIFY_BITMAP).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const result: CopyResult = { status: 'completed', source: opts.src, target: opts.dst, bytes: outcome.done, pivot: opts.pivot, bitmaps };
     if (opts.verify) {
       progress.message('verifying: comparing the source and the copy');
@@ -320,13 +321,13 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
 
 /** A bitmap that cannot be carried fails here, before anything is copied (the daemon would refuse the switch). */
 function checkCarriable(source: NodeSummary, target: NodeSummary, dst: string): void {
-  const persistent = source.bitmaps.filter((b) => b.persistent).map((b) => b.name);
+  const persistent = source.bitmaps.filter((b) => b.persistent).map((b) => b.name).sort();
   if (persistent.length > 0 && target.driver !== 'qcow2') {
     throw usageError(
       `cannot carry the persistent bitmap${persistent.length > 1 ? 's' : ''} ${persistent.join(', ')} onto '${dst}': a ${target.driver} image cannot store bitmaps (use a qcow2 target, or --no-bitmaps)`,
     );
   }
-  const inconsistent = source.bitmaps.filter((b) => b.inconsistent).map((b) => b.name);
+  const inconsistent = source.bitmaps.filter((b) => b.inconsistent).map((b) => b.name).sort();
   if (inconsistent.length > 0) throw usageError(`cannot carry the inconsistent bitmap${inconsistent.length > 1 ? 's' : ''} ${inconsistent.join(', ')} (remove ${inconsistent.length > 1 ? 'them' : 'it'}, or --no-bitmaps)`);
 }
 
@@ -335,8 +336,11 @@ function leftBehind(opts: CopyOptions, outcome: JobOutcome | undefined, createdF
   const parts = [`'${opts.src}' is untouched`];
   if (createdFile !== undefined) parts.push(`the incomplete copy '${opts.dst}' was removed`);
   else {
-    const copied = outcome ? ` (${formatBytes(outcome.done)} of ${formatBytes(outcome.total)} copied)` : '';
-    parts.push(`'${opts.dst}' is an incomplete copy${copied}, not usable as it is`);
+    if (outcome?.ready) parts.push(`'${opts.dst}' holds what was copied but is no consistent copy (the job ended without its switch)`);
+    else {
+      const copied = outcome ? ` (${formatBytes(outcome.done)} of ${formatBytes(outcome.total)} copied)` : '';
+      parts.push(`'${opts.dst}' is an incomplete copy${copied}, not usable as it is`);
+    }
   }
   if (opts.bitmap !== undefined) parts.push(`bitmap '${opts.bitmap}' still marks what is left to copy: run the same command again to finish`);
   return parts.join('; ');

@@ -18,7 +18,7 @@ import { promisify } from 'node:util';
 import { spawnDaemon } from '../daemon/spawn.js';
 import type { QmpClient } from '../qmp/client.js';
 import { MiB } from '../base/sizes.js';
-import { CARRY_BITMAPS_AVAILABLE, runCopy, type CopyResult } from './copy.js';
+import { runCopy, type CopyResult } from './copy.js';
 import { Progress } from './progress.js';
 
 const run = promisify(execFile);
@@ -109,17 +109,6 @@ export async function runDemo(argv: string[]): Promise<number> {
         // The guest writes while the copy is in sync and about to switch: the mirror copies each write.
         beforeSwitch: async () => {
           for (let i = 0; i < 4; i++) await io('disk0', `write -P 0xc${i} ${(i * 32 + 1) * MiB} 128k`);
-          if (!CARRY_BITMAPS_AVAILABLE) {
-            // Until the daemon carries bitmaps itself: libvirt's way, a bitmap of the same name on the
-            // copy merged from the source's, in one transaction right before the switch.
-            await qmp.execute('transaction', {
-              actions: [
-                { type: 'block-dirty-bitmap-add', data: { node: 'copy0', name: 'bm0', granularity: 65536, disabled: true } },
-                { type: 'block-dirty-bitmap-merge', data: { node: 'copy0', target: 'bm0', bitmaps: [{ node: 'disk0', name: 'bm0' }] } },
-                { type: 'block-dirty-bitmap-enable', data: { node: 'copy0', name: 'bm0' } },
-              ],
-            });
-          }
         },
         onResult: (r) => (copied = r),
       },

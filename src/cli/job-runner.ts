@@ -5,6 +5,9 @@
  * sampled a few times a second), decide at READY (a mirror: complete = switch over, or a soft cancel =
  * a consistent copy without switching), read its error once concluded, and dismiss it.
  *
+ * If READY's decision is refused (job-complete fails: a bitmap that cannot be carried, …), the job is
+ * cancelled and the outcome is `failed` with the refusal's message.
+ *
  * A signal (Ctrl-C) while the job runs cancels it (job-cancel: a mirror stops without switching, its
  * source untouched) and the outcome says `interrupted`. Once the switch has begun (job-complete or the
  * soft cancel sent) a signal no longer stops it: the job finishes, and the outcome still says which
@@ -86,6 +89,8 @@ export async function runJob(qmp: QmpClient, opts: RunJobOptions): Promise<JobOu
   const outcome: JobOutcome = { status: 'completed', ready: false, done: 0, total: 0 };
   let cancelSent = false;
   let finishing = false;
+  /** Why job-complete (or the soft cancel) was refused, if it was. */
+  let refusal: string | undefined;
   try {
     await opts.start();
     const sampleMs = opts.sampleMs ?? 250;
@@ -101,8 +106,16 @@ export async function runJob(qmp: QmpClient, opts: RunJobOptions): Promise<JobOu
           // A signal that came before READY was seen already cancelled the job (below).
           if (!cancelSent) {
             finishing = true;
-            if (action === 'complete') await qmp.execute('job-complete', { id });
-            else await qmp.execute('block-job-cancel', { device: id });
+            try {
+              if (action === 'complete') await qmp.execute('job-complete', { id });
+              else await qmp.execute('block-job-cancel', { device: id });
+            } catch (err) {
+              // Refused (a bitmap that cannot be carried…): the job stays READY and nothing switched.
+              // It is cancelled (the source untouched) and fails with the refusal's words.
+              refusal = errorMessage(err);
+              cancelSent = true;
+              await qmp.execute('job-cancel', { id });
+            }
           }
         }
         if (status === 'concluded') {
@@ -115,7 +128,10 @@ export async function runJob(qmp: QmpClient, opts: RunJobOptions): Promise<JobOu
           }
           await qmp.execute('job-dismiss', { id });
           outcome.signal = signal;
-          if (cancelSent) outcome.status = outcome.error === undefined ? 'completed' : 'interrupted';
+          if (refusal !== undefined) {
+            outcome.status = 'failed';
+            outcome.error = refusal;
+          } else if (cancelSent) outcome.status = outcome.error === undefined ? 'completed' : 'interrupted';
           else outcome.status = outcome.error === undefined ? 'completed' : 'failed';
           return outcome;
         }

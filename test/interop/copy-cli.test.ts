@@ -12,7 +12,6 @@ import { mustRun, run, tempDir } from '../support/tools.js';
 import { MiB, startDaemon } from '../support/daemon.js';
 import { jsonLines, runCli, startCli } from '../support/cli.js';
 import { poll } from '../support/wait.js';
-import { CARRY_BITMAPS_AVAILABLE } from '../../src/cli/copy.js';
 
 interface InfoBitmap {
   name: string;
@@ -22,7 +21,8 @@ interface InfoBitmap {
 
 async function infoBitmaps(img: string): Promise<InfoBitmap[]> {
   const info = JSON.parse(await mustRun('qemu-img', ['info', '-U', '--output=json', img])) as { 'format-specific'?: { data?: { bitmaps?: InfoBitmap[] } } };
-  return info['format-specific']?.data?.bitmaps ?? [];
+  // By name: the order of a qcow2 bitmap directory is no property of the bitmaps.
+  return (info['format-specific']?.data?.bitmaps ?? []).sort((a, b) => a.name.localeCompare(b.name));
 }
 
 async function assertIdentical(a: string, b: string): Promise<void> {
@@ -98,16 +98,20 @@ test('copy on image files: identical copy, bitmaps carried, JSON progress monoto
     assert.equal(info.format, 'qcow2');
     assert.equal(info['virtual-size'], 16 * MiB);
     assert.equal(info['cluster-size'], 65536);
-    if (CARRY_BITMAPS_AVAILABLE) {
-      assert.deepEqual(await infoBitmaps(dst), await infoBitmaps(orig));
-      assert.deepEqual(
-        (result.bitmaps as Array<Record<string, unknown>>).map((b) => [b.name, b.count, b.granularity, b.persistent, b.recording]),
-        [
-          ['bm0', 4 * 65536, 65536, true, true],
-          ['bm1', 2 * 131072, 131072, true, false],
-        ],
-      );
-    }
+    // The bitmaps went with the copy: qemu-img lists them with their flags and granularity, and the
+    // report gives their dirty bytes (bm0: 4 clusters of 64 KiB; bm1, disabled: 3 chunks of 128 KiB).
+    assert.deepEqual(await infoBitmaps(dst), await infoBitmaps(orig));
+    assert.deepEqual((await infoBitmaps(dst)).map((b) => [b.name, b.flags, b.granularity]), [
+      ['bm0', ['auto'], 65536],
+      ['bm1', [], 131072],
+    ]);
+    assert.deepEqual(
+      (result.bitmaps as Array<Record<string, unknown>>).map((b) => [b.name, b.count, b.granularity, b.persistent, b.recording]),
+      [
+        ['bm0', 4 * 65536, 65536, true, true],
+        ['bm1', 3 * 131072, 131072, true, false],
+      ],
+    );
     // A second copy onto the same file is refused without --reuse: nothing changes.
     const again = await runCli(['copy', src, dst]);
     assert.equal(again.code, 2);
@@ -134,7 +138,7 @@ test('copy --qmp: a node of a running daemon to a new file, switched over; then 
     const nodes = (await d.qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true })).map((n) => n['node-name']);
     assert.ok(nodes.includes('disk0-copy') && nodes.includes('disk0-copy-file'), nodes.join());
     assert.deepEqual(await d.qmp.execute('query-jobs'), []);
-    if (CARRY_BITMAPS_AVAILABLE) assert.match(r.stdout, /bm0: 256\.0 KiB dirty \(262144 bytes\)/);
+    assert.match(r.stdout, /\n {2}bm0: 256\.0 KiB dirty \(262144 bytes\), granularity 64\.0 KiB, persistent, recording\n {2}bm1: 384\.0 KiB dirty \(393216 bytes\), granularity 128\.0 KiB, persistent, disabled\n/);
 
     // A consistent copy without a switch, into the existing file, after a write to the source.
     for (const n of ['disk0-copy', 'disk0-copy-file']) await d.qmp.execute('blockdev-del', { 'node-name': n });
@@ -153,14 +157,17 @@ test('copy --qmp: a node of a running daemon to a new file, switched over; then 
     await assertCheckClean(src);
     // The source's own bitmaps are still there (bm0 recorded the write at 5M).
     assert.deepEqual((await infoBitmaps(src)).map((b) => b.name), (await infoBitmaps(orig)).map((b) => b.name));
-    if (CARRY_BITMAPS_AVAILABLE) assert.deepEqual((await infoBitmaps(dst)).map((b) => b.name), ['bm0', 'bm1']);
+    assert.deepEqual((await infoBitmaps(dst)).map((b) => [b.name, b.flags]), [
+      ['bm0', ['auto']],
+      ['bm1', []],
+    ]);
   } finally {
     await d.stop();
     await cleanup();
   }
 });
 
-test('copy: a raw target cannot take the bitmaps: refused with the message, the source unchanged', { skip: CARRY_BITMAPS_AVAILABLE ? false : 'waits for the carry extension' }, async () => {
+test('copy: a raw target cannot take the bitmaps: refused with the message, the source unchanged', async () => {
   const { dir, cleanup } = await tempDir('bm-copy-raw-');
   try {
     const { src, orig } = await makeSource(dir);
@@ -169,6 +176,18 @@ test('copy: a raw target cannot take the bitmaps: refused with the message, the 
     const r = await runCli(['copy', '--reuse', src, dst]);
     assert.equal(r.code, 2, r.stdout + r.stderr);
     assert.match(r.stderr, /cannot carry the persistent bitmaps bm0, bm1 onto '.*dst\.raw': a raw image cannot store bitmaps \(use a qcow2 target, or --no-bitmaps\)/);
+    await assertSourceUnchanged(src, orig);
+    // A qcow2 v2 target passes that first look, and the daemon refuses the switch with its reason:
+    // the job is cancelled, the source keeps everything.
+    const v2 = path.join(dir, 'dst-v2.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', v2, String(16 * MiB)]);
+    const refused = await runCli(['copy', '--reuse', src, v2]);
+    assert.equal(refused.code, 1, refused.stdout + refused.stderr);
+    assert.match(
+      refused.stderr,
+      /^bitmirror copy: the copy failed: Cannot carry dirty bitmap 'bm0' of node 'src' to node 'dst': Can't make bitmap 'bm0' persistent in 'dst': Cannot store dirty bitmaps in qcow2 v2 files; '.*src\.qcow2' is untouched; '.*dst-v2\.qcow2' holds what was copied but is no consistent copy \(the job ended without its switch\)\n$/,
+    );
+    assert.deepEqual(await infoBitmaps(v2), []);
     await assertSourceUnchanged(src, orig);
     // Without the bitmaps the copy goes through.
     const nb = await runCli(['copy', '--reuse', '--no-bitmaps', src, dst]);
