@@ -15,9 +15,10 @@ import { blockStatsCommands } from './block-stats.js';
 import { nbdCommands } from './nbd.js';
 import { backupCommands } from './backup.js';
 import { chainCommands } from './chain.js';
+import { commitCommands } from './commit.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands);
   return table;
 }

@@ -26,7 +26,7 @@ import { protocolOptions } from '../block/filename.js';
 import * as path from 'node:path';
 
 const MirrorSyncMode = enumOf('MirrorSyncMode', ['top', 'full', 'none', 'incremental', 'bitmap']);
-const BlockdevOnErrorEnum = enumOf('BlockdevOnError', ['report', 'ignore', 'enospc', 'stop', 'auto']);
+export const BlockdevOnErrorEnum = enumOf('BlockdevOnError', ['report', 'ignore', 'enospc', 'stop', 'auto']);
 const MirrorCopyModeEnum = enumOf('MirrorCopyMode', ['background', 'write-blocking']);
 const BitmapSyncModeEnum = enumOf('BitmapSyncMode', ['on-success', 'never', 'always']);
 const FILL = '__org.bitmirror_fill-partial-clusters';

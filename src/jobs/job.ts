@@ -234,6 +234,11 @@ export abstract class Job {
   protected async commit(): Promise<void> {}
   protected async abort(): Promise<void> {}
   protected async clean(): Promise<void> {}
+  /**
+   * The job is gone (dismissed, or failed before it started): QEMU's .free. What the job held until
+   * then is let go here (commit keeps its claims on the nodes it worked on until it is dismissed).
+   */
+  protected free(): void {}
 
   /**
    * Called when a pause takes effect, and when the job resumes from it (QEMU's .pause/.resume). The job
@@ -336,6 +341,7 @@ export abstract class Job {
     this.txn.remove(this.member);
     this.transition('null');
     this.registry.remove(this);
+    this.free();
     this.concludedResolve();
   }
 
@@ -671,6 +677,7 @@ export abstract class Job {
   private doDismiss(): void {
     this.transition('null');
     this.registry.remove(this);
+    this.free();
   }
 
   // ---- query data and event payloads --------------------------------------------------------------

@@ -37,6 +37,7 @@ import { BlockNode, type BdrvChild, type WriteObserver, type WriteRequest } from
 import {
   BLK_PERM_ALL,
   BLK_PERM_CONSISTENT_READ,
+  BLK_PERM_RESIZE,
   BLK_PERM_WRITE,
   BLK_PERM_WRITE_UNCHANGED,
   jobParent,
@@ -44,6 +45,8 @@ import {
 } from '../block/permissions.js';
 import type { BlockGraph } from '../block/graph.js';
 import { MirrorTopNode } from '../block/filters/mirror-top.js';
+import { filterOrCowChild } from '../block/chain.js';
+import { freezeChain, unfreezeChain } from './commit.js';
 import type { BitmapManager } from '../bitmap/manager.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { commitCarry, planCarry, sourceChainLayers, type CarryDone } from '../bitmap/carry.js';
@@ -115,10 +118,19 @@ export interface MirrorJobOptions extends JobOptions {
    * chain's bitmaps (the whole chain for sync=full, the top layer otherwise) are carried onto the target.
    */
   carryBitmaps?: boolean;
+  /**
+   * Active commit (block-commit of the active layer, QEMU's commit_active_start): the target is the
+   * base of the source's backing chain. The job is a 'commit' job; only what lies above the base is
+   * copied; a smaller base grows to the source's size; the filter asks no consistent read of the
+   * chain (the layers above the base change) and lets it be written; the layers in between are
+   * claimed and their links frozen. `baseWasReadOnly`: the command made the base writable for the
+   * job; it is read-only again if the job fails or is cancelled before the pivot.
+   */
+  commit?: { baseWasReadOnly: boolean };
 }
 
 export class MirrorJob extends Job {
-  readonly type = 'mirror' as const;
+  readonly type: 'mirror' | 'commit';
   private readonly o: MirrorJobOptions;
   readonly source: BlockNode;
   readonly target: BlockNode;
@@ -143,20 +155,25 @@ export class MirrorJob extends Job {
   /** The switch has happened (or the job ended without one): writes are no longer copied synchronously. */
   private switched = false;
   private abandoned = false;
-  private readonly blockerReason = 'block device is in use by block job: mirror';
+  private readonly blockerReason: string;
+  /** Active commit: the layers between the source and the base (claimed, their links frozen). */
+  private readonly intermediate: BlockNode[] = [];
+  private frozen: BdrvChild[] = [];
   /** The job's parent edges (its BlockBackends and job claims) on the filter, source and target. */
   private readonly claims: BdrvChild[] = [];
 
   constructor(registry: JobRegistry, o: MirrorJobOptions) {
     super(registry, o);
     this.o = o;
+    this.type = o.commit ? 'commit' : 'mirror';
+    this.blockerReason = `block device is in use by block job: ${this.type}`;
     this.source = o.source;
     this.target = o.target;
     this.granularity = o.granularity;
     this.copyMode = o.copyMode;
     // The filter goes above the source: its parents become the filter's.
     const name = o.filterNodeName ?? o.graph.generateNodeName();
-    this.filter = new MirrorTopNode(name, o.source);
+    this.filter = new MirrorTopNode(name, o.source, o.commit !== undefined);
     if (!o.filterNodeName) this.filter.implicit = true;
     if (o.workingBitmap) {
       this.bitmap = o.workingBitmap;
@@ -202,16 +219,34 @@ export class MirrorJob extends Job {
     const { graph } = this.o;
     graph.insertFilter(this.filter, this.source);
     try {
-      const job = jobParent('mirror', this.id);
+      const job = jobParent(this.type, this.id);
       // block_job_create: the job reads through the filter (its "main node" edge; QEMU's jobs have had no
       // BlockBackend of their own since 6.1, x-debug-query-block-graph shows the edge).
       this.claims.push(this.filter.attachParent(job, 'main node', BLK_PERM_CONSISTENT_READ, BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE));
-      // The target's BlockBackend writes and lets nobody else do anything but unchanged writes.
-      this.claims.push(this.target.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED));
+      if (this.o.commit) {
+        // Active commit: the base is in use by the chain above it; anything but a resize by others is
+        // fine. A smaller base is grown to the source's size.
+        const resize = this.target.length() < this.source.length() ? BLK_PERM_RESIZE : 0;
+        this.claims.push(this.target.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE | resize, BLK_PERM_WRITE_UNCHANGED | BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE));
+      } else {
+        // The target's BlockBackend writes and lets nobody else do anything but unchanged writes.
+        this.claims.push(this.target.attachParent(unnamedBackend(), 'root', BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED));
+      }
       // The source may be written and read by others while the job runs, but not resized.
       this.claims.push(this.source.attachParent(job, 'source', 0, BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE | BLK_PERM_CONSISTENT_READ));
       this.claims.push(this.target.attachParent(job, 'target', 0, BLK_PERM_ALL));
+      if (this.o.commit) {
+        // The layers between source and base disappear: nobody else may read them consistently or
+        // resize them, and their links may not change.
+        for (let n = filterOrCowChild(this.source); n && n !== this.target; n = filterOrCowChild(n)) {
+          this.claims.push(n.attachParent(job, 'intermediate node', 0, BLK_PERM_WRITE_UNCHANGED | BLK_PERM_WRITE));
+          this.intermediate.push(n);
+        }
+        this.frozen = freezeChain(this.filter, this.target);
+      }
     } catch (err) {
+      unfreezeChain(this.frozen);
+      this.intermediate.splice(0);
       this.releaseClaims();
       graph.replace(this.filter, this.source);
       this.filter.detachChild('backing');
@@ -227,6 +262,7 @@ export class MirrorJob extends Job {
     if (!this.bitmapIsLocal) this.bitmap.disabled = true;
     this.source.blockers.set(this, this.blockerReason);
     this.target.blockers.set(this, this.blockerReason);
+    for (const n of this.intermediate) n.blockers.set(this, this.blockerReason);
     traceStart({ job: this.id, source: this.source.nodeName, target: this.target.nodeName, granularity: this.granularity });
   }
 
@@ -244,7 +280,10 @@ export class MirrorJob extends Job {
 
   private async runLoop(): Promise<void> {
     const size = this.source.length();
-    if (this.target.length() !== size) throw genericError('Source and target image have different sizes');
+    if (this.o.commit) {
+      // Active commit grows a smaller base to the active layer's size.
+      if (this.target.length() < size) await this.target.truncate(size);
+    } else if (this.target.length() !== size) throw genericError('Source and target image have different sizes');
     if (size > 0 && this.o.sync !== 'none' && this.bitmapIsLocal && !this.o.syncBitmap) await this.dirtyInit(size);
     for (;;) {
       if (this.failure !== undefined) throw this.failure;
@@ -308,11 +347,12 @@ export class MirrorJob extends Job {
 
   /** mirror_dirty_init: mark what must be copied, from block status. */
   private async dirtyInit(size: number): Promise<void> {
-    const base = this.o.sync === 'top' ? this.source.formatLayer().backing() : undefined;
+    // Active commit copies what lies above the base (the target), and nothing else: the base has the rest.
+    const base = this.o.commit ? this.target : this.o.sync === 'top' ? this.source.formatLayer().backing() : undefined;
     // A target that does not read as zeroes needs zero ranges of the source written too. As upstream
     // QEMU (10.1+) does, look before assuming: a freshly created target reads as zeroes.
     const cancelled = () => this.isCancelled();
-    const copyZeroes = this.o.sync === 'full' && !this.o.targetIsZero && !(await readsAllZeroes(this.target, cancelled));
+    const copyZeroes = this.o.sync === 'full' && !this.o.commit && !this.o.targetIsZero && !(await readsAllZeroes(this.target, cancelled));
     traceDirty({ job: this.id, copyZeroes });
     if (copyZeroes) {
       this.bitmap.setDirty(0, size);
@@ -437,11 +477,15 @@ export class MirrorJob extends Job {
 
   /** A soft cancel after READY carries the bitmaps too: refused (job still ready) when they cannot be. */
   protected override async checkSoftCancel(): Promise<void> {
-    if (this.o.carryBitmaps) await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+    if (this.o.carryBitmaps && !this.o.commit) await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
   }
 
-  /** The layers whose bitmaps go to the target: the whole source chain for a full copy, else the top. */
+  /**
+   * The layers whose bitmaps go to the target: the whole source chain for a full copy, else the top;
+   * for an active commit the layers that leave the chain (the source down to the base, which keeps its own).
+   */
   private carryLayers(): BlockNode[] {
+    if (this.o.commit) return sourceChainLayers(this.source, this.target);
     const base = this.o.sync === 'full' ? undefined : this.source.formatLayer().backing();
     return sourceChainLayers(this.source, base);
   }
@@ -456,6 +500,8 @@ export class MirrorJob extends Job {
   }
 
   protected override extraBlockJobInfo(): Record<string, unknown> {
+    // BlockJobInfo's mirror branch (upstream 9.x); a commit job has none.
+    if (this.type === 'commit') return {};
     return { 'actively-synced': this.activelySynced };
   }
 
@@ -467,7 +513,9 @@ export class MirrorJob extends Job {
    * that moment. Either way the bitmaps are carried when asked for, in the same synchronous step.
    */
   protected override async prepare(): Promise<void> {
-    const softCancel = !this.shouldComplete && this.cancelRequested;
+    unfreezeChain(this.frozen);
+    // (A soft cancel of an active commit changes no chain: nothing to carry.)
+    const softCancel = !this.shouldComplete && this.cancelRequested && !this.o.commit;
     if (!this.shouldComplete && !softCancel) {
       this.switched = true;
       return;
@@ -589,7 +637,15 @@ export class MirrorJob extends Job {
     if (graph.find(this.filter.nodeName) === this.filter) await graph.remove(this.filter).catch(() => undefined);
     this.source.blockers.delete(this);
     this.target.blockers.delete(this);
+    for (const n of this.intermediate) n.blockers.delete(this);
+    unfreezeChain(this.frozen);
     this.o.replaces?.blockers.delete(this);
+    // mirror_exit_common: a commit that failed (or was cancelled before READY) leaves the base
+    // read-only again, as it found it. (After a pivot the base is the active layer; after a soft
+    // cancel QEMU leaves it writable.)
+    if (this.o.commit?.baseWasReadOnly && this.error !== undefined && !this.target.readOnly) {
+      await graph.setReadOnly(this.target, true).catch(() => undefined);
+    }
     const succeeded = this.error === undefined;
     if (this.bitmapIsLocal) {
       if (this.o.syncBitmap) {
