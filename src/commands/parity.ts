@@ -147,6 +147,10 @@ export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, Par
     'bitmap-mode': { origin: 'extension', note: 'Proxmox VE\'s mirror with `sync=bitmap|incremental`.' },
     'target-is-zero': { origin: 'upstream', note: 'Since QEMU 10.1.' },
   },
+  'block-commit': {
+    'backing-mask-protocol': { origin: 'upstream', note: 'Since QEMU 9.0: record `raw` rather than a protocol driver as the backing format.' },
+    '__org.bitmirror_carry-bitmaps': { note: 'Carry every dirty bitmap of the layers that leave the chain into the base, in the same step as the chain change.' },
+  },
   'drive-mirror': {
     '__org.bitmirror_fill-partial-clusters': { note: 'Widen a write into an unallocated target cluster to the whole cluster (default on).' },
     '__org.bitmirror_allow-coarse-target': { note: 'Allow a bitmap finer than the target\'s clusters.' },
