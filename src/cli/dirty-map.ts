@@ -4,6 +4,7 @@
  * terminal heat map (offsets on the left axis, totals below) or as an SVG file a browser opens.
  * Pure functions of the extents: no I/O, so the drawing is unit-tested against known patterns.
  */
+import { formatBytes } from './progress.js';
 
 /** A dirty range of the disk, in bytes. */
 export interface DirtyExtent {
@@ -70,20 +71,6 @@ export function shadeOf(fraction: number): string {
   if (fraction <= 0.25) return SHADES[1];
   if (fraction <= 0.5) return SHADES[2];
   return SHADES[3];
-}
-
-/** A byte count as people read it: 0, 512 B, 64 KiB, 1.5 GiB. */
-export function formatBytes(n: number): string {
-  if (n === 0) return '0';
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
-  let u = 0;
-  let v = n;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  const text = Number.isInteger(v) ? String(v) : v.toFixed(v < 10 ? 2 : 1).replace(/\.?0+$/, '');
-  return `${text} ${units[u]}`;
 }
 
 /** Percent with enough digits that a little dirt does not read as 0%. */

@@ -9,12 +9,14 @@ import { DAEMON_USAGE, parseDaemonArgs, UsageError } from './daemon-args.js';
 import { errorMessage } from '../errors.js';
 import { runDemo } from './demo.js';
 import { copyMain } from './copy.js';
+import { bitmapMain } from './bitmap.js';
 import { EMBEDDED_DAEMON_ENV } from '../daemon/spawn.js';
 
 const USAGE = `Usage: bitmirror <command> [options]
 Commands:
   daemon   run the storage daemon (see 'bitmirror daemon --help')
   copy     copy a disk live, with its dirty bitmaps (see 'bitmirror copy --help')
+  bitmap   list, change and show a disk's dirty bitmaps (see 'bitmirror bitmap --help')
   demo     show what bitmirror does, in a temporary folder, on built-in defaults
 `;
 
@@ -108,6 +110,8 @@ export async function main(argv: string[]): Promise<number> {
       return daemonMain(rest);
     case 'copy':
       return copyMain(rest);
+    case 'bitmap':
+      return bitmapMain(rest);
     case 'demo':
       return runDemo(rest);
     case '-h':

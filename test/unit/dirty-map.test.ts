@@ -52,13 +52,13 @@ test('terminal map: a known pattern is drawn cell by cell, with offsets and tota
   const text = renderTerminal({ size: 64 * MiB, extents: extentsOf(granules), granularity: GRAN, title: 'node disk0, bitmap b0' }, { columns: 16, maxRows: 4 });
   assert.deepEqual(cellsOf(text), expected);
   const lines = text.split('\n');
-  assert.equal(lines[0], 'node disk0, bitmap b0: 64 MiB, one cell = 1 MiB');
+  assert.equal(lines[0], 'node disk0, bitmap b0: 64.0 MiB, one cell = 1.0 MiB');
   assert.deepEqual(
     lines.filter((l) => l.includes('│')).map((l) => l.slice(0, l.indexOf('│')).trim()),
-    ['0', '16 MiB', '32 MiB', '48 MiB'],
+    ['0 B', '16.0 MiB', '32.0 MiB', '48.0 MiB'],
   );
   // 16 + 8 + 1 + 12 + 16 granules of 64 KiB.
-  assert.match(text, /dirty 3\.31 MiB of 64 MiB \(5\.18%\) in 5 extents; granularity 64 KiB/);
+  assert.match(text, /dirty 3\.3 MiB of 64\.0 MiB \(5\.18%\) in 5 extents; granularity 64\.0 KiB/);
 });
 
 test('terminal map: every cell shows its dirty fraction (random patterns, odd sizes)', () => {

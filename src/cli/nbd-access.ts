@@ -1,0 +1,137 @@
+/**
+ * NbdAccess: how a user-level command reads (or writes) a daemon's nodes itself — through the
+ * daemon's NBD server, the way any NBD client would. It starts the server on a unix socket in a
+ * private temporary directory (a daemon that already runs an NBD server is refused with a message:
+ * QMP offers no way to learn where that one listens), exports nodes under names of its own, and
+ * connects bitmirror's NBD client to them. A bitmap's dirty extents come through the
+ * `qemu:dirty-bitmap:` context of a frozen copy of the bitmap (as QEMU, a read-only export of a
+ * writable node offers only a disabled bitmap; the copy also leaves the user's bitmap free).
+ * close() undoes everything it did, whatever happened before.
+ */
+import { promises as fsp } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { NbdClientConnection } from '../nbd/client.js';
+import { NBD_CMD } from '../nbd/protocol.js';
+import { errorMessage } from '../errors.js';
+import type { QmpClient } from '../qmp/client.js';
+import { CliError } from './exit-codes.js';
+
+/** A byte range [start, end). */
+export type Range = [start: number, end: number];
+
+/** The NBD block status reply flag of a dirty extent in a `qemu:dirty-bitmap:` context. */
+const NBD_STATE_DIRTY = 1;
+
+/** Block status asks cover at most this much (the protocol's lengths are 32-bit without extended headers). */
+const STATUS_SPAN = 1 << 30;
+
+/** The dirty ranges (sorted, merged) the export's bitmap context reports over [0, size). */
+export async function dirtyRanges(conn: NbdClientConnection, size: number): Promise<Range[]> {
+  const ranges: Range[] = [];
+  for (let off = 0; off < size; ) {
+    const { extents } = await conn.request(NBD_CMD.BLOCK_STATUS, off, Math.min(size - off, STATUS_SPAN));
+    if (!extents || extents.length === 0) throw new CliError('the daemon answered block status with no extents');
+    for (const e of extents) {
+      const end = Math.min(size, off + e.length);
+      if (e.flags & NBD_STATE_DIRTY) {
+        const last = ranges[ranges.length - 1];
+        if (last && last[1] === off) last[1] = end;
+        else ranges.push([off, end]);
+      }
+      off = end;
+      if (off >= size) break;
+    }
+  }
+  return ranges;
+}
+
+export class NbdAccess {
+  private readonly exports: string[] = [];
+  private readonly conns: NbdClientConnection[] = [];
+  private readonly frozen: Array<{ node: string; name: string }> = [];
+  private serverStarted = false;
+
+  private constructor(
+    private readonly qmp: QmpClient,
+    /** Names this access's exports and bitmaps (`bitmirror-<tag>-…`). */
+    private readonly tag: string,
+    private readonly dir: string,
+  ) {}
+
+  get socket(): string {
+    return path.join(this.dir, 'nbd.sock');
+  }
+
+  /** Start the daemon's NBD server on a private socket. */
+  static async start(qmp: QmpClient, tag: string): Promise<NbdAccess> {
+    const dir = await fsp.mkdtemp(path.join(os.tmpdir(), `bitmirror-${tag}-`));
+    const access = new NbdAccess(qmp, tag, dir);
+    try {
+      await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: access.socket } } });
+      access.serverStarted = true;
+    } catch (err) {
+      await fsp.rm(dir, { recursive: true, force: true });
+      throw new CliError(`cannot start the daemon's NBD server to read the disk: ${errorMessage(err)}`);
+    }
+    return access;
+  }
+
+  /**
+   * Export `node` and connect to it. With `bitmap`, the connection's block status context is a frozen
+   * copy of that bitmap (same granularity), taken now; with `writable`, the export takes writes.
+   */
+  async open(node: string, opts: { bitmap?: { name: string; granularity: number }; writable?: boolean } = {}): Promise<NbdClientConnection> {
+    const name = `bitmirror-${this.tag}-${this.exports.length}`;
+    let frozen: string | undefined;
+    if (opts.bitmap) {
+      frozen = `__bitmirror-${this.tag}-frozen-${this.frozen.length}`;
+      await this.qmp.execute('transaction', {
+        actions: [
+          { type: 'block-dirty-bitmap-add', data: { node, name: frozen, granularity: opts.bitmap.granularity, persistent: false, disabled: true } },
+          { type: 'block-dirty-bitmap-merge', data: { node, target: frozen, bitmaps: [opts.bitmap.name] } },
+        ],
+      });
+      this.frozen.push({ node, name: frozen });
+    }
+    await this.qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: name,
+      'node-name': node,
+      name,
+      writable: opts.writable ?? false,
+      ...(frozen !== undefined ? { bitmaps: [frozen] } : {}),
+    });
+    this.exports.push(name);
+    const conn = await NbdClientConnection.open({ kind: 'unix', path: this.socket }, name, frozen !== undefined ? `qemu:dirty-bitmap:${frozen}` : undefined);
+    this.conns.push(conn);
+    return conn;
+  }
+
+  /** Disconnect, delete the exports (waiting until they are gone), stop the server, drop the frozen bitmaps. */
+  async close(): Promise<void> {
+    for (const c of this.conns.splice(0)) await c.close().catch(() => undefined);
+    // An export goes once its connections have (BLOCK_EXPORT_DELETED); until then its bitmap is busy.
+    const gone = new Set<string>();
+    let wake: (() => void) | undefined;
+    const off = this.qmp.onEvent((ev) => {
+      if (ev.event === 'BLOCK_EXPORT_DELETED') {
+        gone.add(String(ev.data?.id));
+        wake?.();
+      }
+    });
+    try {
+      const deleting: string[] = [];
+      for (const id of this.exports.splice(0)) {
+        if (await this.qmp.execute('block-export-del', { id, mode: 'hard' }).then(() => true, () => false)) deleting.push(id);
+      }
+      while (!this.qmp.isClosed && deleting.some((id) => !gone.has(id))) await new Promise<void>((resolve) => (wake = resolve));
+    } finally {
+      off();
+    }
+    if (this.serverStarted) await this.qmp.execute('nbd-server-stop').catch(() => undefined);
+    this.serverStarted = false;
+    for (const f of this.frozen.splice(0)) await this.qmp.execute('block-dirty-bitmap-remove', f).catch(() => undefined);
+    await fsp.rm(this.dir, { recursive: true, force: true });
+  }
+}
