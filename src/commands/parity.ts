@@ -140,6 +140,7 @@ export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, Par
     'discard-source': { origin: 'upstream', note: 'Since QEMU 9.1 (`true` refused for now).' },
   },
   'blockdev-mirror': {
+    '__org.bitmirror_carry-bitmaps': { note: 'Carry every bitmap of the source chain onto the target at the switch (or a soft cancel after READY).' },
     '__org.bitmirror_fill-partial-clusters': { note: 'Widen a write into an unallocated target cluster to the whole cluster (default on).' },
     '__org.bitmirror_allow-coarse-target': { note: 'Allow a bitmap finer than the target\'s clusters.' },
     '__org.bitmirror_copy-offload': { note: 'Let the kernel copy between host files (copy_file_range; default on).' },
@@ -152,6 +153,7 @@ export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, Par
     '__org.bitmirror_carry-bitmaps': { note: 'Carry every dirty bitmap of the layers that leave the chain into the base, in the same step as the chain change.' },
   },
   'drive-mirror': {
+    '__org.bitmirror_carry-bitmaps': { note: 'Carry every bitmap of the source chain onto the target at the switch (or a soft cancel after READY).' },
     '__org.bitmirror_fill-partial-clusters': { note: 'Widen a write into an unallocated target cluster to the whole cluster (default on).' },
     '__org.bitmirror_allow-coarse-target': { note: 'Allow a bitmap finer than the target\'s clusters.' },
     '__org.bitmirror_copy-offload': { note: 'Let the kernel copy between host files (copy_file_range; default on).' },
