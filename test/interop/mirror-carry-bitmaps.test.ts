@@ -200,7 +200,7 @@ test('carry-bitmaps at a soft cancel after READY (blockdev-mirror and drive-mirr
   }
 });
 
-test('carry-bitmaps refusals: a raw target and an inconsistent bitmap refuse job-complete and the soft cancel with the reason; the source keeps everything', async () => {
+test('carry-bitmaps refusals: a raw target and an inconsistent bitmap refuse job-complete and the soft cancel with the reason, a bitmap busy at the switch fails the job unswitched; the source keeps everything', async () => {
   const env = await setup('carry-refuse');
   try {
     const { top } = await makeChain(env);
@@ -230,6 +230,28 @@ test('carry-bitmaps refusals: a raw target and an inconsistent bitmap refuse job
     assert.equal((await bitmaps(env, 'rawtgt'))['a'], undefined);
     assert.deepEqual([await shape(env, 'src'), await sha(env, 'src', 'b')], before);
 
+    // A bitmap that becomes busy after job-complete (auto-finalize off: an export takes it while the
+    // job is pending) fails the job at the switch, before anything switched.
+    const q = env.f('tgt2.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', q, String(SIZE)]);
+    await addQcow2(env, 'tgt2', q, { backing: null });
+    await qmp.execute('blockdev-mirror', { 'job-id': 'p', device: 'src', target: 'tgt2', sync: 'full', 'auto-finalize': false, [CARRY]: true });
+    await eventsUntil(env, 'BLOCK_JOB_READY', { device: 'p' });
+    await qmp.execute('job-complete', { id: 'p' });
+    await eventsUntil(env, 'BLOCK_JOB_PENDING', { id: 'p' });
+    await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: env.f('nbd.sock') } } });
+    await qmp.execute('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'src', bitmaps: ['a'], writable: true });
+    await io(env, 'src', 'write -P 0x34 4M 4k');
+    await qmp.execute('job-finalize', { id: 'p' });
+    const done = (await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'p', status: 'null' })).find((e) => e.event === 'BLOCK_JOB_COMPLETED');
+    assert.equal(done?.data?.error, "Cannot carry dirty bitmap 'a' of node 'src' to node 'tgt2': Bitmap 'a' is currently in use by another operation and cannot be used");
+    assert.deepEqual(await bitmaps(env, 'tgt2'), {});
+    // No pivot: the export still reads the source, and the source's bitmaps are all there.
+    assert.ok(!(await qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true })).some((n) => n.drv === 'mirror_top'));
+    assert.deepEqual(await shape(env, 'src'), before[0]);
+    await qmp.execute('block-export-del', { id: 'e' });
+    await eventsUntil(env, 'BLOCK_EXPORT_DELETED', { id: 'e' });
+
     // An inconsistent bitmap in the chain: its image's writer was killed while it had it in use.
     const bad = env.f('bad.qcow2');
     const badTgt = env.f('bad-tgt.qcow2');
@@ -258,5 +280,41 @@ test('carry-bitmaps refusals: a raw target and an inconsistent bitmap refuse job
     assert.deepEqual(await shape(env, 'badtgt'), [['good', 65536, true, true]]);
   } finally {
     await env.done();
+  }
+});
+
+test('carry-bitmaps with sync=top (drive-mirror, pivot): only the top layer\'s bitmaps go; the backing chain keeps its own', async () => {
+  const env = await setup('carry-top');
+  let stopped = false;
+  try {
+    const { top, base } = await makeChain(env);
+    const { qmp } = env.d;
+    await addQcow2(env, 'src', top);
+    await io(env, 'src', 'write -P 0x33 3M 4k');
+    // The guest: an export, which the pivot moves to the copy (and which keeps it open).
+    const sock = env.f('nbd.sock');
+    await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    await qmp.execute('block-export-add', { type: 'nbd', id: 'guest', 'node-name': 'src', name: 'vda', writable: true });
+    const copy = env.f('copy.qcow2');
+    await qmp.execute('drive-mirror', { 'job-id': 'd', device: 'src', target: copy, format: 'qcow2', sync: 'top', 'node-name': 'copy', [CARRY]: true });
+    await eventsUntil(env, 'BLOCK_JOB_READY', { device: 'd' });
+    await qmp.execute('job-complete', { id: 'd' });
+    await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'd', status: 'null' });
+    await qemuIoNbd(`nbd+unix:///vda?socket=${sock}`, ['write -P 0x77 7M 4k']);
+    assert.deepEqual(await shape(env, 'copy'), [
+      ['a', 65536, true, true],
+      ['b', 131072, true, false],
+    ]);
+    assert.equal(await env.d.stop(), 0, env.d.stderr());
+    stopped = true;
+    const a = await nbdDirtyRanges(copy, 'a');
+    assertCovers(a, [[1 * MiB, 65536], [3 * MiB, 4096], [7 * MiB, 4096]], 'a');
+    assert.ok(!rangesCover(a, 0, 65536), "the base's bitmap stays in the base");
+    assert.deepEqual(await nbdDirtyRanges(base, 'a'), [[0, 65536]]);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x77 7M 4k', top]);
+    await assertIdentical(top, copy);
+  } finally {
+    if (!stopped) await env.d.stop();
+    await fsp.rm(env.dir, { recursive: true, force: true });
   }
 });
