@@ -82,6 +82,13 @@ export class BlockGraph {
   private readonly drivers = new Map<string, BlockDriver>();
   private readonly nodes = new Map<string, BlockNode>();
   private autoNameCounter = 0;
+  /**
+   * Where each node stands in QEMU's list of nodes (graph_bdrv_states), which query-named-block-nodes
+   * shows newest first: a format node enters after its file but before its backing chain, because QEMU
+   * names a node between opening its file and opening its backing file.
+   */
+  private listOrder = new WeakMap<BlockNode, number>();
+  private listCounter = 0;
   /** Throttle groups (object-add throttle-group) that `throttle` nodes name. */
   readonly throttleGroups = new ThrottleGroups();
   /**
@@ -436,7 +443,8 @@ export class BlockGraph {
 
   /** All nodes in creation order (query-named-block-nodes lists newest first; callers reverse). */
   allNodes(): BlockNode[] {
-    return [...this.nodes.values()].filter((n) => !this.opening.has(n));
+    const order = (n: BlockNode) => this.listOrder.get(n) ?? 0;
+    return [...this.nodes.values()].filter((n) => !this.opening.has(n)).sort((a, b) => order(a) - order(b));
   }
 
   /**
@@ -506,9 +514,12 @@ export class BlockGraph {
       nodeName = this.generateNodeName();
     }
     const readOnly = (opts['read-only'] as boolean | undefined) ?? inheritedReadOnly;
+    let place: number | undefined;
+    const takePlace = () => (place ??= ++this.listCounter);
     const ctx: OpenContext = {
       graph: this,
       openChild: async (ref, childReadOnly, childName, role) => {
+        if (role === 'cow') takePlace();
         if (typeof ref === 'string') {
           const child = this.lookup(ref);
           checkNewChild(child, nodeName, childName, role, !readOnly);
@@ -528,6 +539,7 @@ export class BlockGraph {
       throw genericError(`Duplicate nodes with node-name='${nodeName}'`);
     }
     this.nodes.set(nodeName, node);
+    this.listOrder.set(node, takePlace());
     this.opening.add(node);
     opened.push(node);
     for (const hook of this.afterOpen) await hook(node);
@@ -544,6 +556,7 @@ export class BlockGraph {
     this.checkNotShuttingDown();
     if (this.nodes.has(node.nodeName)) throw genericError(`Duplicate nodes with node-name='${node.nodeName}'`);
     this.nodes.set(node.nodeName, node);
+    this.listOrder.set(node, ++this.listCounter);
   }
 
   /**

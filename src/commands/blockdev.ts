@@ -78,7 +78,8 @@ export async function blockDeviceInfo(core: Core, node: BlockNode, flat: boolean
     'iops_wr': 0,
     ro: node.readOnly,
     'node-name': node.nodeName,
-    'backing_file_depth': backingDepth(node),
+    // QEMU counts the backing images of the ImageInfo it builds, which flat leaves out: 0 when flat.
+    'backing_file_depth': flat ? 0 : backingDepth(node),
     drv: node.driver,
     iops: 0,
     'bps_wr': 0,

@@ -151,3 +151,31 @@ test('trace-event via HMP and QMP, with globs', async () => {
   }
   await fsp.rm(dir, { recursive: true, force: true });
 });
+
+test('query-named-block-nodes of a qcow2 backing chain with unaligned file sizes: same order, depth and sizes as qemu-storage-daemon', { skip: !haveQsd && 'qemu-storage-daemon not installed' }, async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-chain-'));
+  const base = path.join(dir, 'base.qcow2');
+  const top = path.join(dir, 'top.qcow2');
+  // A fresh qcow2 is 196616 bytes: not a multiple of 512, so its file node rounds up as QEMU's does.
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '16M']);
+  execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+  const replies = async (program: 'bitmirror' | 'qemu-storage-daemon') => {
+    const d = await spawnDaemon(path.join(dir, `${program}.sock`), [], program);
+    const out: unknown[] = [];
+    try {
+      await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: top } });
+      for (const flat of [true, false]) {
+        const nodes = await d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat });
+        // actual-size is the host's allocation, which the two daemons' writes may leave different.
+        out.push(mask(JSON.parse(JSON.stringify(nodes, (k, v: unknown) => (k === 'actual-size' ? undefined : v)))));
+      }
+    } finally {
+      assert.equal(await d.stop(), 0);
+    }
+    return out;
+  };
+  const theirs = await replies('qemu-storage-daemon');
+  const ours = await replies('bitmirror');
+  assert.deepEqual(ours, theirs);
+  await fsp.rm(dir, { recursive: true, force: true });
+});

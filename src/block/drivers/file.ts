@@ -262,8 +262,13 @@ export class FileNode extends BlockNode {
     return this.fh.fd;
   }
 
+  /**
+   * The length in whole 512-byte sectors, as QEMU's bdrv_getlength gives it (total_sectors): a file
+   * whose size is not a multiple of 512 reads as zeroes up to the next boundary, and its users (a format,
+   * an NBD export, query-named-block-nodes) see the rounded length as in QEMU.
+   */
   length(): number {
-    return this.size;
+    return Math.ceil(this.size / 512) * 512;
   }
 
   protected async doRead(offset: number, bytes: number): Promise<Buffer> {
@@ -325,7 +330,8 @@ export class FileNode extends BlockNode {
   }
 
   protected override async doMapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
-    if (!this.hostCopies()) return undefined;
+    // The rounded tail past the end of the file has no host bytes to copy: read (zeroes) instead.
+    if (!this.hostCopies() || offset >= this.size) return undefined;
     return { fd: this.fh.fd, offset, bytes: Math.min(bytes, this.size - offset) };
   }
 
@@ -346,6 +352,8 @@ export class FileNode extends BlockNode {
 
   protected override async doBlockStatus(offset: number, bytes: number): Promise<BlockStatus> {
     const n = nativeAddon();
+    // Past the end of the file (the rounded tail): a hole that reads as zeroes.
+    if (offset >= this.size) return { bytes: Math.min(bytes, this.length() - offset), zero: true, data: false, allocated: true };
     const end = Math.min(offset + bytes, this.size);
     const data = { bytes: end - offset, zero: false, data: true, allocated: true };
     if (!n || !this.canSeekHoles || !this.fileOptions.regular) return data;
@@ -481,7 +489,7 @@ export class FileNode extends BlockNode {
   }
 
   imageInfo(): ImageInfo {
-    return { filename: this.filename, format: 'file', 'virtual-size': this.size, 'dirty-flag': false };
+    return { filename: this.filename, format: 'file', 'virtual-size': this.length(), 'dirty-flag': false };
   }
 }
 
