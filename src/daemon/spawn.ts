@@ -43,6 +43,8 @@ export interface SpawnOptions {
    * command by a pipe on its standard input, so that it stops when the command dies, however it dies.
    */
   embedded?: boolean;
+  /** Run the daemon in this network namespace (`ip netns exec`; needs root), for tests across hosts. */
+  netns?: string;
 }
 
 /** Set in an embedded daemon's environment: it stops when its standard input ends (see SpawnOptions.embedded). */
@@ -60,6 +62,8 @@ export async function spawnDaemon(
     // An ignored signal stays ignored across exec, so the limit makes writes fail instead of killing.
     command = ['bash', '-c', 'trap "" XFSZ; exec prlimit --fsize="$0" -- "$@"', String(opts.maxFileSize), ...command];
   }
+  // ip netns exec execs the daemon itself: the child's pid stays the daemon's.
+  if (opts.netns !== undefined) command = ['ip', 'netns', 'exec', opts.netns, ...command];
   const proc = opts.embedded
     ? spawn(command[0], command.slice(1), { stdio: ['pipe', 'pipe', 'pipe'], detached: true, env: { ...process.env, [EMBEDDED_DAEMON_ENV]: '1' } })
     : spawn(command[0], command.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] });
