@@ -8,26 +8,34 @@
  * Prints "listening PORT" on stdout once it accepts connections (LISTEN_PORT 0 picks a free port).
  */
 import * as net from 'node:net';
+import { fileURLToPath } from 'node:url';
 
-const [listenHost, listenPort, targetHost, targetPort, delayMs] = process.argv.slice(2);
-const delay = Number(delayMs);
+/** Listen on `listenHost:listenPort` and relay each connection to `targetHost:targetPort`. */
+export function startRelay(listenHost: string, listenPort: number, targetHost: string, targetPort: number, delay: number): net.Server {
+  const server = net.createServer((client) => {
+    client.setNoDelay(true);
+    const upstream = net.connect({ host: targetHost, port: targetPort });
+    upstream.setNoDelay(true);
+    delayed(client, upstream, delay);
+    delayed(upstream, client, delay);
+  });
+  server.listen(listenPort, listenHost, () => {
+    const addr = server.address() as net.AddressInfo;
+    process.stdout.write(`listening ${addr.port}\n`);
+  });
+  return server;
+}
 
 /** Pass `from`'s data to `to`, each chunk `delay` ms after it arrived; the end too. */
-function delayed(from: net.Socket, to: net.Socket): void {
+function delayed(from: net.Socket, to: net.Socket, delay: number): void {
   from.on('data', (chunk: Buffer) => setTimeout(() => to.write(chunk), delay));
   from.on('end', () => setTimeout(() => to.end(), delay));
   from.on('error', () => to.destroy());
   from.on('close', () => setTimeout(() => to.destroy(), delay));
 }
 
-const server = net.createServer((client) => {
-  client.setNoDelay(true);
-  const upstream = net.connect({ host: targetHost, port: Number(targetPort) });
-  upstream.setNoDelay(true);
-  delayed(client, upstream);
-  delayed(upstream, client);
-});
-server.listen(Number(listenPort), listenHost, () => {
-  const addr = server.address() as net.AddressInfo;
-  process.stdout.write(`listening ${addr.port}\n`);
-});
+// Run as a program (the test runner also loads this file, without arguments: then it does nothing).
+const args = process.argv.slice(2);
+if (process.argv[1] === fileURLToPath(import.meta.url) && args.length === 5) {
+  startRelay(args[0], Number(args[1]), args[2], Number(args[3]), Number(args[4]));
+}
