@@ -15,7 +15,7 @@ import { CliError, EXIT_OK, EXIT_VERIFY, exitCodeForSignal, usageError } from '.
 import { Session, type ImageNodes, type NodeSummary, type BitmapSummary } from './session.js';
 import { chooseProgressMode, formatBytes, Progress } from './progress.js';
 import { runJob, type JobOutcome } from './job-runner.js';
-import { SignalWatch } from './signals.js';
+import { InterruptedError, SignalWatch } from './signals.js';
 import { verifyCopy, VERIFY_BITMAP, type VerifyResult } from './verify.js';
 
 export const COPY_USAGE = `Usage: bitmirror copy [options] SRC DST
@@ -311,8 +311,10 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     // Clean up: nodes this run opened, the daemon it started, a target file it created.
     if (session) await session.close().catch(() => undefined);
     if (createdFile !== undefined) await fsp.rm(createdFile, { force: true });
+    if (err instanceof InterruptedError || (signals.signal && !(err instanceof CliError))) {
+      throw new CliError(`cancelled: ${leftBehind(opts, outcome, createdFile)}`, exitCodeForSignal(signals.signal!));
+    }
     if (err instanceof CliError) throw err;
-    if (signals.signal) throw new CliError(`cancelled: ${leftBehind(opts, outcome, createdFile)}`, exitCodeForSignal(signals.signal));
     throw new CliError(errorMessage(err));
   } finally {
     signals.dispose();

@@ -239,3 +239,70 @@ test('copy: bad arguments exit 2 and change nothing', async () => {
     await cleanup();
   }
 });
+
+test('copy --shallow --sync-writes: only the top image, the copy gets the backing file; --verify through the chain', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-shallow-');
+  try {
+    const base = path.join(dir, 'base.qcow2');
+    const top = path.join(dir, 'top.qcow2');
+    const dst = path.join(dir, 'dst.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', base, String(16 * MiB)]);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x01 0 ${8 * MiB}`, base]);
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    await mustRun('qemu-img', ['bitmap', '--add', top, 'tb']);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x02 4M 1M', top]);
+    const r = await runCli(['copy', '--shallow', '--sync-writes', '--verify', top, dst]);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const result = jsonLines(r.stdout).pop()!;
+    // Only the top image's megabyte was copied; the rest is the backing file's.
+    assert.equal(result.bytes, MiB);
+    assert.deepEqual(result.verify, { identical: true, compared: 16 * MiB, skipped: 0 });
+    const info = JSON.parse(await mustRun('qemu-img', ['info', '--output=json', dst])) as Record<string, unknown>;
+    assert.equal(info['full-backing-filename'], base);
+    assert.equal(info['backing-filename-format'], 'qcow2');
+    await assertIdentical(top, dst);
+    await assertCheckClean(dst);
+    assert.deepEqual((await infoBitmaps(dst)).map((b) => b.name), ['tb']);
+  } finally {
+    await cleanup();
+  }
+});
+
+test('copy --bitmap: an incremental re-sync copies only the dirty clusters; interrupted, the bitmap keeps what is left', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-resync-');
+  try {
+    const { src } = await makeSource(dir);
+    const dst = path.join(dir, 'dst.qcow2');
+    // A copy without a switch, then a bitmap that records what changes after it.
+    const first = await runCli(['copy', '--no-pivot', src, dst]);
+    assert.equal(first.code, 0, first.stdout + first.stderr);
+    await mustRun('qemu-img', ['bitmap', '--add', src, 'resync']);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x44 2M 64k', '-c', 'write -P 0x45 9M 128k', src]);
+    const small = await runCli(['copy', '--reuse', '--bitmap', 'resync', src, dst]);
+    assert.equal(small.code, 0, small.stdout + small.stderr);
+    assert.equal(jsonLines(small.stdout).pop()!.bytes, 3 * 65536);
+    await assertIdentical(src, dst);
+
+    // 8 MiB changed; a throttled re-sync is interrupted after its first bytes.
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x46 0 ${8 * MiB}`, src]);
+    const c = startCli(['copy', '--reuse', '--bitmap', 'resync', '--speed', '1M', src, dst]);
+    await c.waitStdout(/"phase":"copy","done":[1-9]/);
+    c.proc.kill('SIGINT');
+    assert.equal(await c.exited, 130, c.stdout() + c.stderr());
+    assert.match(
+      c.stderr(),
+      /^bitmirror copy: cancelled: '.*src\.qcow2' is untouched; '.*dst\.qcow2' is an incomplete copy \([\d.]+ \S+ of 8\.0 MiB copied\), not usable as it is; bitmap 'resync' still marks what is left to copy: run the same command again to finish\n$/,
+    );
+    assert.ok(existsSync(dst), 'a reused copy stays');
+    // The same command finishes: less than the 8 MiB is left.
+    const rest = await runCli(['copy', '--reuse', '--bitmap', 'resync', src, dst]);
+    assert.equal(rest.code, 0, rest.stdout + rest.stderr);
+    const bytes = jsonLines(rest.stdout).pop()!.bytes as number;
+    assert.ok(bytes > 0 && bytes < 8 * MiB, `re-run copied ${bytes}`);
+    await assertIdentical(src, dst);
+    await assertCheckClean(src);
+    await assertCheckClean(dst);
+  } finally {
+    await cleanup();
+  }
+});
