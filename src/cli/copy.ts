@@ -10,6 +10,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
+import { parseArgs } from 'node:util';
 import { errorMessage } from '../errors.js';
 import { CliError, EXIT_OK, EXIT_VERIFY, exitCodeForSignal, usageError } from './exit-codes.js';
 import { Session, type ImageNodes, type NodeSummary, type BitmapSummary } from './session.js';
@@ -75,65 +76,50 @@ export function parseRate(text: string): number {
 }
 
 export function parseCopyArgs(argv: string[]): CopyOptions | 'help' {
-  const positional: string[] = [];
-  const o: CopyOptions = { src: '', dst: '', reuse: false, shallow: false, syncWrites: false, pivot: true, carryBitmaps: true, verify: false };
-  for (let i = 0; i < argv.length; i++) {
-    let arg = argv[i];
-    let inline: string | undefined;
-    const eq = arg.indexOf('=');
-    if (arg.startsWith('--') && eq > 0) {
-      inline = arg.slice(eq + 1);
-      arg = arg.slice(0, eq);
-    }
-    const value = (): string => {
-      const v = inline ?? argv[++i];
-      if (v === undefined) throw usageError(`option '${arg}' requires an argument`);
-      return v;
-    };
-    switch (arg) {
-      case '-h':
-      case '--help':
-        return 'help';
-      case '--qmp':
-        o.qmp = value();
-        break;
-      case '--reuse':
-        o.reuse = true;
-        break;
-      case '--node-name':
-        o.nodeName = value();
-        break;
-      case '--shallow':
-        o.shallow = true;
-        break;
-      case '--sync-writes':
-        o.syncWrites = true;
-        break;
-      case '--speed':
-        o.speed = parseRate(value());
-        break;
-      case '--bitmap':
-        o.bitmap = value();
-        break;
-      case '--no-pivot':
-        o.pivot = false;
-        break;
-      case '--no-bitmaps':
-        o.carryBitmaps = false;
-        break;
-      case '--verify':
-        o.verify = true;
-        break;
-      case '--progress':
-        o.progress = value();
-        break;
-      default:
-        if (arg.startsWith('-') && arg !== '-') throw usageError(`unrecognized option '${argv[i]}'`);
-        positional.push(arg);
-    }
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args: argv,
+      allowPositionals: true,
+      strict: true,
+      options: {
+        help: { type: 'boolean', short: 'h' },
+        qmp: { type: 'string' },
+        reuse: { type: 'boolean' },
+        'node-name': { type: 'string' },
+        shallow: { type: 'boolean' },
+        'sync-writes': { type: 'boolean' },
+        speed: { type: 'string' },
+        bitmap: { type: 'string' },
+        'no-pivot': { type: 'boolean' },
+        'no-bitmaps': { type: 'boolean' },
+        verify: { type: 'boolean' },
+        progress: { type: 'string' },
+      },
+    });
+  } catch (err) {
+    // node's messages ("Unknown option '--x'", "Option '--speed <value>' argument missing"), first line.
+    throw usageError(errorMessage(err).split('\n')[0].split('. To specify')[0]);
   }
+  const v = parsed.values;
+  if (v.help) return 'help';
+  const positional = parsed.positionals;
   if (positional.length !== 2) throw usageError(`expected SRC and DST, got ${positional.length} argument${positional.length === 1 ? '' : 's'}`);
-  [o.src, o.dst] = positional;
+  const o: CopyOptions = {
+    src: positional[0],
+    dst: positional[1],
+    qmp: v.qmp,
+    reuse: v.reuse ?? false,
+    nodeName: v['node-name'],
+    shallow: v.shallow ?? false,
+    syncWrites: v['sync-writes'] ?? false,
+    speed: v.speed === undefined ? undefined : parseRate(v.speed),
+    bitmap: v.bitmap,
+    pivot: !(v['no-pivot'] ?? false),
+    carryBitmaps: !(v['no-bitmaps'] ?? false),
+    verify: v.verify ?? false,
+    progress: v.progress,
+  };
   if (o.bitmap !== undefined && o.shallow) throw usageError('--bitmap and --shallow cannot be combined (a working bitmap needs a full copy)');
   if (o.nodeName !== undefined && o.qmp === undefined) throw usageError('--node-name needs --qmp');
   return o;
