@@ -1,8 +1,20 @@
 /** Seeded randomness, so that a failing test can be replayed with its seed. */
 
-/** xorshift32: a small seeded generator so failures can be replayed. */
+/**
+ * splitmix32's finaliser: spreads a seed over all 32 bits, so that neighbouring seeds (a test's
+ * seed0, seed0 + 1, …) start xorshift32 from unrelated states. Unscrambled, xorshift32's first
+ * outputs for seeds n and n+1 are nearly equal (its first step is almost linear in small seeds).
+ */
+function scramble(seed: number): number {
+  let z = (seed + 0x9e3779b9) >>> 0;
+  z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
+  z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
+  return (z ^ (z >>> 16)) >>> 0;
+}
+
+/** xorshift32 from a scrambled seed: a small seeded generator so failures can be replayed. */
 export function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
+  let s = scramble(seed >>> 0) || 1;
   return () => {
     s ^= s << 13;
     s >>>= 0;
