@@ -4,8 +4,8 @@
  * random moment. The next open by bitmirror must bring every persistent bitmap back consistent, and
  * once stored (clean close) QEMU's qemu-nbd must export it covering every byte that differs from a
  * copy of the disk taken at the bitmap's last clear (read through the daemon's NBD export with no
- * request in flight); qemu-img check finds no corruption. Several layouts (cluster sizes,
- * granularities). Seeds are printed; BM_BITMAP_CRASH_SEED replays one, BM_BITMAP_CRASH_ROUNDS sets
+ * request in flight); qemu-img check finds no corruption. Several layouts (qcow2 cluster sizes,
+ * granularities; raw with its bitmaps in a sidecar, exported by bitmirror itself). Seeds are printed; BM_BITMAP_CRASH_SEED replays one, BM_BITMAP_CRASH_ROUNDS sets
  * the number of rounds (default: one per layout; BM_SOAK=1: 1000).
  */
 import { test } from 'node:test';
@@ -13,7 +13,7 @@ import { strict as assert } from 'node:assert';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { startDaemon } from '../support/daemon.js';
-import { mustRun, nbdDirtyRanges, run, tempDir } from '../support/tools.js';
+import { mustRun, nbdDirtyRanges, nbdDirtyRangesAt, run, tempDir } from '../support/tools.js';
 import { rng } from '../support/random.js';
 import { KiB, MiB } from '../../src/base/sizes.js';
 import type { SpawnedDaemon } from '../../src/daemon/spawn.js';
@@ -23,14 +23,26 @@ const SIZE = 64 * MiB;
 const haveQemu = ['/usr/bin/qemu-img', '/usr/bin/qemu-io', '/usr/bin/qemu-nbd', '/usr/bin/nbdinfo'].every((p) => existsSync(p));
 const skip = haveQemu ? false : 'qemu-img, qemu-io, qemu-nbd or nbdinfo not installed';
 
-const LAYOUTS: Array<{ cluster: number; bitmaps: Array<[string, number]> }> = [
-  { cluster: 64 * KiB, bitmaps: [['b0', 64 * KiB], ['b1', 4 * KiB]] },
-  { cluster: 4 * KiB, bitmaps: [['b0', 512], ['b1', 1 * MiB]] },
-  { cluster: 2 * MiB, bitmaps: [['b0', 64 * KiB], ['b1', 2 * MiB]] },
+/** qcow2 with a cluster size, or raw with its bitmaps in a sidecar (block/drivers/raw-sidecar.ts). */
+interface Layout {
+  format: 'qcow2' | 'raw';
+  cluster: number;
+  bitmaps: Array<[string, number]>;
+}
+const LAYOUTS: Layout[] = [
+  { format: 'qcow2', cluster: 64 * KiB, bitmaps: [['b0', 64 * KiB], ['b1', 4 * KiB]] },
+  { format: 'qcow2', cluster: 4 * KiB, bitmaps: [['b0', 512], ['b1', 1 * MiB]] },
+  { format: 'qcow2', cluster: 2 * MiB, bitmaps: [['b0', 64 * KiB], ['b1', 2 * MiB]] },
+  { format: 'raw', cluster: 0, bitmaps: [['b0', 4 * KiB], ['b1', 1 * MiB]] },
 ];
+const label = (l: Layout): string => (l.format === 'raw' ? 'raw + sidecar' : `qcow2, cluster ${l.cluster}`);
 
-function daemonArgs(img: string): string[] {
-  return ['--blockdev', `driver=file,filename=${img},node-name=f,discard=unmap`, '--blockdev', 'driver=qcow2,file=f,node-name=q,discard=unmap'];
+function daemonArgs(img: string, layout: Layout): string[] {
+  const file = ['--blockdev', `driver=file,filename=${img},node-name=f,discard=unmap`];
+  if (layout.format === 'raw') {
+    return [...file, '--blockdev', JSON.stringify({ driver: 'raw', 'node-name': 'q', file: 'f', '__org.bitmirror_bitmaps': { driver: 'file', filename: `${img}.bitmaps` } })];
+  }
+  return [...file, '--blockdev', 'driver=qcow2,file=f,node-name=q,discard=unmap'];
 }
 
 /** The disk's guest contents as the daemon serves them over NBD (no request may be in flight). */
@@ -44,18 +56,27 @@ async function guestCopy(d: SpawnedDaemon, dir: string, out: string): Promise<Bu
 async function oneRound(dir: string, round: number, seed: number): Promise<string> {
   const rand = rng(seed);
   const layout = LAYOUTS[round % LAYOUTS.length];
-  const img = path.join(dir, `r${round}.qcow2`);
-  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${layout.cluster}`, img, String(SIZE)]);
-  await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xee 0 1M', '-c', `write -P 0xef ${SIZE / 2 - 100} 300k`, img]);
-  for (const [name, g] of layout.bitmaps) await mustRun('qemu-img', ['bitmap', '--add', '-g', String(g), img, name]);
+  const img = path.join(dir, `r${round}.img`);
+  const fmt = layout.format;
+  await mustRun('qemu-img', ['create', '-q', '-f', fmt, ...(fmt === 'qcow2' ? ['-o', `cluster_size=${layout.cluster}`] : []), img, String(SIZE)]);
+  await mustRun('qemu-io', ['-f', fmt, '-c', 'write -P 0xee 0 1M', '-c', `write -P 0xef ${SIZE / 2 - 100} 300k`, img]);
+  if (fmt === 'qcow2') {
+    for (const [name, g] of layout.bitmaps) await mustRun('qemu-img', ['bitmap', '--add', '-g', String(g), img, name]);
+  } else {
+    // A raw image's bitmaps start in a sidecar stored by a clean close.
+    await fsp.writeFile(`${img}.bitmaps`, '');
+    const d0 = await startDaemon(path.join(dir, `r${round}0.sock`), daemonArgs(img, layout));
+    for (const [name, g] of layout.bitmaps) await d0.qmp.execute('block-dirty-bitmap-add', { node: 'q', name, granularity: g, persistent: true });
+    assert.equal(await d0.stop(), 0, d0.stderr());
+  }
   const start = path.join(dir, `r${round}.start.raw`);
-  await mustRun('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, start]);
+  await mustRun('qemu-img', ['convert', '-f', fmt, '-O', 'raw', img, start]);
   const initial = await fsp.readFile(start);
   await fsp.rm(start);
   /** Each bitmap's reference: the disk at its last clear. */
   const reference = new Map<string, Buffer>(layout.bitmaps.map(([name]) => [name, initial]));
 
-  const d = await startDaemon(path.join(dir, `r${round}.sock`), daemonArgs(img));
+  const d = await startDaemon(path.join(dir, `r${round}.sock`), daemonArgs(img, layout));
   await d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: path.join(dir, 'nbd.sock') } } });
   await d.qmp.execute('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'q', writable: false });
   let killed = false;
@@ -117,23 +138,34 @@ async function oneRound(dir: string, round: number, seed: number): Promise<strin
   await Promise.all(all);
 
   // The next open brings every bitmap back consistent; a clean close stores them for QEMU.
-  const d2 = await startDaemon(path.join(dir, `r${round}b.sock`), daemonArgs(img));
+  const d2 = await startDaemon(path.join(dir, `r${round}b.sock`), daemonArgs(img, layout));
   const nodes = await d2.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
   const bms = (nodes.find((n) => n['node-name'] === 'q')!['dirty-bitmaps'] as Array<Record<string, unknown>>) ?? [];
   assert.deepEqual(bms.map((b) => b.name).sort(), [...names].sort(), `seed ${seed}`);
   for (const b of bms) assert.equal(b.inconsistent, undefined, `seed ${seed}: ${JSON.stringify(b)}`);
   assert.equal(await d2.stop(), 0, `seed ${seed}: ${d2.stderr()}`);
-  const check = await run('qemu-img', ['check', img]);
-  // A killed session may leak clusters (exit 3); anything else is corruption.
-  assert.ok(check.code === 0 || check.code === 3, `seed ${seed}: qemu-img check exited ${check.code}\n${check.stdout}${check.stderr}`);
+  if (fmt === 'qcow2') {
+    const check = await run('qemu-img', ['check', img]);
+    // A killed session may leak clusters (exit 3); anything else is corruption.
+    assert.ok(check.code === 0 || check.code === 3, `seed ${seed}: qemu-img check exited ${check.code}\n${check.stdout}${check.stderr}`);
+  }
 
   const fin = path.join(dir, `r${round}.final.raw`);
-  await mustRun('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, fin]);
+  await mustRun('qemu-img', ['convert', '-f', fmt, '-O', 'raw', img, fin]);
   const now = await fsp.readFile(fin);
   await fsp.rm(fin);
+  // The stored bitmaps as exported: by QEMU's qemu-nbd for qcow2, by bitmirror for a raw sidecar
+  // (QEMU knows no sidecar).
+  const exported = fmt === 'qcow2' ? undefined : await startDaemon(path.join(dir, `r${round}c.sock`), daemonArgs(img, layout));
+  const nbdSock = path.join(dir, `r${round}c.nbd`);
+  if (exported) {
+    for (const name of names) await exported.qmp.execute('block-dirty-bitmap-disable', { node: 'q', name });
+    await exported.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbdSock } } });
+    await exported.qmp.execute('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'q', writable: false, bitmaps: names });
+  }
   let differing = 0;
   for (const [name, g] of layout.bitmaps) {
-    const dirty = await nbdDirtyRanges(img, name);
+    const dirty = exported ? await nbdDirtyRangesAt(`nbd+unix:///q?socket=${nbdSock}`, name) : await nbdDirtyRanges(img, name);
     const ref = reference.get(name)!;
     const covered = (p: number) => dirty.some(([s, l]) => s <= p && p < s + l);
     // 512-byte chunks never straddle a granule (granularity >= 512).
@@ -143,8 +175,10 @@ async function oneRound(dir: string, round: number, seed: number): Promise<strin
       assert.ok(covered(p), `seed ${seed}: bitmap ${name} (granularity ${g}) misses changed bytes at ${p}; dirty ${JSON.stringify(dirty)}`);
     }
   }
+  if (exported) assert.equal(await exported.stop(), 0, exported.stderr());
   await fsp.rm(img);
-  return `cluster ${layout.cluster}: seed ${seed}, ${ops} requests, ${differing} changed 512-byte chunks covered`;
+  await fsp.rm(`${img}.bitmaps`, { force: true });
+  return `${label(layout)}: seed ${seed}, ${ops} requests, ${differing} changed 512-byte chunks covered`;
 }
 
 test('persistent bitmaps survive SIGKILL: consistent, covering every change since their last clear', { skip, timeout: 3_600_000 }, async (t) => {

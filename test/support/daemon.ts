@@ -97,7 +97,7 @@ export async function query<T = Record<string, unknown>>(env: Env, id: string): 
 }
 
 /** The bitmaps of a node, by name (anonymous ones under ''), from query-named-block-nodes. */
-export async function bitmaps(env: Env, node: string): Promise<Record<string, Record<string, unknown>>> {
+export async function bitmaps(env: Pick<Env, 'd'>, node: string): Promise<Record<string, Record<string, unknown>>> {
   const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
   const n = nodes.find((x) => x['node-name'] === node);
   const out: Record<string, Record<string, unknown>> = {};

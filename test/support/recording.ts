@@ -10,10 +10,11 @@ import { BlockNode, type BdrvChild, type NodeCapabilities, type WriteFlags } fro
 import { defaultChildPermissions, type Permissions } from '../../src/block/permissions.js';
 import type { BlockDriver } from '../../src/block/graph.js';
 
+/** `file`: the file under the recording node (several recording nodes may log, e.g. an image and its sidecar). */
 export type LogEvent =
-  | { kind: 'write'; id: number; offset: number; data: Buffer; phase: 'start' | 'end' }
-  | { kind: 'truncate'; size: number }
-  | { kind: 'flush'; id: number; phase: 'start' | 'end' };
+  | { kind: 'write'; file: string; id: number; offset: number; data: Buffer; phase: 'start' | 'end' }
+  | { kind: 'truncate'; file: string; size: number }
+  | { kind: 'flush'; file: string; id: number; phase: 'start' | 'end' };
 
 /** The log every recording node of the process appends to (tests run one scenario at a time). */
 export const recordingLog: LogEvent[] = [];
@@ -31,26 +32,39 @@ class RecordingNode extends BlockNode {
   private get file(): BlockNode {
     return this.child('file')!.node;
   }
+  private get target(): string {
+    return this.file.imageInfo().filename;
+  }
   length(): number {
     return this.file.length();
   }
   override capabilities(): NodeCapabilities {
     return this.file.capabilities();
   }
-  // A growable file grows when qcow2 writes past its end (as blkdebug does it).
+  // A growable file grows when qcow2 writes past its end (as blkdebug does it). One growth at a time,
+  // and only ever growing: two concurrent writes past the end that both saw the old length would
+  // otherwise truncate in either order, the later shrinking the file under the other's data.
+  private growing: Promise<void> = Promise.resolve();
+  private growTo(end: number): Promise<void> {
+    const run = this.growing.then(async () => {
+      if (end > this.length()) await this.truncate(end);
+    });
+    this.growing = run.catch(() => undefined);
+    return run;
+  }
   override async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
-    if (offset + data.length > this.length()) await this.truncate(offset + data.length);
+    if (offset + data.length > this.length()) await this.growTo(offset + data.length);
     return super.write(offset, data, flags);
   }
   override async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
-    if (offset + bytes > this.length()) await this.truncate(offset + bytes);
+    if (offset + bytes > this.length()) await this.growTo(offset + bytes);
     return super.writeZeroes(offset, bytes, flags);
   }
   private async logged(offset: number, data: Buffer, io: () => Promise<void>): Promise<void> {
     const id = nextId++;
-    recordingLog.push({ kind: 'write', id, offset, data: Buffer.from(data), phase: 'start' });
+    recordingLog.push({ kind: 'write', file: this.target, id, offset, data: Buffer.from(data), phase: 'start' });
     await io();
-    recordingLog.push({ kind: 'write', id, offset, data, phase: 'end' });
+    recordingLog.push({ kind: 'write', file: this.target, id, offset, data, phase: 'end' });
   }
   protected doRead(offset: number, bytes: number): Promise<Buffer> {
     return this.file.read(offset, bytes);
@@ -67,13 +81,13 @@ class RecordingNode extends BlockNode {
   }
   protected async doFlush(): Promise<void> {
     const id = nextId++;
-    recordingLog.push({ kind: 'flush', id, phase: 'start' });
+    recordingLog.push({ kind: 'flush', file: this.target, id, phase: 'start' });
     await this.file.flush();
-    recordingLog.push({ kind: 'flush', id, phase: 'end' });
+    recordingLog.push({ kind: 'flush', file: this.target, id, phase: 'end' });
   }
   protected override async doTruncate(size: number, exact: boolean): Promise<void> {
     await this.file.truncate(size, exact);
-    recordingLog.push({ kind: 'truncate', size });
+    recordingLog.push({ kind: 'truncate', file: this.target, size });
   }
   imageInfo() {
     return { ...this.file.imageInfo() };
@@ -89,13 +103,17 @@ export const recordingDriver: BlockDriver = {
   },
 };
 
+/** The events of `log` before `cut` on `file` (all files when undefined). */
+function eventsBefore(log: LogEvent[], cut: number, file: string | undefined): LogEvent[] {
+  return log.slice(0, cut).filter((e) => file === undefined || e.file === file);
+}
+
 /** The writes of `log` that had ended by the time each flush that had also ended before `cut` started. */
-function durableWrites(log: LogEvent[], cut: number): Set<number> {
+function durableWrites(events: LogEvent[]): Set<number> {
   const ended = new Set<number>();
   const durable = new Set<number>();
   const flushStartEnded = new Map<number, Set<number>>();
-  for (let i = 0; i < cut; i++) {
-    const e = log[i];
+  for (const e of events) {
     if (e.kind === 'write' && e.phase === 'end') ended.add(e.id);
     if (e.kind === 'flush' && e.phase === 'start') flushStartEnded.set(e.id, new Set(ended));
     if (e.kind === 'flush' && e.phase === 'end') for (const id of flushStartEnded.get(e.id) ?? []) durable.add(id);
@@ -104,37 +122,36 @@ function durableWrites(log: LogEvent[], cut: number): Set<number> {
 }
 
 /**
- * The writes a power cut after `cut` events of `log` may or may not have kept: those that had started
- * but that no completed flush covers, in the order they started.
+ * The writes (to `file`, when several are logged) a power cut after `cut` events of `log` may or may
+ * not have kept: those that had started but that no completed flush covers, in the order they started.
  */
-export function pendingWrites(log: LogEvent[], cut: number): number[] {
-  const durable = durableWrites(log, cut);
+export function pendingWrites(log: LogEvent[], cut: number, file?: string): number[] {
+  const events = eventsBefore(log, cut, file);
+  const durable = durableWrites(events);
   const out: number[] = [];
-  for (let i = 0; i < cut; i++) {
-    const e = log[i];
+  for (const e of events) {
     if (e.kind === 'write' && e.phase === 'start' && !durable.has(e.id)) out.push(e.id);
   }
   return out;
 }
 
 /**
- * The file a power cut after `cut` events of `log` leaves, starting from `initial`: every write that
- * ended before a flush that started and ended before the cut, and each other write that started
- * before the cut when `kept(id)` says so (e.g. at random, or one subset of pendingWrites), applied in
- * the order they started.
+ * The file (`file`, when several are logged) a power cut after `cut` events of `log` leaves, starting
+ * from `initial`: every write that ended before a flush (of that file) that started and ended before
+ * the cut, and each other write that started before the cut when `kept(id)` says so (e.g. at random,
+ * or one subset of pendingWrites), applied in the order they started.
  */
-export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, kept: (writeId: number) => boolean): Buffer {
-  const durable = durableWrites(log, cut);
+export function rebuildAfterCut(initial: Buffer, log: LogEvent[], cut: number, kept: (writeId: number) => boolean, file?: string): Buffer {
+  const events = eventsBefore(log, cut, file);
+  const durable = durableWrites(events);
   let size = initial.length;
-  for (let i = 0; i < cut; i++) {
-    const e = log[i];
+  for (const e of events) {
     if (e.kind === 'write' && e.phase === 'start') size = Math.max(size, e.offset + e.data.length);
     if (e.kind === 'truncate') size = e.size;
   }
   const out = Buffer.alloc(size);
   initial.copy(out, 0, 0, Math.min(size, initial.length));
-  for (let i = 0; i < cut; i++) {
-    const e = log[i];
+  for (const e of events) {
     if (e.kind !== 'write' || e.phase !== 'start') continue;
     if (durable.has(e.id) || kept(e.id)) e.data.copy(out, e.offset, 0, Math.max(0, Math.min(e.data.length, size - e.offset)));
   }

@@ -35,7 +35,16 @@ export async function tempDir(prefix = 'bm-test-'): Promise<{ dir: string; clean
 
 /** Dirty extents of a bitmap as qemu-nbd exports it: [offset, length] pairs, merged. */
 export async function nbdDirtyRanges(img: string, name: string): Promise<Array<[number, number]>> {
-  const out = await mustRun('nbdinfo', [`--map=qemu:dirty-bitmap:${name}`, '--json', '--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', name, img, ']']);
+  return nbdinfoDirtyRanges(['--', '[', 'qemu-nbd', '-r', '-f', 'qcow2', '-B', name, img, ']'], name);
+}
+
+/** Dirty extents of a bitmap an NBD server (at `uri`) exports, as nbdinfo maps them: [offset, length] pairs, merged. */
+export async function nbdDirtyRangesAt(uri: string, name: string): Promise<Array<[number, number]>> {
+  return nbdinfoDirtyRanges([uri], name);
+}
+
+async function nbdinfoDirtyRanges(server: string[], name: string): Promise<Array<[number, number]>> {
+  const out = await mustRun('nbdinfo', [`--map=qemu:dirty-bitmap:${name}`, '--json', ...server]);
   const ranges: Array<[number, number]> = [];
   for (const e of JSON.parse(out) as Array<{ offset: number; length: number; type: number }>) {
     if (!(e.type & 1)) continue;

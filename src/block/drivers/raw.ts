@@ -85,7 +85,7 @@ export const BlockdevRef = alternate('BlockdevRef', { kind: 'str' }, { kind: 'an
 export const rawDriver: BlockDriver = {
   name: 'raw',
   // QAPI's types are 'int'; the driver reads them as sizes (QemuOpts), which refuses negatives.
-  options: { file: BlockdevRef, '*offset': int, '*size': int },
+  options: { file: BlockdevRef, '*offset': int, '*size': int, '*__org.bitmirror_bitmaps': BlockdevRef },
   async open(nodeName, opts, ctx) {
     const offset = qemuOptSize(opts, 'offset') ?? 0;
     const sz = qemuOptSize(opts, 'size');
@@ -93,6 +93,13 @@ export const rawDriver: BlockDriver = {
     if (offset > file.length()) throw genericError('The sum of offset (' + offset + ') and size (0) has to be smaller or equal to the  actual size of the containing file (' + file.length() + ')');
     if (sz !== undefined && offset + sz > file.length()) {
       throw genericError(`The sum of offset (${offset}) and size (${sz}) has to be smaller or equal to the  actual size of the containing file (${file.length()})`);
+    }
+    if (opts['__org.bitmirror_bitmaps'] !== undefined) {
+      // Persistent bitmaps in a sidecar (raw-sidecar.ts, which extends RawNode: imported here, when
+      // asked for, so that the two modules do not import each other at load time).
+      const sidecar = await ctx.openChild(opts['__org.bitmirror_bitmaps'], opts['read-only'] as boolean, 'bitmaps', 'image');
+      const { openRawSidecarNode } = await import('./raw-sidecar.js');
+      return openRawSidecarNode(nodeName, opts['read-only'] as boolean, file, offset, sz, sidecar);
     }
     return new RawNode(nodeName, opts['read-only'] as boolean, file, offset, sz);
   },

@@ -60,10 +60,9 @@ import {
   encodeWriteIntent,
   EXT_WRITE_INTENT,
   HEADER_SLACK,
-  markedRanges,
-  WriteIntentRecord,
   type DecodedWriteIntent,
 } from './write-intent.js';
+import { markedRanges, setSerializedBits, WriteIntentRecord } from '../../write-intent.js';
 
 /** Guest clusters [gStart, gEnd) getting new host clusters whose L2 entries are not linked yet. */
 interface InFlightAllocation {
@@ -1316,14 +1315,6 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.writeHeader();
     this.markedDirty = false;
   }
-}
-
-/** Set the bits of serialized bitmap `data` (granularity `granularity`) covering [start, start+bytes). */
-function setSerializedBits(data: Buffer, start: number, bytes: number, granularity: number): void {
-  const nbits = data.length * 8;
-  const first = Math.floor(start / granularity);
-  const last = Math.min(nbits - 1, Math.floor((start + bytes - 1) / granularity));
-  for (let i = first; i <= last; i++) data[i >> 3] |= 1 << (i & 7);
 }
 
 /** Where the data of header extension `type` is in a serialised first cluster. */

@@ -1,6 +1,7 @@
 /**
- * Write-intent record for persistent dirty bitmaps in qcow2 (issue 14; the idea of Linux md's
- * write-intent bitmap): what lets bitmaps that were in use when the daemon died come back usable.
+ * Write-intent record for persistent dirty bitmaps in qcow2 (issue 14; the shared part, regions and
+ * the live record, is block/write-intent.ts): what lets bitmaps that were in use when the daemon died
+ * come back usable.
  *
  * Where it lives. Inside the image's first cluster, as a header extension of our own (magic
  * EXT_WRITE_INTENT) vouched for by an autoclear bit of our own (AUTOCLEAR_WRITE_INTENT). QEMU keeps
@@ -53,28 +54,22 @@
  * stored bits hold everything up to the session's open, and every write since then was inside a
  * region made durable before the write reached the disk.
  */
+import { MAX_REGION_BITMAP_BYTES, regionLayout, type WriteIntentBits, type WriteIntentLayout } from '../../write-intent.js';
+
 export const EXT_WRITE_INTENT = 0x62697477; // 'bitw'
 /** Autoclear bit 48: any writer that does not know it clears it (formats.md, autoclear features). */
 export const AUTOCLEAR_WRITE_INTENT = 1n << 48n;
 
 const VERSION = 1;
 const FIXED_BYTES = 16;
-const MIN_REGION_BITS = 22;
-const MAX_BITMAP_BYTES = 4096;
 /** Room left in the first cluster for what QEMU may write there beyond our own serialisation. */
 export const HEADER_SLACK = 512;
 /** More covered bitmaps than this: no record (their table offsets would crowd the first cluster). */
 const MAX_COVERED = 64;
 
-export interface WriteIntentLayout {
-  regionBits: number;
-  nbRegions: number;
-}
-
-export interface DecodedWriteIntent extends WriteIntentLayout {
+/** The extension's data decoded; `bits` is a view into it. */
+export interface DecodedWriteIntent extends WriteIntentBits {
   covered: number[];
-  /** The region bitmap (a view into the extension's data). */
-  bits: Buffer;
 }
 
 /** The extension's data, or undefined when it is not a record we wrote (wrong version or sizes). */
@@ -110,80 +105,8 @@ export function encodeWriteIntent(layout: WriteIntentLayout, covered: number[], 
  */
 export function chooseWriteIntentLayout(virtualSize: number, roomBytes: number, nbCovered: number): WriteIntentLayout | undefined {
   if (nbCovered > MAX_COVERED) return undefined;
-  const bitmapBytes = Math.min(MAX_BITMAP_BYTES, Math.floor((roomBytes - FIXED_BYTES - 8 * nbCovered) / 8) * 8);
+  const bitmapBytes = Math.min(MAX_REGION_BITMAP_BYTES, Math.floor((roomBytes - FIXED_BYTES - 8 * nbCovered) / 8) * 8);
   if (bitmapBytes < 8) return undefined;
-  let regionBits = MIN_REGION_BITS;
-  while (Math.ceil(Math.max(1, virtualSize) / 2 ** regionBits) > bitmapBytes * 8) regionBits++;
-  return { regionBits, nbRegions: Math.max(1, Math.ceil(virtualSize / 2 ** regionBits)) };
+  return regionLayout(virtualSize, bitmapBytes);
 }
 
-/** The guest byte ranges of the marked regions of a disk of `size` bytes. */
-export function markedRanges(rec: DecodedWriteIntent, size: number): Array<[number, number]> {
-  const out: Array<[number, number]> = [];
-  const regionSize = 2 ** rec.regionBits;
-  for (let i = 0; i < rec.nbRegions; i++) {
-    if (!(rec.bits[i >> 3] & (1 << (i & 7)))) continue;
-    const start = i * regionSize;
-    const end = i === rec.nbRegions - 1 ? size : Math.min(size, start + regionSize);
-    if (end > start) out.push([start, end - start]);
-  }
-  return out;
-}
-
-/**
- * The live record of an open image: which regions are dirty in memory (`bits`, the extension's
- * data the header is serialised from) and which of them are known durable. `persist` writes the
- * extension as it is in memory and flushes.
- */
-export class WriteIntentRecord {
-  private readonly durable: Buffer;
-  private inFlight?: Promise<void>;
-
-  constructor(
-    private readonly layout: WriteIntentLayout,
-    private readonly bits: Buffer,
-    private readonly persist: () => Promise<void>,
-  ) {
-    // What the record holds at arming time has just been written and flushed.
-    this.durable = Buffer.from(bits);
-  }
-
-  private regions(offset: number, bytes: number): [number, number] {
-    const last = this.layout.nbRegions - 1;
-    const first = Math.min(last, Math.floor(offset / 2 ** this.layout.regionBits));
-    const end = Math.min(last, Math.floor((offset + Math.max(bytes, 1) - 1) / 2 ** this.layout.regionBits));
-    return [first, end];
-  }
-
-  private allDurable(first: number, last: number): boolean {
-    for (let i = first; i <= last; i++) if (!(this.durable[i >> 3] & (1 << (i & 7)))) return false;
-    return true;
-  }
-
-  /**
-   * Make the regions of [offset, offset+bytes) dirty on disk. Undefined (no wait) when they already
-   * are; otherwise a promise that settles once a flushed write of the record includes them.
-   */
-  mark(offset: number, bytes: number): Promise<void> | undefined {
-    const [first, last] = this.regions(offset, bytes);
-    if (this.allDurable(first, last)) return undefined;
-    for (let i = first; i <= last; i++) this.bits[i >> 3] |= 1 << (i & 7);
-    return this.waitDurable(first, last);
-  }
-
-  private async waitDurable(first: number, last: number): Promise<void> {
-    while (!this.allDurable(first, last)) {
-      // One write at a time; whoever finds none running starts the next, covering every bit set
-      // by then: the writers that queued behind the running one share it.
-      if (!this.inFlight) {
-        const snapshot = Buffer.from(this.bits);
-        this.inFlight = this.persist()
-          .then(() => {
-            for (let i = 0; i < snapshot.length; i++) this.durable[i] |= snapshot[i];
-          })
-          .finally(() => (this.inFlight = undefined));
-      }
-      await this.inFlight;
-    }
-  }
-}
