@@ -282,6 +282,7 @@ export class BlockGraph {
     if (opts.driver !== node.driver) throw cannot('driver');
     const readOnly = (opts['read-only'] as boolean | undefined) ?? false;
     if (((opts['force-share'] as boolean | undefined) ?? false) !== node.forceShare) throw genericError('Cannot change force-share option');
+    checkDetectZeroes(opts);
     // cache.direct and cache.no-flush would need the file's descriptor reopened: not done yet.
     if ((node.driver === 'file' || node.driver === 'host_device') && JSON.stringify(opts.cache ?? {}) !== JSON.stringify(old.cache ?? {})) {
       const c = (opts.cache ?? {}) as Record<string, unknown>;
@@ -531,6 +532,13 @@ export class BlockGraph {
       },
     };
     const node = await driver.open(nodeName, { ...opts, 'read-only': readOnly }, ctx);
+    try {
+      // After the children opened, as QEMU (bdrv_open_common runs once `file` is open).
+      checkDetectZeroes(opts);
+    } catch (err) {
+      await node.close();
+      throw err;
+    }
     node.openOptions = opts;
     node.forceShare = opts['force-share'] === true;
     // A name may have been taken while the driver awaited I/O.
@@ -686,5 +694,12 @@ export class BlockGraph {
 
   private checkNotShuttingDown(): void {
     if (this.shuttingDown) throw genericError('The daemon is shutting down');
+  }
+}
+
+/** QEMU's bdrv_parse_detect_zeroes: unmapping zeroes needs discard=unmap on the same node. */
+function checkDetectZeroes(opts: Record<string, unknown>): void {
+  if (opts['detect-zeroes'] === 'unmap' && opts.discard !== 'unmap') {
+    throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
   }
 }
