@@ -195,3 +195,39 @@ test('carry refusals change nothing: raw destination, inconsistent bitmap, incom
     await cleanup();
   }
 });
+
+test('carry onto a layer of the chain (what a commit does): the base keeps its own bitmaps and gets the upper layers\' merged in', async () => {
+  const { dir, cleanup } = await tempDir('bm-carry-');
+  const core = newCore();
+  try {
+    const { base } = await chain(dir);
+    const src = await open(core, 'top', path.join(dir, 'top.qcow2'));
+    const baseNode = src.backing()!;
+    // A commit makes its base writable first; a read-only destination cannot take persistent bitmaps.
+    await assert.rejects(planCarry(core.bitmaps, sourceChainLayers(src), baseNode), {
+      message: `Cannot carry dirty bitmap 'a' of node 'top' to node '${baseNode.nodeName}': node '${baseNode.nodeName}' already has a bitmap 'a' that cannot be merged into: Bitmap 'a' is readonly and cannot be modified`,
+    });
+    await core.graph.setReadOnly(baseNode, false);
+    const done = await carryBitmaps(core.bitmaps, sourceChainLayers(src), baseNode);
+    assert.deepEqual(
+      done.carried.map((b) => [b.name, b.node.nodeName === baseNode.nodeName]),
+      [
+        ['a', true],
+        ['b', true],
+      ],
+    );
+    await core.shutdown();
+    assert.deepEqual(await nbdDirtyRanges(base, 'a'), [
+      [0, 64 * KiB],
+      [1 * MiB, 64 * KiB],
+      [4 * MiB, 64 * KiB],
+    ]);
+    assert.deepEqual(await nbdDirtyRanges(base, 'b'), [
+      [1 * MiB, 128 * KiB],
+      [4 * MiB, 128 * KiB],
+    ]);
+  } finally {
+    await core.shutdown();
+    await cleanup();
+  }
+});
