@@ -3,6 +3,8 @@
  *   bitmirror               a full mirror in a fresh daemon (copy offload on: the kernel copies)
  *   bitmirror, offload off  the same with `__org.bitmirror_copy-offload: false` (read + write)
  *   qemu-storage-daemon     the same mirror (QEMU 7.2: read + write, no offload in its mirror)
+ *   bitmirror copy          the command-line copy (`bitmirror copy --no-pivot SRC DST`: an embedded
+ *                           daemon, the whole process timed, start-up included; same format only)
  *   qemu-img convert        its defaults (8 coroutines, zero detection)
  *   cp                      coreutils' defaults (copy_file_range, holes kept; on XFS --reflink=always)
  * for the cases qcow2→qcow2, raw→raw, qcow2→raw (no cp), a sparse qcow2 (1 MiB of every 10 MiB
@@ -22,6 +24,7 @@
  */
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
+import { BITMIRROR_BIN } from '../src/daemon/spawn.js';
 import {
   GiB,
   MiB,
@@ -52,8 +55,8 @@ export interface CopyCase {
   bytes: number;
 }
 
-export type Tool = 'bitmirror' | 'bitmirror, offload off' | 'qemu-storage-daemon' | 'qemu-img convert' | 'cp';
-const TOOLS: Tool[] = ['bitmirror', 'bitmirror, offload off', 'qemu-storage-daemon', 'qemu-img convert', 'cp'];
+export type Tool = 'bitmirror' | 'bitmirror, offload off' | 'qemu-storage-daemon' | 'bitmirror copy' | 'qemu-img convert' | 'cp';
+const TOOLS: Tool[] = ['bitmirror', 'bitmirror, offload off', 'qemu-storage-daemon', 'bitmirror copy', 'qemu-img convert', 'cp'];
 
 export function copyCases(mib: number, big: boolean): CopyCase[] {
   const bytes = mib * MiB;
@@ -89,7 +92,9 @@ async function copyOnce(tool: Tool, fs: BenchFs, c: CopyCase, src: string, tgt: 
   const s =
     tool === 'qemu-img convert'
       ? await timedTool('qemu-img', ['convert', '-f', c.src, '-O', c.tgt, src, tgt])
-      : await timedTool('cp', [...(fs.kind === 'xfs' ? ['--reflink=always'] : []), src, tgt]);
+      : tool === 'bitmirror copy'
+        ? await timedTool(process.execPath, [BITMIRROR_BIN, 'copy', '--no-pivot', '--progress', 'none', src, tgt])
+        : await timedTool('cp', [...(fs.kind === 'xfs' ? ['--reflink=always'] : []), src, tgt]);
   await fs.finish();
   return { ...s, seconds: (performance.now() - t0) / 1000 };
 }
@@ -105,7 +110,8 @@ async function runOnFs(fs: BenchFs, cases: CopyCase[], tools: Tool[], rounds: nu
     const src = path.join(fs.dir, `src.${c.src}`);
     const tgt = path.join(fs.dir, `tgt.${c.tgt}`);
     const data = await makeDataImage(src, c.src, c.bytes, c.layout);
-    const caseTools = tools.filter((t) => t !== 'cp' || c.src === c.tgt);
+    // cp and bitmirror copy keep the format (the latter creates DST in SRC's format).
+    const caseTools = tools.filter((t) => (t !== 'cp' && t !== 'bitmirror copy') || c.src === c.tgt);
     const runs = new Map<Tool, Sample[]>(caseTools.map((t) => [t, []]));
     const loads: string[] = [];
     for (let r = 0; r < rounds; r++) {
