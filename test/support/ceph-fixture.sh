@@ -189,6 +189,9 @@ mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
 mon osd down out interval = 0
+# a client killed while it held an image's exclusive lock is seen gone (its watch expires) after
+# 5 s instead of 30: the next opener then breaks the lock (bitmirror's SIGKILL tests)
+osd client watch timeout = 5
 # a map change every 50 ms instead of every second: pool create/init in
 # ~0.3 s instead of ~1 s per step
 paxos propose interval = 0.05

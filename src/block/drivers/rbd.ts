@@ -13,7 +13,9 @@
  * image has a valid fast-diff map; otherwise everything is data.
  */
 import { BlockIOError, genericError, strerror } from '../../errors.js';
-import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo, type NodeCapabilities, type NodeInfo, type WriteFlags } from '../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type ImageInfo, type NodeCapabilities, type NodeInfo, type ReopenChange, type WriteFlags } from '../node.js';
+import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../bitmap-store.js';
+import { RbdBitmapStore, type ImageMetadata } from './rbd-bitmaps.js';
 import type { BlockDriver } from '../graph.js';
 import { arrayOf, enumOf, object, size, str, type Members } from '../../qapi/schema.js';
 import { errnoCode, rbdAddon, RBD_AIO, type RbdAddon, type RbdHandle, type RbdStage } from '../native.js';
@@ -89,8 +91,12 @@ function locationArgs(loc: RbdLocation): [string | null, string | null, string, 
   return [loc.conf ?? null, loc.user ?? null, loc.pool, loc.namespace ?? null, loc.image];
 }
 
-export class RbdNode extends BlockNode {
+const ENOENT = 2;
+
+export class RbdNode extends BlockNode implements PersistentBitmapStore {
   readonly driver = 'rbd';
+  /** Persistent dirty bitmaps in the image's metadata (rbd-bitmaps.ts). */
+  private readonly bitmaps: RbdBitmapStore;
   constructor(
     nodeName: string,
     readOnly: boolean,
@@ -104,6 +110,58 @@ export class RbdNode extends BlockNode {
     private readonly discardUnmap: boolean,
   ) {
     super(nodeName, readOnly);
+    this.bitmaps = new RbdBitmapStore(this.metadata(), nodeName, () => this.size);
+  }
+
+  /** The image's metadata through the addon (librbd's calls on the thread pool). */
+  private metadata(): ImageMetadata {
+    const fail = (ret: number): never => {
+      throw new BlockIOError(errnoCode(-ret));
+    };
+    return {
+      get: async (key) => {
+        const v = await this.rbd.metadataGet(this.handle, key);
+        if (typeof v === 'string') return v;
+        return v === -ENOENT ? undefined : fail(v);
+      },
+      set: async (key, value) => void this.check(await this.rbd.metadataSet(this.handle, key, value)),
+      remove: async (key) => {
+        const r = await this.rbd.metadataRemove(this.handle, key);
+        if (r !== -ENOENT) this.check(r);
+      },
+      list: async () => {
+        const v = await this.rbd.metadataList(this.handle);
+        return typeof v === 'number' ? fail(v) : v;
+      },
+    };
+  }
+
+  // ---- PersistentBitmapStore (block/bitmap-store.ts): bitmaps beside the image, see rbd-bitmaps.ts ----
+
+  canStoreNewDirtyBitmap(name: string, granularity: number, persistentNames?: string[]): void {
+    if (this.readOnly) throw genericError(`Can't make bitmap '${name}' persistent in '${this.nodeName}': Image is read-only`);
+    this.bitmaps.canStoreNewDirtyBitmap(name, granularity, persistentNames);
+  }
+  loadPersistentDirtyBitmaps(): Promise<LoadedDirtyBitmap[]> {
+    return this.bitmaps.load();
+  }
+  markWriteIntent(offset: number, bytes: number): Promise<void> | undefined {
+    return this.bitmaps.markWriteIntent(offset, bytes);
+  }
+  storePersistentDirtyBitmaps(list: Array<{ name: string; granularity: number; auto: boolean; data: Buffer }>): Promise<void> {
+    return this.bitmaps.store(list);
+  }
+  removePersistentDirtyBitmap(name: string): Promise<void> {
+    return this.bitmaps.remove(name);
+  }
+
+  /** The write phase of a read-write open: the loaded bitmaps covered by a write-intent record, marked in use. */
+  protected override async doActivate(): Promise<void> {
+    if (!this.readOnly) await this.bitmaps.activate();
+  }
+
+  override async reopenFinish(_change: ReopenChange, wasReadOnly: boolean): Promise<void> {
+    if (wasReadOnly && !this.readOnly && this.activated) await this.bitmaps.rearm();
   }
 
   private check(ret: number): number {
@@ -180,6 +238,8 @@ export class RbdNode extends BlockNode {
   }
 
   protected override async doTruncate(size: number): Promise<void> {
+    // Like qcow2: every stored bitmap must be in memory to follow the new size.
+    this.checkStoredBitmapsResizable(await this.bitmaps.storedNames());
     const ret = await this.rbd.resize(this.handle, size);
     if (ret < 0) throw genericError(`failed to resize rbd image: ${errnoText(ret)}`);
     this.size = size;
