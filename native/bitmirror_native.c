@@ -5,6 +5,7 @@
  *   lseek SEEK_DATA/HOLE                                       asynchronous (may block on network fs)
  *   fallocate                                                  asynchronous (may take long on big ranges)
  *   copy_file_range        (copy offload between two files)    asynchronous
+ *   pwritev2 RWF_DSYNC     (one write durable, nothing else)   asynchronous
  *   aligned buffers        (posix_memalign -> external Buffer) synchronous
  *
  * Every call returns its result or a negative errno; the TypeScript wrapper (src/block/native.ts) turns
@@ -17,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/uio.h>
 #include <linux/falloc.h>
 #include <node_api.h>
 
@@ -141,7 +143,7 @@ static napi_value ofd_supported(napi_env env, napi_callback_info info) {
 
 /* ---- asynchronous syscalls (lseek, fallocate, copy_file_range) on the libuv thread pool ------- */
 
-enum op { OP_SEEK, OP_FALLOCATE, OP_COPY_RANGE };
+enum op { OP_SEEK, OP_FALLOCATE, OP_COPY_RANGE, OP_PWRITE_DSYNC };
 
 typedef struct {
   napi_async_work work;
@@ -153,6 +155,8 @@ typedef struct {
   int64_t len;
   int fd_out;         /* copy_file_range: destination */
   int64_t offset_out;
+  void *buf;          /* pwriteDsync: the bytes (a Buffer kept alive by buf_ref) */
+  napi_ref buf_ref;
   int64_t result; /* >= 0 result, or -errno */
 } async_req;
 
@@ -191,6 +195,25 @@ static void execute(napi_env env, void *data) {
     req->result = done;
     break;
   }
+  case OP_PWRITE_DSYNC: {
+    /* RWF_DSYNC is O_DSYNC for this one write: when it returns, its bytes and the metadata needed to
+       read them back are on stable storage (the kernel writes back this range and flushes the
+       device's cache, as fdatasync does), but no other dirty page of the file is written back, which
+       fdatasync would do. A short write goes on from where it stopped; an error is returned as is. */
+    int64_t done = 0;
+    while (done < req->len) {
+      struct iovec iov = {(char *)req->buf + done, (size_t)(req->len - done)};
+      ssize_t r = pwritev2(req->fd, &iov, 1, (off_t)(req->offset + done), RWF_DSYNC);
+      if (r == -1 && errno == EINTR) continue;
+      if (r == -1) {
+        done = -errno;
+        break;
+      }
+      done += r;
+    }
+    req->result = done;
+    break;
+  }
   }
 }
 
@@ -205,6 +228,7 @@ static void complete(napi_env env, napi_status status, void *data) {
     napi_create_error(env, NULL, msg, &err);
     napi_reject_deferred(env, req->deferred, err);
   }
+  if (req->buf_ref) napi_delete_reference(env, req->buf_ref);
   napi_delete_async_work(env, req->work);
   free(req);
 }
@@ -212,6 +236,7 @@ static void complete(napi_env env, napi_status status, void *data) {
 static napi_value queue(napi_env env, async_req *req, const char *name) {
   napi_value promise, resource_name;
   if (napi_create_promise(env, &req->deferred, &promise) != napi_ok) {
+    if (req->buf_ref) napi_delete_reference(env, req->buf_ref);
     free(req);
     napi_throw_error(env, NULL, "bitmirror_native: cannot create promise");
     return NULL;
@@ -223,6 +248,7 @@ static napi_value queue(napi_env env, async_req *req, const char *name) {
     napi_create_string_utf8(env, "bitmirror_native: cannot queue work", NAPI_AUTO_LENGTH, &msg);
     napi_create_error(env, NULL, msg, &err);
     napi_reject_deferred(env, req->deferred, err);
+    if (req->buf_ref) napi_delete_reference(env, req->buf_ref);
     free(req);
   }
   return promise;
@@ -339,6 +365,36 @@ static napi_value buffer_address(napi_env env, napi_callback_info info) {
   return make_number(env, (double)((uintptr_t)data & 0x7fffffffu));
 }
 
+/*
+ * pwriteDsync(fd, buffer, offset) -> Promise<bytes | -errno>: write the whole buffer at offset with
+ * RWF_DSYNC (durable on return). -EOPNOTSUPP/-EINVAL/-ENOSYS where the kernel or file system lacks it.
+ */
+static napi_value pwrite_dsync(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd;
+  int64_t off;
+  void *data;
+  size_t len;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[2], &off)) return NULL;
+  if (napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
+    return NULL;
+  }
+  async_req *req = new_req(env);
+  if (!req) return NULL;
+  req->op = OP_PWRITE_DSYNC;
+  req->fd = fd;
+  req->offset = off;
+  req->len = (int64_t)len;
+  req->buf = data;
+  if (napi_create_reference(env, argv[1], 1, &req->buf_ref) != napi_ok) {
+    free(req);
+    napi_throw_error(env, NULL, "bitmirror_native: cannot reference the buffer");
+    return NULL;
+  }
+  return queue(env, req, "bitmirror.pwrite_dsync");
+}
+
 /* ---- module ---------------------------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -348,6 +404,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"testByte", NULL, test_byte, NULL, NULL, NULL, napi_enumerable, NULL},
       {"ofdSupported", NULL, ofd_supported, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seek", NULL, seek, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"pwriteDsync", NULL, pwrite_dsync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"copyFileRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},

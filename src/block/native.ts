@@ -19,6 +19,11 @@ interface NativeAddon {
   fallocate(fd: number, mode: number, offset: number, len: number): Promise<number>;
   /** copy_file_range until `len` bytes are copied: the count (short at the source's end), or -errno. */
   copyFileRange(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, len: number): Promise<number>;
+  /**
+   * pwritev2(RWF_DSYNC) of the whole buffer: bytes written, or -errno. Durable on return (per-write
+   * O_DSYNC), without writing back the file's other dirty pages; missing in addons built before it.
+   */
+  pwriteDsync?(fd: number, buf: Buffer, offset: number): Promise<number>;
   alignedBuffer(size: number, align: number): Buffer;
   bufferAddress(buf: Buffer): number;
   readonly SEEK_DATA: number;

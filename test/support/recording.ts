@@ -12,7 +12,7 @@ import type { BlockDriver } from '../../src/block/graph.js';
 
 /** `file`: the file under the recording node (several recording nodes may log, e.g. an image and its sidecar). */
 export type LogEvent =
-  | { kind: 'write'; file: string; id: number; offset: number; data: Buffer; phase: 'start' | 'end' }
+  | { kind: 'write'; file: string; id: number; offset: number; data: Buffer; phase: 'start' | 'end'; fua?: boolean }
   | { kind: 'truncate'; file: string; size: number }
   | { kind: 'flush'; file: string; id: number; phase: 'start' | 'end' };
 
@@ -60,20 +60,21 @@ class RecordingNode extends BlockNode {
     if (offset + bytes > this.length()) await this.growTo(offset + bytes);
     return super.writeZeroes(offset, bytes, flags);
   }
-  private async logged(offset: number, data: Buffer, io: () => Promise<void>): Promise<void> {
+  // A FUA write is durable once it has ended (as if a flush of it alone followed).
+  private async logged(offset: number, data: Buffer, io: () => Promise<void>, fua = false): Promise<void> {
     const id = nextId++;
-    recordingLog.push({ kind: 'write', file: this.target, id, offset, data: Buffer.from(data), phase: 'start' });
+    recordingLog.push({ kind: 'write', file: this.target, id, offset, data: Buffer.from(data), phase: 'start', fua });
     await io();
-    recordingLog.push({ kind: 'write', file: this.target, id, offset, data, phase: 'end' });
+    recordingLog.push({ kind: 'write', file: this.target, id, offset, data, phase: 'end', fua });
   }
   protected doRead(offset: number, bytes: number): Promise<Buffer> {
     return this.file.read(offset, bytes);
   }
   protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
-    return this.logged(offset, data, () => this.file.write(offset, data, flags));
+    return this.logged(offset, data, () => this.file.write(offset, data, flags), flags.fua);
   }
   protected override doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
-    return this.logged(offset, Buffer.alloc(bytes), () => this.file.writeZeroes(offset, bytes, flags));
+    return this.logged(offset, Buffer.alloc(bytes), () => this.file.writeZeroes(offset, bytes, flags), flags.fua);
   }
   // A discarded range reads back as zeroes from a file node (hole punched), or keeps its old bytes.
   protected override doDiscard(offset: number, bytes: number): Promise<void> {
@@ -108,13 +109,14 @@ function eventsBefore(log: LogEvent[], cut: number, file: string | undefined): L
   return log.slice(0, cut).filter((e) => file === undefined || e.file === file);
 }
 
-/** The writes of `log` that had ended by the time each flush that had also ended before `cut` started. */
+/** The writes of `events` made durable: ended before a flush that also ended, or ended with FUA. */
 function durableWrites(events: LogEvent[]): Set<number> {
   const ended = new Set<number>();
   const durable = new Set<number>();
   const flushStartEnded = new Map<number, Set<number>>();
   for (const e of events) {
     if (e.kind === 'write' && e.phase === 'end') ended.add(e.id);
+    if (e.kind === 'write' && e.phase === 'end' && e.fua) durable.add(e.id);
     if (e.kind === 'flush' && e.phase === 'start') flushStartEnded.set(e.id, new Set(ended));
     if (e.kind === 'flush' && e.phase === 'end') for (const id of flushStartEnded.get(e.id) ?? []) durable.add(id);
   }

@@ -290,10 +290,33 @@ export class FileNode extends BlockNode {
   }
 
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    if (flags.fua && !this.fileOptions.direct && (await this.writeDurable(offset, data))) return;
     if (this.fileOptions.direct) await this.directWrite(offset, data);
     else await writeFully(this.fh, data, 0, data.length, offset);
     if (offset + data.length > this.size) this.size = offset + data.length;
     if (flags.fua) await this.doFlush();
+  }
+
+  /** pwritev2 RWF_DSYNC works here (unknown until tried; false once the kernel or file system refused it). */
+  private canDsyncWrite = true;
+
+  /**
+   * A write durable on return without a flush of the whole file (FUA): pwritev2 with RWF_DSYNC, per-write
+   * O_DSYNC. fdatasync would also write back every page the guest dirtied in the page cache, which made
+   * each write-intent record update cost as much as a guest flush. False when it is not available (the
+   * caller writes and flushes).
+   */
+  private async writeDurable(offset: number, data: Buffer): Promise<boolean> {
+    const n = nativeAddon();
+    if (!this.canDsyncWrite || !n?.pwriteDsync) return false;
+    const r = await n.pwriteDsync(this.fh.fd, data, offset);
+    if (isUnsupported(r)) {
+      this.canDsyncWrite = false;
+      return false;
+    }
+    check(r);
+    if (offset + data.length > this.size) this.size = offset + data.length;
+    return true;
   }
 
   // O_DIRECT: memory, offset and length must all be aligned. The generic layer aligns offset and length

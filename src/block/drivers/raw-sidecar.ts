@@ -421,10 +421,8 @@ export class RawSidecarNode extends RawNode implements PersistentBitmapStore {
       this.regionBitsOnDisk = bits;
       const layout = this.header!.layout;
       this.record = new WriteIntentRecord(layout, bits, () =>
-        this.serial(async () => {
-          await this.sidecar.write(BITS_AT, Buffer.from(bits));
-          await this.sidecar.flush();
-        }),
+        // FUA: this write durable, nothing else of the sidecar pending anyway.
+        this.serial(() => this.sidecar.write(BITS_AT, Buffer.from(bits), { fua: true })),
       );
     });
   }

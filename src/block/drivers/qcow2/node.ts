@@ -1262,15 +1262,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   private intentOnDisk?: number;
 
   /**
-   * Write the armed record's bytes in the first cluster as they are in memory, and flush: at the
-   * place the last header write put it, never where the in-memory header (which a bitmap store
-   * may be changing meanwhile) would put it.
+   * Write the armed record's bytes in the first cluster as they are in memory, durably (FUA: the
+   * file node makes this one write durable, without writing back the guest data cached so far as a
+   * flush would): at the place the last header write put it, never where the in-memory header
+   * (which a bitmap store may be changing meanwhile) would put it.
    */
   private persistWriteIntent(data: Buffer): Promise<void> {
     return this.withHeader(async () => {
       if (this.intentOnDisk === undefined) throw new BlockIOError('EIO', 'qcow2: write-intent record missing from the header');
-      await this.file.write(this.intentOnDisk, Buffer.from(data));
-      await this.file.flush();
+      await this.file.write(this.intentOnDisk, Buffer.from(data), { fua: true });
     });
   }
 
