@@ -14,6 +14,8 @@ import type { BlockNode } from '../block/node.js';
 import { NbdExport, type NbdExportOptions } from './export.js';
 import { NbdConnection, type ConnectionHost } from './connection.js';
 
+function ignore(): void {}
+
 export type NbdAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 
 /**
@@ -32,23 +34,63 @@ export interface BlockExportInfo {
   id: string;
 }
 
+/**
+ * How many clients may wait for a free connection slot at most (beyond the limit, a client is closed
+ * at once). QEMU leaves them in its listen backlog; a bound keeps a flood of connects from holding
+ * sockets without end.
+ */
+const MIN_WAITING = 16;
+
 class Listener implements ConnectionHost {
   readonly connections = new Set<NbdConnection>();
   private readonly server: net.Server;
+  /** Clients over max-connections, oldest first, not yet greeted. */
+  private readonly waiting: net.Socket[] = [];
 
   constructor(
     readonly address: NbdAddress,
-    maxConnections: number,
+    private readonly maxConnections: number,
     private readonly owner: NbdServer,
   ) {
-    this.server = net.createServer((socket) => {
-      const conn = new NbdConnection(socket, this);
-      this.connections.add(conn);
-      void conn.run();
+    this.server = net.createServer((socket) => this.accepted(socket));
+  }
+
+  /**
+   * QEMU stops accepting at max-connections and accepts again when a client leaves, so a client over
+   * the limit waits for the greeting. Node cannot pause accept(): such a client is accepted and waits
+   * here, ungreeted, until a slot frees; past MIN_WAITING (or the limit, if larger) waiting clients it is
+   * closed at once.
+   */
+  private accepted(socket: net.Socket): void {
+    if (this.maxConnections <= 0 || this.connections.size < this.maxConnections) return this.serve(socket);
+    if (this.waiting.length >= Math.max(this.maxConnections, MIN_WAITING)) {
+      socket.destroy();
+      return;
+    }
+    socket.pause();
+    socket.on('error', ignore);
+    socket.once('close', () => {
+      const i = this.waiting.indexOf(socket);
+      if (i >= 0) this.waiting.splice(i, 1);
     });
-    // QEMU stops accepting at the limit, leaving new clients waiting; node cannot pause accept(), so
-    // a client over the limit is closed at once (it sees the connection end before the greeting).
-    if (maxConnections > 0) this.server.maxConnections = maxConnections;
+    this.waiting.push(socket);
+  }
+
+  private serve(socket: net.Socket): void {
+    const conn = new NbdConnection(socket, this);
+    this.connections.add(conn);
+    void conn.run();
+  }
+
+  /** A slot is free: greet the clients that waited longest. */
+  private admitWaiting(): void {
+    while (this.waiting.length > 0 && (this.maxConnections <= 0 || this.connections.size < this.maxConnections)) {
+      const socket = this.waiting.shift()!;
+      if (socket.destroyed) continue;
+      socket.off('error', ignore);
+      socket.resume();
+      this.serve(socket);
+    }
   }
 
   async listen(): Promise<void> {
@@ -80,9 +122,11 @@ class Listener implements ConnectionHost {
   connectionClosed(conn: NbdConnection): void {
     this.connections.delete(conn);
     this.owner.clientGone();
+    if (this.server.listening) this.admitWaiting();
   }
 
   async close(): Promise<void> {
+    for (const socket of this.waiting.splice(0)) socket.destroy();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     if (this.address.kind === 'unix') await fsp.unlink(this.address.path).catch(() => undefined);
   }

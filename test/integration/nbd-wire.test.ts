@@ -218,13 +218,8 @@ test('several clients with many requests in flight each are served at once, and 
       for (let i = 0; i < 16; i++) assert.ok(got.get(BigInt(100 + i))!.equals(Buffer.alloc(4096, k * 16 + i)), `client ${k} block ${i}`);
     }),
   );
-  // Connections beyond max-connections are closed before the greeting; the others keep working.
-  const extra = await Promise.all(Array.from({ length: MAX_CONNECTIONS }, () => WireClient.connect(sock)));
-  const greeted = await Promise.all(extra.map((c) => c.reader.read(18).then(() => true, () => false)));
-  // (Connections of earlier tests may still be counted until the server has seen them close.)
-  assert.ok(greeted.filter((g) => g).length <= MAX_CONNECTIONS - clients.length, 'never more connections than the limit');
-  assert.ok(greeted.filter((g) => !g).length >= clients.length, 'the connections over the limit are closed');
-  for (const c of [...clients, ...extra]) c.destroy();
+  // Clients over max-connections wait (nbd-max-connections.test.ts); these leave, the server serves on.
+  for (const c of clients) c.destroy();
   await stillServing();
 });
 
