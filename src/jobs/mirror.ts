@@ -258,6 +258,7 @@ export class MirrorJob extends Job {
       afterWrite: (req, err) => this.afterSourceWrite(req, err),
     };
     this.source.addWriteObserver(this.observer);
+    for (const n of this.intermediate) n.addWriteObserver(this.layerObserver);
     // From here on the job records writes itself: the caller's bitmap stops recording (as in the series).
     if (!this.bitmapIsLocal) this.bitmap.disabled = true;
     this.source.blockers.set(this, this.blockerReason);
@@ -412,15 +413,55 @@ export class MirrorJob extends Job {
       await this.syncTargetWrite(req);
     } finally {
       held?.release();
-      this.activeWrites--;
-      this.activeWriteBytes -= req.bytes;
-      if (this.activeWrites === 0) {
-        const w = this.activeWritesIdle;
-        this.activeWritesIdle = [];
-        for (const f of w) f();
-      }
+      this.writeEnded(req);
     }
   }
+
+  private writeEnded(req: WriteRequest): void {
+    this.activeWrites--;
+    this.activeWriteBytes -= req.bytes;
+    if (this.activeWrites === 0) {
+      const w = this.activeWritesIdle;
+      this.activeWritesIdle = [];
+      for (const f of w) f();
+    }
+  }
+
+  /**
+   * Active commit, beyond QEMU: a write made directly to a layer between the source and the base
+   * (opened read-write: HMP qemu-io, an export) changes what the source shows where the source has no
+   * data of its own. QEMU's mirror sees only writes through its filter and loses it. Here its range is
+   * copied again from what the source shows — before the write completes once the job is completing —
+   * and the switch waits for such writes as for the source's.
+   */
+  private readonly layerObserver: WriteObserver = {
+    beforeWrite: (req) => {
+      this.activeWrites++;
+      this.activeWriteBytes += req.bytes;
+    },
+    afterWrite: async (req) => {
+      try {
+        const size = this.source.length();
+        if (req.offset >= size) return;
+        const bytes = Math.min(req.bytes, size - req.offset);
+        this.bitmap.setDirty(req.offset, bytes);
+        this.activelySynced = false;
+        if (!this.syncWrites()) {
+          this.kick();
+          return;
+        }
+        try {
+          await this.copy.copyNow(req.offset, bytes);
+        } catch (err) {
+          // The layer has the write; the copy's failure is the job's (its range stays dirty).
+          this.copyFailed('write', err);
+          this.kick();
+        }
+      } finally {
+        this.writeEnded(req);
+      }
+    },
+  };
 
   /** do_sync_target_write: copy a guest write to the target before it completes. */
   private async syncTargetWrite(req: WriteRequest): Promise<void> {
@@ -629,6 +670,7 @@ export class MirrorJob extends Job {
     this.switched = true;
     this.copy.release();
     if (this.observer) this.source.removeWriteObserver(this.observer);
+    for (const n of this.intermediate) n.removeWriteObserver(this.layerObserver);
     this.observer = undefined;
     this.releaseClaims();
     // Take the filter out: whoever still uses it uses the source again.
