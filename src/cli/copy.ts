@@ -169,6 +169,11 @@ export interface CopyHooks {
    * every write. The demo writes here, as a guest would while a copy ends.
    */
   beforeSwitch?: () => Promise<void>;
+  /**
+   * Once the copy has ended (switched, or consistent without a switch), before --verify: what a guest
+   * writes then is the live change verify must tell from a difference (tests).
+   */
+  afterSwitch?: () => Promise<void>;
   /** The finished copy's result (also printed through `progress`). */
   onResult?: (r: CopyResult) => void;
 }
@@ -276,6 +281,7 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     const copied = await s.nodeSummary(targetNode);
     const bitmaps = copied.bitmaps.filter((b) => b.name !== VERIFY_BITMAP).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const result: CopyResult = { status: 'completed', source: opts.src, target: opts.dst, bytes: outcome.done, pivot: opts.pivot, bitmaps };
+    await hooks.afterSwitch?.();
     if (opts.verify) {
       progress.message('verifying: comparing the source and the copy');
       result.verify = await verifyCopy(s, { source: sourceNode, target: targetNode, skipBitmap: verifyBitmapAdded ? VERIFY_BITMAP : undefined, progress, signals });

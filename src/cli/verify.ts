@@ -44,6 +44,8 @@ export interface VerifyResult {
 }
 
 const CHUNK = 4 * 1024 * 1024;
+/** The unit differences are located in (the smallest bitmap granularity). */
+const BLOCK = 512;
 
 type Range = [start: number, end: number];
 
@@ -79,6 +81,24 @@ function outside(start: number, end: number, skip: Range[]): Range[] {
     at = Math.max(at, e);
   }
   if (at < end) out.push([at, end]);
+  return out;
+}
+
+/**
+ * Where two buffers read at `base` differ, by 512-byte block (a bitmap's granularity is a multiple of
+ * it, so a block is wholly inside or outside what a bitmap marks): [first differing byte, block end).
+ */
+function differingBlocks(a: Buffer, b: Buffer, base: number): Range[] {
+  const out: Range[] = [];
+  for (let at = 0; at < a.length; at += BLOCK) {
+    const end = Math.min(a.length, at + BLOCK);
+    if (a.subarray(at, end).equals(b.subarray(at, end))) continue;
+    let i = at;
+    while (a[i] === b[i]) i++;
+    const last = out[out.length - 1];
+    if (last && last[1] === base + at) last[1] = base + end;
+    else out.push([base + i, base + end]);
+  }
   return out;
 }
 
@@ -127,11 +147,7 @@ export async function verifyCopy(
       opts.signals?.throwIfSignalled();
       const end = Math.min(size, off + CHUNK);
       const [a, b] = await Promise.all([src.request(NBD_CMD.READ, off, end - off), dst.request(NBD_CMD.READ, off, end - off)]);
-      if (!a.data!.equals(b.data!)) {
-        let i = 0;
-        while (a.data![i] === b.data![i]) i++;
-        differing.push([off + i, end]);
-      }
+      if (!a.data!.equals(b.data!)) differing.push(...differingBlocks(a.data!, b.data!, off));
       opts.progress?.update({ phase: 'verify', done: end, total: size }, end === size);
     }
     if (differing.length === 0) return { identical: true, compared: size, skipped: 0 };

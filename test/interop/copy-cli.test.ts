@@ -12,6 +12,9 @@ import { mustRun, run, tempDir } from '../support/tools.js';
 import { MiB, startDaemon } from '../support/daemon.js';
 import { jsonLines, runCli, startCli } from '../support/cli.js';
 import { poll } from '../support/wait.js';
+import { Writable } from 'node:stream';
+import { runCopy, type CopyResult } from '../../src/cli/copy.js';
+import { Progress } from '../../src/cli/progress.js';
 
 interface InfoBitmap {
   name: string;
@@ -303,6 +306,46 @@ test('copy --bitmap: an incremental re-sync copies only the dirty clusters; inte
     await assertCheckClean(src);
     await assertCheckClean(dst);
   } finally {
+    await cleanup();
+  }
+});
+
+test('copy --verify on a live disk: writes after the switch are skipped, a change no bitmap saw is a difference (exit 3)', async () => {
+  const { dir, cleanup } = await tempDir('bm-copy-verify-');
+  const sock = path.join(dir, 'qmp.sock');
+  const d = await startDaemon(sock);
+  try {
+    const src = path.join(dir, 'src.raw');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'raw', src, String(8 * MiB)]);
+    await mustRun('qemu-io', ['-f', 'raw', '-c', `write -P 0x5a 0 ${4 * MiB}`, src]);
+    await d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'disk0', file: { driver: 'file', 'node-name': 'disk0-file', filename: src } });
+    const hmp = async (line: string): Promise<void> => assert.match(await d.qmp.hmpOutput(line), /^wrote /);
+    const out = new Writable({ write: (_c, _e, cb) => cb() });
+    const options = { src: 'disk0', qmp: sock, reuse: false, shallow: false, syncWrites: false, pivot: true, carryBitmaps: true, verify: true };
+
+    // After the switch the guest writes to the copy: recorded by the verify bitmap the copy carried.
+    let result: CopyResult | undefined;
+    const code = await runCopy({ ...options, dst: path.join(dir, 'a.raw') }, new Progress('none', out), {
+      afterSwitch: () => hmp('qemu-io disk0-copy "write -P 0x77 1M 64k"'),
+      onResult: (r) => (result = r),
+    });
+    assert.equal(code, 0);
+    assert.deepEqual(result?.verify, { identical: true, compared: 8 * MiB - 65536, skipped: 65536 });
+
+    // A change below the source's format node (its file node) is seen by no bitmap: a real difference.
+    const code2 = await runCopy({ ...options, dst: path.join(dir, 'b.raw'), nodeName: 'copy2' }, new Progress('none', out), {
+      afterSwitch: () => hmp('qemu-io disk0-file "write -P 0x66 2M 4k"'),
+      onResult: (r) => (result = r),
+    });
+    assert.equal(code2, 3);
+    assert.deepEqual(result?.verify, { identical: false, compared: 8 * MiB, skipped: 0, firstDifference: 2 * MiB });
+    // Verification leaves nothing behind: no export, no NBD server, no verify bitmap.
+    assert.deepEqual(await d.qmp.execute('query-block-exports'), []);
+    const names = (await d.qmp.execute<Array<{ 'dirty-bitmaps'?: Array<{ name: string }> }>>('query-named-block-nodes', { flat: true })).flatMap((n) => (n['dirty-bitmaps'] ?? []).map((b) => b.name));
+    assert.deepEqual(names, []);
+    await d.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: path.join(dir, 'nbd.sock') } } });
+  } finally {
+    await d.stop();
     await cleanup();
   }
 });
