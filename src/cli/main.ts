@@ -10,12 +10,14 @@ import { errorMessage } from '../errors.js';
 import { runDemo } from './demo.js';
 import { copyMain } from './copy.js';
 import { bitmapMain } from './bitmap.js';
+import { backupMain } from './backup.js';
 import { EMBEDDED_DAEMON_ENV } from '../daemon/spawn.js';
 
 const USAGE = `Usage: bitmirror <command> [options]
 Commands:
   daemon   run the storage daemon (see 'bitmirror daemon --help')
   copy     copy a disk live, with its dirty bitmaps (see 'bitmirror copy --help')
+  backup   full and incremental backups of a disk into a qcow2 chain (see 'bitmirror backup --help')
   bitmap   list, change and show a disk's dirty bitmaps (see 'bitmirror bitmap --help')
   demo     show what bitmirror does, in a temporary folder, on built-in defaults
 `;
@@ -112,6 +114,8 @@ export async function main(argv: string[]): Promise<number> {
       return copyMain(rest);
     case 'bitmap':
       return bitmapMain(rest);
+    case 'backup':
+      return backupMain(rest);
     case 'demo':
       return runDemo(rest);
     case '-h':
