@@ -12,26 +12,21 @@
  * so they include writes made during it) is skipped and counted. On image files (an embedded daemon)
  * nobody else writes: the bitmaps stay empty and every byte must be equal.
  *
- * The bytes are read over NBD: the daemon exports both nodes read-only on a private unix socket
- * (nbd-server-start; a daemon that already runs an NBD server is refused with a message), and this
- * process reads them with bitmirror's NBD client, the bitmaps' dirty extents through the
- * `qemu:dirty-bitmap:` context.
+ * The bytes are read over NBD (nbd-access.ts): the daemon exports both nodes read-only on a private
+ * unix socket (a daemon that already runs an NBD server is refused with a message), and this process
+ * reads them with bitmirror's NBD client, the bitmaps' dirty extents through the
+ * `qemu:dirty-bitmap:` context of frozen copies.
  */
-import { promises as fsp } from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
-import { NbdClientConnection } from '../nbd/client.js';
 import { NBD_CMD } from '../nbd/protocol.js';
 import { errorMessage } from '../errors.js';
 import { CliError } from './exit-codes.js';
 import type { Progress } from './progress.js';
 import type { Session } from './session.js';
 import type { SignalWatch } from './signals.js';
+import { dirtyRanges, NbdAccess, type Range } from './nbd-access.js';
 
 /** The temporary bitmap that records writes while and after a copy ends (never reported as carried). */
 export const VERIFY_BITMAP = '__bitmirror-verify';
-/** A frozen (disabled) copy of VERIFY_BITMAP, which a read-only export can offer. */
-const FROZEN_BITMAP = '__bitmirror-verify-frozen';
 
 export interface VerifyResult {
   identical: boolean;
@@ -46,29 +41,6 @@ export interface VerifyResult {
 const CHUNK = 4 * 1024 * 1024;
 /** The unit differences are located in (the smallest bitmap granularity). */
 const BLOCK = 512;
-
-type Range = [start: number, end: number];
-
-/** The dirty ranges of the bitmap an export offers as its context (flag bit 0: dirty). */
-async function dirtyRanges(conn: NbdClientConnection, size: number): Promise<Range[]> {
-  const ranges: Range[] = [];
-  for (let off = 0; off < size; ) {
-    const len = Math.min(size - off, 1 << 30);
-    const { extents } = await conn.request(NBD_CMD.BLOCK_STATUS, off, len);
-    if (!extents || extents.length === 0) throw new CliError('verify: the daemon answered block status with no extents');
-    for (const e of extents) {
-      const end = Math.min(size, off + e.length);
-      if (e.flags & 1) {
-        const last = ranges[ranges.length - 1];
-        if (last && last[1] === off) last[1] = end;
-        else ranges.push([off, end]);
-      }
-      off = end;
-      if (off >= size) break;
-    }
-  }
-  return ranges;
-}
 
 /** The parts of [start, end) outside the sorted, disjoint `skip` ranges. */
 function outside(start: number, end: number, skip: Range[]): Range[] {
@@ -119,27 +91,15 @@ export async function verifyCopy(
   opts: { source: string; target: string; skipBitmap?: string; progress?: Progress; signals?: SignalWatch },
 ): Promise<VerifyResult> {
   const qmp = session.qmp;
-  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bitmirror-verify-'));
-  const socket = path.join(dir, 'nbd.sock');
-  const exports: string[] = [];
-  const conns: NbdClientConnection[] = [];
-  const frozenOn: string[] = [];
+  let access: NbdAccess;
   try {
-    try {
-      await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
-    } catch (err) {
-      throw new CliError(`verify: cannot start the daemon's NBD server to read the images: ${errorMessage(err)}`);
-    }
-    const exportNode = async (node: string, name: string, bitmap?: string): Promise<NbdClientConnection> => {
-      const id = `bitmirror-verify-${name}`;
-      await qmp.execute('block-export-add', { type: 'nbd', id, 'node-name': node, name, writable: false, ...(bitmap !== undefined ? { bitmaps: [bitmap] } : {}) });
-      exports.push(id);
-      const conn = await NbdClientConnection.open({ kind: 'unix', path: socket }, name, bitmap !== undefined ? `qemu:dirty-bitmap:${bitmap}` : undefined);
-      conns.push(conn);
-      return conn;
-    };
-    const src = await exportNode(opts.source, 'source');
-    const dst = await exportNode(opts.target, 'copy');
+    access = await NbdAccess.start(qmp, 'verify');
+  } catch (err) {
+    throw new CliError(`verify: ${errorMessage(err)}`);
+  }
+  try {
+    const src = await access.open(opts.source);
+    const dst = await access.open(opts.target);
     const size = src.session.size;
     if (dst.session.size !== size) return { identical: false, compared: 0, skipped: 0, firstDifference: Math.min(size, dst.session.size) };
     const differing: Range[] = [];
@@ -152,53 +112,24 @@ export async function verifyCopy(
     }
     if (differing.length === 0) return { identical: true, compared: size, skipped: 0 };
     // Differences: those inside what was written since the copy ended (the bitmaps, read now, after
-    // the comparison) are no differences. A read-only export offers only a disabled bitmap: a frozen
-    // copy of each.
+    // the comparison) are no differences (NbdAccess reads a frozen copy of each).
     let skip: Range[] = [];
     if (opts.skipBitmap !== undefined) {
-      for (const [node, tag] of [[opts.source, 'source'], [opts.target, 'copy']] as const) {
-        const summary = await session.nodeSummary(node);
-        if (!summary.bitmaps.some((b) => b.name === opts.skipBitmap)) continue;
-        await qmp.execute('transaction', {
-          actions: [
-            { type: 'block-dirty-bitmap-add', data: { node, name: FROZEN_BITMAP, persistent: false, disabled: true } },
-            { type: 'block-dirty-bitmap-merge', data: { node, target: FROZEN_BITMAP, bitmaps: [opts.skipBitmap] } },
-          ],
-        });
-        frozenOn.push(node);
-        skip = union(skip, await dirtyRanges(await exportNode(node, `${tag}-dirty`, FROZEN_BITMAP), size));
+      for (const node of [opts.source, opts.target]) {
+        const bitmap = (await session.nodeSummary(node)).bitmaps.find((b) => b.name === opts.skipBitmap);
+        if (!bitmap) continue;
+        skip = union(skip, await dirtyRanges(await access.open(node, { bitmap }), size));
       }
     }
     const skipped = skip.reduce((n, [s, e]) => n + (e - s), 0);
     const real = differing.map(([s, e]) => outside(s, e, skip)).flat();
     return real.length === 0 ? { identical: true, compared: size - skipped, skipped } : { identical: false, compared: size - skipped, skipped, firstDifference: real[0][0] };
   } finally {
-    for (const c of conns) await c.close().catch(() => undefined);
-    // An export goes once its connections have (BLOCK_EXPORT_DELETED); until then its bitmap is busy.
-    const gone = new Set<string>();
-    let wake: (() => void) | undefined;
-    const off = qmp.onEvent((ev) => {
-      if (ev.event === 'BLOCK_EXPORT_DELETED') {
-        gone.add(String(ev.data?.id));
-        wake?.();
-      }
-    });
-    try {
-      const deleting: string[] = [];
-      for (const id of exports) {
-        if (await qmp.execute('block-export-del', { id, mode: 'hard' }).then(() => true, () => false)) deleting.push(id);
-      }
-      while (!qmp.isClosed && deleting.some((id) => !gone.has(id))) await new Promise<void>((resolve) => (wake = resolve));
-    } finally {
-      off();
-    }
-    await qmp.execute('nbd-server-stop').catch(() => undefined);
-    for (const node of frozenOn) await qmp.execute('block-dirty-bitmap-remove', { node, name: FROZEN_BITMAP }).catch(() => undefined);
+    await access.close();
     if (opts.skipBitmap !== undefined) {
       for (const node of new Set([opts.source, opts.target])) {
         await qmp.execute('block-dirty-bitmap-remove', { node, name: opts.skipBitmap }).catch(() => undefined);
       }
     }
-    await fsp.rm(dir, { recursive: true, force: true });
   }
 }
