@@ -310,8 +310,18 @@ export class CommitJob extends Job {
       // Whatever the write did (even a failed one may have changed part of it), what top shows there
       // is copied again.
       this.bitmap.setDirty(req.offset, Math.min(req.bytes, this.bitmap.size - req.offset));
-      if (this.syncWrites && !this.isCompleted()) await this.copy.copyNow(req.offset, req.bytes);
-      else this.kick();
+      // (Also while the job waits for job-finalize: the observer goes at the chain change.)
+      if (!this.syncWrites) this.kick();
+      else {
+        try {
+          await this.copy.copyNow(req.offset, req.bytes);
+        } catch (err) {
+          // The layer has the write; the copy's failure is the job's (the range stays dirty, and the
+          // chain change refuses to drop the layer without it).
+          this.copyFailed('write', err);
+          this.kick();
+        }
+      }
     } finally {
       if (--this.writesInFlight === 0) for (const f of this.writesIdle.splice(0)) f();
     }

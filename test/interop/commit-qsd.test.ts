@@ -240,6 +240,31 @@ test('active commit (iotests 040): READY, writes through the filter, to the acti
   }, ['error']);
 });
 
+test('intermediate commit with auto-finalize=false: PENDING, job-cancel there leaves the chain as it was; job-finalize drops the layer', { skip }, async () => {
+  await same(async (env, r, ev, program) => {
+    await chain(env, { midWritable: true });
+    const ref = await reference(env, ['write -P 0x5c 1280k 64k']);
+    for (const how of ['cancel', 'finalize'] as const) {
+      await r('block-commit', { 'job-id': 'p', device: 'top', 'top-node': 'mid', 'auto-finalize': false });
+      ev(await eventsUntil(env, 'BLOCK_JOB_PENDING', { id: 'p' }));
+      await r('blockdev-del', { 'node-name': 'mid' });
+      // A write into the committed layer while the job waits in PENDING (bitmirror copies it before it completes).
+      if (program === 'bitmirror' && how === 'finalize') await io(env, 'mid', 'write -P 0x5c 1280k 64k');
+      await r(how === 'cancel' ? 'job-cancel' : 'job-finalize', { id: 'p' });
+      ev(await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'p', status: 'null' }));
+      const nodes = (await r('query-named-block-nodes', { flat: true })) as Array<Record<string, unknown>>;
+      const top = nodes.find((n) => n['node-name'] === 'top');
+      assert.equal(top?.backing_file, env.f(how === 'cancel' ? 'mid.qcow2' : 'base.qcow2'));
+      assert.equal(nodes.find((n) => n['node-name'] === 'base')?.ro, true);
+    }
+    if (program === 'bitmirror') {
+      await flush(env, 'top', 'base');
+      await assertIdentical(env.f('top.qcow2'), ref);
+      await checkClean(env.f('base.qcow2'));
+    }
+  }, ['error']);
+});
+
 test('active commit cancelled before and after READY: the base read-only again after a failure (upstream), writable after a soft cancel', { skip }, async () => {
   await same(async (env, r, ev, program) => {
     await chain(env);
