@@ -238,7 +238,16 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     }
     // A mirror with a working bitmap carries none (the daemon refuses both): a re-synced copy keeps its own.
     const carry = opts.carryBitmaps && opts.bitmap === undefined;
-    if (carry) checkCarriable(source, targetInfo, opts.dst);
+    if (carry) {
+      checkCarriable(source, targetInfo, opts.dst);
+      // A reused copy's bitmaps of the source's names describe its old contents, and would record the
+      // mirror's own writes; the carry would merge into them. The copy takes the source's instead.
+      const stale = targetInfo.bitmaps.filter((b) => source.bitmaps.some((sb) => sb.name === b.name)).map((b) => b.name).sort();
+      if (stale.length > 0) {
+        progress.message(`replacing the bitmap${stale.length > 1 ? 's' : ''} ${stale.join(', ')} of '${opts.dst}' with the source's`);
+        for (const name of stale) await s.qmp.execute('block-dirty-bitmap-remove', { node: targetNode, name });
+      }
+    }
     signals.throwIfSignalled();
 
     // The mirror.

@@ -148,12 +148,26 @@ test('copy --qmp: a node of a running daemon to a new file, switched over; then 
     assert.match(await d.qmp.hmpOutput('qemu-io disk0 "write -P 0x33 5M 64k"'), /^wrote 65536\/65536 bytes at offset 5242880/);
     const np = await runCli(['copy', '--qmp', sock, '--reuse', '--no-pivot', '--node-name', 'again', 'disk0', dst, '--progress', 'json']);
     assert.equal(np.code, 0, np.stdout + np.stderr);
+    assert.ok(jsonLines(np.stdout).some((l) => l.type === 'message' && /^replacing the bitmaps bm0, bm1 of '.*dst\.qcow2' with the source's$/.test(String(l.text))), np.stdout);
     const result = jsonLines(np.stdout).pop()!;
     assert.equal(result.pivot, false);
     // The copy's nodes are closed again (the file is consistent on its own); the source still open.
     const after = (await d.qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true })).map((n) => n['node-name']);
     assert.ok(!after.includes('again') && after.includes('disk0'), after.join());
     assert.deepEqual(await d.qmp.execute('query-jobs'), []);
+    // Opened again, the copy's bitmaps hold exactly the source's bits: bm0 with the write at 5M that
+    // the source recorded after the first copy, bm1 (disabled) without it; the mirror's own writes
+    // into the reused copy are in neither (its old bm0 and bm1 were replaced).
+    await d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'check', 'read-only': true, file: { driver: 'file', filename: dst, 'read-only': true } });
+    const sha = async (node: string, name: string): Promise<string> => (await d.qmp.execute<{ sha256: string }>('x-debug-block-dirty-bitmap-sha256', { node, name })).sha256;
+    for (const name of ['bm0', 'bm1']) assert.equal(await sha('check', name), await sha('disk0', name), name);
+    const counts = (await d.qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string; count: number }> }>>('query-named-block-nodes', { flat: true }))
+      .find((n) => n['node-name'] === 'check')!['dirty-bitmaps']!.map((b) => [b.name, b.count]).sort();
+    assert.deepEqual(counts, [
+      ['bm0', 5 * 65536],
+      ['bm1', 3 * 131072],
+    ]);
+    await d.qmp.execute('blockdev-del', { 'node-name': 'check' });
     assert.equal(await d.stop(), 0, d.stderr());
     await assertIdentical(src, dst);
     await assertCheckClean(dst);
