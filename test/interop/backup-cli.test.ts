@@ -267,3 +267,37 @@ test('backup of an image file: full, incremental, list, verify finds damage, res
     await env.done();
   }
 });
+
+test('backup: Ctrl-C cancels a run cleanly (exit 130), the chain and its bitmap stay as they were, the next run takes the point', async () => {
+  const env = await setup('backup-sigint');
+  try {
+    const img = env.f('d.qcow2');
+    const dir = env.f('b');
+    await mustRun('qemu-img', ['create', '-f', 'qcow2', img, '8M']);
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'disk0', file: { driver: 'file', filename: img } });
+    const sock = env.d.socket;
+    await io(env, 'disk0', 'write -P 7 0 1M');
+    await cli(['backup', '--qmp', sock, '--progress', 'none', 'disk0', dir]);
+    await io(env, 'disk0', 'write -P 8 2M 4M');
+    const chainBefore = await fsp.readFile(path.join(dir, 'chain.json'), 'utf8');
+    const run = startCli(['backup', '--qmp', sock, '--progress', 'json', '--speed', '256K', 'disk0', dir]);
+    await run.waitStdout(/"type":"progress","phase":"point 1 \(incremental\)","done":[1-9]/);
+    run.proc.kill('SIGINT');
+    assert.equal(await run.exited, 130);
+    assert.match(run.stderr(), /cancelled: the chain and its bitmap are as they were/);
+    assert.equal(await fsp.readFile(path.join(dir, 'chain.json'), 'utf8'), chainBefore);
+    assert.deepEqual((await fsp.readdir(dir)).sort(), ['0.qcow2', 'chain.json']);
+    const chain = JSON.parse(chainBefore) as Chain;
+    const nodes = await env.d.qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string; count: number }> }>>('query-named-block-nodes', { flat: true });
+    assert.deepEqual(nodes.filter((x) => x['node-name'].startsWith('bitmirror-backup-')), [], 'the run closed its nodes');
+    const bitmapsNow = nodes.find((x) => x['node-name'] === 'disk0')?.['dirty-bitmaps'] ?? [];
+    assert.deepEqual(bitmapsNow.map((b) => [b.name, b.count]), [[chain.bitmap, 4 * MiB]], 'the chain bitmap still marks the 4 MiB written');
+    assert.deepEqual(await env.d.qmp.execute('query-jobs'), []);
+    await cli(['backup', '--qmp', sock, '--progress', 'none', 'disk0', dir]);
+    await cli(['backup', 'restore', '--progress', 'none', dir, env.f('r.raw')]);
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'disk0' });
+    assert.match(await mustRun('qemu-img', ['compare', '-F', 'raw', img, env.f('r.raw')]), /Images are identical/);
+  } finally {
+    await env.done();
+  }
+});
