@@ -505,7 +505,7 @@ export class MirrorJob extends Job {
     if (!this.isReady()) throw genericError(`The active block job '${this.id}' cannot be completed`);
     if (this.o.replaces && !this.o.graph.find(this.o.replaces.nodeName)) throw genericError(`Node name '${this.o.replaces.nodeName}' not found`);
     // A bitmap that cannot be carried refuses the completion now, with the job still ready.
-    if (this.o.carryBitmaps) await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+    if (this.o.carryBitmaps) await planCarry(this.o.bitmaps, this.carryLayers(), this.carryDestination());
     if (this.cancelRequested || this.shouldComplete || !this.isReady()) throw genericError(`The active block job '${this.id}' cannot be completed`);
     this.o.replaces?.blockers.set(this, 'block device is in use by block-job-complete');
     this.shouldComplete = true;
@@ -518,13 +518,18 @@ export class MirrorJob extends Job {
 
   /** A soft cancel after READY carries the bitmaps too: refused (job still ready) when they cannot be. */
   protected override async checkSoftCancel(): Promise<void> {
-    if (this.o.carryBitmaps && !this.o.commit) await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+    if (this.o.carryBitmaps && !this.o.commit) await planCarry(this.o.bitmaps, this.carryLayers(), this.carryDestination());
   }
 
   /**
    * The layers whose bitmaps go to the target: the whole source chain for a full copy, else the top;
    * for an active commit the layers that leave the chain (the source down to the base, which keeps its own).
    */
+  /** Where they go: the target's format node (a filter target, e.g. throttle, cannot keep bitmaps; writes pass it). */
+  private carryDestination(): BlockNode {
+    return this.target.formatLayer();
+  }
+
   private carryLayers(): BlockNode[] {
     if (this.o.commit) return sourceChainLayers(this.source, this.target);
     const base = this.o.sync === 'full' ? undefined : this.source.formatLayer().backing();
@@ -569,10 +574,11 @@ export class MirrorJob extends Job {
     let plan;
     try {
       // Checked again: bitmaps may have changed since job-complete. A refusal fails the job unswitched.
-      if (this.o.carryBitmaps) plan = await planCarry(this.o.bitmaps, this.carryLayers(), this.target);
+      if (this.o.carryBitmaps) plan = await planCarry(this.o.bitmaps, this.carryLayers(), this.carryDestination());
       await this.settleForSwitch();
     } catch (err) {
       this.switched = true;
+      this.filter.releaseWrites();
       throw err;
     }
     // From here to the end of the switch nothing awaits: no write can come between the carry and the
@@ -580,10 +586,16 @@ export class MirrorJob extends Job {
     let carried: CarryDone | undefined;
     try {
       if (plan) carried = commitCarry(this.o.bitmaps, plan);
+    } catch (err) {
+      this.filter.releaseWrites();
+      throw err;
     } finally {
       this.switched = true;
     }
-    if (softCancel) return;
+    if (softCancel) {
+      this.filter.releaseWrites();
+      return;
+    }
     try {
       // mirror_exit_common: drop the job's claims (the target's writer above all) and stop the filter
       // passing on permissions before the target takes the source's place, where they could conflict.
@@ -595,19 +607,26 @@ export class MirrorJob extends Job {
       this.o.graph.replace(toReplace, this.target, this.filter);
     } catch (err) {
       carried?.undo();
+      this.filter.releaseWrites();
       throw err;
     }
     this.pivoted = true;
+    // The writes the filter held were sent before the switch; they go to the node that took its place.
+    this.filter.releaseWrites(this.target);
   }
 
   /**
    * Wait for a moment at which the target equals the source: nothing dirty, no copy in flight, no
-   * write in flight on the filter or the source. New writes meanwhile are copied synchronously
-   * (syncWrites), and whatever got dirty since the run ended (e.g. while the job waited for
-   * job-finalize) is copied here. Returns at such a moment; the caller switches without awaiting.
+   * write in flight on the source, new writes through the filter held. Writes to the source by
+   * another path meanwhile are copied synchronously (syncWrites), and whatever got dirty since the run
+   * ended (e.g. while the job waited for job-finalize) is copied here. Returns at such a moment; the
+   * caller switches without awaiting and then releases the filter's held writes.
    */
   private async settleForSwitch(): Promise<void> {
     this.finalSync = true;
+    // New writes through the filter wait until the switch (released in prepare or clean): a guest
+    // that keeps writes in flight all the time would otherwise never leave a quiet moment.
+    this.filter.holdWrites();
     let wrote = false;
     for (;;) {
       if (this.failure !== undefined) throw this.failure;
@@ -622,7 +641,8 @@ export class MirrorJob extends Job {
         wrote = true;
         continue;
       }
-      const writes = this.filter.tracker.writesEnded() ?? this.source.tracker.writesEnded();
+      // Writes held by the filter have not reached the source; those past it are in its tracker.
+      const writes = this.source.tracker.writesEnded();
       if (writes) {
         await writes;
         wrote = true;
@@ -668,6 +688,7 @@ export class MirrorJob extends Job {
   protected override async clean(): Promise<void> {
     const { graph, bitmaps } = this.o;
     this.switched = true;
+    this.filter.releaseWrites();
     this.copy.release();
     if (this.observer) this.source.removeWriteObserver(this.observer);
     for (const n of this.intermediate) n.removeWriteObserver(this.layerObserver);

@@ -12,7 +12,7 @@ import * as assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { promises as fsp } from 'node:fs';
-import { setup, addQcow2, assertIdentical, bitmaps, eventsUntil, flush, io, qmpError, query, type Env, MiB, KiB } from '../support/daemon.js';
+import { setup, addQcow2, assertIdentical, bitmaps, eventsUntil, flush, io, poll, qmpError, query, type Env, MiB, KiB } from '../support/daemon.js';
 import { mustRun, nbdDirtyRanges, qemuIoNbd, rangesCover, run } from '../support/tools.js';
 
 const SIZE = 32 * MiB;
@@ -90,23 +90,25 @@ test('carry-bitmaps at the pivot: the chain\'s bitmaps, merged, cover every writ
     await eventsUntil(env, 'BLOCK_JOB_READY', { device: 'j' });
     await write('write -P 0x55 6M 4k');
 
-    // A guest writing while the job switches: 64 writes through the export, job-complete after the first.
+    // A guest writing while the job switches: four writers at once, 16 writes each through the
+    // export (writes always in flight), job-complete once the first has written.
     const stream = Array.from({ length: 64 }, (_, i) => `write -P ${0x60 + (i % 32)} ${16 * MiB + i * 128 * KiB} 4k`);
     guest.push(...stream);
-    const writer = spawn('qemu-io', ['-f', 'raw', ...stream.flatMap((c) => ['-c', c]), uri], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    writer.stdout.on('data', (b: Buffer) => (out += b.toString()));
-    const exited = once(writer, 'exit');
-    await new Promise<void>((resolve) => {
-      const check = () => (out.includes('wrote') ? resolve() : writer.stdout.once('data', check));
-      writer.once('exit', () => resolve());
-      check();
+    const writers = [0, 1, 2, 3].map((w) => {
+      const cmds = stream.filter((_, i) => i % 4 === w);
+      const p = spawn('qemu-io', ['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const state = { out: '', exited: once(p, 'exit') as Promise<[number]> };
+      p.stdout.on('data', (b: Buffer) => (state.out += b.toString()));
+      return { p, state };
     });
+    await poll('a guest write', () => writers.some((w) => w.state.out.includes('wrote') || w.p.exitCode !== null), 60_000, 1);
     await qmp.execute('job-complete', { id: 'j' });
     await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'j', status: 'concluded' });
-    const [code] = (await exited) as [number];
-    assert.equal(code, 0, out);
-    assert.equal(out.match(/^wrote /gm)?.length, 64, out);
+    for (const w of writers) {
+      const [code] = await w.state.exited;
+      assert.equal(code, 0, w.state.out);
+      assert.equal(w.state.out.match(/^wrote /gm)?.length, 16, w.state.out);
+    }
     await qmp.execute('job-dismiss', { id: 'j' });
     await write('write -P 0x77 7M 4k');
 
@@ -313,6 +315,50 @@ test('carry-bitmaps with sync=top (drive-mirror, pivot): only the top layer\'s b
     assert.deepEqual(await nbdDirtyRanges(base, 'a'), [[0, 65536]]);
     await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x77 7M 4k', top]);
     await assertIdentical(top, copy);
+  } finally {
+    if (!stopped) await env.d.stop();
+    await fsp.rm(env.dir, { recursive: true, force: true });
+  }
+});
+
+test('carry-bitmaps: guest writes that arrive while the job switches wait and then go to the target', async () => {
+  const env = await setup('carry-held');
+  let stopped = false;
+  try {
+    const { top } = await makeChain(env);
+    const tgt = env.f('tgt.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', tgt, String(SIZE)]);
+    const { qmp } = env.d;
+    await addQcow2(env, 'src', top);
+    // A slow target (4 MiB/s): the switch has dirty data to copy first, and takes its time.
+    await qmp.execute('object-add', { 'qom-type': 'throttle-group', id: 'tg', limits: { 'bps-write': 4 * MiB } });
+    await qmp.execute('blockdev-add', { driver: 'throttle', 'node-name': 'slow', 'throttle-group': 'tg', file: { driver: 'qcow2', 'node-name': 'tgt', backing: null, file: { driver: 'file', filename: tgt } } });
+    const sock = env.f('nbd.sock');
+    await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+    await qmp.execute('block-export-add', { type: 'nbd', id: 'guest', 'node-name': 'src', name: 'vda', writable: true });
+    await qmp.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'slow', sync: 'full', 'auto-finalize': false, [CARRY]: true });
+    await eventsUntil(env, 'BLOCK_JOB_READY', { device: 'j' });
+    await qmp.execute('job-complete', { id: 'j' });
+    await eventsUntil(env, 'BLOCK_JOB_PENDING', { id: 'j' });
+    // A discard while the job is pending leaves 4 MiB dirty (a discarded range is copied, not mirrored
+    // as it happens): the switch copies it at 4 MiB/s before it can happen.
+    await io(env, 'src', 'discard 8M 4M');
+    const finalized = qmp.execute('job-finalize', { id: 'j' });
+    // The guest writes meanwhile through the filter: held until the pivot, then written to the target.
+    const guest = ['write -P 0x71 20M 4k', 'write -P 0x72 21M 64k'];
+    await qemuIoNbd(`nbd+unix:///vda?socket=${sock}`, guest);
+    await finalized;
+    await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'j', status: 'concluded' });
+    assert.deepEqual(await shape(env, 'tgt'), [
+      ['a', 65536, true, true],
+      ['b', 131072, true, false],
+    ]);
+    await qmp.execute('block-export-del', { id: 'guest' });
+    assert.equal(await env.d.stop(), 0, env.d.stderr());
+    stopped = true;
+    assertCovers(await nbdDirtyRanges(tgt, 'a'), [[0, 65536], [1 * MiB, 65536], [20 * MiB, 4096], [21 * MiB, 65536]], 'a');
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'discard 8M 4M', ...guest.flatMap((c) => ['-c', c]), top]);
+    await assertIdentical(top, tgt);
   } finally {
     if (!stopped) await env.d.stop();
     await fsp.rm(env.dir, { recursive: true, force: true });
