@@ -226,6 +226,8 @@ export async function openBenchFs(kind: FsKind, name: string, sizeBytes: number)
 export interface JobImage {
   file: string;
   format: 'qcow2' | 'raw';
+  /** Other blockdev options to open the node with instead (e.g. an rbd node); `file`/`format` unused then. */
+  options?: Record<string, unknown>;
 }
 
 export interface BlockJobRun {
@@ -251,7 +253,8 @@ export async function timedBlockJob(dir: string, o: BlockJobRun): Promise<Sample
   const d = await spawnDaemon(path.join(dir, `${o.program}.sock`), [], o.program);
   try {
     const q = d.qmp;
-    const node = (name: string, img: JobImage) => q.execute('blockdev-add', { driver: img.format, 'node-name': name, file: { driver: 'file', filename: img.file } });
+    const node = (name: string, img: JobImage) =>
+      q.execute('blockdev-add', { ...(img.options ?? { driver: img.format, file: { driver: 'file', filename: img.file } }), 'node-name': name });
     await node('src', o.src);
     await node('tgt', o.tgt);
     if (o.prepare) await o.prepare((c, a) => q.execute(c, a), (c) => q.hmp(c));

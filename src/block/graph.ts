@@ -272,8 +272,6 @@ export class BlockGraph {
 
   /** Options every node may change in blockdev-reopen (bdrv_reopen_prepare's own). */
   private static readonly GENERIC_REOPENABLE = new Set(['driver', 'node-name', 'read-only', 'auto-read-only', 'discard', 'detect-zeroes', 'cache', 'force-share']);
-  /** Options that name children. */
-  private static readonly CHILD_OPTIONS = ['file', 'backing', 'image', 'data-file'];
 
   /** Check one node's new options (and nested children's, with `prefix`), adding the plans to `out`. */
   private planReopen(node: BlockNode, opts: Record<string, unknown>, prefix: string, out: ReopenPlan[]): void {
@@ -290,7 +288,8 @@ export class BlockGraph {
       throw cannot(c.direct !== o.direct ? 'cache.direct' : 'cache.no-flush');
     }
     const plan: ReopenPlan = { node, change: { readOnly, options: opts } };
-    for (const key of BlockGraph.CHILD_OPTIONS) {
+    const childOptions = node.childOptionNames();
+    for (const key of childOptions) {
       const current = node.child(key);
       const value = opts[key];
       if (value === undefined) {
@@ -326,7 +325,7 @@ export class BlockGraph {
     }
     const driverOwn = new Set(node.reopenableOptions());
     for (const key of Object.keys(opts)) {
-      if (BlockGraph.GENERIC_REOPENABLE.has(key) || BlockGraph.CHILD_OPTIONS.includes(key) || driverOwn.has(key)) continue;
+      if (BlockGraph.GENERIC_REOPENABLE.has(key) || childOptions.includes(key) || driverOwn.has(key)) continue;
       if (JSON.stringify(opts[key]) !== JSON.stringify(old[key])) throw cannot(key);
     }
     out.push(plan);
@@ -346,7 +345,7 @@ export class BlockGraph {
   /** A node's open options with `read-only` set, children by name (implicit ones nested, following). */
   private static optionsWithReadOnly(node: BlockNode, readOnly: boolean): Record<string, unknown> {
     const opts: Record<string, unknown> = { ...node.openOptions, 'read-only': readOnly };
-    for (const key of BlockGraph.CHILD_OPTIONS) {
+    for (const key of node.childOptionNames()) {
       const child = node.child(key);
       if (!child) continue;
       const implicit = child.node.nodeName.startsWith('#') && child.node.parents.length === 1;

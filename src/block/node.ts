@@ -146,6 +146,9 @@ export interface ImageInfo {
   [key: string]: unknown;
 }
 
+/** Options that name children, for every driver that does not say otherwise (childOptionNames). */
+const CHILD_OPTION_NAMES = ['file', 'backing', 'image', 'data-file'] as const;
+
 /** QEMU's BlockOpType values that commands check (bdrv_op_is_blocked). */
 export type BlockOp =
   | 'drive-del'
@@ -665,6 +668,14 @@ export abstract class BlockNode {
   }
 
   // ---- reopen (blockdev-reopen; see BlockGraph.reopen) -----------------------------------------------
+
+  /**
+   * The options that name children (BlockdevRefs) in blockdev-reopen. A driver with an option of
+   * such a name that is a plain value (rbd's `image`) overrides.
+   */
+  childOptionNames(): readonly string[] {
+    return CHILD_OPTION_NAMES;
+  }
 
   /**
    * The driver's own options blockdev-reopen may change; every other option given must keep its

@@ -147,3 +147,33 @@ test('RBD persistent bitmap after SIGKILL: recovered, a superset of the writes; 
     await tmp.cleanup();
   }
 });
+
+test('RBD persistent bitmaps follow blockdev-reopen: read-only, then writable again and covered by the write-intent record', { skip: skipCeph }, async () => {
+  const ceph = await cephCluster();
+  const tmp = await tempDir('bm-rbdreopen-');
+  try {
+    const node = { ...(await rbdImage(ceph, 'reopen')), 'node-name': 'd' };
+    let d = await startDaemon(path.join(tmp.dir, 'a.sock'), ['--blockdev', JSON.stringify(node)]);
+    await d.qmp.execute('block-dirty-bitmap-add', { node: 'd', name: 'b0', persistent: true, granularity: 64 * KiB });
+    assert.equal(await d.stop(), 0);
+    d = await startDaemon(path.join(tmp.dir, 'b.sock'), ['--blockdev', JSON.stringify({ ...node, 'read-only': true })]);
+    assert.equal(((await bitmapList(d)) as Record<string, Record<string, unknown>>).b0.busy, false);
+    await d.qmp.execute('blockdev-reopen', { options: [{ ...node, 'read-only': false }] });
+    await d.qmp.hmpOutput('qemu-io d "write -P 3 8M 4k"');
+    await d.kill();
+    d = await startDaemon(path.join(tmp.dir, 'c.sock'));
+    await d.qmp.execute('blockdev-add', node);
+    const b0 = ((await bitmapList(d)) as Record<string, Record<string, unknown>>).b0;
+    assert.equal(b0['__org.bitmirror_recovered'], true, 'in use again after the reopen, and covered');
+    assert.equal(b0.count, 4 * MiB, 'the 4 MiB region of the write');
+    assert.equal(await d.stop(), 0);
+    // A snapshot stays read-only.
+    await ceph.rbd('snap', 'create', `${ceph.pool}/reopen@s`);
+    d = await startDaemon(path.join(tmp.dir, 'd.sock'), ['--blockdev', JSON.stringify({ ...node, snapshot: 's', 'read-only': true })]);
+    const err = await d.qmp.request('blockdev-reopen', { options: [{ ...node, snapshot: 's', 'read-only': false }] });
+    assert.deepEqual('error' in err ? err.error : err, { class: 'GenericError', desc: "Cannot change node 'd' to r/w when using RBD snapshot" });
+    assert.equal(await d.stop(), 0);
+  } finally {
+    await tmp.cleanup();
+  }
+});

@@ -160,6 +160,16 @@ export class RbdNode extends BlockNode implements PersistentBitmapStore {
     if (!this.readOnly) await this.bitmaps.activate();
   }
 
+  /** An rbd node has no children: its `image` is the image's name. */
+  override childOptionNames(): readonly string[] {
+    return [];
+  }
+
+  /** qemu_rbd_reopen_prepare: a snapshot stays read-only. */
+  override async reopenPrepare(change: ReopenChange): Promise<void> {
+    if (this.location.snapshot !== undefined && !change.readOnly) throw genericError(`Cannot change node '${this.nodeName}' to r/w when using RBD snapshot`);
+  }
+
   override async reopenFinish(_change: ReopenChange, wasReadOnly: boolean): Promise<void> {
     if (wasReadOnly && !this.readOnly && this.activated) await this.bitmaps.rearm();
   }
@@ -305,7 +315,10 @@ export const rbdDriver: BlockDriver = {
     let readOnly = opts['read-only'] as boolean;
     // QEMU: an rbd snapshot is read-only (bdrv_apply_auto_read_only after rbd_open).
     if (loc.snapshot !== undefined && !readOnly && opts['auto-read-only'] === true) readOnly = true;
-    const r = await rbd.open(...locationArgs(loc), loc.snapshot ?? null, readOnly || loc.snapshot !== undefined);
+    // As QEMU, the image is opened for writing even for a read-only node (librbd takes its exclusive
+    // lock only at the first write), so blockdev-reopen can make the node writable; a snapshot is
+    // opened read-only.
+    const r = await rbd.open(...locationArgs(loc), loc.snapshot ?? null, loc.snapshot !== undefined);
     if (r.ret < 0 || !r.handle) throw stageError(r.stage, r.ret, loc);
     const handle = r.handle;
     try {
