@@ -598,9 +598,9 @@ export class BlockGraph {
    * BlockBackends (an export or a guest follows a pivot) — except edges owned by `except` (a filter
    * keeps its own child) or by `to` itself. Job claims and the monitor's reference stay with the node
    * they were made on, as QEMU's stay_at_node parents do. The permissions are checked first: on a
-   * conflict nothing moves and QEMU's error is thrown.
+   * conflict nothing moves and QEMU's error is thrown. Returns the edges that moved.
    */
-  replace(from: BlockNode, to: BlockNode, except?: BlockNode): void {
+  replace(from: BlockNode, to: BlockNode, except?: BlockNode): BdrvChild[] {
     // A parent below `to` stays (should_update_child): a fleecing image that is copy-before-write's
     // target and has the source as its backing must not get the filter above it as backing (a loop).
     const below = BlockGraph.descendants(to);
@@ -610,21 +610,50 @@ export class BlockGraph {
     for (const e of moving) {
       if (e.frozen) throw genericError(`Cannot change '${e.name}' link to '${to.nodeName}'`);
     }
-    const move = (edges: BdrvChild[], a: BlockNode, b: BlockNode): void => {
-      for (const e of edges) {
-        a.parents.splice(a.parents.indexOf(e), 1);
-        e.node = b;
-      }
-      // Moved parents come first at the new node, in their old order (QEMU re-inserts each at the head).
-      b.parents.unshift(...edges);
-    };
-    move(moving, from, to);
+    BlockGraph.moveParents(moving, from, to);
     try {
       refreshPermissions([to, from]);
     } catch (err) {
-      move(moving, to, from);
+      BlockGraph.moveParents(moving, to, from);
       throw err;
     }
+    return moving;
+  }
+
+  /** Point parent edges of `a` at `b` (no permission check: callers refresh). */
+  private static moveParents(edges: BdrvChild[], a: BlockNode, b: BlockNode): void {
+    for (const e of edges) {
+      a.parents.splice(a.parents.indexOf(e), 1);
+      e.node = b;
+    }
+    // Moved parents come first at the new node, in their old order (QEMU re-inserts each at the head).
+    b.parents.unshift(...edges);
+  }
+
+  /**
+   * bdrv_append: put `overlay` above `node` — `node` becomes its backing child (setBacking's checks)
+   * and every parent of `node` that should follow moves to `overlay` (replace's rules: job claims and
+   * the monitor's reference stay). What an external snapshot does. Throws with nothing changed;
+   * returns the undo (the moved parents go back, the backing link is dropped).
+   */
+  append(overlay: BlockNode, node: BlockNode): () => void {
+    const undoBacking = this.setBacking(overlay, node);
+    let moved: BdrvChild[];
+    try {
+      moved = this.replace(node, overlay, overlay);
+    } catch (err) {
+      undoBacking();
+      throw err;
+    }
+    return () => {
+      BlockGraph.moveParents(
+        moved.filter((e) => e.node === overlay),
+        overlay,
+        node,
+      );
+      undoBacking();
+      refreshPermissions([overlay, node]);
+    };
   }
 
   /** Every node reachable from `node` through children (not `node` itself unless in a loop). */

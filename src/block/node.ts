@@ -506,6 +506,33 @@ export abstract class BlockNode {
     if (i >= 0) this.observers.splice(i, 1);
   }
 
+  // ---- holding requests (a graph change in progress) -----------------------------------------------
+
+  /** Set while requests to this node wait (holdRequests); resolves to where they then go. */
+  private held?: Promise<BlockNode | undefined>;
+
+  /**
+   * Make new requests to this node wait until the returned release is called: QEMU's drained
+   * section, for a node that parents were just moved onto (an external snapshot's overlay) while
+   * the change may still be undone. Released, they run here — or on `redirect` when given: the
+   * change was undone and the parents that sent them are back on that node. Requests already in
+   * flight are not affected.
+   */
+  holdRequests(): (redirect?: BlockNode) => void {
+    let release!: (to: BlockNode | undefined) => void;
+    const held = new Promise<BlockNode | undefined>((r) => (release = r));
+    this.held = held;
+    return (redirect) => {
+      if (this.held === held) this.held = undefined;
+      release(redirect);
+    };
+  }
+
+  private async afterHold<T>(request: (node: BlockNode) => Promise<T>): Promise<T> {
+    const to = await this.held;
+    return request(to ?? this);
+  }
+
   // ---- public I/O ---------------------------------------------------------------------------------
 
   private checkRequest(offset: number, bytes: number): void {
@@ -522,6 +549,7 @@ export abstract class BlockNode {
   }
 
   async read(offset: number, bytes: number): Promise<Buffer> {
+    if (this.held) return this.afterHold((n) => n.read(offset, bytes));
     this.checkRequest(offset, bytes);
     if (bytes === 0) return Buffer.alloc(0);
     const req = this.tracker.begin('read', offset, bytes);
@@ -538,6 +566,7 @@ export abstract class BlockNode {
    * written. For callers that reuse buffers (the mirror's pool), so a read allocates nothing.
    */
   async readInto(offset: number, buf: Buffer): Promise<void> {
+    if (this.held) return this.afterHold((n) => n.readInto(offset, buf));
     const bytes = buf.length;
     if (!this.doReadInto) {
       const data = await this.read(offset, bytes);
@@ -575,6 +604,7 @@ export abstract class BlockNode {
    * (EXDEV, EINVAL, ENOTSUP, ENOSYS) comes back as a BlockIOError with that code.
    */
   async writeHost(offset: number, src: HostRange): Promise<void> {
+    if (this.held) return this.afterHold((n) => n.writeHost(offset, src));
     this.checkRequest(offset, src.bytes);
     this.checkWritable();
     if (src.bytes === 0) return;
@@ -589,6 +619,7 @@ export abstract class BlockNode {
    * range (nothing changed then). A read request here, a write request on the target.
    */
   async copyRangeTo(offset: number, bytes: number, target: BlockNode): Promise<number> {
+    if (this.held) return this.afterHold((n) => n.copyRangeTo(offset, bytes, target));
     this.checkRequest(offset, bytes);
     if (bytes === 0 || !this.doMapHost || !target.acceptsHostCopy(offset, bytes)) return 0;
     const req = this.tracker.begin('read', offset, bytes);
@@ -604,6 +635,7 @@ export abstract class BlockNode {
   }
 
   async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    if (this.held) return this.afterHold((n) => n.write(offset, data, flags));
     this.checkRequest(offset, data.length);
     this.checkWritable();
     if (data.length === 0) return;
@@ -618,6 +650,7 @@ export abstract class BlockNode {
   }
 
   async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
+    if (this.held) return this.afterHold((n) => n.writeZeroes(offset, bytes, flags));
     this.checkRequest(offset, bytes);
     this.checkWritable();
     if (bytes === 0) return;
@@ -625,6 +658,7 @@ export abstract class BlockNode {
   }
 
   async discard(offset: number, bytes: number): Promise<void> {
+    if (this.held) return this.afterHold((n) => n.discard(offset, bytes));
     this.checkRequest(offset, bytes);
     this.checkWritable();
     if (bytes === 0) return;
@@ -638,6 +672,7 @@ export abstract class BlockNode {
    * them, so only requests made to this node are seen one level down.
    */
   async flush(): Promise<void> {
+    if (this.held) return this.afterHold((n) => n.flush());
     if (this.closed) return;
     this.primaryChild()?.flushParentRequest();
     await this.doFlush();
@@ -724,6 +759,7 @@ export abstract class BlockNode {
 
   /** Block status of [offset, offset+bytes): the status of a prefix of it. */
   async blockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    if (this.held) return this.afterHold((n) => n.blockStatus(offset, bytes));
     this.checkRequest(offset, bytes);
     if (bytes === 0) throw new BlockIOError('EINVAL');
     const st = await this.doBlockStatus(offset, bytes);

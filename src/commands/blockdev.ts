@@ -90,7 +90,10 @@ export async function blockDeviceInfo(core: Core, node: BlockNode, flat: boolean
     cache: { 'no-flush': cache['no-flush'] ?? false, direct: cache.direct ?? false, writeback: true },
     file: image.filename,
   };
-  if (image['backing-filename'] !== undefined) info['backing_file'] = image['backing-filename'];
+  // The backing node's file name, only when there is a backing node (QEMU 7.2: not the name the
+  // image records, which may be relative, and nothing for an image opened without its backing).
+  const backingFile = node.backing()?.imageInfo().filename;
+  if (backingFile !== undefined) info['backing_file'] = backingFile;
   const bitmaps = core.bitmaps.info(node);
   if (bitmaps !== undefined) info['dirty-bitmaps'] = bitmaps;
   return info;

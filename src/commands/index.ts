@@ -16,9 +16,10 @@ import { nbdCommands } from './nbd.js';
 import { backupCommands } from './backup.js';
 import { chainCommands } from './chain.js';
 import { commitCommands } from './commit.js';
+import { snapshotCommands } from './snapshot.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands, ...snapshotCommands);
   return table;
 }

@@ -939,11 +939,13 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   }
 
   /**
-   * QEMU's auto_backing_file once change-backing-file (or a chain job) rewrote the header: the name
-   * as written, unresolved. When it is not the backing node's file name, QEMU's bdrv_backing_overridden
-   * names the node by a json: pseudo-filename that spells out the backing node. Undefined before.
+   * QEMU's auto_backing_file: the header's backing file name as read at open (or as rewritten
+   * since), unresolved; undefined when the backing node was opened from that name (QEMU then keeps
+   * the backing node's own file name, so it always matches). When it is not the backing node's file
+   * name (a backing given by reference, attached by a snapshot, or renamed), QEMU's
+   * bdrv_backing_overridden names this node by a json: pseudo-filename that spells out the backing.
    */
-  private autoBackingFile: string | undefined;
+  autoBackingFile: string | undefined;
 
   /** The json: options of the backing node when the header's name no longer names it (see autoBackingFile). */
   private overridingBacking(): Record<string, unknown> | undefined {

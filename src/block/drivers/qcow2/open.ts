@@ -208,13 +208,13 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
 
   // Backing chain.
   let backing: BlockNode | undefined;
-  let backingDisplay: string | undefined;
+  // full-backing-filename: the header's name resolved, however the backing node is given.
+  const backingDisplay = h.backingFile ? resolveBackingFilename(file.imageInfo().filename, h.backingFile) : undefined;
   const fileName = file.imageInfo().filename;
   if (opts.backing !== undefined && opts.backing !== null) {
     backing = await ctx.openChild(opts.backing, true, 'backing', 'cow');
   } else if (opts.backing === undefined && h.backingFile !== undefined && h.backingFile !== '') {
     const full = resolveBackingFilename(fileName, h.backingFile);
-    backingDisplay = full;
     await checkBackingChain(fileName, h.backingFile, h.backingFormat);
     const fmt = h.backingFormat ?? (await probeFormat(imageFileOf(full)));
     try {
@@ -227,6 +227,9 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   const node = new Qcow2Node(nodeName, readOnly, file, h, l1, rc, backingDisplay);
   node.cachedBitmaps = storedBitmaps;
   node.unmapAllowed = opts.discard === 'unmap';
+  // Unless the backing node was opened from the header's name, that name is what a backing node
+  // attached later (or given by reference) is compared with.
+  if (opts.backing !== undefined || !h.backingFile) node.autoBackingFile = h.backingFile ?? '';
   // The node holds its file (with the permissions checked) from here: a failure lets go of it.
   try {
     if (backing) node.attachChild('backing', backing, 'cow');
