@@ -5,10 +5,10 @@
  * A chain goes down through backing links ('cow' children) of format nodes and through the filtered
  * child of filters; a raw node over a file is no chain link (its file holds its data).
  */
-import * as path from 'node:path';
+import { promises as fsp } from 'node:fs';
 import type { BlockNode } from './node.js';
 import { FilterNode } from './filters/filter.js';
-import { resolveBackingFilename } from './filename.js';
+import { hasProtocol, resolveBackingFilename } from './filename.js';
 
 /** Whether QEMU counts the node as a filter (is_filter): mirror_top, copy-before-write, throttle, copy-on-read. */
 export function isFilter(node: BlockNode): boolean {
@@ -40,8 +40,11 @@ export function chainContains(top: BlockNode, node: BlockNode | undefined): bool
   return false;
 }
 
-/** bdrv_find_overlay: the format layer of `active`'s chain whose backing is `node`, if any. */
-export function findOverlay(active: BlockNode, node: BlockNode): BlockNode | undefined {
+/**
+ * bdrv_find_overlay: the format layer of `active`'s chain whose backing is `node`, if any; with no
+ * `node`, the bottom layer of the chain.
+ */
+export function findOverlay(active: BlockNode, node: BlockNode | undefined): BlockNode | undefined {
   const target = skipFilters(node);
   for (let n: BlockNode | undefined = skipFilters(active); n; ) {
     const next = backingChainNext(n);
@@ -59,21 +62,26 @@ export function findBase(node: BlockNode): BlockNode {
 }
 
 /**
- * bdrv_find_backing_image: the node below `active` whose image is `name` — the backing file string
- * its overlay records, or its file name (a relative name taken against the overlay's directory).
+ * bdrv_find_backing_image: the backing node of the first layer below `active` (it included) whose
+ * image names `name` as its backing file. As QEMU: a name with a protocol (or a layer whose recorded
+ * name has one) compares as written, also with the layer's resolved backing file name; any other
+ * name is resolved against the layer's directory and compared, both sides canonical (realpath), with
+ * the layer's recorded backing file name resolved likewise. Layers named by a json: pseudo-filename
+ * have no directory and are skipped.
  */
-export function findBackingImage(active: BlockNode, name: string): BlockNode | undefined {
-  for (let n: BlockNode | undefined = skipFilters(active); n; ) {
-    const next = backingChainNext(n);
-    if (!next) return undefined;
-    const recorded = n.imageInfo()['backing-filename'];
-    const file = next.imageInfo().filename;
-    if (name === recorded || name === file) return next;
-    const overlayFile = n.imageInfo().filename;
-    if (!overlayFile.startsWith('json:') && !file.startsWith('json:')) {
-      if (path.resolve(resolveBackingFilename(overlayFile, name)) === path.resolve(file)) return next;
+export async function findBackingImage(active: BlockNode, name: string): Promise<BlockNode | undefined> {
+  const realpath = (p: string) => fsp.realpath(p).catch(() => undefined);
+  for (let n: BlockNode | undefined = skipFilters(active); n && n.backing(); n = backingChainNext(n)) {
+    const info = n.imageInfo();
+    const recorded = info['backing-filename'];
+    const full = info['full-backing-filename'];
+    if (hasProtocol(name) || (recorded !== undefined && hasProtocol(recorded))) {
+      if (name === recorded || name === full) return n.backing();
+      continue;
     }
-    n = next;
+    if (info.filename.startsWith('json:') || full === undefined) continue;
+    const wanted = await realpath(resolveBackingFilename(info.filename, name));
+    if (wanted !== undefined && wanted === (await realpath(full))) return n.backing();
   }
   return undefined;
 }

@@ -35,6 +35,11 @@ export interface BlockStatus {
 export type WriteKind = 'write' | 'zero' | 'discard' | 'copy';
 
 export interface WriteFlags {
+  /**
+   * BDRV_REQ_WRITE_UNCHANGED: the write puts the bytes the node already shows (a copy-on-read copying
+   * what a backing file shows into the overlay): no guest-visible byte changes.
+   */
+  writeUnchanged?: boolean;
   /** Force unit access: the write is durable when it completes. */
   fua?: boolean;
   /** For write-zeroes: the range may be deallocated (BDRV_REQ_MAY_UNMAP). */

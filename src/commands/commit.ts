@@ -72,7 +72,7 @@ async function blockCommit(args: Record<string, unknown>, core: Core): Promise<v
     top = nodeByName(core, topNode);
     if (!chainContains(bs, top)) throw genericError(`'${topNode}' is not in this backing file chain`);
   } else if (topName !== undefined && bs.imageInfo().filename !== topName) {
-    top = findBackingImage(bs, topName);
+    top = await findBackingImage(bs, topName);
   }
   if (!top) throw genericError(`Top image file ${topName ?? 'NULL'} not found`);
 
@@ -82,7 +82,7 @@ async function blockCommit(args: Record<string, unknown>, core: Core): Promise<v
     base = nodeByName(core, baseNode);
     if (!chainContains(top, base)) throw genericError(`'${baseNode}' is not in this backing file chain`);
   } else if (baseName !== undefined) {
-    const found = findBackingImage(top, baseName);
+    const found = await findBackingImage(top, baseName);
     if (!found) throw genericError(`Can't find '${baseName}' in the backing chain`);
     base = found;
   } else {

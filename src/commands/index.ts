@@ -17,9 +17,10 @@ import { backupCommands } from './backup.js';
 import { chainCommands } from './chain.js';
 import { commitCommands } from './commit.js';
 import { snapshotCommands } from './snapshot.js';
+import { streamCommands } from './stream.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands, ...snapshotCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands, ...snapshotCommands, ...streamCommands);
   return table;
 }

@@ -128,6 +128,16 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
 
 /** Per command, notes on single arguments (the same rule as COMMAND_NOTES). */
 export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, ParityNote>>>> = {
+  'block-stream': {
+    'backing-mask-protocol': { origin: 'upstream', note: 'Since QEMU 8.x: the base\'s format is recorded as "raw" when the base is a protocol node.' },
+    '__org.bitmirror_carry-bitmaps': { note: 'The named bitmaps of the layers the stream removes are carried into the node when the chain is shortened.' },
+  },
+  'blockdev-snapshot': {
+    '__org.bitmirror_carry-bitmaps': { note: 'The node\'s recording bitmaps are created on the overlay at the switch (what libvirt does with block-dirty-bitmap-add).' },
+  },
+  'blockdev-snapshot-sync': {
+    '__org.bitmirror_carry-bitmaps': { note: 'The node\'s recording bitmaps are created on the overlay at the switch (what libvirt does with block-dirty-bitmap-add).' },
+  },
   'human-monitor-command': {
     '__org.bitmirror_output': { note: 'qemu-io\'s text becomes the reply instead of being printed on the daemon\'s standard output.' },
   },

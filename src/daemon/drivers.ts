@@ -9,8 +9,9 @@ import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 import { throttleDriver } from '../block/filters/throttle.js';
 import { cbwDriver } from '../block/filters/copy-before-write.js';
+import { copyOnReadDriver } from '../block/filters/copy-on-read.js';
 import { snapshotAccessDriver } from '../block/filters/snapshot-access.js';
 import { nbdDriver } from '../nbd/client-driver.js';
 import { rbdDriver } from '../block/drivers/rbd.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, snapshotAccessDriver, nbdDriver, rbdDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, copyOnReadDriver, snapshotAccessDriver, nbdDriver, rbdDriver];

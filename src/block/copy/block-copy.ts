@@ -84,6 +84,8 @@ export interface BlockCopyOptions {
    * in flight (a fleecing image reading through to its backing, the source) ends first.
    */
   serialiseWriterCopies?: boolean;
+  /** Every write to the target is BDRV_REQ_WRITE_UNCHANGED (copy-on-read into the node reading through). */
+  writeUnchanged?: boolean;
   hooks?: BlockCopyHooks;
 }
 
@@ -258,7 +260,8 @@ export class BlockCopy {
    * when the copy began and the pieces after the failed one are never copied.
    */
   private async copyChunks(offset: number, bytes: number, copied?: (n: number) => void, serialising = false): Promise<CopyFailure | undefined> {
-    const flags = serialising ? { serialising: true } : undefined;
+    const flags: WriteFlags | undefined =
+      serialising || this.o.writeUnchanged ? { ...(serialising ? { serialising: true } : {}), ...(this.o.writeUnchanged ? { writeUnchanged: true } : {}) } : undefined;
     const end = offset + bytes;
     let pos = offset;
     const failed = (operation: CopyOperation, err: unknown): CopyFailure => {

@@ -35,6 +35,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { resolveBackingFilename } from '../../filename.js';
+import { jsonOptions } from '../../filters/filter.js';
 import { Refcounts, type MetadataRange } from './refcount.js';
 import { COPIED_HI, decodeL1, decodeL2, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
 import { decompressCluster } from './compressed.js';
@@ -951,10 +952,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   private overridingBacking(): Record<string, unknown> | undefined {
     const b = this.backing();
     if (this.autoBackingFile === undefined || !b || this.file.driver !== 'file') return undefined;
-    const name = b.imageInfo().filename;
-    if (this.autoBackingFile === name) return undefined;
-    const child = b.primaryChild();
-    return name.startsWith('json:') || !child ? undefined : { driver: b.driver, file: { driver: child.driver, filename: child.imageInfo().filename } };
+    if (this.autoBackingFile === b.imageInfo().filename) return undefined;
+    return jsonOptions(b);
   }
 
   imageInfo(): ImageInfo {
