@@ -139,7 +139,7 @@ export class RbdNode extends BlockNode implements PersistentBitmapStore {
   // ---- PersistentBitmapStore (block/bitmap-store.ts): bitmaps beside the image, see rbd-bitmaps.ts ----
 
   canStoreNewDirtyBitmap(name: string, granularity: number, persistentNames?: string[]): void {
-    if (this.readOnly) throw genericError(`Can't make bitmap '${name}' persistent in '${this.nodeName}': Image is read-only`);
+    // As qcow2 in QEMU 7.2: a read-only node takes the bitmap, and its store fails at close ("No write access").
     this.bitmaps.canStoreNewDirtyBitmap(name, granularity, persistentNames);
   }
   loadPersistentDirtyBitmaps(): Promise<LoadedDirtyBitmap[]> {
