@@ -28,6 +28,8 @@ import { runJob, type JobOutcome } from './job-runner.js';
 import { SignalWatch } from './signals.js';
 import { parseArgs, type OptionSpec } from './args.js';
 import { parseRate } from './copy.js';
+import { NBD_CMD } from '../nbd/protocol.js';
+import { dirtyRanges, NbdAccess, type Range } from './nbd-access.js';
 import { chainPrefix, loadChain, MANIFEST, newChain, pointAt, saveChain, sha256File, syncPath, verifyChain, type BackupChain, type BackupPoint } from './backup-chain.js';
 
 export const BACKUP_USAGE = `Usage: bitmirror backup [options] DISK DIR
@@ -41,6 +43,8 @@ A failed, cancelled or killed run leaves the chain as it was; the next run takes
   DISK            an image file (opened by an embedded daemon), or with --qmp a node name
   --qmp SOCKET    a running daemon's QMP socket (unix path or HOST:PORT); it writes DIR's images
   --verify        check the chain's images against their checksums first (refuse to extend a damaged chain)
+  --pull          with --qmp: read the point over NBD from the daemon (a fleecing export with the dirty
+                  bitmap's extents) and write the images here, instead of the daemon's backup job
   --speed RATE    limit the copy to RATE bytes per second (K, M, G suffixes)
   --progress MODE auto (a bar on a terminal, JSON lines otherwise), bar, json or none
 
@@ -56,6 +60,7 @@ const OPTIONS: Record<string, OptionSpec> = {
   help: { value: false, short: '-h' },
   qmp: { value: true },
   verify: { value: false },
+  pull: { value: false },
   speed: { value: true },
   progress: { value: true },
   at: { value: true },
@@ -95,10 +100,12 @@ export async function backupMain(argv: string[]): Promise<number> {
         return await restore(rest[0], rest[1], { at: at === undefined ? undefined : Number(at), format, progress });
       }
       default: {
-        only('backup', ['qmp', 'verify', 'speed', 'progress']);
+        only('backup', ['qmp', 'verify', 'pull', 'speed', 'progress']);
+        if (options.has('pull') && !options.has('qmp')) throw usageError('--pull reads from a running daemon: give --qmp SOCKET');
+        if (options.has('pull') && options.has('speed')) throw usageError('--speed limits the backup job: not with --pull');
         if (positional.length !== 2) throw usageError(`expected DISK and DIR, got ${positional.length} argument${positional.length === 1 ? '' : 's'}`);
         const speed = options.get('speed') as string | undefined;
-        return await takeBackup({ disk: positional[0], dir: positional[1], qmp: options.get('qmp') as string | undefined, verify: options.has('verify'), speed, progress });
+        return await takeBackup({ disk: positional[0], dir: positional[1], qmp: options.get('qmp') as string | undefined, verify: options.has('verify'), pull: options.has('pull'), speed, progress });
       }
     }
   } catch (err) {
@@ -125,6 +132,7 @@ interface BackupOptions {
   dir: string;
   qmp?: string;
   verify: boolean;
+  pull: boolean;
   speed?: string;
   progress: Progress;
 }
@@ -191,51 +199,74 @@ async function takeBackup(opts: BackupOptions): Promise<number> {
     const filename = path.join(dir, file);
     // An image of this number is what a failed or killed run left: never part of the chain.
     await fsp.rm(filename, { force: true });
-    target = await s.createImage(filename, `${prefix}-${n}`, {
-      format: 'qcow2',
-      size: info.virtualSize,
-      clusterSize: 64 * 1024,
-      backingFile: incremental ? chain.points[n - 1].file : undefined,
-      backingFormat: incremental ? 'qcow2' : undefined,
-    });
     const bitmapName = `${prefix}-${n}`;
+    const granularity = current?.granularity ?? 64 * 1024;
     let pointTime = new Date();
-    const jobId = `${prefix}-job-${n}`;
-    const backupArgs: Record<string, unknown> = {
-      'job-id': jobId,
-      device: node,
-      target: target.node,
-      sync: incremental ? 'bitmap' : 'full',
-      'auto-dismiss': false,
-      ...(incremental ? { bitmap: chain.bitmap, 'bitmap-mode': 'never' } : {}),
-      ...(speed !== undefined ? { speed } : {}),
-    };
-    outcome = await runJob(s.qmp, {
-      id: jobId,
-      phase: incremental ? `point ${n} (incremental)` : `point ${n} (full)`,
-      progress: opts.progress,
-      signals,
-      start: async () => {
-        // One instant: the point, and the bitmap that records every change after it.
-        await s.qmp.execute('transaction', {
-          actions: [
-            { type: 'block-dirty-bitmap-add', data: { node, name: bitmapName, persistent: info.driver === 'qcow2', granularity: current?.granularity ?? 64 * 1024 } },
-            { type: 'blockdev-backup', data: backupArgs },
-          ],
-        });
-        newBitmap = { node, name: bitmapName };
-        pointTime = new Date();
-      },
-    });
-    if (outcome.status === 'interrupted') throw new CliError('cancelled: the chain and its bitmap are as they were', exitCodeForSignal(outcome.signal ?? 'SIGINT'));
-    if (outcome.status === 'failed') throw new CliError(`the backup failed: ${outcome.error ?? 'unknown error'}; the chain and its bitmap are as they were`);
+    let copied: number;
+    if (opts.pull) {
+      const pulled = await pullPoint(s, {
+        node,
+        size: info.virtualSize,
+        persistent: info.driver === 'qcow2',
+        chainBitmap: incremental ? chain.bitmap : undefined,
+        backingFile: incremental ? chain.points[n - 1].file : undefined,
+        granularity,
+        bitmapName,
+        filename,
+        prefix,
+        progress: opts.progress,
+        signals,
+        phase: incremental ? `point ${n} (incremental, pull)` : `point ${n} (full, pull)`,
+        onBitmap: (b) => (newBitmap = b),
+      });
+      copied = pulled.copied;
+      pointTime = pulled.time;
+    } else {
+      target = await s.createImage(filename, `${prefix}-${n}`, {
+        format: 'qcow2',
+        size: info.virtualSize,
+        clusterSize: 64 * 1024,
+        backingFile: incremental ? chain.points[n - 1].file : undefined,
+        backingFormat: incremental ? 'qcow2' : undefined,
+      });
+      const jobId = `${prefix}-job-${n}`;
+      const backupArgs: Record<string, unknown> = {
+        'job-id': jobId,
+        device: node,
+        target: target.node,
+        sync: incremental ? 'bitmap' : 'full',
+        'auto-dismiss': false,
+        ...(incremental ? { bitmap: chain.bitmap, 'bitmap-mode': 'never' } : {}),
+        ...(speed !== undefined ? { speed } : {}),
+      };
+      outcome = await runJob(s.qmp, {
+        id: jobId,
+        phase: incremental ? `point ${n} (incremental)` : `point ${n} (full)`,
+        progress: opts.progress,
+        signals,
+        start: async () => {
+          // One instant: the point, and the bitmap that records every change after it.
+          await s.qmp.execute('transaction', {
+            actions: [
+              { type: 'block-dirty-bitmap-add', data: { node, name: bitmapName, persistent: info.driver === 'qcow2', granularity } },
+              { type: 'blockdev-backup', data: backupArgs },
+            ],
+          });
+          newBitmap = { node, name: bitmapName };
+          pointTime = new Date();
+        },
+      });
+      if (outcome.status === 'interrupted') throw new CliError('cancelled: the chain and its bitmap are as they were', exitCodeForSignal(outcome.signal ?? 'SIGINT'));
+      if (outcome.status === 'failed') throw new CliError(`the backup failed: ${outcome.error ?? 'unknown error'}; the chain and its bitmap are as they were`);
 
-    // The image is complete: close it (written back), make it durable, then commit the point.
-    await s.closeImage(target);
-    target = undefined;
+      // The image is complete: close it (written back), make it durable, then commit the point.
+      await s.closeImage(target);
+      target = undefined;
+      copied = outcome.done;
+    }
     await syncPath(filename);
     const st = await fsp.stat(filename);
-    const point: BackupPoint = { file, time: pointTime.toISOString(), kind: incremental ? 'incremental' : 'full', fileSize: st.size, copied: outcome.done, sha256: await sha256File(filename) };
+    const point: BackupPoint = { file, time: pointTime.toISOString(), kind: incremental ? 'incremental' : 'full', fileSize: st.size, copied, sha256: await sha256File(filename) };
     const oldBitmap = chain.bitmap;
     chain.points.push(point);
     chain.bitmap = bitmapName;
@@ -264,6 +295,108 @@ async function takeBackup(opts: BackupOptions): Promise<number> {
     signals.dispose();
   }
 }
+
+/**
+ * --pull: the point read over NBD, as a pull-mode backup client reads it. In the disk's daemon: a
+ * scratch image and a copy-before-write filter on the disk (the point: from here the filter keeps the
+ * disk's old data for the point-in-time view), a snapshot-access node showing that view, exported
+ * with a frozen copy of the chain's bitmap. This process reads the dirty extents' data (everything, for
+ * a full point) and writes it into the point's image, which an embedded daemon of its own serves
+ * over NBD. The new bitmap is added just before the filter: a write in between is in both, so the
+ * bitmap is a superset of the changes after the point (an extra copy next time, nothing missed).
+ */
+async function pullPoint(
+  s: Session,
+  a: {
+    node: string;
+    size: number;
+    persistent: boolean;
+    chainBitmap?: string;
+    backingFile?: string;
+    granularity: number;
+    bitmapName: string;
+    filename: string;
+    prefix: string;
+    progress: Progress;
+    signals: SignalWatch;
+    phase: string;
+    onBitmap: (b: { node: string; name: string }) => void;
+  },
+): Promise<{ copied: number; time: Date }> {
+  const scratchFile = path.join(path.dirname(a.filename), `.scratch-${path.basename(a.filename)}`);
+  const cbw = `${a.prefix}-cbw`;
+  const snap = `${a.prefix}-snap`;
+  const added: string[] = [];
+  let scratch: ImageNodes | undefined;
+  let access: NbdAccess | undefined;
+  let local: Session | undefined;
+  let localAccess: NbdAccess | undefined;
+  let complete = false;
+  try {
+    await fsp.rm(scratchFile, { force: true });
+    scratch = await s.createImage(scratchFile, `${a.prefix}-scratch`, { format: 'qcow2', size: a.size });
+    await s.qmp.execute('block-dirty-bitmap-add', { node: a.node, name: a.bitmapName, persistent: a.persistent, granularity: a.granularity });
+    a.onBitmap({ node: a.node, name: a.bitmapName });
+    await s.qmp.execute('blockdev-add', { driver: 'copy-before-write', 'node-name': cbw, file: a.node, target: scratch.node });
+    added.push(cbw);
+    const time = new Date();
+    await s.qmp.execute('blockdev-add', { driver: 'snapshot-access', 'node-name': snap, file: cbw });
+    added.push(snap);
+    access = await NbdAccess.start(s.qmp, 'pull');
+    const source = await access.open(snap);
+    const ranges: Range[] =
+      a.chainBitmap !== undefined ? await dirtyRanges(await access.open(snap, { bitmap: { name: a.chainBitmap, granularity: a.granularity, node: a.node } }), a.size) : [[0, a.size]];
+    local = await Session.open({ signals: a.signals });
+    await local.createImage(a.filename, 'point', {
+      format: 'qcow2',
+      size: a.size,
+      clusterSize: 64 * 1024,
+      backingFile: a.backingFile,
+      backingFormat: a.backingFile !== undefined ? 'qcow2' : undefined,
+    });
+    localAccess = await NbdAccess.start(local.qmp, 'point');
+    const target = await localAccess.open('point', { writable: true });
+    const total = ranges.reduce((n, [b, e]) => n + (e - b), 0);
+    let done = 0;
+    a.progress.update({ phase: a.phase, done, total });
+    for (const [begin, end] of ranges) {
+      for (let off = begin; off < end; off += PULL_CHUNK) {
+        a.signals.throwIfSignalled();
+        const len = Math.min(PULL_CHUNK, end - off);
+        const { data } = await source.request(NBD_CMD.READ, off, len);
+        // Cluster by cluster: data is written, zeroes only over an older point (a zero cluster hides
+        // the backing file's data); a full point's new image reads zeroes already (it stays thin).
+        for (let at = 0; at < len; at += PULL_CLUSTER) {
+          const piece = data!.subarray(at, Math.min(len, at + PULL_CLUSTER));
+          if (!piece.every((b) => b === 0)) await target.request(NBD_CMD.WRITE, off + at, piece.length, 0, piece);
+          else if (a.backingFile !== undefined) await target.request(NBD_CMD.WRITE_ZEROES, off + at, piece.length);
+        }
+        done += len;
+        a.progress.update({ phase: a.phase, done, total }, done === total);
+      }
+    }
+    await target.request(NBD_CMD.FLUSH, 0, 0);
+    await localAccess.close();
+    localAccess = undefined;
+    const problems = await local.close();
+    local = undefined;
+    if (problems.length > 0) throw new CliError(`cannot close the point's image: ${problems.join('; ')}`);
+    complete = true;
+    return { copied: done, time };
+  } finally {
+    await localAccess?.close().catch(() => undefined);
+    await local?.close().catch(() => undefined);
+    if (!complete) await fsp.rm(a.filename, { force: true });
+    await access?.close().catch(() => undefined);
+    for (const n of added.reverse()) await s.qmp.execute('blockdev-del', { 'node-name': n }).catch(() => undefined);
+    if (scratch) await s.closeImage(scratch).catch(() => undefined);
+    await fsp.rm(scratchFile, { force: true });
+  }
+}
+
+/** What --pull reads at a time, and the unit it tells data from zeroes in (the images' cluster size). */
+const PULL_CHUNK = 4 * 1024 * 1024;
+const PULL_CLUSTER = 64 * 1024;
 
 /**
  * In a running daemon, what a killed run of this chain left: its job (cancelled, dismissed) and the

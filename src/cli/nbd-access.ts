@@ -79,20 +79,23 @@ export class NbdAccess {
 
   /**
    * Export `node` and connect to it. With `bitmap`, the connection's block status context is a frozen
-   * copy of that bitmap (same granularity), taken now; with `writable`, the export takes writes.
+   * copy of that bitmap (same granularity), taken now, on the bitmap's node (`bitmap.node`, default
+   * `node`: a bitmap below a filter such as snapshot-access is named by its node); with `writable`, the
+   * export takes writes.
    */
-  async open(node: string, opts: { bitmap?: { name: string; granularity: number }; writable?: boolean } = {}): Promise<NbdClientConnection> {
+  async open(node: string, opts: { bitmap?: { name: string; granularity: number; node?: string }; writable?: boolean } = {}): Promise<NbdClientConnection> {
     const name = `bitmirror-${this.tag}-${this.exports.length}`;
-    let frozen: string | undefined;
+    let frozen: { node: string; name: string } | undefined;
     if (opts.bitmap) {
-      frozen = `__bitmirror-${this.tag}-frozen-${this.frozen.length}`;
+      const on = opts.bitmap.node ?? node;
+      frozen = { node: on, name: `__bitmirror-${this.tag}-frozen-${this.frozen.length}` };
       await this.qmp.execute('transaction', {
         actions: [
-          { type: 'block-dirty-bitmap-add', data: { node, name: frozen, granularity: opts.bitmap.granularity, persistent: false, disabled: true } },
-          { type: 'block-dirty-bitmap-merge', data: { node, target: frozen, bitmaps: [opts.bitmap.name] } },
+          { type: 'block-dirty-bitmap-add', data: { ...frozen, granularity: opts.bitmap.granularity, persistent: false, disabled: true } },
+          { type: 'block-dirty-bitmap-merge', data: { node: on, target: frozen.name, bitmaps: [opts.bitmap.name] } },
         ],
       });
-      this.frozen.push({ node, name: frozen });
+      this.frozen.push(frozen);
     }
     await this.qmp.execute('block-export-add', {
       type: 'nbd',
@@ -103,7 +106,7 @@ export class NbdAccess {
       ...(frozen !== undefined ? { bitmaps: [frozen] } : {}),
     });
     this.exports.push(name);
-    const conn = await NbdClientConnection.open({ kind: 'unix', path: this.socket }, name, frozen !== undefined ? `qemu:dirty-bitmap:${frozen}` : undefined);
+    const conn = await NbdClientConnection.open({ kind: 'unix', path: this.socket }, name, frozen !== undefined ? `qemu:dirty-bitmap:${frozen.name}` : undefined);
     this.conns.push(conn);
     return conn;
   }

@@ -301,3 +301,45 @@ test('backup: Ctrl-C cancels a run cleanly (exit 130), the chain and its bitmap 
     await env.done();
   }
 });
+
+test('backup --pull: a full and two incrementals read over NBD from a fleecing export while writes go on; each point restores to the disk at that point', async () => {
+  const env = await setup('backup-pull');
+  const writer = new Writer(env);
+  try {
+    const img = env.f('d.qcow2');
+    const dir = env.f('b');
+    await mustRun('qemu-img', ['create', '-f', 'qcow2', img, String(SIZE)]);
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'disk0', file: { driver: 'file', filename: img } });
+    const sock = env.d.socket;
+    for (let i = 0; i < 20; i++) await writer.writeOne();
+    const windows: Array<[number, number]> = [];
+    writer.start();
+    for (let n = 0; n < 3; n++) {
+      const target = writer.log.length + 15;
+      await poll('writes between points', () => Promise.resolve(writer.log.length >= target));
+      const lo = writer.acked;
+      const out = jsonLines(await cli(['backup', '--pull', '--qmp', sock, '--progress', 'json', 'disk0', dir]));
+      windows.push([lo, writer.log.length]);
+      assert.equal(out.find((l) => l.type === 'result')?.kind, n === 0 ? 'full' : 'incremental');
+    }
+    await writer.stop();
+    // Nothing of the pull is left in the daemon: no scratch, filter, export, server, job or extra bitmap.
+    const nodes = await env.d.qmp.execute<Array<{ 'node-name': string; 'dirty-bitmaps'?: Array<{ name: string }> }>>('query-named-block-nodes', { flat: true });
+    assert.deepEqual(nodes.filter((x) => x['node-name'].startsWith('bitmirror-')), []);
+    assert.deepEqual(nodes.find((x) => x['node-name'] === 'disk0')?.['dirty-bitmaps']?.map((b) => b.name), [(JSON.parse(await fsp.readFile(path.join(dir, 'chain.json'), 'utf8')) as Chain).bitmap]);
+    assert.deepEqual(await env.d.qmp.execute('query-block-exports'), []);
+    assert.deepEqual((await fsp.readdir(dir)).sort(), ['0.qcow2', '1.qcow2', '2.qcow2', 'chain.json']);
+    for (let n = 0; n < 3; n++) {
+      const restored = env.f(`r${n}.raw`);
+      await cli(['backup', 'restore', '--at', String(n), '--progress', 'none', dir, restored]);
+      const [lo, hi] = windows[n];
+      const k = matchingPrefix(writer.log, lo, hi, await fsp.readFile(restored), Buffer.alloc(SIZE));
+      assert.notEqual(k, -1, `point ${n} equals the disk after no number of writes in [${lo}, ${hi}]`);
+      await fsp.writeFile(env.f(`ref${n}.raw`), stateAfter(writer.log, k, Buffer.alloc(SIZE)));
+      assert.match(await mustRun('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', env.f(`ref${n}.raw`), restored]), /Images are identical/);
+    }
+  } finally {
+    await writer.stop();
+    await env.done();
+  }
+});
