@@ -239,7 +239,8 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     // A mirror with a working bitmap carries none (the daemon refuses both): a re-synced copy keeps its own.
     const carry = opts.carryBitmaps && opts.bitmap === undefined;
     if (carry) {
-      checkCarriable(source, targetInfo, opts.dst);
+      // On a node of the user's the daemon alone decides (a raw node may keep bitmaps in a sidecar).
+      if (target !== undefined) checkCarriable(source, targetInfo, opts.dst);
       // A reused copy's bitmaps of the source's names describe its old contents, and would record the
       // mirror's own writes; the carry would merge into them. The copy takes the source's instead.
       const stale = targetInfo.bitmaps.filter((b) => source.bitmaps.some((sb) => sb.name === b.name)).map((b) => b.name).sort();
