@@ -146,6 +146,11 @@ async function runOnFs(fs: BenchFs, cases: CopyCase[], tools: Tool[], rounds: nu
         'load (1 min)': spread(loads.map(Number), 1),
       });
     }
+    // Each case's results as soon as it is done (the table comes at the end): a long run that is
+    // stopped early still says what it measured.
+    for (const r of rows.slice(-caseTools.length)) {
+      process.stdout.write(`    ${r.case} | ${r.tool}: wall ${Number(r['wall s']).toFixed(2)} s (${r['wall range']}), CPU ${Number(r['CPU s/GiB']).toFixed(2)} s/GiB (${r['CPU range']}), peak ${r['peak MiB']} MiB${r['bitmirror÷this wall'] ? `, bitmirror÷this wall ${r['bitmirror÷this wall']}, CPU ${r['bitmirror÷this CPU']}` : ''}\n`);
+    }
   }
   return rows;
 }
