@@ -21,9 +21,9 @@
  * Region size: the smallest power of two of at least 4 MiB for which the region bitmap fits in the
  * room the first cluster has left (at most 4 KiB of bits, and 512 bytes left free for what QEMU may
  * add when it rewrites the header): 4 MiB up to 128 GiB, 32 MiB for 1 TiB. Larger regions mean fewer
- * first writes (each costs a header write and a flush: in the page-cache mode that flush also
- * writes back the guest data cached so far), smaller ones a tighter bitmap after a crash. Images whose first cluster has no room (clusters under 2 KiB,
- * long backing names) get no record: their bitmaps behave as before.
+ * first writes (each costs one durable header write), smaller ones a tighter bitmap after a crash.
+ * Images whose first cluster has no room (clusters under 2 KiB, long backing names) get no record:
+ * their bitmaps behave as before.
  *
  * Protocol.
  *   open        an in_use bitmap whose table offset is covered by a trusted record loads consistent:
@@ -40,8 +40,10 @@
  *               either not in use or in use and covered.
  *   write       before any write, write-zeroes or discard is performed (and so before it is
  *               acknowledged), each region it touches is dirty on disk (mark()). Regions already
- *               dirty cost nothing; new ones are set in memory and one header write + flush makes
- *               all of them durable: concurrent first writes to clean regions share that flush.
+ *               dirty cost nothing; new ones are set in memory and one durable write of the record
+ *               (FUA: pwritev2 RWF_DSYNC in the file driver, which, unlike fdatasync, does not write
+ *               back the guest data cached so far) makes all of them durable: concurrent first
+ *               writes to clean regions share it.
  *   store       (close) copy-on-write as QEMU: new data clusters, tables and directory, flushed, then
  *               one header write switches to them (in_use cleared), then the old clusters are freed;
  *               a cut leaves the old directory (in use, covered) or the new one (not in use), at
