@@ -89,26 +89,9 @@ export class WriteIntentRecord {
    */
   mark(offset: number, bytes: number): Promise<void> | undefined {
     const [first, last] = this.regions(offset, bytes);
-    this.markAhead(offset + Math.max(bytes, 1), last);
     if (this.allDurable(first, last)) return undefined;
     for (let i = first; i <= last; i++) this.bits[i >> 3] |= 1 << (i & 7);
     return this.waitDurable(first, last);
-  }
-
-  /**
-   * A write ending in the last quarter of region `last` (a sequential writer is about to cross into
-   * the next one): the next region is marked too, in the background, so that the writer finds it
-   * already durable instead of waiting for a record write at each region boundary. Marking more than
-   * was written only makes a recovery coarser (a superset), never wrong. A failed background write
-   * leaves the region not durable: the first write into it then waits for a write of its own.
-   */
-  private markAhead(end: number, last: number): void {
-    const next = last + 1;
-    if (next >= this.layout.nbRegions || this.bits[next >> 3] & (1 << (next & 7))) return;
-    const regionSize = 2 ** this.layout.regionBits;
-    if (end - last * regionSize < regionSize - regionSize / 4) return;
-    this.bits[next >> 3] |= 1 << (next & 7);
-    this.waitDurable(next, next).catch(() => undefined);
   }
 
   private async waitDurable(first: number, last: number): Promise<void> {
