@@ -172,8 +172,9 @@ test('writes while the stream runs, through the filter and directly to the node,
     await env.d.qmp.execute('blockdev-add', { driver: 'raw', 'node-name': 'base', file: { driver: 'file', filename: env.f('base.raw') }, 'read-only': true });
     await addQcow2(env, 'mid', env.f('mid.qcow2'), { backing: 'base', 'read-only': true });
     await addQcow2(env, 'top', env.f('top.qcow2'), { backing: 'mid' });
-    // Slow enough that the writes land while chunks are still being copied.
-    await env.d.qmp.execute('block-stream', { device: 'top', 'job-id': 'j', 'filter-node-name': 'cor', speed: 256 * KiB });
+    // Slow enough (about half a minute) that the writes land while chunks are still being copied; the
+    // speed limit is lifted once they are made.
+    await env.d.qmp.execute('block-stream', { device: 'top', 'job-id': 'j', 'filter-node-name': 'cor', speed: 16 * KiB });
     const writes: Array<[string, string]> = [
       ['cor', 'write -P 0x41 1M 4k'],
       ['top', 'write -P 0x42 1028k 8k'],
@@ -182,12 +183,11 @@ test('writes while the stream runs, through the filter and directly to the node,
       ['top', 'write -P 0x44 1600k 64k'],
       ['cor', 'write -P 0x45 1990k 10k'],
     ];
-    for (const [node, cmd] of writes) {
-      await io(env, node, cmd);
-      await mustRun('qemu-io', ['-f', 'raw', ref, '-c', cmd]);
-    }
+    for (const [node, cmd] of writes) await io(env, node, cmd);
     const jobs = (await env.d.qmp.execute('query-block-jobs')) as Array<{ offset: number; len: number }>;
     assert.equal(jobs.length, 1, 'the writes were made while the job ran');
+    assert.ok(jobs[0].offset < jobs[0].len);
+    await mustRun('qemu-io', ['-f', 'raw', ref, ...writes.flatMap(([, cmd]) => ['-c', cmd])]);
     await env.d.qmp.execute('block-job-set-speed', { device: 'j', speed: 0 });
     await env.d.qmp.waitEvent('JOB_STATUS_CHANGE', { id: 'j', status: 'null' }, 60_000);
     await env.d.qmp.execute('blockdev-del', { 'node-name': 'top' });
