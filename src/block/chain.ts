@@ -6,7 +6,8 @@
  * child of filters; a raw node over a file is no chain link (its file holds its data).
  */
 import { promises as fsp } from 'node:fs';
-import type { BlockNode } from './node.js';
+import type { BdrvChild, BlockNode } from './node.js';
+import { genericError } from '../errors.js';
 import { FilterNode } from './filters/filter.js';
 import { hasProtocol, resolveBackingFilename } from './filename.js';
 
@@ -84,4 +85,31 @@ export async function findBackingImage(active: BlockNode, name: string): Promise
     if (wanted !== undefined && wanted === (await realpath(full))) return n.backing();
   }
   return undefined;
+}
+
+/** Links frozen by freezeChain, to give to unfreezeChain. */
+export type Frozen = BdrvChild[];
+
+/**
+ * bdrv_freeze_backing_chain: freeze every chain link (backing links and filters' children) of the nodes
+ * from `top` down to, not including, `stop` (to the bottom of the chain when undefined), so that neither
+ * blockdev-reopen nor a graph change moves them while a job relies on them. A link frozen already (by
+ * another job) fails with QEMU's message, with nothing frozen.
+ */
+export function freezeChain(top: BlockNode, stop: BlockNode | undefined): Frozen {
+  const links: BdrvChild[] = [];
+  for (let n: BlockNode | undefined = top; n && n !== stop; n = filterOrCowChild(n)) {
+    const next = filterOrCowChild(n);
+    const link = n.children.find((c) => c.node === next && (c.role === 'cow' || c.role === 'filtered'));
+    if (!link) break;
+    if (link.frozen) throw genericError(`Cannot change '${link.name}' link from '${n.nodeName}' to '${link.node.nodeName}'`);
+    links.push(link);
+  }
+  for (const l of links) l.frozen = true;
+  return links;
+}
+
+/** Unfreeze what freezeChain froze (the list is emptied: a second call does nothing). */
+export function unfreezeChain(links: Frozen): void {
+  for (const l of links.splice(0)) l.frozen = false;
 }

@@ -33,7 +33,7 @@ import {
 } from '../block/permissions.js';
 import type { BlockGraph } from '../block/graph.js';
 import { CommitTopNode } from '../block/filters/commit-top.js';
-import { filterOrCowChild } from '../block/chain.js';
+import { filterOrCowChild, freezeChain, unfreezeChain, type Frozen } from '../block/chain.js';
 import { BlockCopy, type CopyOperation } from '../block/copy/block-copy.js';
 import { forEachAllocated } from '../block/copy/chain-status.js';
 import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
@@ -70,31 +70,6 @@ export interface CommitJobOptions extends JobOptions {
    * carried into the base (bitmap/carry.ts: merged into the base's bitmap of the same name, or new).
    */
   carryBitmaps?: boolean;
-}
-
-/** Each frozen link, to unfreeze. */
-type Frozen = BdrvChild[];
-
-/**
- * bdrv_freeze_backing_chain: freeze every chain link from `top` down to `base` (filters' children and
- * backing links), so that neither blockdev-reopen nor a graph change moves them. QEMU's message when
- * one is frozen already.
- */
-export function freezeChain(top: BlockNode, base: BlockNode): Frozen {
-  const links: BdrvChild[] = [];
-  for (let n: BlockNode | undefined = top; n && n !== base; n = filterOrCowChild(n)) {
-    const next = filterOrCowChild(n);
-    const link = n.children.find((c) => c.node === next && (c.role === 'cow' || c.role === 'filtered'));
-    if (!link) break;
-    if (link.frozen) throw genericError(`Cannot change '${link.name}' link from '${n.nodeName}' to '${link.node.nodeName}'`);
-    links.push(link);
-  }
-  for (const l of links) l.frozen = true;
-  return links;
-}
-
-export function unfreezeChain(links: Frozen): void {
-  for (const l of links.splice(0)) l.frozen = false;
 }
 
 export class CommitJob extends Job {

@@ -45,8 +45,7 @@ import {
 } from '../block/permissions.js';
 import type { BlockGraph } from '../block/graph.js';
 import { MirrorTopNode } from '../block/filters/mirror-top.js';
-import { filterOrCowChild } from '../block/chain.js';
-import { freezeChain, unfreezeChain } from './commit.js';
+import { filterOrCowChild, freezeChain, unfreezeChain } from '../block/chain.js';
 import type { BitmapManager } from '../bitmap/manager.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { commitCarry, planCarry, sourceChainLayers, type CarryDone } from '../bitmap/carry.js';

@@ -18,7 +18,7 @@ import { BlockNode, type BdrvChild } from '../block/node.js';
 import { BLK_PERM_ALL, BLK_PERM_CONSISTENT_READ, BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED, jobParent } from '../block/permissions.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { CopyOnReadNode } from '../block/filters/copy-on-read.js';
-import { filterOrCowChild, skipFilters } from '../block/chain.js';
+import { filterOrCowChild, freezeChain, skipFilters, unfreezeChain, type Frozen } from '../block/chain.js';
 import { BlockIOError } from '../errors.js';
 import { Job, type JobOptions, type OnError } from './job.js';
 import type { JobRegistry } from './registry.js';
@@ -62,7 +62,7 @@ export class StreamJob extends Job {
   private readonly claims: BdrvChild[] = [];
   /** The nodes between the node and its base: claimed, and closed when the stream dropped them. */
   private readonly intermediates: BlockNode[] = [];
-  private readonly frozen: BdrvChild[] = [];
+  private frozen: Frozen = [];
   private filterDropped = false;
 
   constructor(registry: JobRegistry, o: StreamJobOptions) {
@@ -77,6 +77,8 @@ export class StreamJob extends Job {
    * overlay. Throws with nothing held.
    */
   install(): void {
+    // bdrv_freeze_backing_chain first, as stream_start: another job's frozen link refuses the stream.
+    const frozen = freezeChain(this.o.top, this.o.aboveBase);
     const job = jobParent('stream', this.id);
     try {
       this.claims.push(this.o.filter.attachParent(job, 'main node', 0, BLK_PERM_ALL));
@@ -88,16 +90,12 @@ export class StreamJob extends Job {
       }
     } catch (err) {
       this.releaseClaims();
+      unfreezeChain(frozen);
       throw err;
     }
+    this.frozen = frozen;
     // block_job_add_bdrv blocks every operation on the nodes the job claims.
     for (const n of [this.o.filter, this.o.top, ...this.intermediates]) n.blockers.set(this, 'block device is in use by block job: stream');
-    for (let n: BlockNode | undefined = this.o.top; n && n !== this.o.aboveBase; n = filterOrCowChild(n)) {
-      const link = n.child('backing') ?? n.child('file');
-      if (!link || link.frozen) break;
-      link.frozen = true;
-      this.frozen.push(link);
-    }
     traceStart({ job: this.id, top: this.o.top.nodeName, base: this.o.base?.nodeName ?? '' });
   }
 
@@ -211,7 +209,7 @@ export class StreamJob extends Job {
   }
 
   private unfreeze(): void {
-    for (const link of this.frozen.splice(0)) link.frozen = false;
+    unfreezeChain(this.frozen);
   }
 
   private releaseClaims(): void {
