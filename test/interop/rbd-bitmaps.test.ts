@@ -115,9 +115,9 @@ test('RBD persistent bitmap after SIGKILL: recovered, a superset of the writes; 
     await d.qmp.execute('block-dirty-bitmap-add', { node: 'd', name: 'late', persistent: true });
     await d.kill();
 
-    // The killed daemon still holds the image's exclusive lock: the next writer breaks it once the
-    // cluster sees the old client gone (its watch timed out: 5 s in the fixture), so the open waits
-    // that long (after the monitor is up: the daemon's --blockdev would hold its socket back).
+    // The killed daemon still holds the image's exclusive lock, and its watch stays until the OSD's
+    // watch timeout (30 s): the admin breaks the lock, blocklisting the dead client.
+    await ceph.breakLock('kill');
     d = await startDaemon(path.join(tmp.dir, 'k2.sock'));
     await d.qmp.execute('blockdev-add', node);
     const b = (await bitmapList(d)) as Record<string, Record<string, unknown>>;
@@ -161,6 +161,7 @@ test('RBD persistent bitmaps follow blockdev-reopen: read-only, then writable ag
     await d.qmp.execute('blockdev-reopen', { options: [{ ...node, 'read-only': false }] });
     await d.qmp.hmpOutput('qemu-io d "write -P 3 8M 4k"');
     await d.kill();
+    await ceph.breakLock('reopen');
     d = await startDaemon(path.join(tmp.dir, 'c.sock'));
     await d.qmp.execute('blockdev-add', node);
     const b0 = ((await bitmapList(d)) as Record<string, Record<string, unknown>>).b0;

@@ -66,6 +66,10 @@ test('full and bitmap-driven incremental mirror qcow2 → RBD and back while wri
     await env.d.qmp.execute('block-dirty-bitmap-add', { node: 'src', name: 'inc', granularity: 64 * KiB });
     await mirrorWhileWriting(env, 'src', 'rbd0');
     await flush(env, 'src', 'rbd0');
+    // qemu-img compare's block status (rbd_diff_iterate2 with fast-diff on an image opened writable)
+    // asks the daemon for the image's exclusive lock; the daemon hands it over and takes it back at its
+    // next write. (Had the daemon missed its watch pings for the OSD's watch timeout, it would be taken
+    // for dead and blocklisted: ceph-fixture.sh keeps that timeout at its default for this reason.)
     await assertIdentical(src, ceph.qemuName('fwd'));
 
     // Incremental: more writes, then a mirror that copies only what 'inc' marks (and new writes).
