@@ -4,7 +4,7 @@
  */
 import { genericError } from '../errors.js';
 import { bool, str, type Members, type Schema } from '../qapi/schema.js';
-import { command, type CommandDef } from './registry.js';
+import { command, QMP_CAPABILITIES, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
 import { QEMU_COMPAT_VERSION } from '../base/version.js';
 
@@ -92,8 +92,8 @@ function schemaInfo(commands: CommandDef[], core: Core): unknown[] {
 export function miscCommands(all: () => CommandDef[]): CommandDef[] {
   return [
     command('query-version', {}, () => QEMU_COMPAT_VERSION),
-    command('query-commands', {}, () => [{ name: 'qmp_capabilities' }, ...all().map((c) => ({ name: c.name }))]),
-    command('query-qmp-schema', {}, (_args, core) => schemaInfo(all(), core)),
+    command('query-commands', {}, () => [QMP_CAPABILITIES, ...all()].map((c) => ({ name: c.name }))),
+    command('query-qmp-schema', {}, (_args, core) => schemaInfo([QMP_CAPABILITIES, ...all()], core)),
     command('quit', {}, (_args, core) => {
       // Reply first, then shut down: QEMU answers quit before it exits.
       setImmediate(() => core.requestShutdown());

@@ -6,7 +6,7 @@
  */
 import type { Schema } from '../qapi/schema.js';
 import type { Core } from '../core/core.js';
-import type { CommandDef } from './registry.js';
+import { QMP_CAPABILITIES, type CommandDef } from './registry.js';
 import { ARGUMENT_NOTES, COMMAND_NOTES, QSD_7_2_COMMANDS, type Origin, type ParityNote } from './parity.js';
 
 /** QAPI's rule for downstream extensions: `__` + reversed domain + `_` + name. */
@@ -77,8 +77,7 @@ export function commandRows(commands: readonly CommandDef[], core: Core): Comman
       if (!(arg in def.args) && !(`*${arg}` in def.args)) throw new Error(`commands/parity.ts has a note on '${cmd}' argument '${arg}', which it does not take`);
     }
   }
-  const protocol: CommandDef = { name: 'qmp_capabilities', args: { '*enable': { kind: 'array', of: { kind: 'enum', name: 'QMPCapability', values: ['oob'] } } }, handler: () => ({}) };
-  for (const c of [protocol, ...commands]) {
+  for (const c of [QMP_CAPABILITIES, ...commands]) {
     const qemuArgs = QSD_7_2_COMMANDS[c.name];
     const inQemu = qemuArgs !== undefined;
     const note = COMMAND_NOTES[c.name];

@@ -24,3 +24,14 @@ export interface CommandDef {
 export function command(name: string, args: Members, handler: CommandDef['handler'], extra: Partial<CommandDef> = {}): CommandDef {
   return { name, args, handler, ...extra };
 }
+
+/**
+ * qmp_capabilities as a table entry, for the lists that name every command (query-commands,
+ * query-qmp-schema, the QMP reference). The protocol layer answers it (qmp/server.ts), before and
+ * outside the command table.
+ */
+export const QMP_CAPABILITIES: CommandDef = {
+  name: 'qmp_capabilities',
+  args: { '*enable': { kind: 'array', of: { kind: 'enum', name: 'QMPCapability', values: ['oob'] } } },
+  handler: () => ({}),
+};
