@@ -141,12 +141,8 @@ async function blockCommit(args: Record<string, unknown>, core: Core): Promise<v
       throw err;
     }
     try {
-      if (speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
-      if (speed > 0) job.setSpeed(speed);
-      job.install();
+      await job.setUp(speed, () => job.install());
     } catch (err) {
-      await job.abandon();
-      job.earlyFail();
       if (baseWasReadOnly) await core.graph.setReadOnly(base, true).catch(() => undefined);
       throw err;
     }
@@ -168,15 +164,7 @@ async function blockCommit(args: Record<string, unknown>, core: Core): Promise<v
     filterNodeName,
     carryBitmaps: carry,
   });
-  try {
-    if (speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
-    if (speed > 0) job.setSpeed(speed);
-    await job.install(() => checkFilterName(core, filterNodeName));
-  } catch (err) {
-    await job.abandon();
-    job.earlyFail();
-    throw err;
-  }
+  await job.setUp(speed, () => job.install(() => checkFilterName(core, filterNodeName)));
   job.start();
 }
 

@@ -190,18 +190,10 @@ async function startMirror(
     ownedTarget: extra.ownedTarget,
     backingAtCompletion: extra.backingAtCompletion,
   });
-  // As in QEMU, the job exists (created, then null) before the speed is checked.
-  try {
-    const speed = (args.speed as number | undefined) ?? 0;
-    if (speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
-    if (speed > 0) job.setSpeed(speed);
+  await job.setUp((args.speed as number | undefined) ?? 0, () => {
     if (extra.filterNodeName !== undefined && core.graph.find(extra.filterNodeName)) throw genericError(`Duplicate nodes with node-name='${extra.filterNodeName}'`);
     job.install();
-  } catch (err) {
-    await job.abandon();
-    job.earlyFail();
-    throw err;
-  }
+  });
   job.start();
   return job;
 }

@@ -133,17 +133,7 @@ async function blockStream(core: Core, args: Record<string, unknown>): Promise<v
     await restore();
     throw err;
   }
-  // As in QEMU, the job exists (created, then null) before the speed is checked.
-  try {
-    const speed = (args.speed as number | undefined) ?? 0;
-    if (speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
-    if (speed > 0) job.setSpeed(speed);
-    job.install();
-  } catch (err) {
-    await job.abandon();
-    job.earlyFail();
-    throw err;
-  }
+  await job.setUp((args.speed as number | undefined) ?? 0, () => job.install());
   job.start();
 }
 

@@ -219,7 +219,7 @@ export class BackupJob extends Job {
   }
 
   /** Undo what the caller and install() did, for a job that fails before it starts. */
-  async abandon(): Promise<void> {
+  override async abandon(): Promise<void> {
     const sb = this.o.syncBitmap;
     if (sb?.bitmap.successor) this.o.bitmaps.reclaim(sb.bitmap);
     await this.clean();

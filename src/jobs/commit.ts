@@ -360,7 +360,7 @@ export class CommitJob extends Job {
   }
 
   /** Undo the constructor and install() for a job that fails before it starts. */
-  async abandon(): Promise<void> {
+  override async abandon(): Promise<void> {
     this.stopObserving();
     await this.undoInstall();
   }

@@ -332,6 +332,27 @@ export abstract class Job {
     });
   }
 
+  /**
+   * Set up a job its command has just created, as QEMU's job commands do: the speed first (checked once
+   * the job exists, so a refused speed still shows created → null), then `install` (the job's graph
+   * changes and claims). On failure the job's setup is undone (abandon), it goes created → null and the
+   * error is rethrown; on success the command starts it.
+   */
+  async setUp(speed: number, install: () => void | Promise<void>): Promise<void> {
+    try {
+      if (speed < 0) throw genericError("Parameter 'speed' expects a non-negative value");
+      if (speed > 0) this.setSpeed(speed);
+      await install();
+    } catch (err) {
+      await this.abandon();
+      this.earlyFail();
+      throw err;
+    }
+  }
+
+  /** Undo a setup that failed before the job started (jobs whose setup changes anything override it). */
+  async abandon(): Promise<void> {}
+
   /** A job that failed before it started (setup after construction failed): created → null. */
   earlyFail(): void {
     if (this._status !== 'created') throw new Error(`job '${this.id}': earlyFail in status ${this._status}`);

@@ -673,7 +673,7 @@ export class MirrorJob extends Job {
   }
 
   /** Undo what the constructor and install() did, for a job that fails before it starts. */
-  async abandon(): Promise<void> {
+  override async abandon(): Promise<void> {
     this.abandoned = true;
     await this.clean();
   }

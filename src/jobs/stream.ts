@@ -218,7 +218,7 @@ export class StreamJob extends Job {
   }
 
   /** Undo install() and the filter, for a job that fails before it starts. */
-  async abandon(): Promise<void> {
+  override async abandon(): Promise<void> {
     await this.clean();
   }
 }
