@@ -23,8 +23,8 @@ import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
 import { haveQsd, setup, eventsUntil, type Env } from '../support/daemon.js';
-import { mustRun, nbdDirtyRanges, qemuIoNbd, rangesCover } from '../support/tools.js';
-import type { QmpEvent } from '../../src/qmp/client.js';
+import { mustRun, nbdDirtyRanges, rangesCover } from '../support/tools.js';
+import { assertSameReplay, failedSteps, jobEvents, openLibvirtDisk, recorder } from '../support/qmp-replay.js';
 
 const MiB = 1 << 20;
 const SIZE = 8 * MiB;
@@ -66,21 +66,6 @@ function recorded(name: string, layers: number[]): Array<[number, number]> {
   return layers.filter((n) => LAYERS[n].bitmaps.includes(name)).map((n) => LAYERS[n].write);
 }
 
-function eventList(events: QmpEvent[]): string[] {
-  const out: string[] = [];
-  for (const e of events) {
-    if (!e.event.startsWith('JOB') && !e.event.startsWith('BLOCK_JOB')) continue;
-    const text = e.event === 'JOB_STATUS_CHANGE' ? `${String(e.data?.id)}:${String(e.data?.status)}` : `${e.event}${JSON.stringify({ ...e.data, len: undefined, offset: undefined, speed: undefined })}`;
-    // QEMU 7.2's paused/running pairs around its drains (bitmirror drains nothing).
-    if (e.event === 'JOB_STATUS_CHANGE' && e.data?.status === 'running' && out[out.length - 1] === `${String(e.data?.id)}:paused`) {
-      out.pop();
-      continue;
-    }
-    out.push(text);
-  }
-  return out;
-}
-
 type Mode = 'active' | 'intermediate';
 type Recipe = 'libvirt' | 'carry';
 
@@ -116,29 +101,16 @@ async function replay(program: 'bitmirror' | 'qemu-storage-daemon', mode: Mode, 
   const env = await setup(`commit-bm-${program === 'bitmirror' ? 'bm' : 'qsd'}`, program);
   const ref = await makeChain(env);
   const { qmp } = env.d;
-  const replies: unknown[] = [];
-  const mask = (v: unknown) => JSON.parse(JSON.stringify(v ?? null).split(env.dir).join('DIR')) as unknown;
-  const r = async (cmd: string, args?: Record<string, unknown>): Promise<unknown> => {
-    const rep = await qmp.request(cmd, args);
-    replies.push([cmd, mask('error' in rep ? rep.error : rep.return)]);
-    return rep.return;
-  };
+  const rec = recorder(env);
+  const { replies, request: r, mask } = rec;
   const nodes = () => qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
-  const sock = env.f('nbd.sock');
-  const guest = (cmd: string) => qemuIoNbd(`nbd+unix:///vda?socket=${sock}`, [cmd]);
+  // The running domain's disk, as libvirt opens it.
+  const guest = await openLibvirtDisk(rec, [1, 2, 3, 4].map((n) => file(env, n)), env.f('nbd.sock'));
   const guestWrites: string[] = [];
   const write = async (cmd: string) => {
     await guest(cmd);
     guestWrites.push(cmd);
   };
-
-  // The running domain's disk, as libvirt opens it.
-  for (const n of [4, 3, 2, 1]) {
-    await r('blockdev-add', { driver: 'file', filename: file(env, n), 'node-name': `libvirt-${n}-storage`, 'auto-read-only': true, discard: 'unmap' });
-    await r('blockdev-add', { 'node-name': `libvirt-${n}-format`, 'read-only': n > 1, driver: 'qcow2', file: `libvirt-${n}-storage`, backing: n < 4 ? `libvirt-${n + 1}-format` : null });
-  }
-  await r('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
-  await r('block-export-add', { type: 'nbd', id: 'guest', 'node-name': 'libvirt-1-format', name: 'vda', writable: true });
 
   const top = mode === 'active' ? 1 : 2;
   const job = `commit-vda-libvirt-${top}-format`;
@@ -184,7 +156,7 @@ async function replay(program: 'bitmirror' | 'qemu-storage-daemon', mode: Mode, 
   await r('block-export-del', { id: 'guest' });
   await eventsUntil(env, 'BLOCK_EXPORT_DELETED', { id: 'guest' });
   await r('nbd-server-stop');
-  const events = eventList(qmp.events.splice(0));
+  const events = jobEvents(qmp.events.splice(0));
   assert.equal(await env.d.stop(), 0, env.d.stderr());
   await mustRun('qemu-io', ['-f', 'raw', ...guestWrites.flatMap((c) => ['-c', c]), ref]);
   return { replies, events, env, ref };
@@ -221,10 +193,7 @@ for (const mode of ['active', 'intermediate'] as const) {
     const theirs = await replay('qemu-storage-daemon', mode, 'libvirt');
     const ours = await replay('bitmirror', mode, 'libvirt');
     try {
-      for (let i = 0; i < Math.max(theirs.replies.length, ours.replies.length); i++) assert.deepEqual(ours.replies[i], theirs.replies[i], `step ${i}`);
-      assert.deepEqual(ours.events, theirs.events);
-      const failed = ours.replies.filter((x) => Array.isArray(x) && typeof x[1] === 'object' && x[1] !== null && 'class' in x[1]);
-      assert.deepEqual(failed, []);
+      assertSameReplay(ours, theirs);
       // libvirt keeps the bitmaps of the top layer; `x` (not on it) is dropped, by QEMU as by bitmirror.
       const names = mode === 'active' ? ['a', 'b', 'c', 'd'] : ['a', 'b', 'c', 'x'];
       await checkBase(theirs, mode, names, 'qemu-storage-daemon');
@@ -238,8 +207,7 @@ for (const mode of ['active', 'intermediate'] as const) {
   test(`${mode} block-commit with __org.bitmirror_carry-bitmaps: the base holds every bitmap of every removed layer, covering every recorded write`, async () => {
     const ours = await replay('bitmirror', mode, 'carry');
     try {
-      const failed = ours.replies.filter((x) => Array.isArray(x) && typeof x[1] === 'object' && x[1] !== null && 'class' in x[1]);
-      assert.deepEqual(failed, []);
+      assert.deepEqual(failedSteps(ours.replies), []);
       await checkBase(ours, mode, mode === 'active' ? ['a', 'b', 'c', 'd', 'x'] : ['a', 'b', 'c', 'x'], 'bitmirror');
     } finally {
       await fsp.rm(ours.env.dir, { recursive: true, force: true });
