@@ -126,18 +126,29 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
   'chardev-send-break': { note: 'Character devices are given on the command line (`--chardev`) only.' },
 };
 
+/** The mirror's own arguments, the same for blockdev-mirror and drive-mirror (one job behind both). */
+const MIRROR_ARGUMENT_NOTES: Readonly<Record<string, ParityNote>> = {
+    '__org.bitmirror_carry-bitmaps': { note: 'Carry every bitmap of the source chain onto the target at the switch (or a soft cancel after READY).' },
+    '__org.bitmirror_fill-partial-clusters': { note: 'Widen a write into an unallocated target cluster to the whole cluster (default on).' },
+    '__org.bitmirror_allow-coarse-target': { note: 'Allow a bitmap finer than the target\'s clusters.' },
+    '__org.bitmirror_copy-offload': { note: 'Let the kernel copy between host files (copy_file_range; default on).' },
+    bitmap: { origin: 'extension', note: 'The unmerged upstream series "mirror: allow specifying working bitmap" (sync=full), and Proxmox VE\'s sync=bitmap.' },
+    'bitmap-mode': { origin: 'extension', note: 'Proxmox VE\'s mirror with `sync=bitmap|incremental`.' },
+};
+
+/** The snapshot's own arguments, the same for blockdev-snapshot and blockdev-snapshot-sync. */
+const SNAPSHOT_ARGUMENT_NOTES: Readonly<Record<string, ParityNote>> = {
+    '__org.bitmirror_carry-bitmaps': { note: 'The node\'s recording bitmaps are created on the overlay at the switch (what libvirt does with block-dirty-bitmap-add).' },
+};
+
 /** Per command, notes on single arguments (the same rule as COMMAND_NOTES). */
 export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, ParityNote>>>> = {
   'block-stream': {
     'backing-mask-protocol': { origin: 'upstream', note: 'Since QEMU 8.x: the base\'s format is recorded as "raw" when the base is a protocol node.' },
     '__org.bitmirror_carry-bitmaps': { note: 'The named bitmaps of the layers the stream removes are carried into the node when the chain is shortened.' },
   },
-  'blockdev-snapshot': {
-    '__org.bitmirror_carry-bitmaps': { note: 'The node\'s recording bitmaps are created on the overlay at the switch (what libvirt does with block-dirty-bitmap-add).' },
-  },
-  'blockdev-snapshot-sync': {
-    '__org.bitmirror_carry-bitmaps': { note: 'The node\'s recording bitmaps are created on the overlay at the switch (what libvirt does with block-dirty-bitmap-add).' },
-  },
+  'blockdev-snapshot': SNAPSHOT_ARGUMENT_NOTES,
+  'blockdev-snapshot-sync': SNAPSHOT_ARGUMENT_NOTES,
   'human-monitor-command': {
     '__org.bitmirror_output': { note: 'qemu-io\'s text becomes the reply instead of being printed on the daemon\'s standard output.' },
   },
@@ -149,25 +160,10 @@ export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, Par
     'on-cbw-error': { origin: 'upstream', note: 'Since QEMU 10.1.' },
     'discard-source': { origin: 'upstream', note: 'Since QEMU 9.1 (`true` refused for now).' },
   },
-  'blockdev-mirror': {
-    '__org.bitmirror_carry-bitmaps': { note: 'Carry every bitmap of the source chain onto the target at the switch (or a soft cancel after READY).' },
-    '__org.bitmirror_fill-partial-clusters': { note: 'Widen a write into an unallocated target cluster to the whole cluster (default on).' },
-    '__org.bitmirror_allow-coarse-target': { note: 'Allow a bitmap finer than the target\'s clusters.' },
-    '__org.bitmirror_copy-offload': { note: 'Let the kernel copy between host files (copy_file_range; default on).' },
-    bitmap: { origin: 'extension', note: 'The unmerged upstream series "mirror: allow specifying working bitmap" (sync=full), and Proxmox VE\'s sync=bitmap.' },
-    'bitmap-mode': { origin: 'extension', note: 'Proxmox VE\'s mirror with `sync=bitmap|incremental`.' },
-    'target-is-zero': { origin: 'upstream', note: 'Since QEMU 10.1.' },
-  },
+  'blockdev-mirror': { ...MIRROR_ARGUMENT_NOTES, 'target-is-zero': { origin: 'upstream', note: 'Since QEMU 10.1.' } },
   'block-commit': {
     'backing-mask-protocol': { origin: 'upstream', note: 'Since QEMU 9.0: record `raw` rather than a protocol driver as the backing format.' },
     '__org.bitmirror_carry-bitmaps': { note: 'Carry every dirty bitmap of the layers that leave the chain into the base, in the same step as the chain change.' },
   },
-  'drive-mirror': {
-    '__org.bitmirror_carry-bitmaps': { note: 'Carry every bitmap of the source chain onto the target at the switch (or a soft cancel after READY).' },
-    '__org.bitmirror_fill-partial-clusters': { note: 'Widen a write into an unallocated target cluster to the whole cluster (default on).' },
-    '__org.bitmirror_allow-coarse-target': { note: 'Allow a bitmap finer than the target\'s clusters.' },
-    '__org.bitmirror_copy-offload': { note: 'Let the kernel copy between host files (copy_file_range; default on).' },
-    bitmap: { origin: 'extension', note: 'The unmerged upstream series "mirror: allow specifying working bitmap" (sync=full), and Proxmox VE\'s sync=bitmap.' },
-    'bitmap-mode': { origin: 'extension', note: 'Proxmox VE\'s mirror with `sync=bitmap|incremental`.' },
-  },
+  'drive-mirror': MIRROR_ARGUMENT_NOTES,
 };

@@ -35,6 +35,13 @@ test('QMP reference: every command of the table and of QEMU 7.2 is listed once, 
   // The mirror's downstream members are found from their names, without a note.
   const mirror = rows.find((r) => r.name === 'blockdev-mirror')!;
   assert.equal(mirror.arguments.find((a) => a.name === '__org.bitmirror_copy-offload')?.parity, 'extension');
+  // One mirror job behind two commands: an argument both take reads the same in both.
+  const driveMirror = rows.find((r) => r.name === 'drive-mirror')!;
+  for (const a of driveMirror.arguments) {
+    const same = mirror.arguments.find((b) => b.name === a.name);
+    if (same && a.note) assert.deepEqual([a.parity, a.note], [same.parity, same.note], `drive-mirror ${a.name}`);
+  }
+  assert.ok(driveMirror.arguments.some((a) => a.name === 'bitmap-mode' && a.note));
 });
 
 test('QMP reference: a command or argument beyond QEMU 7.2 without a downstream name or a note is refused', () => {
