@@ -104,7 +104,6 @@ async function createBackupJob(core: Core, args: Record<string, unknown>, source
   if (maxWorkers < 1 || maxWorkers > INT_MAX) throw genericError(`max-workers must be between 1 and ${INT_MAX}`);
   if (maxChunk < 0) throw genericError('max-chunk must be zero (which means no limit) or positive');
   const minClusterSize = checkMinClusterSize(perf['min-cluster-size']);
-  if (args['discard-source'] === true) throw genericError('discard-source is not supported by bitmirror yet');
   if (bitmap) {
     if (mode !== 'never') bitmap.check(BITMAP_DEFAULT);
     core.bitmaps.createSuccessor(bitmap);
@@ -125,6 +124,7 @@ async function createBackupJob(core: Core, args: Record<string, unknown>, source
       minClusterSize,
       maxWorkers,
       maxChunk,
+      discardSource: args['discard-source'] === true,
     });
   } catch (err) {
     await undo();

@@ -110,8 +110,8 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
   'query-version': { note: 'Answers 7.2.0 (the behaviour followed); `package` names bitmirror\'s version.' },
   'block_resize': { note: 'Does not shrink a qcow2 image (QEMU does).' },
   'blockdev-reopen': { note: 'Refuses to change `cache.*` of a file node, raw\'s `offset`/`size` and a `file` link, which QEMU allows.' },
-  'blockdev-backup': { note: '`compress: true` and `discard-source: true` are refused.' },
-  'drive-backup': { note: '`compress: true` and `discard-source: true` are refused.' },
+  'blockdev-backup': { note: '`compress: true` is refused.' },
+  'drive-backup': { note: '`compress: true` is refused.' },
   'blockdev-create': { note: 'Drivers `file` and `qcow2`.' },
   'object-add': { note: 'Type `throttle-group` only.' },
   'nbd-server-start': { note: '`tls-creds`/`tls-authz` are refused (no TLS objects).' },
@@ -154,11 +154,11 @@ export const ARGUMENT_NOTES: Readonly<Record<string, Readonly<Record<string, Par
   },
   'blockdev-backup': {
     'on-cbw-error': { origin: 'upstream', note: 'Since QEMU 10.1.' },
-    'discard-source': { origin: 'upstream', note: 'Since QEMU 9.1 (`true` refused for now).' },
+    'discard-source': { origin: 'upstream', note: 'Since QEMU 9.1: what the backup copied is discarded on the source (which must be writable).' },
   },
   'drive-backup': {
     'on-cbw-error': { origin: 'upstream', note: 'Since QEMU 10.1.' },
-    'discard-source': { origin: 'upstream', note: 'Since QEMU 9.1 (`true` refused for now).' },
+    'discard-source': { origin: 'upstream', note: 'Since QEMU 9.1: what the backup copied is discarded on the source (which must be writable).' },
   },
   'blockdev-mirror': { ...MIRROR_ARGUMENT_NOTES, 'target-is-zero': { origin: 'upstream', note: 'Since QEMU 10.1.' } },
   'block-commit': {

@@ -248,6 +248,8 @@ export interface CbwAppendOptions {
   minClusterSize: number;
   maxWorkers: number;
   maxChunk: number;
+  /** Discard on the source what the backup copied (upstream QEMU 9.1). */
+  discardSource: boolean;
 }
 
 /**
@@ -269,6 +271,7 @@ export function appendCbw(graph: BlockGraph, source: BlockNode, target: BlockNod
     minClusterSize: o.minClusterSize,
     maxWorkers: o.maxWorkers,
     maxChunk: o.maxChunk,
+    discardSource: o.discardSource,
   });
   if (o.filterNodeName === undefined) filter.implicit = true;
   try {

@@ -9,7 +9,7 @@
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { promises as fsp } from 'node:fs';
-import { KiB, MiB, setup, qcow2, addQcow2, io, flush, assertIdentical, bitmaps, bitmapCount, eventsUntil, summarise, type Env } from '../support/daemon.js';
+import { KiB, MiB, setup, qcow2, addQcow2, io, flush, assertIdentical, bitmaps, bitmapCount, eventsUntil, summarise, qmpError, type Env } from '../support/daemon.js';
 import { mustRun } from '../support/tools.js';
 
 const SIZE = 16 * MiB;
@@ -343,6 +343,50 @@ test('on-cbw-error: break-guest-write fails the write; break-snapshot lets it th
         assert.equal(done?.data?.error, 'No space left on device');
       }
     }
+  } finally {
+    await env.done();
+  }
+});
+
+test('discard-source (upstream 9.1): the target is the source at the start, the source is left unallocated; a read-only source is refused', async () => {
+  const env = await setup('backup-discard-source');
+  try {
+    const src = await qcow2(env.f('src.qcow2'), SIZE);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 4M', '-c', 'write -P 0x22 8M 2M', '-c', 'write -P 0x33 15M 1M', src]);
+    await fsp.copyFile(src, env.f('expected.qcow2'));
+    // The filter discards with write permission on the source: a read-only source cannot give it.
+    await addQcow2(env, 'ro', env.f('expected.qcow2'), { 'read-only': true });
+    await qcow2(env.f('tgt.qcow2'), SIZE);
+    await addQcow2(env, 'tgt', env.f('tgt.qcow2'));
+    const refused = await qmpError(env, 'blockdev-backup', { 'job-id': 'r', device: 'ro', target: 'tgt', sync: 'full', 'discard-source': true, 'filter-node-name': 'f' });
+    assert.deepEqual(refused, { class: 'GenericError', desc: 'Block node is read-only' });
+    const nodes = await env.d.qmp.execute<Array<Record<string, unknown>>>('query-named-block-nodes', { flat: true });
+    assert.ok(!nodes.some((n) => n['node-name'] === 'f'));
+    assert.deepEqual(await env.d.qmp.execute('query-block-jobs'), []);
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'ro' });
+
+    await addQcow2(env, 'src', src, { discard: 'unmap' });
+    // Slow (one chunk, then a long sleep): the writes below land while the job copies.
+    await env.d.qmp.execute('blockdev-backup', { 'job-id': 'b', device: 'src', target: 'tgt', sync: 'full', speed: 1, 'discard-source': true });
+    // A whole cluster: its old data is copied, the cluster discarded, then the write lands.
+    await io(env, 'src', 'write -P 0xa1 1M 64k');
+    // A cluster the job copies later, written around the filter too.
+    await io(env, 'src', 'write -P 0xa2 12M 64k');
+    await env.d.qmp.execute('block-job-set-speed', { device: 'b', speed: 0 });
+    assert.deepEqual((await backupDone(env, 'b')).slice(-4), ['waiting', 'pending', 'BLOCK_JOB_COMPLETED', 'concluded']);
+    await flush(env, 'tgt');
+    await assertIdentical(env.f('tgt.qcow2'), env.f('expected.qcow2'));
+    assert.match(await io(env, 'src', 'read -P 0xa1 1M 64k'), /read 65536/);
+    assert.match(await io(env, 'src', 'read -P 0xa2 12M 64k'), /read 65536/);
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 'src' });
+    await mustRun('qemu-img', ['check', '-f', 'qcow2', src]);
+    // What the backup copied is gone from the source: only the two clusters written afterwards hold data.
+    const map = JSON.parse(await mustRun('qemu-img', ['map', '-f', 'qcow2', '--output=json', src])) as Array<{ start: number; length: number; data: boolean }>;
+    const data = map.filter((e) => e.data).map((e) => [e.start, e.length]);
+    assert.deepEqual(data, [
+      [1 * MiB, 64 * KiB],
+      [12 * MiB, 64 * KiB],
+    ]);
   } finally {
     await env.done();
   }

@@ -86,6 +86,11 @@ export interface BlockCopyOptions {
   serialiseWriterCopies?: boolean;
   /** Every write to the target is BDRV_REQ_WRITE_UNCHANGED (copy-on-read into the node reading through). */
   writeUnchanged?: boolean;
+  /**
+   * Discard what was copied on the source, once it is on the target (backup's discard-source, QEMU
+   * 9.1's block_copy_task_entry): the caller holds write permission on the source for it.
+   */
+  discardSource?: boolean;
   hooks?: BlockCopyHooks;
 }
 
@@ -114,6 +119,8 @@ export class BlockCopy {
   private cursor = 0;
   /** Still trying copy offload: cleared by the option, or when the kernel refuses. */
   private offload: boolean;
+  /** The source ranges being discarded after their copy (discardSource), while their chunks are locked. */
+  private readonly sourceDiscards = new Set<{ offset: number; bytes: number }>();
 
   constructor(o: BlockCopyOptions) {
     this.o = o;
@@ -196,7 +203,11 @@ export class BlockCopy {
       this._bytesInFlight -= n;
       notCopied -= n;
     };
-    void this.copyChunks(offset, bytes, copied).then((failure) => {
+    void (async () => {
+      const failure = await this.copyChunks(offset, bytes, copied);
+      await this.discardCopied(offset, failure ? failure.offset - offset : bytes);
+      return failure;
+    })().then((failure) => {
       try {
         if (failure) this.hooks.failed?.(failure.operation, failure.err, failure.offset, failure.bytes);
       } finally {
@@ -245,11 +256,42 @@ export class BlockCopy {
       const lock = this.locks.hold(runStart, runBytes);
       try {
         const failure = await this.copyChunks(runStart, runBytes, undefined, this.o.serialiseWriterCopies === true);
+        await this.discardCopied(runStart, failure ? failure.offset - runStart : runBytes);
         if (failure) throw failure.err;
       } finally {
         lock.release();
       }
     }
+  }
+
+  // ---- discard-source -----------------------------------------------------------------------------
+
+  /**
+   * discardSource: discard [offset, +bytes) of the source, just copied, while its chunks are still
+   * locked, so that no write to the range (whose copy-before-write waits for the lock) can land before
+   * the discard and be lost to it. As QEMU, a failed discard is ignored: discard is advisory.
+   */
+  private async discardCopied(offset: number, bytes: number): Promise<void> {
+    if (!this.o.discardSource || bytes <= 0) return;
+    const range = { offset, bytes: Math.min(bytes, this.source.length() - offset) };
+    this.sourceDiscards.add(range);
+    try {
+      await this.source.discard(range.offset, range.bytes);
+    } catch {
+      // Advisory (QEMU ignores bdrv_co_pdiscard's result here).
+    } finally {
+      this.sourceDiscards.delete(range);
+    }
+  }
+
+  /**
+   * Whether a discard of [offset, +bytes) of the source is the engine's own discard-after-copy: its
+   * chunks are locked by the copy that just ended and clean, so a copy-before-write must let it pass
+   * (waiting for the lock would wait for itself).
+   */
+  isOwnSourceDiscard(offset: number, bytes: number): boolean {
+    for (const d of this.sourceDiscards) if (offset >= d.offset && offset + bytes <= d.offset + d.bytes) return true;
+    return false;
   }
 
   // ---- copying a range ----------------------------------------------------------------------------

@@ -65,6 +65,12 @@ export interface CopyBeforeWriteOptions {
   /** Background copies at once, and the largest piece one moves (the backup job's x-perf). */
   maxWorkers?: number;
   maxChunk?: number;
+  /**
+   * Discard on the source what has been copied to the target (backup's discard-source, upstream QEMU
+   * 9.1, which passes it to the filter as an open flag, BDRV_O_CBW_DISCARD_SOURCE): the filter then
+   * takes write permission on its source, so a read-only source is refused ("Block node is read-only").
+   */
+  discardSource?: boolean;
 }
 
 export class CopyBeforeWriteNode extends FilterNode {
@@ -80,6 +86,7 @@ export class CopyBeforeWriteNode extends FilterNode {
   private readonly accessBitmap: CopyBitmap;
   private readonly onCbwError: OnCbwError;
   private readonly cbwTimeoutMs: number;
+  private readonly discardSource: boolean;
   private observer: WriteObserver | undefined;
   /** Set once a copy failed with on-cbw-error=break-snapshot: no more copying, the image is broken. */
   snapshotError: unknown;
@@ -91,6 +98,7 @@ export class CopyBeforeWriteNode extends FilterNode {
     this.host = o.bitmaps;
     this.onCbwError = o.onCbwError;
     this.cbwTimeoutMs = o.cbwTimeout * 1000;
+    this.discardSource = o.discardSource === true;
     this.attachChild('target', o.target, 'data');
     this.clusterSize = copyClusterSize(o.target, o.minClusterSize);
     // QEMU's order: the block-copy bitmap on the source, then done and access on the filter.
@@ -114,6 +122,7 @@ export class CopyBeforeWriteNode extends FilterNode {
       // A backup target holds whole clusters of the source (the chunk is at least its cluster size).
       fillPartialClusters: false,
       serialiseWriterCopies: true,
+      discardSource: this.discardSource,
       hooks: {
         launched: (offset, bytes) => this.jobHooks.launched?.(offset, bytes),
         progress: (bytes) => this.jobHooks.progress?.(bytes),
@@ -133,6 +142,8 @@ export class CopyBeforeWriteNode extends FilterNode {
   /** cbw_do_copy_before_write, for every write to the source by any path. */
   private async beforeSourceWrite(req: WriteRequest): Promise<void> {
     if (this.snapshotError !== undefined || req.bytes === 0) return;
+    // discard-source: the engine discarding what it has just copied (locked and clean: nothing to copy).
+    if (req.kind === 'discard' && this.copy.isOwnSourceDiscard(req.offset, req.bytes)) return;
     traceCbw({ node: this.nodeName, offset: req.offset, bytes: req.bytes });
     try {
       await this.withTimeout(this.copy.copyNow(req.offset, req.bytes));
@@ -190,12 +201,16 @@ export class CopyBeforeWriteNode extends FilterNode {
     }
   }
 
-  /** cbw_child_perm: the target is written (and not resized by others); the source as a filter's child. */
+  /**
+   * cbw_child_perm: the target is written (and not resized by others); the source as a filter's child,
+   * written too with discard-source (upstream QEMU 9.1) once the filter has a user (the backup job).
+   */
   override childPermissions(child: BdrvChild, perm: number, shared: number, writable: boolean): Permissions {
     if (child.name === 'target') return { perm: BLK_PERM_WRITE, shared: BLK_PERM_ALL & ~BLK_PERM_RESIZE };
     const p = super.childPermissions(child, perm, shared, writable);
     if (this.parents.some((e) => e.parentKind !== 'monitor')) {
-      return { perm: perm & BLK_PERM_WRITE ? p.perm | BLK_PERM_CONSISTENT_READ : p.perm, shared: p.shared & ~(BLK_PERM_WRITE | BLK_PERM_RESIZE) };
+      const read = perm & BLK_PERM_WRITE ? BLK_PERM_CONSISTENT_READ : 0;
+      return { perm: p.perm | read | (this.discardSource ? BLK_PERM_WRITE : 0), shared: p.shared & ~(BLK_PERM_WRITE | BLK_PERM_RESIZE) };
     }
     return p;
   }
