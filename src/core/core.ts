@@ -31,6 +31,12 @@ export class Core {
   /** The NBD server and its exports (nbd-server-start, block-export-add). */
   readonly nbd = new NbdServer(this.bitmaps, this.events);
 
+  /**
+   * Where the daemon's log lines go (recovered bitmaps, bitmaps lost at close): stderr, prefixed
+   * `bitmirror: `. A program embedding a Core (a test) may route them elsewhere.
+   */
+  log: (line: string) => void = (line) => process.stderr.write(`bitmirror: ${line}\n`);
+
   constructor() {
     // The copy engine's and copy-before-write's anonymous bitmaps are the manager's, like any other.
     const bitmaps = this.bitmaps;
@@ -51,12 +57,12 @@ export class Core {
     // Bitmaps stored in an image are loaded when it opens; persistent ones are written back when the
     // node closes, after its last request ended (see BlockGraph.closeNode). A failure to store them
     // does not keep the node: as QEMU, the lost bitmaps are reported on stderr and the node goes.
-    this.graph.afterOpen.push(async (node) => void (await loadPersistentBitmaps(this.bitmaps, node, (line) => process.stderr.write(`bitmirror: ${line}\n`))));
+    this.graph.afterOpen.push(async (node) => void (await loadPersistentBitmaps(this.bitmaps, node, (line) => this.log(line))));
     this.graph.beforeClose.push(async (node) => {
       try {
         await storePersistentBitmaps(this.bitmaps, node);
       } catch (err) {
-        process.stderr.write(`bitmirror: ${err instanceof Error ? err.message : String(err)}\n`);
+        this.log(err instanceof Error ? err.message : String(err));
       }
       this.bitmaps.releaseAll(node);
     });

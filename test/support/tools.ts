@@ -85,3 +85,17 @@ export function rangesCover(ranges: Array<[number, number]>, offset: number, byt
   }
   return at >= offset + bytes;
 }
+
+/**
+ * The first 512-byte chunk of `now` that differs from `ref` and that the sorted, merged [offset,
+ * length] `ranges` do not cover; undefined when every changed chunk is covered. One pass over both.
+ */
+export function firstUncovered(now: Buffer, ref: Buffer, ranges: Array<[number, number]>): number | undefined {
+  let r = 0;
+  for (let p = 0; p < now.length; p += 512) {
+    if (now.compare(ref, p, p + 512, p, p + 512) === 0) continue;
+    while (r < ranges.length && ranges[r][0] + ranges[r][1] <= p) r++;
+    if (r === ranges.length || ranges[r][0] > p) return p;
+  }
+  return undefined;
+}
