@@ -142,3 +142,50 @@ test('fleecing with copy-before-write and snapshot-access (blockdev-add): a froz
     await env.done();
   }
 });
+
+/** The ranges of a qcow2 image that hold data (qemu-img map), as [start, length]. */
+async function dataExtents(file: string): Promise<Array<[number, number]>> {
+  const map = JSON.parse(await mustRun('qemu-img', ['map', '-U', '-f', 'qcow2', '--output=json', file])) as Array<{ start: number; length: number; data: boolean }>;
+  return map.filter((e) => e.data).map((e) => [e.start, e.length]);
+}
+
+test('push backup out of a fleecing image with discard-source (upstream 9.1): the scratch image is emptied as the backup goes', async () => {
+  const env = await setup('backup-fleece-discard');
+  try {
+    const size = 4 * MiB;
+    const disk = await qcow2(env.f('disk.qcow2'), size);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 4M', disk]);
+    await mustRun('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', disk, env.f('point.raw')]);
+    await addQcow2(env, 'disk', disk);
+    await qcow2(env.f('temp.qcow2'), size);
+    await addQcow2(env, 'temp', env.f('temp.qcow2'), { discard: 'unmap' });
+    await qcow2(env.f('target.qcow2'), size);
+    await addQcow2(env, 'target', env.f('target.qcow2'));
+    await env.d.qmp.execute('blockdev-add', { driver: 'copy-before-write', 'node-name': 'cbw', file: 'disk', target: 'temp' });
+    await env.d.qmp.execute('blockdev-add', { driver: 'snapshot-access', 'node-name': 'access', discard: 'unmap', file: 'cbw' });
+    // A guest write: its old data goes into the scratch image.
+    await io(env, 'cbw', 'write -P 0x22 0 1M');
+    await flush(env, 'temp');
+    assert.deepEqual(await dataExtents(env.f('temp.qcow2')), [[0, 1 * MiB]]);
+    await env.d.qmp.execute('blockdev-backup', { 'job-id': 'b', device: 'access', target: 'target', sync: 'full', 'discard-source': true });
+    const ev = await eventsUntil(env, 'JOB_STATUS_CHANGE', { id: 'b', status: 'null' });
+    assert.equal(ev.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data?.error, undefined);
+    await flush(env, 'target', 'temp');
+    // The backup is the disk at the fleecing's start; the scratch image holds nothing any more and the
+    // snapshot, discarded, cannot be read.
+    await assertIdentical(env.f('target.qcow2'), env.f('point.raw'), ['-f', 'qcow2', '-F', 'raw']);
+    assert.deepEqual(await dataExtents(env.f('temp.qcow2')), []);
+    assert.match(await env.d.qmp.hmpOutput('qemu-io access "read 0 1M"'), /read failed: Permission denied/);
+    // Discarded from the copy-before-write too: a later write copies nothing into the scratch image.
+    await io(env, 'cbw', 'write -P 0x33 2M 1M');
+    await flush(env, 'temp');
+    assert.deepEqual(await dataExtents(env.f('temp.qcow2')), []);
+    assert.match(await io(env, 'disk', 'read -P 0x33 2M 1M'), /read 1048576/);
+    // snapshot-access takes no data, as QEMU's.
+    assert.match(await env.d.qmp.hmpOutput('qemu-io access "write 0 4k"'), /write failed: Operation not supported/);
+    for (const node of ['access', 'cbw', 'temp']) await env.d.qmp.execute('blockdev-del', { 'node-name': node });
+    await mustRun('qemu-img', ['check', '-f', 'qcow2', env.f('temp.qcow2')]);
+  } finally {
+    await env.done();
+  }
+});

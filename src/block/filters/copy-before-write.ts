@@ -202,6 +202,29 @@ export class CopyBeforeWriteNode extends FilterNode {
   }
 
   /**
+   * cbw_co_pdiscard_snapshot: the reader of the point-in-time image no longer needs [offset, +bytes)
+   * (a backup out of snapshot-access with discard-source, or a fleecing client's trim). Whole clusters
+   * inside the range only (upstream QEMU since 9.1 aligns inwards; 7.2 asserts on an unaligned range):
+   * they leave the access bitmap (reads fail EACCES from now on) and the copy bitmap (a later write to
+   * the source copies nothing for them), and the target's copies are discarded. Done holding the
+   * chunks' locks, so a copy-before-write of them in flight ends first and none starts meanwhile.
+   */
+  async snapshotDiscard(offset: number, bytes: number): Promise<void> {
+    const g = this.clusterSize;
+    const start = Math.ceil(offset / g) * g;
+    const end = offset + bytes >= this.length() ? this.length() : Math.floor((offset + bytes) / g) * g;
+    if (end <= start) return;
+    const lock = await this.copy.locks.acquire(start, end - start);
+    try {
+      this.accessBitmap.resetDirty(start, end - start);
+      this.copyBitmap.resetDirty(start, end - start);
+      await this.child('target')!.node.discard(start, end - start);
+    } finally {
+      lock.release();
+    }
+  }
+
+  /**
    * cbw_child_perm: the target is written (and not resized by others); the source as a filter's child,
    * written too with discard-source (upstream QEMU 9.1) once the filter has a user (the backup job).
    */
