@@ -6,6 +6,7 @@
  *   fallocate                                                  asynchronous (may take long on big ranges)
  *   copy_file_range        (copy offload between two files)    asynchronous
  *   pwritev2 RWF_DSYNC     (one write durable, nothing else)   asynchronous
+ *   preadv2 RWF_NOWAIT     (what the page cache holds)         synchronous: never waits for a device
  *   aligned buffers        (posix_memalign -> external Buffer) synchronous
  *
  * Every call returns its result or a negative errno; the TypeScript wrapper (src/block/native.ts) turns
@@ -19,6 +20,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <linux/falloc.h>
 #include <node_api.h>
 
@@ -395,6 +398,49 @@ static napi_value pwrite_dsync(napi_env env, napi_callback_info info) {
   return queue(env, req, "bitmirror.pwrite_dsync");
 }
 
+/*
+ * readCached(fd, buffer, offset) -> bytes | -errno, synchronous: the prefix of [offset, +length) that
+ * can be read without waiting for a device, so it may run on the event loop and spare a read the
+ * thread pool's two context switches. preadv2(RWF_NOWAIT) copies what the page cache holds and stops
+ * at the first page it does not (0 or -EAGAIN when that is the first one). A memory file system
+ * (tmpfs, ramfs) has no device to wait for but refuses RWF_NOWAIT: there a plain pread reads it all.
+ * Returns fewer bytes than asked at the end of the file; the caller reads the rest through the pool.
+ */
+static napi_value read_cached(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int32_t fd;
+  int64_t off;
+  void *data;
+  size_t len;
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[2], &off)) return NULL;
+  if (napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
+    return NULL;
+  }
+  int flags = RWF_NOWAIT;
+  int64_t done = 0;
+  while (done < (int64_t)len) {
+    struct iovec iov = {(char *)data + done, len - (size_t)done};
+    ssize_t r = preadv2(fd, &iov, 1, (off_t)(off + done), flags);
+    if (r == -1 && errno == EINTR) continue;
+    if (r == -1 && errno == EOPNOTSUPP && flags) {
+      struct statfs st;
+      if (fstatfs(fd, &st) == 0 && (st.f_type == TMPFS_MAGIC || st.f_type == RAMFS_MAGIC)) {
+        flags = 0;
+        continue;
+      }
+      errno = EOPNOTSUPP;
+    }
+    if (r == -1) {
+      if (done == 0) done = -errno;
+      break;
+    }
+    if (r == 0) break; /* the end of the file, or (RWF_NOWAIT) a page not cached */
+    done += r;
+  }
+  return make_number(env, (double)done);
+}
+
 /* ---- module ---------------------------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -405,6 +451,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"ofdSupported", NULL, ofd_supported, NULL, NULL, NULL, napi_enumerable, NULL},
       {"seek", NULL, seek, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pwriteDsync", NULL, pwrite_dsync, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"copyFileRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -24,6 +24,11 @@ interface NativeAddon {
    * O_DSYNC), without writing back the file's other dirty pages; missing in addons built before it.
    */
   pwriteDsync?(fd: number, buf: Buffer, offset: number): Promise<number>;
+  /**
+   * Synchronous: the prefix of [offset, +buf.length) read without waiting for a device (the page
+   * cache's pages, preadv2 RWF_NOWAIT; all of it on tmpfs/ramfs), or -errno; missing in addons built before it.
+   */
+  readCached?(fd: number, buf: Buffer, offset: number): number;
   alignedBuffer(size: number, align: number): Buffer;
   bufferAddress(buf: Buffer): number;
   readonly SEEK_DATA: number;

@@ -1,9 +1,11 @@
 /**
  * The file driver's use of the native addon: block status from SEEK_DATA/SEEK_HOLE, discard as a
- * punched hole, write-zeroes as ZERO_RANGE, O_DIRECT with aligned buffers.
+ * punched hole, write-zeroes as ZERO_RANGE, O_DIRECT with aligned buffers, reads from the page cache
+ * on the event loop.
  */
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, truncateSync, statSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -212,6 +214,41 @@ test('a FUA write is one pwritev2(RWF_DSYNC): the bytes land where asked, the fi
     await node.write(0, Buffer.alloc(512, 1));
     await node.flush();
     assert.equal(flushes, 1, 'a flush still flushes');
+    await graph.closeAll();
+  } finally {
+    t.done();
+  }
+});
+
+test('reads take what the page cache holds on the event loop (readCached) and the rest through the pool', async () => {
+  const t = tmp();
+  try {
+    const f = join(t.dir, 'c.img');
+    const data = Buffer.alloc(4 * MiB);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+    writeFileSync(f, data);
+    const { graph, node } = await open({ filename: f });
+    const fd = (node as unknown as { fh: { fd: number } }).fh.fd;
+    const n = nativeAddon()!;
+    // Just written: cached, so all of it comes at once; at the end of the file, what is there.
+    const buf = Buffer.alloc(MiB);
+    assert.equal(n.readCached!(fd, buf, MiB), MiB);
+    assert.ok(buf.equals(data.subarray(MiB, 2 * MiB)));
+    assert.equal(n.readCached!(fd, buf, 4 * MiB - 1000), 1000);
+    assert.equal(n.readCached!(fd, buf, 4 * MiB), 0);
+    // Write back, then drop the second half from the page cache (posix_fadvise DONTNEED through dd):
+    // readCached stops where the cache does (on tmpfs nothing is dropped), and a read through the
+    // node, cached part and pool part together, is the file's bytes.
+    execFileSync('sync', [f]);
+    execFileSync('dd', [`if=${f}`, 'of=/dev/null', 'iflag=nocache', 'bs=1M', 'skip=2', 'count=2', 'status=none']);
+    const head = Buffer.alloc(4 * MiB);
+    const got = n.readCached!(fd, head, 0);
+    assert.ok(got >= 0 && got <= 4 * MiB, `readCached returned ${got}`);
+    assert.ok(head.subarray(0, got).equals(data.subarray(0, got)));
+    assert.ok((await node.read(0, 4 * MiB)).equals(data));
+    const into = Buffer.alloc(3 * MiB);
+    await node.readInto(MiB, into);
+    assert.ok(into.equals(data.subarray(MiB)));
     await graph.closeAll();
   } finally {
     t.done();

@@ -11,7 +11,8 @@
  *   4096-aligned bounce buffers, and a tail that is not a multiple of the alignment (an image whose size
  *   is not) goes through a second, buffered descriptor.
  * - Image locking is QEMU's, byte for byte, so QEMU and bitmirror see each other's claims (below).
- * - `aio` (threads|native|io_uring) is accepted for compatibility; Node's libuv thread pool does all I/O.
+ * - `aio` (threads|native|io_uring) is accepted for compatibility; Node's libuv thread pool does the I/O,
+ *   except reads of what the page cache already holds, which the event loop copies (readCached).
  * - Copy offload: a regular file opened without O_DIRECT is a host range for copies (doMapHost) and
  *   takes host copies with copy_file_range (doWriteHost), which reflinks where the file system can.
  *
@@ -33,6 +34,9 @@ import type { BlockDriver } from '../graph.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, PERM_NAMES } from '../permissions.js';
 import { bool, enumOf, str, int, size } from '../../qapi/schema.js';
 import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, EAGAIN, EACCES } from '../native.js';
+
+/** The largest read tried from the page cache on the event loop (see FileNode.readCached): about 1 ms of copying. */
+const CACHED_READ_MAX = 4 << 20;
 
 // ---- QEMU's lock bytes ------------------------------------------------------------------------------
 
@@ -286,7 +290,8 @@ export class FileNode extends BlockNode {
   protected async doRead(offset: number, bytes: number): Promise<Buffer> {
     if (this.fileOptions.direct) return this.directRead(offset, bytes);
     const buf = Buffer.allocUnsafe(bytes);
-    await readFully(this.fh, buf, 0, bytes, offset);
+    const cached = this.readCached(offset, buf);
+    if (cached < bytes) await readFully(this.fh, buf, cached, bytes - cached, offset + cached);
     return buf;
   }
 
@@ -298,7 +303,28 @@ export class FileNode extends BlockNode {
       else (await this.directRead(offset, bytes)).copy(buf, 0, 0, bytes);
       return;
     }
-    await readFully(this.fh, buf, 0, bytes, offset);
+    const cached = this.readCached(offset, buf);
+    if (cached < bytes) await readFully(this.fh, buf, cached, bytes - cached, offset + cached);
+  }
+
+  /** The addon's readCached works here (unknown until tried; false once the kernel or file system refused it). */
+  private canReadCached = true;
+
+  /**
+   * Read what the page cache already holds of [offset, +buf.length) into buf on the event loop (the
+   * addon's readCached never waits for a device) and return how many bytes that was: the caller reads
+   * the rest through the thread pool. A read from the pool costs two context switches and a promise
+   * settled from another thread, as much CPU as copying a few hundred KiB; an NBD export or a copy whose
+   * source is cached (just written, or on tmpfs) spent more of its time there than copying the data.
+   * Reads above CACHED_READ_MAX go to the pool whole, so that one copy never holds the loop for long.
+   */
+  private readCached(offset: number, buf: Buffer): number {
+    const n = nativeAddon();
+    if (!this.canReadCached || !n?.readCached || buf.length > CACHED_READ_MAX) return 0;
+    const r = n.readCached(this.fh.fd, buf, offset);
+    if (r >= 0) return r;
+    if (isUnsupported(r)) this.canReadCached = false;
+    return 0;
   }
 
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
