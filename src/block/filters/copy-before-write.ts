@@ -88,6 +88,8 @@ export class CopyBeforeWriteNode extends FilterNode {
   private readonly cbwTimeoutMs: number;
   private readonly discardSource: boolean;
   private observer: WriteObserver | undefined;
+  /** Copies before writes that timed out (cbw-timeout) and are still running. */
+  private readonly lateCopies = new Set<Promise<void>>();
   /** Set once a copy failed with on-cbw-error=break-snapshot: no more copying, the image is broken. */
   snapshotError: unknown;
   /** A job's hooks (speed accounting, progress, failures), forwarded from the engine. */
@@ -159,15 +161,29 @@ export class CopyBeforeWriteNode extends FilterNode {
     this.doneBitmap.setDirty(start, Math.min(this.length(), Math.ceil((req.offset + req.bytes) / g) * g) - start);
   }
 
+  /**
+   * cbw-timeout: the copy fails as ETIMEDOUT once it took longer (QEMU's qemu_co_timeout around
+   * block_copy). The copy itself cannot be stopped: it goes on holding its chunks' locks and ends
+   * later (copied, or dirty again on failure, nobody told); closing the filter waits for it, as QEMU
+   * keeps such a copy in the node's in-flight count.
+   */
   private withTimeout(p: Promise<void>): Promise<void> {
     if (!this.cbwTimeoutMs) return p;
     let timer: NodeJS.Timeout | undefined;
+    let timedOut = false;
     const timeout = new Promise<void>((_, reject) => {
-      timer = setTimeout(() => reject(new BlockIOError('ETIMEDOUT')), this.cbwTimeoutMs);
+      timer = setTimeout(() => {
+        timedOut = true;
+        const late = p.catch(() => undefined).finally(() => this.lateCopies.delete(late));
+        this.lateCopies.add(late);
+        reject(new BlockIOError('ETIMEDOUT'));
+      }, this.cbwTimeoutMs);
     });
-    // The copy goes on after a timeout; its own failure then has nobody to tell.
+    // After a timeout the copy's own failure has nobody to tell.
     p.catch(() => undefined);
-    return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
+    return Promise.race([p, timeout]).finally(() => {
+      if (!timedOut) clearTimeout(timer);
+    });
   }
 
   // ---- the point-in-time image (for snapshot-access) ---------------------------------------------
@@ -243,6 +259,7 @@ export class CopyBeforeWriteNode extends FilterNode {
     await this.quiesce();
     if (this.observer) this.filtered.removeWriteObserver(this.observer);
     this.observer = undefined;
+    await Promise.all([...this.lateCopies]);
     await this.copy.drain();
     this.copy.release();
     for (const bm of [this.accessBitmap, this.doneBitmap, this.copyBitmap]) this.host.release(bm);
