@@ -8,7 +8,7 @@
  *   data path   rbd_aio_read/write/write_zeroes/discard/flush: librbd runs them and calls back on
  *               its own finisher thread; the callback hands the completion to the event loop
  *               through one thread-safe function, which resolves the request's promise there.
- *   control     connect + open, close, create, resize, stat, diff (block status), image metadata:
+ *   control     connect + open, close, create, remove, resize, stat, diff (block status), image metadata:
  *               librbd only has blocking calls for these (or aio ones for just a few), so they run
  *               on libuv's thread pool (napi_async_work) and resolve their promise when done.
  * Every call resolves with a result or a negative errno; open and create resolve an object saying
@@ -97,7 +97,7 @@ static rbd_handle *get_handle(napi_env env, napi_value v) {
 
 /* ---- control calls on the thread pool ------------------------------------------------------- */
 
-typedef enum { OP_OPEN, OP_CLOSE, OP_CREATE, OP_RESIZE, OP_STAT, OP_DIFF, OP_META_GET, OP_META_SET, OP_META_REMOVE, OP_META_LIST } op_kind;
+typedef enum { OP_OPEN, OP_CLOSE, OP_CREATE, OP_REMOVE, OP_RESIZE, OP_STAT, OP_DIFF, OP_META_GET, OP_META_SET, OP_META_REMOVE, OP_META_LIST } op_kind;
 
 #define MAX_EXTENTS 64
 
@@ -112,7 +112,7 @@ typedef struct {
   uint64_t size, order;
   /* results */
   int ret;
-  const char *stage; /* which step failed: conf, connect, pool, namespace, open, create */
+  const char *stage; /* which step failed: conf, connect, pool, namespace, open, create, remove */
   rbd_image_info_t info;
   uint64_t features, flags;
   /* diff: extents of [off, off+len) */
@@ -171,7 +171,7 @@ static void ctl_execute(napi_env env, void *data) {
   (void)env;
   ctl_req *r = data;
   rbd_handle *h = r->h;
-  if (r->op != OP_OPEN && r->op != OP_CREATE && (!h || h->closed)) { r->ret = -EBADF; return; }
+  if (r->op != OP_OPEN && r->op != OP_CREATE && r->op != OP_REMOVE && (!h || h->closed)) { r->ret = -EBADF; return; }
   switch (r->op) {
   case OP_OPEN: {
     h = calloc(1, sizeof(*h));
@@ -192,6 +192,19 @@ static void ctl_execute(napi_env env, void *data) {
     int order = (int)r->order;
     r->ret = rbd_create(ioctx, r->image, r->size, &order);
     if (r->ret < 0) r->stage = "create";
+    rados_ioctx_destroy(ioctx);
+    rados_shutdown(cluster);
+    break;
+  }
+  case OP_REMOVE: {
+    /* Deletes every object of the image: may take long, hence the thread pool. Fails with -EBUSY
+       while any client (a watcher) still has the image open. */
+    rados_t cluster;
+    rados_ioctx_t ioctx;
+    r->ret = connect_pool(r, &cluster, &ioctx);
+    if (r->ret < 0) return;
+    r->ret = rbd_remove(ioctx, r->image);
+    if (r->ret < 0) r->stage = "remove";
     rados_ioctx_destroy(ioctx);
     rados_shutdown(cluster);
     break;
@@ -258,6 +271,7 @@ static void ctl_complete(napi_env env, napi_status status, void *data) {
   switch (r->op) {
   case OP_OPEN:
   case OP_CREATE:
+  case OP_REMOVE:
     napi_create_object(env, &v);
     set_num(env, v, "ret", r->ret);
     if (r->stage) set_str(env, v, "stage", r->stage);
@@ -347,6 +361,19 @@ static napi_value js_create(napi_env env, napi_callback_info info) {
   if (!r || get_str(env, a[0], &r->conf) || get_str(env, a[1], &r->user) || get_str(env, a[2], &r->pool) ||
       get_str(env, a[3], &r->ns) || get_str(env, a[4], &r->image) || get_u64(env, a[5], &r->size) ||
       get_u64(env, a[6], &r->order)) {
+    if (r) free_req(r);
+    return NULL;
+  }
+  return queue_ctl(env, r);
+}
+
+/* remove(conf, user, pool, namespace, image) -> {ret, stage?} */
+static napi_value js_remove(napi_env env, napi_callback_info info) {
+  napi_value a[5];
+  if (get_args(env, info, 5, a)) return NULL;
+  ctl_req *r = new_req(OP_REMOVE);
+  if (!r || get_str(env, a[0], &r->conf) || get_str(env, a[1], &r->user) || get_str(env, a[2], &r->pool) ||
+      get_str(env, a[3], &r->ns) || get_str(env, a[4], &r->image)) {
     if (r) free_req(r);
     return NULL;
   }
@@ -484,7 +511,7 @@ static napi_value init(napi_env env, napi_value exports) {
   }
   napi_unref_threadsafe_function(env, aio_tsfn);
   struct { const char *name; napi_callback fn; } fns[] = {
-    {"open", js_open}, {"create", js_create}, {"close", js_close}, {"resize", js_resize}, {"stat", js_stat},
+    {"open", js_open}, {"create", js_create}, {"remove", js_remove}, {"close", js_close}, {"resize", js_resize}, {"stat", js_stat},
     {"diff", js_diff}, {"metadataGet", js_meta_get}, {"metadataSet", js_meta_set},
     {"metadataRemove", js_meta_remove}, {"metadataList", js_meta_list}, {"aio", js_aio},
   };

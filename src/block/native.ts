@@ -80,7 +80,7 @@ type RbdResult = Promise<number>;
 /** An open image (librados cluster handle, pool I/O context and rbd_image_t) inside the addon. */
 export type RbdHandle = { readonly __brand: 'RbdHandle' };
 /** Which step of connect/open/create failed: the driver words QEMU's message for it. */
-export type RbdStage = 'conf' | 'connect' | 'pool' | 'namespace' | 'open' | 'create';
+export type RbdStage = 'conf' | 'connect' | 'pool' | 'namespace' | 'open' | 'create' | 'remove';
 
 /**
  * native/bitmirror_rbd.c: librbd for the rbd driver, a separate addon built only where librbd-dev is
@@ -90,6 +90,8 @@ export type RbdStage = 'conf' | 'connect' | 'pool' | 'namespace' | 'open' | 'cre
 export interface RbdAddon {
   open(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, snapshot: string | null, readOnly: boolean): Promise<{ ret: number; stage?: RbdStage; handle?: RbdHandle }>;
   create(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, size: number, order: number): Promise<{ ret: number; stage?: RbdStage }>;
+  /** rbd_remove: delete an image and all its data (fails with -EBUSY while a client has it open). */
+  remove(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string): Promise<{ ret: number; stage?: RbdStage }>;
   close(h: RbdHandle): RbdResult;
   resize(h: RbdHandle, size: number): RbdResult;
   stat(h: RbdHandle): Promise<{ size: number; objectSize: number; features: number; flags: number } | number>;

@@ -1,19 +1,20 @@
 /**
  * `bitmirror copy SRC DST`: a whole block copy in one command (libvirt's blockcopy, without losing a
- * bitmap). Against a running daemon (`--qmp SOCKET`: SRC a node name, DST a node or a new image file)
- * or on image files (an embedded daemon, session.ts). Steps: open or create the target (same size,
- * cluster size and format as the source, or `--reuse` an existing image), blockdev-mirror with
+ * bitmap). Against a running daemon (`--qmp SOCKET`: SRC a node name, DST a node or a new image) or
+ * on images (an embedded daemon, session.ts): image files, or RBD images by qemu-img's `rbd:` names.
+ * Steps: open or create the target (same size as the source; a file of the source's cluster size and
+ * format, a qcow2 file for an RBD source with persistent bitmaps; or `--reuse` an existing image),
+ * blockdev-mirror with
  * bitmirror's bitmap-carrying extension, progress (progress.ts), at READY the switch (job-complete) or
  * with --no-pivot a consistent copy without switching (soft cancel), then which bitmaps the copy
  * carries, and with --verify a comparison (verify.ts). Ctrl-C cancels the job: the source is untouched,
  * and the message says what is left. Exit codes: exit-codes.ts (README has the table).
  */
 import { promises as fsp } from 'node:fs';
-import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { errorMessage } from '../errors.js';
 import { CliError, EXIT_OK, EXIT_VERIFY, exitCodeForSignal, usageError } from './exit-codes.js';
-import { Session, type ImageNodes, type NodeSummary, type BitmapSummary } from './session.js';
+import { Session, parseImageLocation, removeCreatedImage, type ImageLocation, type ImageNodes, type NodeSummary, type BitmapSummary } from './session.js';
 import { chooseProgressMode, formatBytes, Progress } from './progress.js';
 import { runJob, type JobOutcome } from './job-runner.js';
 import { InterruptedError, SignalWatch } from './signals.js';
@@ -22,11 +23,14 @@ import { verifyCopy, VERIFY_BITMAP, type VerifyResult } from './verify.js';
 export const COPY_USAGE = `Usage: bitmirror copy [options] SRC DST
 Copy a disk live, with its dirty bitmaps: mirror SRC to DST, then switch over to DST.
 
-  SRC, DST        image files (an embedded daemon does the copy), or with --qmp a node name (SRC)
-                  and a node name or a new image file (DST)
+  SRC, DST        image files or RBD images (an embedded daemon does the copy), or with --qmp a node
+                  name (SRC) and a node name or a new image (DST). An RBD image is named as qemu-img
+                  names it: rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:conf=CEPH_CONF][:id=USER]
   --qmp SOCKET    a running daemon's QMP socket (a unix socket path, or HOST:PORT)
   --reuse         copy into the existing image DST (same size as SRC); default: create DST with the
-                  source's size, cluster size and format
+                  source's size, cluster size and format (a file from an RBD image: raw, or qcow2
+                  to hold its persistent bitmaps; a new RBD image: an RBD source's object size,
+                  librbd's default otherwise)
   --node-name N   with --qmp and DST a file: the node name DST gets (default: SRC-copy)
   --shallow       copy only the top image; DST gets SRC's backing file (sync=top)
   --sync-writes   write-blocking mode: guest writes reach the copy before they complete, so the copy
@@ -185,50 +189,95 @@ export interface CopyHooks {
 export async function runCopy(opts: CopyOptions, progress: Progress, hooks: CopyHooks = {}): Promise<number> {
   const signals = new SignalWatch();
   let session: Session | undefined;
-  let createdFile: string | undefined;
+  /** The target image this run created: removed again unless the copy completes. */
+  let created: ImageLocation | undefined;
+  /** What became of `created` once the copy failed: undefined while nothing was removed. */
+  let removal: { error?: string } | undefined;
   let target: ImageNodes | undefined;
   let targetNode: string;
   let outcome: JobOutcome | undefined;
   const fileForm = opts.qmp === undefined;
+  /** On failure: close the session (the nodes it opened, an embedded daemon), then remove a target this run created. */
+  const abandon = async (): Promise<void> => {
+    if (session) await session.close().catch(() => undefined);
+    if (created === undefined) return;
+    const c = created;
+    created = undefined;
+    removal = await removeCreatedImage(c).then(
+      () => ({}),
+      (err: unknown) => ({ error: errorMessage(err) }),
+    );
+  };
   try {
     session = await Session.open({ qmp: opts.qmp, signals });
     const s = session;
     // The source.
     let sourceNode: string;
     if (fileForm) {
-      const src = path.resolve(opts.src);
-      await fsp.access(src).catch(() => {
-        throw usageError(`cannot open '${opts.src}': No such file or directory`);
-      });
-      sourceNode = (await s.openImage(src, 'src')).node;
+      const src = parseImageLocation(opts.src);
+      if (src.kind === 'file') {
+        await fsp.access(src.filename).catch(() => {
+          throw usageError(`cannot open '${opts.src}': No such file or directory`);
+        });
+        sourceNode = (await s.openImage(src.filename, 'src')).node;
+      } else {
+        sourceNode = (
+          await s.openRbd(src, 'src').catch((err: unknown) => {
+            throw cannotOpen(opts.src, err);
+          })
+        ).node;
+      }
     } else sourceNode = opts.src;
     const source = await s.nodeSummary(sourceNode);
     signals.throwIfSignalled();
+    // A mirror with a working bitmap carries none (the daemon refuses both): a re-synced copy keeps its own.
+    const carry = opts.carryBitmaps && opts.bitmap === undefined;
 
     // The target: a node of the daemon, an existing image (--reuse), or a new image like the source.
     const dstIsNode = !fileForm && (await s.hasNode(opts.dst));
     if (dstIsNode) {
       targetNode = opts.dst;
     } else {
-      const dst = path.resolve(opts.dst);
-      const exists = await fsp.access(dst).then(() => true, () => false);
+      const dst = parseImageLocation(opts.dst);
       const nodeName = fileForm ? 'dst' : (opts.nodeName ?? `${sourceNode}-copy`);
       if (!fileForm && (await s.hasNode(nodeName))) throw usageError(`the daemon already has a node '${nodeName}': name the copy's node with --node-name`);
-      if (opts.reuse) {
-        if (!exists) throw usageError(`'${opts.dst}' does not exist (--reuse copies into an existing image)`);
-        target = await s.openImage(dst, nodeName);
+      if (dst.kind === 'rbd') {
+        if (dst.rbd.snapshot !== undefined) throw usageError(`'${opts.dst}' names a snapshot, which is read-only: a copy cannot be written into it`);
+        if (opts.shallow) throw usageError('--shallow needs a qcow2 target: an RBD image has no backing file');
+        if (opts.reuse) {
+          target = await s.openRbd(dst, nodeName).catch((err: unknown) => {
+            throw notFound(err) ? usageError(`'${opts.dst}' does not exist (--reuse copies into an existing image)`) : cannotOpen(opts.dst, err);
+          });
+        } else {
+          if (opts.bitmap !== undefined) throw usageError('--bitmap re-syncs an existing copy: give --reuse (or a DST node)');
+          // An RBD source's object size carries over; any other source's cluster size is no object size.
+          target = await s.createRbd(dst, nodeName, { size: source.virtualSize, clusterSize: source.driver === 'rbd' ? source.clusterSize : undefined }).catch((err: unknown) => {
+            // The image is there already: the user's, never touched (not removed on failure either).
+            throw /File exists/.test(errorMessage(err)) ? usageError(`'${opts.dst}' exists: use --reuse to copy into it`) : err;
+          });
+          created = dst;
+        }
       } else {
-        if (exists) throw usageError(`'${opts.dst}' exists: use --reuse to copy into it`);
-        if (opts.bitmap !== undefined) throw usageError('--bitmap re-syncs an existing copy: give --reuse (or a DST node)');
-        const format = source.driver === 'qcow2' ? 'qcow2' : 'raw';
-        createdFile = dst;
-        target = await s.createImage(dst, nodeName, {
-          format,
-          size: source.virtualSize,
-          clusterSize: source.clusterSize,
-          backingFile: opts.shallow && format === 'qcow2' ? source.fullBackingFilename : undefined,
-          backingFormat: opts.shallow ? source.backingFormat : undefined,
-        });
+        const exists = await fsp.access(dst.filename).then(() => true, () => false);
+        if (opts.reuse) {
+          if (!exists) throw usageError(`'${opts.dst}' does not exist (--reuse copies into an existing image)`);
+          target = await s.openImage(dst.filename, nodeName);
+        } else {
+          if (exists) throw usageError(`'${opts.dst}' exists: use --reuse to copy into it`);
+          if (opts.bitmap !== undefined) throw usageError('--bitmap re-syncs an existing copy: give --reuse (or a DST node)');
+          // An RBD image is raw data; its persistent bitmaps need a format that can hold them.
+          const bitmapsToKeep = carry && source.bitmaps.some((b) => b.persistent);
+          const format = source.driver === 'qcow2' || (source.driver === 'rbd' && bitmapsToKeep) ? 'qcow2' : 'raw';
+          created = dst;
+          target = await s.createImage(dst.filename, nodeName, {
+            format,
+            size: source.virtualSize,
+            // A qcow2 source's cluster size (an RBD object, 4 MiB by default, is larger than qcow2 allows).
+            clusterSize: source.driver === 'qcow2' ? source.clusterSize : undefined,
+            backingFile: opts.shallow && format === 'qcow2' ? source.fullBackingFilename : undefined,
+            backingFormat: opts.shallow ? source.backingFormat : undefined,
+          });
+        }
       }
       targetNode = target.node;
     }
@@ -236,8 +285,6 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     if (targetInfo.virtualSize !== source.virtualSize) {
       throw usageError(`'${opts.dst}' is ${targetInfo.virtualSize} bytes and '${opts.src}' ${source.virtualSize}: a copy needs the same size`);
     }
-    // A mirror with a working bitmap carries none (the daemon refuses both): a re-synced copy keeps its own.
-    const carry = opts.carryBitmaps && opts.bitmap === undefined;
     if (carry) {
       // On a node of the user's the daemon alone decides (a raw node may keep bitmaps in a sidecar).
       if (target !== undefined) checkCarriable(source, targetInfo, opts.dst);
@@ -284,8 +331,14 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
         return opts.pivot ? 'complete' : 'cancel';
       },
     });
-    if (outcome.status === 'interrupted') throw new CliError(`cancelled: ${leftBehind(opts, outcome, createdFile)}`, exitCodeForSignal(outcome.signal ?? 'SIGINT'));
-    if (outcome.status === 'failed') throw new CliError(`the copy failed: ${outcome.error ?? 'unknown error'}; ${leftBehind(opts, outcome, createdFile)}`);
+    if (outcome.status === 'interrupted') {
+      await abandon();
+      throw new CliError(`cancelled: ${leftBehind(opts, outcome, removal)}`, exitCodeForSignal(outcome.signal ?? 'SIGINT'));
+    }
+    if (outcome.status === 'failed') {
+      await abandon();
+      throw new CliError(`the copy failed: ${outcome.error ?? 'unknown error'}; ${leftBehind(opts, outcome, removal)}`);
+    }
 
     // Done: the copy is consistent (and switched to, unless --no-pivot). What it carries:
     const copied = await s.nodeSummary(targetNode);
@@ -299,7 +352,7 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     if (!fileForm) {
       if (opts.pivot && target) s.keep(target);
     }
-    createdFile = undefined; // the copy is complete: it stays, whatever happens next
+    created = undefined; // the copy is complete: it stays, whatever happens next
     const problems = await s.close();
     if (problems.length > 0) throw new CliError(`the copy is complete, but closing failed: ${problems.join('; ')}`);
     hooks.onResult?.(result);
@@ -310,11 +363,10 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
     }
     return signals.signal ? exitCodeForSignal(signals.signal) : EXIT_OK;
   } catch (err) {
-    // Clean up: nodes this run opened, the daemon it started, a target file it created.
-    if (session) await session.close().catch(() => undefined);
-    if (createdFile !== undefined) await fsp.rm(createdFile, { force: true });
+    // Clean up: nodes this run opened, the daemon it started, a target it created.
+    await abandon();
     if (err instanceof InterruptedError || (signals.signal && !(err instanceof CliError))) {
-      throw new CliError(`cancelled: ${leftBehind(opts, outcome, createdFile)}`, exitCodeForSignal(signals.signal!));
+      throw new CliError(`cancelled: ${leftBehind(opts, outcome, removal)}`, exitCodeForSignal(signals.signal!));
     }
     if (err instanceof CliError) throw err;
     throw new CliError(errorMessage(err));
@@ -323,10 +375,24 @@ export async function runCopy(opts: CopyOptions, progress: Progress, hooks: Copy
   }
 }
 
+/** The driver's message for an image that is not there (a file's, rbd's "error reading header from …"). */
+function notFound(err: unknown): boolean {
+  return /No such file or directory/.test(errorMessage(err));
+}
+
+/** An image that cannot be opened: a usage error when it does not exist, a failure otherwise (a cluster down). */
+function cannotOpen(name: string, err: unknown): CliError {
+  const text = `cannot open '${name}': ${errorMessage(err)}`;
+  return notFound(err) ? usageError(text) : new CliError(text);
+}
+
+/** The formats whose images store persistent bitmaps (qcow2 in the image, rbd in the image's metadata). */
+const BITMAP_FORMATS = ['qcow2', 'rbd'];
+
 /** A bitmap that cannot be carried fails here, before anything is copied (the daemon would refuse the switch). */
 function checkCarriable(source: NodeSummary, target: NodeSummary, dst: string): void {
   const persistent = source.bitmaps.filter((b) => b.persistent).map((b) => b.name).sort();
-  if (persistent.length > 0 && target.driver !== 'qcow2') {
+  if (persistent.length > 0 && !BITMAP_FORMATS.includes(target.driver)) {
     throw usageError(
       `cannot carry the persistent bitmap${persistent.length > 1 ? 's' : ''} ${persistent.join(', ')} onto '${dst}': a ${target.driver} image cannot store bitmaps (use a qcow2 target, or --no-bitmaps)`,
     );
@@ -335,11 +401,12 @@ function checkCarriable(source: NodeSummary, target: NodeSummary, dst: string): 
   if (inconsistent.length > 0) throw usageError(`cannot carry the inconsistent bitmap${inconsistent.length > 1 ? 's' : ''} ${inconsistent.join(', ')} (remove ${inconsistent.length > 1 ? 'them' : 'it'}, or --no-bitmaps)`);
 }
 
-/** What an unfinished copy leaves: the source is always untouched. */
-function leftBehind(opts: CopyOptions, outcome: JobOutcome | undefined, createdFile: string | undefined): string {
+/** What an unfinished copy leaves: the source is always untouched. `removal`: what became of a target this run created. */
+function leftBehind(opts: CopyOptions, outcome: JobOutcome | undefined, removal: { error?: string } | undefined): string {
   const parts = [`'${opts.src}' is untouched`];
-  if (createdFile !== undefined) parts.push(`the incomplete copy '${opts.dst}' was removed`);
-  else {
+  if (removal !== undefined) {
+    parts.push(removal.error === undefined ? `the incomplete copy '${opts.dst}' was removed` : `the incomplete copy '${opts.dst}' could not be removed (${removal.error}): remove it`);
+  } else {
     if (outcome?.ready) parts.push(`'${opts.dst}' holds what was copied but is no consistent copy (the job ended without its switch)`);
     else {
       const copied = outcome ? ` (${formatBytes(outcome.done)} of ${formatBytes(outcome.total)} copied)` : '';

@@ -10,8 +10,12 @@
  *   quits it; if the command dies without close(), the pipe on the daemon's standard input ends and the
  *   daemon stops by itself (storing bitmaps, closing images) — see SpawnOptions.embedded.
  *
- * Nodes a session opens (openImage, createImage) are deleted again by close(), parents before
- * children, unless the command hands them over to the user with keep().
+ * Nodes a session opens (openImage, createImage, openRbd, createRbd) are deleted again by close(),
+ * parents before children, unless the command hands them over to the user with keep().
+ *
+ * An image is a file, or an RBD image named as qemu-img names one (`rbd:POOL/IMAGE…`, see
+ * parseImageLocation); an RBD image is opened as one rbd node, whose data is the disk (as QEMU's
+ * users of RBD keep raw disks there; no format is probed inside it).
  */
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
@@ -21,6 +25,7 @@ import { spawnDaemon, type SpawnedDaemon } from '../daemon/spawn.js';
 import { errorMessage } from '../errors.js';
 import { CliError, usageError } from './exit-codes.js';
 import { SignalWatch } from './signals.js';
+import { parseRbdFilename, removeRbdImage, type RbdLocation } from '../block/drivers/rbd.js';
 
 export interface SessionOptions {
   /** --qmp: a running daemon's monitor socket (a unix path, or HOST:PORT). Undefined: an embedded daemon. */
@@ -29,14 +34,44 @@ export interface SessionOptions {
   signals?: SignalWatch;
 }
 
-/** An image opened as two nodes: the protocol node (file) and the format node (qcow2 or raw) on it. */
+/**
+ * An image opened as nodes: a file as the protocol node (file) and the format node (qcow2 or raw) on
+ * it; an RBD image as one rbd node.
+ */
 export interface ImageNodes {
-  /** The format node: what jobs and bitmaps use. */
+  /** The node jobs and bitmaps use: the format node of a file, the rbd node of an RBD image. */
   node: string;
-  /** The protocol (file) node below it. */
-  fileNode: string;
-  format: 'qcow2' | 'raw';
+  /** The protocol (file) node below a file's format node; none for an RBD image. */
+  fileNode?: string;
+  format: 'qcow2' | 'raw' | 'rbd';
+  /** The file's path, or the RBD image's name as given. */
   filename: string;
+}
+
+/** Where a command's image is: a file, or an RBD image (its `rbd:` name and the rbd driver's options). */
+export type ImageLocation = { kind: 'file'; filename: string } | { kind: 'rbd'; name: string; rbd: RbdLocation };
+
+/**
+ * A command line's image name: `rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:conf=PATH][:id=USER]` is an RBD
+ * image (QEMU's legacy rbd filename, as qemu-img takes it: rbd.ts), anything else a file path.
+ */
+export function parseImageLocation(name: string): ImageLocation {
+  if (!name.startsWith('rbd:')) return { kind: 'file', filename: path.resolve(name) };
+  try {
+    return { kind: 'rbd', name, rbd: parseRbdFilename(name) };
+  } catch (err) {
+    throw usageError(`'${name}': ${errorMessage(err)}`);
+  }
+}
+
+/**
+ * Delete an image this command created and could not finish: unlink a file; remove an RBD image
+ * (librbd in this process, on its thread pool: no QMP command removes one). Its nodes must be
+ * closed first. Only ever for an image the command itself created.
+ */
+export async function removeCreatedImage(loc: ImageLocation): Promise<void> {
+  if (loc.kind === 'file') await fsp.rm(loc.filename, { force: true });
+  else await removeRbdImage(loc.rbd);
 }
 
 /** What a command needs to know about a node, from query-named-block-nodes. */
@@ -213,15 +248,45 @@ export class Session {
     return img;
   }
 
+  /**
+   * Open an RBD image as one rbd node `nodeName` (a snapshot read-only). A missing image fails with
+   * the driver's message ("error reading header from IMAGE: No such file or directory").
+   */
+  async openRbd(loc: Extract<ImageLocation, { kind: 'rbd' }>, nodeName: string, opts: { readOnly?: boolean } = {}): Promise<ImageNodes> {
+    const readOnly = (opts.readOnly ?? false) || loc.rbd.snapshot !== undefined;
+    await this.qmp.execute('blockdev-add', { driver: 'rbd', 'node-name': nodeName, ...loc.rbd, 'read-only': readOnly });
+    const img: ImageNodes = { node: nodeName, format: 'rbd', filename: loc.name };
+    this.opened.push(img);
+    return img;
+  }
+
+  /**
+   * Create an RBD image (blockdev-create driver rbd; `clusterSize` its object size, librbd's default
+   * when not given) and open it as `nodeName`. An image of that name that exists already fails the
+   * create ("error rbd create: File exists") and is left alone; once created, a failure to open it
+   * removes it again.
+   */
+  async createRbd(loc: Extract<ImageLocation, { kind: 'rbd' }>, nodeName: string, opts: { size: number; clusterSize?: number }): Promise<ImageNodes> {
+    const create: Record<string, unknown> = { driver: 'rbd', location: loc.rbd, size: opts.size };
+    if (opts.clusterSize !== undefined) create['cluster-size'] = opts.clusterSize;
+    await this.runCreateJob(`${nodeName}-create`, create, loc.name);
+    try {
+      return await this.openRbd(loc, nodeName);
+    } catch (err) {
+      await removeRbdImage(loc.rbd).catch(() => undefined);
+      throw err;
+    }
+  }
+
   /** blockdev-create as a job: run it to its end, dismiss it; throws its error. */
-  private async runCreateJob(jobId: string, options: Record<string, unknown>): Promise<void> {
+  private async runCreateJob(jobId: string, options: Record<string, unknown>, what = String(options.filename ?? options.file)): Promise<void> {
     const concluded = this.qmp.waitEvent('JOB_STATUS_CHANGE', { id: jobId, status: 'concluded' }, 24 * 3600_000);
     await this.qmp.execute('blockdev-create', { 'job-id': jobId, options });
     await concluded;
     const jobs = await this.qmp.execute<Array<{ id: string; error?: string }>>('query-jobs');
     const error = jobs.find((j) => j.id === jobId)?.error;
     await this.qmp.execute('job-dismiss', { id: jobId });
-    if (error !== undefined) throw new CliError(`cannot create '${String(options.filename ?? options.file)}': ${error}`);
+    if (error !== undefined) throw new CliError(`cannot create '${what}': ${error}`);
   }
 
   /** Delete an image's nodes (format, then file) now; the session forgets them. */
@@ -229,7 +294,7 @@ export class Session {
     const i = this.opened.indexOf(img);
     if (i >= 0) this.opened.splice(i, 1);
     await this.qmp.execute('blockdev-del', { 'node-name': img.node });
-    await this.qmp.execute('blockdev-del', { 'node-name': img.fileNode });
+    if (img.fileNode !== undefined) await this.qmp.execute('blockdev-del', { 'node-name': img.fileNode });
   }
 
   /** Leave an image's nodes open in the daemon after the command (they are the user's now). */
@@ -248,7 +313,7 @@ export class Session {
     this.closed = true;
     const problems: string[] = [];
     for (const img of this.opened.splice(0).reverse()) {
-      for (const n of [img.node, img.fileNode]) {
+      for (const n of img.fileNode === undefined ? [img.node] : [img.node, img.fileNode]) {
         await this.qmp.execute('blockdev-del', { 'node-name': n }).catch((err: unknown) => problems.push(`cannot close node ${n}: ${errorMessage(err)}`));
       }
     }

@@ -71,6 +71,9 @@ function stageError(stage: RbdStage | undefined, ret: number, loc: RbdLocation):
       return genericError(`error reading header from ${loc.image}: ${errnoText(ret)}`);
     case 'create':
       return genericError(`error rbd create: ${errnoText(ret)}`);
+    case 'remove':
+      // QEMU never removes an image: worded like its create message.
+      return genericError(`error rbd remove: ${errnoText(ret)}`);
     default:
       return genericError(`error connecting: ${errnoText(ret)}`);
   }
@@ -92,6 +95,80 @@ function locationArgs(loc: RbdLocation): [string | null, string | null, string, 
 }
 
 const ENOENT = 2;
+
+/**
+ * QEMU's legacy rbd filename, as qemu-img takes it (qemu_rbd_parse_filename, QEMU 7.2):
+ * `rbd:POOL/[NAMESPACE/]IMAGE[@SNAPSHOT][:KEY=VALUE…]`. A backslash escapes the next character
+ * (`\:`, `\@`, `\/`, `\=`); the keys `conf` (a ceph.conf to read) and `id` (the user) become the
+ * options of the same names. QEMU passes any other key to rados_conf_set; the addon has no way to
+ * pass them, so they are refused (set them in a conf file). The messages are QEMU's.
+ */
+export function parseRbdFilename(filename: string): RbdLocation {
+  if (!filename.startsWith('rbd:')) throw genericError("File name must start with 'rbd:'");
+  const [pool, afterPool] = nextToken(filename.slice(4), '/');
+  if (afterPool === undefined) throw genericError('Pool name is required');
+  let rest: string | undefined = afterPool;
+  const loc: RbdLocation = { pool: unescape(pool), image: '' };
+  let imageName: string;
+  if (findUnescaped(rest, '@') >= 0) {
+    [imageName, rest] = nextToken(rest, '@'); // found: rest is what follows the @
+    let snapshot: string;
+    [snapshot, rest] = nextToken(rest!, ':');
+    loc.snapshot = unescape(snapshot);
+  } else {
+    [imageName, rest] = nextToken(rest, ':');
+  }
+  if (findUnescaped(imageName, '/') >= 0) {
+    const [namespace, image] = nextToken(imageName, '/');
+    loc.namespace = unescape(namespace);
+    imageName = image!;
+  }
+  loc.image = unescape(imageName);
+  while (rest !== undefined) {
+    let name: string;
+    [name, rest] = nextToken(rest, '=');
+    if (rest === undefined) throw genericError(`conf option ${name} has no value`);
+    name = unescape(name);
+    let value: string;
+    [value, rest] = nextToken(rest, ':');
+    value = unescape(value);
+    if (name === 'conf') loc.conf = value;
+    else if (name === 'id') loc.user = value;
+    else throw genericError(`__org.bitmirror: the rbd option '${name}' is not supported; set it in a conf file (conf=PATH)`);
+  }
+  return loc;
+}
+
+/** Where the first `delim` not escaped by a backslash is, or -1. */
+function findUnescaped(s: string, delim: string): number {
+  for (let i = 0; i < s.length; i++) {
+    if (s[i] === delim) return i;
+    if (s[i] === '\\') i++;
+  }
+  return -1;
+}
+
+/** The text before the first unescaped `delim` (still escaped) and the rest after it (undefined: no delim). */
+function nextToken(s: string, delim: string): [string, string | undefined] {
+  const i = findUnescaped(s, delim);
+  return i < 0 ? [s, undefined] : [s.slice(0, i), s.slice(i + 1)];
+}
+
+/** Drop each escaping backslash (a trailing one stays, as in QEMU). */
+function unescape(s: string): string {
+  return s.replace(/\\([\s\S])/g, '$1');
+}
+
+/**
+ * Delete an image with all its data (rbd_remove, on the thread pool). No QMP command removes an
+ * image (QEMU has none): `bitmirror copy` calls this for a target it created itself and could not
+ * finish. It fails while any client still has the image open.
+ */
+export async function removeRbdImage(loc: RbdLocation): Promise<void> {
+  checkLocation(loc);
+  const r = await addon().remove(...locationArgs(loc));
+  if (r.ret < 0) throw stageError(r.stage, r.ret, loc);
+}
 
 export class RbdNode extends BlockNode implements PersistentBitmapStore {
   readonly driver = 'rbd';
