@@ -205,7 +205,7 @@ export class NbdClientConnection {
           if (this.session.structured && p.type === NBD_CMD.READ && header.error === 0)
             throw new NbdProtocolError('simple reply to a structured read');
           if (header.error !== 0) p.error = serverError(p.type, header.error);
-          else if (p.type === NBD_CMD.READ) (await this.reader.read(p.length)).copy(p.buf!);
+          else if (p.type === NBD_CMD.READ) await this.reader.readInto(p.buf!);
           this.finish(header.cookie, p);
           continue;
         }
@@ -213,8 +213,13 @@ export class NbdClientConnection {
         // No chunk may be larger than its request's data plus a small header (an error message is at most 4 KiB + 6).
         const limit = (p.type === NBD_CMD.READ ? p.length : 0) + 8 + 4096 + 6 + (p.type === NBD_CMD.BLOCK_STATUS ? 16 * 1024 * 1024 : 0);
         if (header.length > BigInt(limit)) throw new NbdProtocolError(`oversize reply chunk of ${header.length} bytes for ${NBD_CMD_NAMES[p.type]} of ${p.length}`);
-        const payload = await this.reader.read(Number(header.length));
-        this.chunk(p, header.type, payload);
+        if (header.type === NBD_REPLY_TYPE.OFFSET_DATA && p.type === NBD_CMD.READ && header.length >= 9n) {
+          // The data lands in the request's buffer straight from the socket (no copy of the chunk first).
+          const offset = (await this.reader.read(8)).readBigUInt64BE(0);
+          const len = Number(header.length) - 8;
+          const rel = this.inRange(p, offset, len);
+          await this.reader.readInto(p.buf!.subarray(rel, rel + len));
+        } else this.chunk(p, header.type, await this.reader.read(Number(header.length)));
         if (header.flags & NBD_REPLY_FLAG_DONE) this.finish(header.cookie, p);
       }
     } catch (e) {
@@ -228,17 +233,20 @@ export class NbdClientConnection {
     p.resolve();
   }
 
+  /** Where a reply chunk's [off, +len) starts in the request's buffer; a chunk outside the request is a protocol error. */
+  private inRange(p: Pending, off: bigint, len: number): number {
+    const rel = Number(off) - p.offset;
+    if (off < BigInt(p.offset) || rel + len > p.length) throw new NbdProtocolError(`chunk [${off}, +${len}) outside the request [${p.offset}, +${p.length})`);
+    return rel;
+  }
+
   private chunk(p: Pending, type: number, payload: Buffer): void {
     if (isErrorChunk(type)) {
       const { error, message } = parseErrorPayload(type, payload);
       p.error ??= serverError(p.type, error, message);
       return;
     }
-    const inRange = (off: bigint, len: number): number => {
-      const rel = Number(off) - p.offset;
-      if (off < BigInt(p.offset) || rel + len > p.length) throw new NbdProtocolError(`chunk [${off}, +${len}) outside the request [${p.offset}, +${p.length})`);
-      return rel;
-    };
+    const inRange = (off: bigint, len: number): number => this.inRange(p, off, len);
     switch (type) {
       case NBD_REPLY_TYPE.NONE:
         if (payload.length !== 0) throw new NbdProtocolError('NONE chunk with a payload');
