@@ -12,7 +12,7 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdClientConnection } from '../nbd/client.js';
-import { NBD_CMD } from '../nbd/protocol.js';
+import { NBD_CMD, NBD_STATE_DIRTY, NBD_STATE_ZERO } from '../nbd/protocol.js';
 import { errorMessage } from '../errors.js';
 import type { QmpClient } from '../qmp/client.js';
 import { CliError } from './exit-codes.js';
@@ -20,21 +20,18 @@ import { CliError } from './exit-codes.js';
 /** A byte range [start, end). */
 export type Range = [start: number, end: number];
 
-/** The NBD block status reply flag of a dirty extent in a `qemu:dirty-bitmap:` context. */
-const NBD_STATE_DIRTY = 1;
-
 /** Block status asks cover at most this much (the protocol's lengths are 32-bit without extended headers). */
 const STATUS_SPAN = 1 << 30;
 
-/** The dirty ranges (sorted, merged) the export's bitmap context reports over [0, size). */
-export async function dirtyRanges(conn: NbdClientConnection, size: number): Promise<Range[]> {
+/** The ranges (sorted, merged) over [0, size) whose block status extents have `flag` set, in the connection's context. */
+export async function rangesWithStatus(conn: NbdClientConnection, size: number, flag: number): Promise<Range[]> {
   const ranges: Range[] = [];
   for (let off = 0; off < size; ) {
     const { extents } = await conn.request(NBD_CMD.BLOCK_STATUS, off, Math.min(size - off, STATUS_SPAN));
     if (!extents || extents.length === 0) throw new CliError('the daemon answered block status with no extents');
     for (const e of extents) {
       const end = Math.min(size, off + e.length);
-      if (e.flags & NBD_STATE_DIRTY) {
+      if (e.flags & flag) {
         const last = ranges[ranges.length - 1];
         if (last && last[1] === off) last[1] = end;
         else ranges.push([off, end]);
@@ -44,6 +41,16 @@ export async function dirtyRanges(conn: NbdClientConnection, size: number): Prom
     }
   }
   return ranges;
+}
+
+/** The dirty ranges (sorted, merged) the export's bitmap context reports over [0, size). */
+export function dirtyRanges(conn: NbdClientConnection, size: number): Promise<Range[]> {
+  return rangesWithStatus(conn, size, NBD_STATE_DIRTY);
+}
+
+/** The ranges (sorted, merged) over [0, size) that read as zeroes, by the export's base:allocation context. */
+export function zeroRanges(conn: NbdClientConnection, size: number): Promise<Range[]> {
+  return rangesWithStatus(conn, size, NBD_STATE_ZERO);
 }
 
 export class NbdAccess {

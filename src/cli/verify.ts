@@ -14,7 +14,8 @@
  *
  * The bytes are read over NBD (nbd-access.ts): the daemon exports both nodes read-only on a private
  * unix socket (a daemon that already runs an NBD server is refused with a message), and this process
- * reads them with bitmirror's NBD client, the bitmaps' dirty extents through the
+ * reads them with bitmirror's NBD client (several chunks at once; what both sides' block status
+ * reports as reading zeroes is not read), the bitmaps' dirty extents through the
  * `qemu:dirty-bitmap:` context of frozen copies.
  */
 import { NBD_CMD } from '../nbd/protocol.js';
@@ -23,7 +24,8 @@ import { CliError } from './exit-codes.js';
 import type { Progress } from './progress.js';
 import type { Session } from './session.js';
 import type { SignalWatch } from './signals.js';
-import { dirtyRanges, NbdAccess, type Range } from './nbd-access.js';
+import type { NbdClientConnection } from '../nbd/client.js';
+import { dirtyRanges, NbdAccess, zeroRanges, type Range } from './nbd-access.js';
 
 /** The temporary bitmap that records writes while and after a copy ends (never reported as carried). */
 export const VERIFY_BITMAP = '__bitmirror-verify';
@@ -39,6 +41,8 @@ export interface VerifyResult {
 }
 
 const CHUNK = 4 * 1024 * 1024;
+/** How many chunks are read at once (on each side). */
+const IN_FLIGHT = 4;
 /** The unit differences are located in (the smallest bitmap granularity). */
 const BLOCK = 512;
 
@@ -86,6 +90,11 @@ function union(a: Range[], b: Range[]): Range[] {
   return out;
 }
 
+/** What an export reads as zeroes by its block status (base:allocation); none when the server gave no context. */
+function zeroesOf(conn: NbdClientConnection, size: number): Promise<Range[]> {
+  return conn.session.contextId === undefined ? Promise.resolve([]) : zeroRanges(conn, size);
+}
+
 export async function verifyCopy(
   session: Session,
   opts: { source: string; target: string; skipBitmap?: string; progress?: Progress; signals?: SignalWatch },
@@ -102,14 +111,38 @@ export async function verifyCopy(
     const dst = await access.open(opts.target);
     const size = src.session.size;
     if (dst.session.size !== size) return { identical: false, compared: 0, skipped: 0, firstDifference: Math.min(size, dst.session.size) };
+    // Only where either side may hold data: a range both report as reading zeroes is equal unread.
+    const toCompare = union(outside(0, size, await zeroesOf(src, size)), outside(0, size, await zeroesOf(dst, size)));
+    const chunks = toCompare.flatMap(([s, e]) => {
+      const out: Range[] = [];
+      for (let at = s; at < e; at += CHUNK) out.push([at, Math.min(e, at + CHUNK)]);
+      return out;
+    });
     const differing: Range[] = [];
-    for (let off = 0; off < size; off += CHUNK) {
-      opts.signals?.throwIfSignalled();
-      const end = Math.min(size, off + CHUNK);
-      const [a, b] = await Promise.all([src.request(NBD_CMD.READ, off, end - off), dst.request(NBD_CMD.READ, off, end - off)]);
-      if (!a.data!.equals(b.data!)) differing.push(...differingBlocks(a.data!, b.data!, off));
-      opts.progress?.update({ phase: 'verify', done: end, total: size }, end === size);
-    }
+    let done = size - toCompare.reduce((n, [s, e]) => n + (e - s), 0);
+    let next = 0;
+    let failure: unknown;
+    // IN_FLIGHT chunks at once, each read from both sides together: the daemon reads the next ones
+    // while this process compares. A failure stops the others after their current chunk, and every
+    // read has ended before the exports go (close, below).
+    const compareChunks = async () => {
+      try {
+        while (failure === undefined && next < chunks.length) {
+          opts.signals?.throwIfSignalled();
+          const [s, e] = chunks[next++];
+          const [a, b] = await Promise.all([src.request(NBD_CMD.READ, s, e - s), dst.request(NBD_CMD.READ, s, e - s)]);
+          if (!a.data!.equals(b.data!)) differing.push(...differingBlocks(a.data!, b.data!, s));
+          done += e - s;
+          opts.progress?.update({ phase: 'verify', done, total: size });
+        }
+      } catch (err) {
+        failure ??= err;
+      }
+    };
+    await Promise.all(Array.from({ length: IN_FLIGHT }, compareChunks));
+    if (failure !== undefined) throw failure;
+    opts.progress?.update({ phase: 'verify', done: size, total: size }, true);
+    differing.sort((x, y) => x[0] - y[0]);
     if (differing.length === 0) return { identical: true, compared: size, skipped: 0 };
     // Differences: those inside what was written since the copy ended (the bitmaps, read now, after
     // the comparison) are no differences (NbdAccess reads a frozen copy of each).
