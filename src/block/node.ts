@@ -50,6 +50,12 @@ export interface WriteFlags {
    * image that went on to its backing (the live source) has ended before the source changes.
    */
   serialising?: boolean;
+  /**
+   * BDRV_REQ_WRITE_COMPRESSED: store the data compressed (qemu-io `write -c`, a backup with
+   * `compress`). Only nodes whose supportsCompressedWrites() says so take it (others: ENOTSUP); the
+   * driver decides what it needs (qcow2: whole clusters, into unallocated ones). Write-zeroes ignore it.
+   */
+  compressed?: boolean;
 }
 
 /** Where a node's bytes are stored as they are in a host file, for copy offload (copy_file_range). */
@@ -651,7 +657,18 @@ export abstract class BlockNode {
       await this.writeRequest({ node: this, kind: 'zero', offset, bytes: data.length, flags: { ...flags, mayUnmap: detect === 'unmap' } });
       return;
     }
+    // bdrv_driver_pwritev_compressed: a driver that cannot compress refuses (after detect-zeroes, as there).
+    if (flags.compressed && !this.supportsCompressedWrites()) throw new BlockIOError('ENOTSUP');
     await this.writeRequest({ node: this, kind: 'write', offset, bytes: data.length, data, flags });
+  }
+
+  /**
+   * Whether writes with the `compressed` flag can be stored compressed here (QEMU's
+   * bdrv_supports_compressed_writes): a format that writes compressed clusters, or a filter that
+   * forwards such writes to a child that does. Default: no.
+   */
+  supportsCompressedWrites(): boolean {
+    return false;
   }
 
   async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {

@@ -95,9 +95,10 @@ async function createBackupJob(core: Core, args: Record<string, unknown>, source
   const { sync, bitmap, mode } = checkBitmapArgs(core, args, source);
   // backup_job_create.
   if (source === target) throw genericError('Source and target cannot be the same');
-  if (args.compress === true) {
-    // QEMU names the target's BlockBackend (none for a node: ''); the node name is clearer.
-    throw genericError(`Compression is not supported for this drive ${target.nodeName}`);
+  if (args.compress === true && !target.supportsCompressedWrites()) {
+    // QEMU 7.2 names the target's BlockBackend (bdrv_get_device_name), which a node added by
+    // blockdev-add has none of: the message ends with an empty name, as qemu-storage-daemon's does.
+    throw genericError('Compression is not supported for this drive ');
   }
   checkBusy(source, 'backup-source');
   checkBusy(target, 'backup-target');
@@ -125,6 +126,7 @@ async function createBackupJob(core: Core, args: Record<string, unknown>, source
       maxWorkers,
       maxChunk,
       discardSource: args['discard-source'] === true,
+      compress: args.compress === true,
     });
   } catch (err) {
     await undo();

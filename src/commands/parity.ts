@@ -110,8 +110,6 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
   'query-version': { note: 'Answers 7.2.0 (the behaviour followed); `package` names bitmirror\'s version.' },
   'block_resize': { note: 'Does not shrink a qcow2 image (QEMU does).' },
   'blockdev-reopen': { note: 'Refuses to change `cache.*` of a file node, raw\'s `offset`/`size` and a `file` link, which QEMU allows.' },
-  'blockdev-backup': { note: '`compress: true` is refused.' },
-  'drive-backup': { note: '`compress: true` is refused.' },
   'blockdev-create': { note: 'Drivers `file` and `qcow2`.' },
   'object-add': { note: 'Type `throttle-group` only.' },
   'nbd-server-start': { note: '`tls-creds`/`tls-authz` are refused (no TLS objects).' },

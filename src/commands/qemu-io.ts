@@ -226,11 +226,19 @@ export class QemuIo {
     const { flags, rest } = getopt(args, aio ? 'CfiquzP:' : 'bcCfnquzP:');
     const { offset, bytes } = this.range(rest, true);
     const zero = flags.has('z');
-    if (zero && flags.has('P')) return '-z and -P cannot be specified at the same time\n';
+    // qemu-io 7.2's checks, in its order (-b, vmstate, is taken and ignored: a node has no VM state).
+    if (flags.has('b') && zero) return '-b and -z cannot be specified at the same time\n';
+    if (flags.has('f') && (flags.has('b') || flags.has('c'))) return '-f and -b or -c cannot be specified at the same time\n';
+    if (flags.has('n') && !zero) return '-n requires -z to be specified\n';
     if (flags.has('u') && !zero) return '-u requires -z to be specified\n';
+    // (aio_write takes -z with -P: it writes zeroes.)
+    if (zero && flags.has('P') && !aio) return 'Only one of -z, -P, and -s can be specified at the same time\n';
     const pat = flags.has('P') ? pattern(flags.get('P') as string) : 0xcd; // qemu-io's default pattern
     const start = process.hrtime.bigint();
-    const op = zero ? this.node.writeZeroes(offset, bytes, { mayUnmap: flags.has('u'), fua: flags.has('f') }) : this.node.write(offset, Buffer.alloc(bytes, pat), { fua: flags.has('f') });
+    // -z wins over -c (qemu-io writes zeroes then); -c is blk_pwrite_compressed.
+    const op = zero
+      ? this.node.writeZeroes(offset, bytes, { mayUnmap: flags.has('u'), fua: flags.has('f') })
+      : this.node.write(offset, Buffer.alloc(bytes, pat), flags.has('c') ? { compressed: true } : { fua: flags.has('f') });
     const quiet = flags.has('q');
     if (aio) {
       const p: Promise<void> = op.then(

@@ -250,6 +250,8 @@ export interface CbwAppendOptions {
   maxChunk: number;
   /** Discard on the source what the backup copied (upstream QEMU 9.1). */
   discardSource: boolean;
+  /** The copies go to the target as compressed writes (block_copy_set_copy_opts' compress). */
+  compress?: boolean;
 }
 
 /**
@@ -272,6 +274,7 @@ export function appendCbw(graph: BlockGraph, source: BlockNode, target: BlockNod
     maxWorkers: o.maxWorkers,
     maxChunk: o.maxChunk,
     discardSource: o.discardSource,
+    compress: o.compress,
   });
   if (o.filterNodeName === undefined) filter.implicit = true;
   try {

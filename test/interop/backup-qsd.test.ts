@@ -4,8 +4,8 @@
  * copy-before-write filter, the copy bitmap on the source, the done and access bitmaps on the filter,
  * the frozen user bitmap and its successor), and the job's events and replies.
  *
- * Deliberate differences, left out of the script: `compress` (bitmirror's qcow2 writes no compressed
- * clusters and refuses it), the members upstream added since 7.2 (on-cbw-error, discard-source,
+ * Deliberate differences, left out of the script: `compress` (compared on its own in
+ * backup-compress-qsd.test.ts), the members upstream added since 7.2 (on-cbw-error, discard-source,
  * x-perf.min-cluster-size, which 7.2 refuses as unexpected), and the paused/running pairs QEMU 7.2
  * emits while it drains the graph around a job's creation and its filter's removal (bitmirror drains
  * nothing, so it emits none): they are dropped from both event lists before comparing.

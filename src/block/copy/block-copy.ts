@@ -91,6 +91,12 @@ export interface BlockCopyOptions {
    * 9.1's block_copy_task_entry): the caller holds write permission on the source for it.
    */
   discardSource?: boolean;
+  /**
+   * Data goes to the target as compressed writes (a backup's `compress`; QEMU's COPY_READ_WRITE_CLUSTER):
+   * one chunk per read and write, never offloaded, since a compressed write takes whole clusters.
+   * Zeroes are still written as write-zeroes.
+   */
+  compress?: boolean;
   hooks?: BlockCopyHooks;
 }
 
@@ -123,7 +129,8 @@ export class BlockCopy {
   private readonly sourceDiscards = new Set<{ offset: number; bytes: number }>();
 
   constructor(o: BlockCopyOptions) {
-    this.o = o;
+    this.o = o.compress ? { ...o, maxIoBytes: o.chunkSize, offload: false } : o;
+    o = this.o;
     this.source = o.source;
     this.target = o.target;
     this.bitmap = o.bitmap;
@@ -304,6 +311,7 @@ export class BlockCopy {
   private async copyChunks(offset: number, bytes: number, copied?: (n: number) => void, serialising = false): Promise<CopyFailure | undefined> {
     const flags: WriteFlags | undefined =
       serialising || this.o.writeUnchanged ? { ...(serialising ? { serialising: true } : {}), ...(this.o.writeUnchanged ? { writeUnchanged: true } : {}) } : undefined;
+    const dataFlags: WriteFlags | undefined = this.o.compress ? { ...flags, compressed: true } : flags;
     const end = offset + bytes;
     let pos = offset;
     const failed = (operation: CopyOperation, err: unknown): CopyFailure => {
@@ -340,7 +348,7 @@ export class BlockCopy {
             return failed('read', err);
           }
           try {
-            await this.writeTarget(pos, data, flags);
+            await this.writeTarget(pos, data, dataFlags);
           } catch (err) {
             return failed('write', err);
           }

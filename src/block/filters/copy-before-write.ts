@@ -62,6 +62,8 @@ export interface CopyBeforeWriteOptions {
   /** A copy-before-write taking longer than this fails as ETIMEDOUT (seconds; 0: no limit). */
   cbwTimeout: number;
   minClusterSize: number;
+  /** Write the copies to the target compressed (the backup job's `compress`). */
+  compress?: boolean;
   /** Background copies at once, and the largest piece one moves (the backup job's x-perf). */
   maxWorkers?: number;
   maxChunk?: number;
@@ -125,6 +127,7 @@ export class CopyBeforeWriteNode extends FilterNode {
       fillPartialClusters: false,
       serialiseWriterCopies: true,
       discardSource: this.discardSource,
+      compress: o.compress,
       hooks: {
         launched: (offset, bytes) => this.jobHooks.launched?.(offset, bytes),
         progress: (bytes) => this.jobHooks.progress?.(bytes),

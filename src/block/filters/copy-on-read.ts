@@ -89,6 +89,11 @@ export class CopyOnReadNode extends FilterNode {
     return { perm: (perm & PERM_PASSTHROUGH) | BLK_PERM_WRITE_UNCHANGED, shared: (shared & PERM_PASSTHROUGH) | BLK_PERM_WRITE_UNCHANGED };
   }
 
+  /** QEMU's copy-on-read forwards compressed writes (cor_co_pwritev_compressed). */
+  override supportsCompressedWrites(): boolean {
+    return this.filtered.supportsCompressedWrites();
+  }
+
   protected override async doRead(offset: number, bytes: number): Promise<Buffer> {
     await this.populate(offset, bytes);
     return super.doRead(offset, bytes);

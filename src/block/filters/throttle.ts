@@ -46,6 +46,11 @@ export class ThrottleNode extends FilterNode {
     return super.doDiscard(offset, bytes);
   }
 
+  /** QEMU's throttle forwards compressed writes (throttle_co_pwritev_compressed). */
+  override supportsCompressedWrites(): boolean {
+    return this.filtered.supportsCompressedWrites();
+  }
+
   // No copy offload through the limits (QEMU's throttle driver has no copy_range either): the copy
   // engine then reads and writes, and the group sees every byte.
   protected override doMapHost(): Promise<HostRange | undefined> {

@@ -1,6 +1,7 @@
 /**
  * Qcow2Node: guest I/O through L1/L2 tables, cluster allocation with crash-safe ordering, zero
- * clusters, discard, block status, and the persistent-bitmap storage API.
+ * clusters, compressed clusters (read, and written packed into shared host clusters), discard, block
+ * status, and the persistent-bitmap storage API.
  *
  * Concurrency: a reader/writer lock. Reads, and writes into clusters that are already allocated with
  * refcount 1 (COPIED), share it; anything that changes metadata (allocation, zeroing, discard, flush)
@@ -37,8 +38,8 @@ import {
 import { resolveBackingFilename } from '../../filename.js';
 import { jsonOptions } from '../../filters/filter.js';
 import { Refcounts, type MetadataRange } from './refcount.js';
-import { COPIED_HI, decodeL1, decodeL2, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
-import { decompressCluster } from './compressed.js';
+import { compressedOffsetLimit, COPIED_HI, decodeL1, decodeL2, encodeCompressedEntry, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
+import { compressCluster, decompressCluster } from './compressed.js';
 import { walkReferences } from './walk.js';
 import {
   BME_FLAG_AUTO,
@@ -356,7 +357,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   // ---- write --------------------------------------------------------------------------------------
 
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
-    await this.writePayload(offset, data);
+    if (flags.compressed) await this.writeCompressed(offset, data);
+    else await this.writePayload(offset, data);
     if (flags.fua) await this.doFlush();
   }
 
@@ -391,6 +393,148 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   private writeHostClusters(hostOffset: number, payload: Payload): Promise<void> {
     return Buffer.isBuffer(payload) ? this.file.write(hostOffset, payload) : this.file.writeHost(hostOffset, payload);
+  }
+
+  // ---- compressed writes --------------------------------------------------------------------------
+
+  override supportsCompressedWrites(): boolean {
+    return true;
+  }
+
+  /**
+   * Where the next compressed cluster's data goes (QEMU's free_byte_offset): the first free byte of
+   * the host cluster the last compressed data went into, 0 when a new host cluster is needed.
+   * Compressed clusters are packed byte by byte, several into one host cluster, whose refcount counts
+   * the compressed clusters with data in it.
+   */
+  private freeByteOffset = 0;
+
+  /**
+   * qcow2_co_pwritev_compressed_part: whole clusters from a cluster boundary (the last one may end at
+   * the end of the image), each compressed on its own (EINVAL otherwise, as QEMU).
+   */
+  private async writeCompressed(offset: number, data: Buffer): Promise<void> {
+    if (offset % this.cs || (data.length % this.cs && offset + data.length !== this.header.size)) throw new BlockIOError('EINVAL');
+    const writes: Array<Promise<void>> = [];
+    for (let pos = 0; pos < data.length; pos += this.cs) writes.push(this.writeCompressedCluster(offset + pos, data.subarray(pos, pos + this.cs)));
+    // Every cluster's write has ended before the request does (none goes on behind a failed one).
+    const failed = (await Promise.allSettled(writes)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+  }
+
+  /**
+   * qcow2_co_pwritev_compressed_task for one guest cluster: deflate it (a short last cluster padded
+   * with zeroes); data that does not shrink is written as a normal cluster, as QEMU does. Otherwise,
+   * as the other allocating writes: allocate the bytes (meta lock, the guest cluster in flight), write
+   * the data with no lock held, then link the compressed descriptor into the L2 table (the refcount
+   * blocks are written back before the L2 table that references the bytes, formats.md §1.9).
+   */
+  private async writeCompressedCluster(offset: number, chunk: Buffer): Promise<void> {
+    let cluster = chunk;
+    if (chunk.length < this.cs) {
+      cluster = Buffer.alloc(this.cs);
+      chunk.copy(cluster);
+    }
+    const packed = await compressCluster(cluster);
+    if (!packed) return this.writePayload(offset, chunk);
+    let a: InFlightAllocation;
+    for (;;) {
+      let r = await this.withMeta(() => this.prepareCompressed(offset, packed.length, false));
+      if ('exclusive' in r) r = await this.withAll(() => this.prepareCompressed(offset, packed.length, true));
+      if ('wait' in r) {
+        await r.wait; // an allocation of this cluster is in flight: look again once it is linked
+        continue;
+      }
+      if ('exclusive' in r) continue;
+      a = r;
+      break;
+    }
+    try {
+      try {
+        await this.file.write(a.host, packed);
+      } catch (err) {
+        // Nothing references the bytes: give them back.
+        await this.withMeta(() => this.releaseCompressedBytes(a.host, packed.length)).catch(() => undefined);
+        throw err;
+      }
+      await this.withMeta(async () => {
+        const t = await this.ensureL2(a.l1Index);
+        encodeCompressedEntry(t.table, a.l2Index, a.host, packed.length, this.clusterBits);
+        this.l2cache.markDirty(t.offset);
+        await this.maybeWriteback();
+      });
+    } finally {
+      this.allocsInFlight.delete(a);
+      a.resolve();
+    }
+  }
+
+  /**
+   * qcow2_alloc_compressed_cluster_offset (meta lock held; `exclusive` when both locks are): refuse a
+   * cluster that has a host offset already (EIO, as QEMU: compression cannot overwrite anything), make
+   * its L2 table ours, allocate `bytes` for the data and mark the guest cluster in flight.
+   */
+  private async prepareCompressed(offset: number, bytes: number, exclusive: boolean): Promise<InFlightAllocation | { wait: Promise<void> } | { exclusive: true }> {
+    const busy = this.allocationOverlapping(offset, offset + this.cs);
+    if (busy) return { wait: busy.done };
+    const m = await this.lookup(offset, this.cs);
+    const e = m.entry;
+    // Plain EIO, no text of our own: a backup job reports it as QEMU's does ("Input/output error").
+    if (e.type === 'normal' || e.type === 'zero-alloc' || e.type === 'compressed') throw new BlockIOError('EIO');
+    // Copying a shared L2 table frees the old one: readers must not be using it.
+    if (!exclusive && m.l1Index < this.header.l1Size) {
+      const l1e = decodeL1(this.l1, m.l1Index);
+      if (l1e.offset && !l1e.copied) return { exclusive: true };
+    }
+    await this.markDirtyIfLazy();
+    await this.ensureL2(m.l1Index);
+    const host = await this.allocCompressedBytes(bytes);
+    let resolve!: () => void;
+    const gEnd = Math.min(this.header.size, offset + this.cs);
+    const a: InFlightAllocation = { gStart: offset, gEnd, nClusters: 1, host, reuse: false, cowZero: false, frees: false, bytes: gEnd - offset, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
+    this.allocsInFlight.add(a);
+    return a;
+  }
+
+  /**
+   * qcow2_alloc_bytes: `bytes` (less than a cluster) at the free byte offset when they fit in its host
+   * cluster, or run on into the next host cluster when that is the one allocated next; else at the
+   * start of a new host cluster. Every host cluster the bytes touch gains one reference.
+   */
+  private async allocCompressedBytes(bytes: number): Promise<number> {
+    let off = this.freeByteOffset;
+    if (off) {
+      // A full refcount (refcount_bits=1: any) takes no more references; a freed cluster is not ours.
+      const rc = await this.rc.get(Math.floor(off / this.cs));
+      if (rc === 0 || rc >= this.rc.maxRefcount) off = 0;
+    }
+    const room = off ? this.cs - (off % this.cs) : 0;
+    if (off && room >= bytes) {
+      await this.rc.update(Math.floor(off / this.cs), 1);
+    } else {
+      const fresh = await this.rc.alloc(1, this.isReserved);
+      if (off && fresh === off + room) await this.rc.update(Math.floor(off / this.cs), 1);
+      else off = fresh;
+    }
+    if (off + bytes > compressedOffsetLimit(this.clusterBits)) {
+      await this.releaseCompressedBytes(off, bytes);
+      throw new BlockIOError('EFBIG');
+    }
+    this.freeByteOffset = (off + bytes) % this.cs ? off + bytes : 0;
+    if (this.lastCompressed?.offset === off) this.lastCompressed = undefined;
+    return off;
+  }
+
+  /**
+   * Drop the references of compressed data at [offset, +bytes) to the host clusters it touches (meta
+   * lock held). Bytes are never handed out again from a cluster that lost references this way: the
+   * free byte offset moves on to a new cluster.
+   */
+  private async releaseCompressedBytes(offset: number, bytes: number): Promise<void> {
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + bytes - 1) / this.cs);
+    if (this.freeByteOffset && Math.floor(this.freeByteOffset / this.cs) >= first && Math.floor(this.freeByteOffset / this.cs) <= last) this.freeByteOffset = 0;
+    for (let c = first; c <= last; c++) await this.rc.update(c, -1);
   }
 
   // ---- copy offload -------------------------------------------------------------------------------
@@ -561,9 +705,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.writebackMetadata();
     for (const e of old) {
       if (e.type === 'compressed') {
-        const first = Math.floor(e.offset / this.cs);
-        const last = Math.floor((e.offset + e.csize - 1) / this.cs);
-        for (let c = first; c <= last; c++) await this.rc.update(c, -1);
+        await this.releaseCompressedBytes(e.offset, e.csize);
         if (this.lastCompressed?.offset === e.offset) this.lastCompressed = undefined;
       } else {
         await this.rc.free(e.offset);

@@ -34,7 +34,8 @@ export class Refcounts {
   private freeHint = 0;
   /** Highest cluster index handed out in this session (it may not be written yet). */
   highestAllocated = 0;
-  private readonly maxRefcount: number;
+  /** The largest refcount an entry holds (2^refcount_bits - 1). */
+  readonly maxRefcount: number;
 
   constructor(
     private readonly file: BlockNode,

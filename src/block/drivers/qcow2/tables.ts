@@ -78,6 +78,26 @@ export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: bo
   return r;
 }
 
+/**
+ * Largest host byte offset a compressed descriptor holds: x = 62 - (cluster_bits - 8) offset bits
+ * (formats.md §1.5).
+ */
+export function compressedOffsetLimit(clusterBits: number): number {
+  return 2 ** (62 - (clusterBits - 8));
+}
+
+/**
+ * Write a compressed cluster descriptor for `bytes` of compressed data at host byte `offset`: bit 62,
+ * the offset in bits 0..x-1, and in bits x..61 the number of 512-byte sectors the data touches beyond
+ * the one holding its first byte. Never COPIED (compressed clusters may share host clusters).
+ */
+export function encodeCompressedEntry(buf: Buffer, index: number, offset: number, bytes: number, clusterBits: number): void {
+  const x = 62 - (clusterBits - 8);
+  const extraSectors = Math.floor((offset + bytes - 1) / 512) - Math.floor(offset / 512);
+  if (offset >= 2 ** x || extraSectors >= 2 ** (clusterBits - 8)) throw new Error(`qcow2: compressed descriptor cannot hold ${bytes} bytes at ${offset}`);
+  buf.writeBigUInt64BE((1n << 62n) | (BigInt(extraSectors) << BigInt(x)) | BigInt(offset), index * 8);
+}
+
 /** A FIFO reader/writer lock: data I/O into mapped clusters shares it; metadata changes hold it alone. */
 export class RWLock {
   private readers = 0;
