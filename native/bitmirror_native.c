@@ -7,6 +7,7 @@
  *   copy_file_range        (copy offload between two files)    asynchronous
  *   pwritev2 RWF_DSYNC     (one write durable, nothing else)   asynchronous
  *   preadv2 RWF_NOWAIT     (what the page cache holds)         synchronous: never waits for a device
+ *   dup                    (a socket's second descriptor)      synchronous
  *   aligned buffers        (posix_memalign -> external Buffer) synchronous
  *
  * Every call returns its result or a negative errno; the TypeScript wrapper (src/block/native.ts) turns
@@ -441,6 +442,15 @@ static napi_value read_cached(napi_env env, napi_callback_info info) {
   return make_number(env, (double)done);
 }
 
+/* dupFd(fd) -> a new descriptor (close-on-exec) for the same open file, or -errno. */
+static napi_value dup_fd(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int32_t fd;
+  if (get_args(env, info, 1, argv) || get_i32(env, argv[0], &fd)) return NULL;
+  int r = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  return make_number(env, r == -1 ? -errno : r);
+}
+
 /* ---- module ---------------------------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -452,6 +462,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"seek", NULL, seek, NULL, NULL, NULL, napi_enumerable, NULL},
       {"pwriteDsync", NULL, pwrite_dsync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"dupFd", NULL, dup_fd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"copyFileRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},

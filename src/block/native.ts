@@ -29,6 +29,8 @@ interface NativeAddon {
    * cache's pages, preadv2 RWF_NOWAIT; all of it on tmpfs/ramfs), or -errno; missing in addons built before it.
    */
   readCached?(fd: number, buf: Buffer, offset: number): number;
+  /** dup(fd) (close-on-exec): a second descriptor of the same open file, or -errno; missing in addons built before it. */
+  dupFd?(fd: number): number;
   alignedBuffer(size: number, align: number): Buffer;
   bufferAddress(buf: Buffer): number;
   readonly SEEK_DATA: number;

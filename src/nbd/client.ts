@@ -90,10 +90,10 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
-/** Connect a stream socket, failing with QEMU's "Failed to connect to '…'" text. */
-function connectSocket(addr: NbdClientAddress): Promise<net.Socket> {
+/** Connect a stream socket read by `reader` (through onread), failing with QEMU's "Failed to connect to '…'" text. */
+function connectSocket(addr: NbdClientAddress, reader: SocketReader): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
-    const sock = addr.kind === 'unix' ? net.createConnection(addr.path) : net.createConnection(addr.port, addr.host);
+    const sock = addr.kind === 'unix' ? net.createConnection({ path: addr.path, onread: reader.onread }) : net.createConnection({ port: addr.port, host: addr.host, onread: reader.onread });
     const onError = (e: NodeJS.ErrnoException) => {
       sock.destroy();
       const where = addr.kind === 'unix' ? addr.path : `${addr.host}:${addr.port}`;
@@ -104,6 +104,7 @@ function connectSocket(addr: NbdClientAddress): Promise<net.Socket> {
     sock.once('connect', () => {
       sock.off('error', onError);
       sock.setNoDelay(true);
+      reader.attach(sock, true);
       resolve(sock);
     });
   });
@@ -135,8 +136,8 @@ export class NbdClientConnection {
 
   /** Connect and negotiate; `context` is the metadata context block status uses (base:allocation by default). */
   static async open(addr: NbdClientAddress, exportName: string, context: string = CONTEXT_BASE_ALLOCATION): Promise<NbdClientConnection> {
-    const sock = await connectSocket(addr);
-    const reader = new SocketReader(sock, 64 << 20);
+    const reader = new SocketReader();
+    const sock = await connectSocket(addr, reader);
     try {
       const session = await handshake(sock, reader, exportName, context);
       traceConnected({ size: session.size, flags: `0x${session.flags.toString(16)}`, extended: session.extended, context_id: session.contextId });

@@ -1,9 +1,10 @@
 /**
  * One NBD client connection on the server: the fixed newstyle handshake (option haggling) and then the
- * transmission phase. Requests are read one after another but served concurrently (up to
- * MAX_REQUESTS_IN_FLIGHT at a time), and replies go out as each finishes, so a slow request does not
- * hold back the others. Reading stops while that many are in flight or while the client does not read
- * its replies (the socket's write buffer is full), so a client that stops reading holds only its own
+ * transmission phase. Requests are framed as their bytes arrive, on the socket's read callback (a
+ * WRITE's payload is read straight into a pooled buffer), and served concurrently (up to
+ * MAX_REQUESTS_IN_FLIGHT at a time); replies go out as each finishes, so a slow request does not hold
+ * back the others. Reading stops while that many are in flight or while the client does not read its
+ * replies (the socket's write buffer is full), so a client that stops reading holds only its own
  * requests. A protocol violation that leaves the stream unusable (bad magic, a WRITE too large to
  * take) closes the connection; everything else gets the protocol's error reply and the connection
  * goes on. Every I/O goes through the export's node (BlockNode methods), so bitmaps and jobs see it.
@@ -14,7 +15,7 @@ import { BlockIOError, errorCode, errorMessage } from '../errors.js';
 import { tracer } from '../trace/trace.js';
 import * as P from './protocol.js';
 import { NBD_MAX_BUFFER_SIZE, type MetaContext, type NbdExport } from './export.js';
-import { SocketReader } from './socket-reader.js';
+import { SocketClosedError, type SocketReader } from './socket-reader.js';
 import { chainStatus } from '../block/copy/chain-status.js';
 import { SizedBufferPool } from '../block/copy/buffer-pool.js';
 
@@ -67,7 +68,6 @@ class RequestError extends Error {
 }
 
 export class NbdConnection {
-  private readonly reader: SocketReader;
   private structured = false;
   private extended = false;
   private noZeroes = false;
@@ -76,16 +76,26 @@ export class NbdConnection {
   private exp: NbdExport | undefined;
   private readonly inFlight = new Set<Promise<void>>();
   private closed = false;
+  /** Set while the transmission phase runs: ends it (with the reason, when it is an error). */
+  private endTransmission: ((err?: unknown) => void) | undefined;
+  /** Reading stopped for room: too many requests in flight, or too many reply bytes unsent. */
+  private waitingForRoom = false;
+  private takingRequests = false;
 
+  /**
+   * `reader` takes the socket's bytes (attached to it by the caller, through onread where it can):
+   * see NbdServer, which creates both.
+   */
   constructor(
     private readonly socket: Socket,
+    private readonly reader: SocketReader,
     private readonly host: ConnectionHost,
   ) {
-    this.reader = new SocketReader(socket);
     socket.setNoDelay?.(true);
     // Errors surface through the reader (reads fail) and writes (ignored once closed).
     socket.on('error', () => undefined);
     socket.on('close', () => this.close());
+    socket.on('drain', () => this.roomFreed());
   }
 
   /** Serve the connection until it ends. Never rejects. */
@@ -281,18 +291,49 @@ export class NbdConnection {
 
   // ---- transmission -------------------------------------------------------------------------------
 
-  private async transmission(): Promise<void> {
-    const headerSize = P.requestSize(this.extended);
-    for (;;) {
-      // Back-pressure: wait for a free slot, and for the client to take the replies already sent.
-      while (this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT) await Promise.race(this.inFlight);
-      if (this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) await this.drained();
-      if (this.closed) return;
-      const req = P.parseRequest(await this.reader.read(headerSize), this.extended);
-      let payload: Buffer | undefined;
-      let pooled: Buffer | undefined;
-      const hasPayload = req.type === P.NBD_CMD.WRITE || (this.extended && req.flags & P.NBD_CMD_FLAG.PAYLOAD_LEN);
-      if (hasPayload) {
+  /** The transmission phase: resolves after DISC, rejects when the stream ends or breaks the protocol. */
+  private transmission(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.endTransmission = (err) => {
+        this.endTransmission = undefined;
+        this.reader.pause();
+        if (err === undefined) resolve();
+        else reject(err);
+      };
+      this.reader.setConsumer({
+        bytes: () => this.takeRequests(),
+        ended: (err) => this.endTransmission?.(err ?? new SocketClosedError()),
+      });
+      this.takeRequests();
+    });
+  }
+
+  /**
+   * Frame and start every request whose bytes have arrived, until a payload is still on its way or
+   * there is no room for more: called on the socket's read callback and when room frees. A payload is
+   * read into its buffer by the reader (straight from the socket when it is large), and its request
+   * starts when the buffer is full.
+   */
+  private takeRequests(): void {
+    if (this.takingRequests) return;
+    this.takingRequests = true;
+    try {
+      const headerSize = P.requestSize(this.extended);
+      while (this.endTransmission && !this.reader.filling) {
+        // Back-pressure: a free slot, and the client taking the replies already sent.
+        if (this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT || this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) {
+          this.waitingForRoom = true;
+          this.reader.pause();
+          return;
+        }
+        if (this.reader.available < headerSize) return;
+        const req = P.parseRequest(this.reader.peek(headerSize), this.extended);
+        this.reader.skip(headerSize);
+        const hasPayload = req.type === P.NBD_CMD.WRITE || (this.extended && req.flags & P.NBD_CMD_FLAG.PAYLOAD_LEN);
+        if (!hasPayload) {
+          this.begin(req, undefined, undefined);
+          continue;
+        }
         if (req.length > BigInt(NBD_MAX_BUFFER_SIZE)) {
           // The payload cannot be skipped safely: refuse the request and end the session.
           this.replyRequestError(req, new RequestError('EINVAL', `len (${req.length}) is larger than max len (${NBD_MAX_BUFFER_SIZE})`));
@@ -301,28 +342,43 @@ export class NbdConnection {
         const len = Number(req.length);
         // A large payload goes into a pooled buffer, given back when the request has been served: the
         // node's write has ended by then (no layer keeps a write's buffer past its completion).
-        if (len >= POOLED_MIN_BYTES) pooled = dataBuffers.take(len);
-        payload = pooled ? await this.reader.readInto(pooled.subarray(0, len)) : await this.reader.read(len);
+        const pooled = len >= POOLED_MIN_BYTES ? dataBuffers.take(len) : undefined;
+        this.reader.fillFrom(
+          pooled ? pooled.subarray(0, len) : Buffer.allocUnsafe(len),
+          (payload) => this.begin(req, payload, pooled),
+          () => {
+            if (pooled) dataBuffers.give(pooled);
+          },
+        );
       }
-      if (req.type === P.NBD_CMD.DISC) return;
-      const buf = pooled;
-      const p = this.serve(req, payload).finally(() => {
-        this.inFlight.delete(p);
-        if (buf) dataBuffers.give(buf);
-      });
-      this.inFlight.add(p);
+    } catch (err) {
+      this.endTransmission?.(err);
+    } finally {
+      this.takingRequests = false;
     }
   }
 
-  /** Resolves when the socket has sent what it buffered, or closed (both listeners removed either way). */
-  private drained(): Promise<void> {
-    return new Promise((resolve) => {
-      const done = (): void => {
-        this.socket.off('drain', done).off('close', done);
-        resolve();
-      };
-      this.socket.on('drain', done).on('close', done);
+  /** A request has arrived whole: DISC ends the session, anything else is served. */
+  private begin(req: P.NbdRequest, payload: Buffer | undefined, pooled: Buffer | undefined): void {
+    if (req.type === P.NBD_CMD.DISC) {
+      if (pooled) dataBuffers.give(pooled);
+      this.endTransmission?.();
+      return;
+    }
+    const p = this.serve(req, payload).finally(() => {
+      this.inFlight.delete(p);
+      if (pooled) dataBuffers.give(pooled);
+      this.roomFreed();
     });
+    this.inFlight.add(p);
+  }
+
+  /** A request ended or the socket drained: go on taking requests if reading stopped for room. */
+  private roomFreed(): void {
+    if (!this.waitingForRoom || this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT || this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) return;
+    this.waitingForRoom = false;
+    this.reader.resume();
+    this.takeRequests();
   }
 
   private async serve(req: P.NbdRequest, payload: Buffer | undefined): Promise<void> {

@@ -13,6 +13,8 @@ import type { BitmapManager } from '../bitmap/manager.js';
 import type { BlockNode } from '../block/node.js';
 import { NbdExport, type NbdExportOptions } from './export.js';
 import { NbdConnection, type ConnectionHost } from './connection.js';
+import { SocketReader } from './socket-reader.js';
+import { nativeAddon } from '../block/native.js';
 
 function ignore(): void {}
 
@@ -41,6 +43,31 @@ export interface BlockExportInfo {
  */
 const MIN_WAITING = 16;
 
+/**
+ * The socket a connection is served on, with the reader of its bytes. net.Server cannot give the
+ * sockets it accepts the `onread` option, which lets the reader choose the buffers the socket reads
+ * into (see SocketReader), so the connection gets a new socket with it on a duplicate of the accepted
+ * one's descriptor, and the accepted one, never read (pauseOnConnect), is closed: the connection stays
+ * open on the duplicate. Without the native addon (no dup), the accepted socket is read through its
+ * 'data' events.
+ */
+function adoptSocket(accepted: net.Socket): { socket: net.Socket; reader: SocketReader } {
+  const reader = new SocketReader();
+  // The descriptor of an accepted socket (libuv's handle): Node has no public accessor for it.
+  const fd = (accepted as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const dup = typeof fd === 'number' && fd >= 0 ? nativeAddon()?.dupFd?.(fd) : undefined;
+  if (dup === undefined || dup < 0) {
+    reader.attach(accepted, false);
+    return { socket: accepted, reader };
+  }
+  // The constructor takes onread as net.connect does (@types/node lists it only for connect).
+  const options: net.SocketConstructorOpts & net.ConnectOpts = { fd: dup, readable: true, writable: true, onread: reader.onread };
+  const socket = new net.Socket(options);
+  accepted.destroy();
+  reader.attach(socket, true);
+  return { socket, reader };
+}
+
 class Listener implements ConnectionHost {
   readonly connections = new Set<NbdConnection>();
   private readonly server: net.Server;
@@ -52,7 +79,8 @@ class Listener implements ConnectionHost {
     private readonly maxConnections: number,
     private readonly owner: NbdServer,
   ) {
-    this.server = net.createServer((socket) => this.accepted(socket));
+    // Paused: a client's bytes are read only by the socket serve() makes for it (adoptSocket).
+    this.server = net.createServer({ pauseOnConnect: true }, (socket) => this.accepted(socket));
   }
 
   /**
@@ -67,7 +95,6 @@ class Listener implements ConnectionHost {
       socket.destroy();
       return;
     }
-    socket.pause();
     socket.on('error', ignore);
     socket.once('close', () => {
       const i = this.waiting.indexOf(socket);
@@ -76,8 +103,9 @@ class Listener implements ConnectionHost {
     this.waiting.push(socket);
   }
 
-  private serve(socket: net.Socket): void {
-    const conn = new NbdConnection(socket, this);
+  private serve(accepted: net.Socket): void {
+    const { socket, reader } = adoptSocket(accepted);
+    const conn = new NbdConnection(socket, reader, this);
     this.connections.add(conn);
     void conn.run();
   }
@@ -88,7 +116,6 @@ class Listener implements ConnectionHost {
       const socket = this.waiting.shift()!;
       if (socket.destroyed) continue;
       socket.off('error', ignore);
-      socket.resume();
       this.serve(socket);
     }
   }

@@ -28,7 +28,7 @@ function hostileServer(path: string, mode: () => Misbehaviour): Promise<{ close:
     void serve(sock).catch(() => sock.destroy());
   });
   async function serve(sock: net.Socket): Promise<void> {
-    const r = new SocketReader(sock);
+    const r = SocketReader.of(sock);
     sock.write(P.encodeGreeting(P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES));
     await r.read(4);
     for (let go = false; !go; ) {

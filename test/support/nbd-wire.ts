@@ -28,7 +28,7 @@ export class WireClient {
   extended = false;
 
   private constructor(readonly socket: net.Socket) {
-    this.reader = new SocketReader(socket);
+    this.reader = SocketReader.of(socket);
     socket.on('error', () => undefined);
     this.closed = new Promise((r) => socket.once('close', () => r()));
   }
