@@ -1,9 +1,11 @@
 /**
  * NbdAccess: how a user-level command reads (or writes) a daemon's nodes itself — through the
- * daemon's NBD server, the way any NBD client would. It starts the server on a unix socket in a
- * private temporary directory (a daemon that already runs an NBD server is refused with a message:
- * QMP offers no way to learn where that one listens), exports nodes under names of its own, and
- * connects bitmirror's NBD client to them. A bitmap's dirty extents come through the
+ * daemon's NBD server, the way any NBD client would. When the user has started the server, it adds
+ * its exports to that one (bitmirror's __org.bitmirror_query-nbd-server says where it listens; QEMU
+ * has no such query) and leaves the server and the user's exports as they were; otherwise it starts
+ * the server on a unix socket in a private temporary directory and stops it afterwards. Its exports
+ * (and frozen bitmaps) carry a random part in their names, so they clash neither with the user's nor
+ * with another command's at the same time; bitmirror's NBD client connects to them. A bitmap's dirty extents come through the
  * `qemu:dirty-bitmap:` context of a frozen copy of the bitmap (as QEMU, a read-only export of a
  * writable node offers only a disabled bitmap; the copy also leaves the user's bitmap free).
  * close() undoes everything it did, whatever happened before.
@@ -11,7 +13,8 @@
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { NbdClientConnection } from '../nbd/client.js';
+import { randomBytes } from 'node:crypto';
+import { NbdClientConnection, type NbdClientAddress } from '../nbd/client.js';
 import { NBD_CMD, NBD_STATE_DIRTY, NBD_STATE_ZERO } from '../nbd/protocol.js';
 import { errorMessage } from '../errors.js';
 import type { QmpClient } from '../qmp/client.js';
@@ -53,35 +56,52 @@ export function zeroRanges(conn: NbdClientConnection, size: number): Promise<Ran
   return rangesWithStatus(conn, size, NBD_STATE_ZERO);
 }
 
+/** Where a client of this host reaches a server listening on `host` (a wildcard address is this host). */
+function reachable(addr: { type: string; path?: string; host?: string; port?: string }): NbdClientAddress | undefined {
+  if (addr.type === 'unix' && addr.path !== undefined) return { kind: 'unix', path: addr.path };
+  if (addr.type !== 'inet' || addr.port === undefined) return undefined;
+  const host = addr.host === undefined || addr.host === '' || addr.host === '0.0.0.0' ? '127.0.0.1' : addr.host === '::' ? '::1' : addr.host;
+  return { kind: 'tcp', host, port: Number(addr.port) };
+}
+
 export class NbdAccess {
   private readonly exports: string[] = [];
   private readonly conns: NbdClientConnection[] = [];
   private readonly frozen: Array<{ node: string; name: string }> = [];
-  private serverStarted = false;
+  /** Names this access's exports and frozen bitmaps apart from the user's and from another command's at the same time. */
+  private readonly unique = randomBytes(4).toString('hex');
 
   private constructor(
     private readonly qmp: QmpClient,
     /** Names this access's exports and bitmaps (`bitmirror-<tag>-…`). */
     private readonly tag: string,
-    private readonly dir: string,
+    /** Where the daemon's NBD server listens. */
+    private readonly server: NbdClientAddress,
+    /** The private directory of the server this access started (undefined: the user's server, left running). */
+    private readonly ownServerDir?: string,
   ) {}
 
-  get socket(): string {
-    return path.join(this.dir, 'nbd.sock');
-  }
-
-  /** Start the daemon's NBD server on a private socket. */
+  /**
+   * Reach the daemon's NBD server: the one the user started, if it runs (the daemon says where it
+   * listens: __org.bitmirror_query-nbd-server), or one started on a private unix socket otherwise.
+   */
   static async start(qmp: QmpClient, tag: string): Promise<NbdAccess> {
+    const running = await qmp.request('__org.bitmirror_query-nbd-server');
+    if ('return' in running) {
+      const addr = reachable((running.return as { addr: { type: string; path?: string; host?: string; port?: string } }).addr);
+      if (!addr) throw new CliError(`cannot reach the daemon's NBD server at ${JSON.stringify((running.return as { addr: unknown }).addr)}`);
+      return new NbdAccess(qmp, tag, addr);
+    }
+    // Not running (or a daemon without the query: starting a second server is refused with QEMU's message).
     const dir = await fsp.mkdtemp(path.join(os.tmpdir(), `bitmirror-${tag}-`));
-    const access = new NbdAccess(qmp, tag, dir);
+    const socket = path.join(dir, 'nbd.sock');
     try {
-      await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: access.socket } } });
-      access.serverStarted = true;
+      await qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: socket } } });
     } catch (err) {
       await fsp.rm(dir, { recursive: true, force: true });
       throw new CliError(`cannot start the daemon's NBD server to read the disk: ${errorMessage(err)}`);
     }
-    return access;
+    return new NbdAccess(qmp, tag, { kind: 'unix', path: socket }, dir);
   }
 
   /**
@@ -91,11 +111,11 @@ export class NbdAccess {
    * export takes writes.
    */
   async open(node: string, opts: { bitmap?: { name: string; granularity: number; node?: string }; writable?: boolean } = {}): Promise<NbdClientConnection> {
-    const name = `bitmirror-${this.tag}-${this.exports.length}`;
+    const name = `bitmirror-${this.tag}-${this.unique}-${this.exports.length}`;
     let frozen: { node: string; name: string } | undefined;
     if (opts.bitmap) {
       const on = opts.bitmap.node ?? node;
-      frozen = { node: on, name: `__bitmirror-${this.tag}-frozen-${this.frozen.length}` };
+      frozen = { node: on, name: `__bitmirror-${this.tag}-${this.unique}-frozen-${this.frozen.length}` };
       await this.qmp.execute('transaction', {
         actions: [
           { type: 'block-dirty-bitmap-add', data: { ...frozen, granularity: opts.bitmap.granularity, persistent: false, disabled: true } },
@@ -113,12 +133,12 @@ export class NbdAccess {
       ...(frozen !== undefined ? { bitmaps: [frozen] } : {}),
     });
     this.exports.push(name);
-    const conn = await NbdClientConnection.open({ kind: 'unix', path: this.socket }, name, frozen !== undefined ? `qemu:dirty-bitmap:${frozen.name}` : undefined);
+    const conn = await NbdClientConnection.open(this.server, name, frozen !== undefined ? `qemu:dirty-bitmap:${frozen.name}` : undefined);
     this.conns.push(conn);
     return conn;
   }
 
-  /** Disconnect, delete the exports (waiting until they are gone), stop the server, drop the frozen bitmaps. */
+  /** Disconnect, delete the exports (waiting until they are gone), drop the frozen bitmaps, stop the server if this access started it. */
   async close(): Promise<void> {
     for (const c of this.conns.splice(0)) await c.close().catch(() => undefined);
     // An export goes once its connections have (BLOCK_EXPORT_DELETED); until then its bitmap is busy.
@@ -139,9 +159,10 @@ export class NbdAccess {
     } finally {
       off();
     }
-    if (this.serverStarted) await this.qmp.execute('nbd-server-stop').catch(() => undefined);
-    this.serverStarted = false;
     for (const f of this.frozen.splice(0)) await this.qmp.execute('block-dirty-bitmap-remove', f).catch(() => undefined);
-    await fsp.rm(this.dir, { recursive: true, force: true });
+    if (this.ownServerDir !== undefined) {
+      await this.qmp.execute('nbd-server-stop').catch(() => undefined);
+      await fsp.rm(this.ownServerDir, { recursive: true, force: true });
+    }
   }
 }

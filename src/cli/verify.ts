@@ -12,8 +12,8 @@
  * so they include writes made during it) is skipped and counted. On image files (an embedded daemon)
  * nobody else writes: the bitmaps stay empty and every byte must be equal.
  *
- * The bytes are read over NBD (nbd-access.ts): the daemon exports both nodes read-only on a private
- * unix socket (a daemon that already runs an NBD server is refused with a message), and this process
+ * The bytes are read over NBD (nbd-access.ts): the daemon exports both nodes read-only (on the NBD
+ * server the user started, or on one of its own on a private unix socket), and this process
  * reads them with bitmirror's NBD client (several chunks at once; what both sides' block status
  * reports as reading zeroes is not read), the bitmaps' dirty extents through the
  * `qemu:dirty-bitmap:` context of frozen copies.

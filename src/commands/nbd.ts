@@ -1,7 +1,8 @@
 /**
  * NBD server and block export commands (qapi/block-export.json): nbd-server-start, nbd-server-stop,
  * block-export-add (type nbd), block-export-del, query-block-exports, and the legacy nbd-server-add /
- * nbd-server-remove, with QEMU 7.2's arguments, checks and messages. The server itself is nbd/server.ts.
+ * nbd-server-remove, with QEMU 7.2's arguments, checks and messages; bitmirror's
+ * __org.bitmirror_query-nbd-server (where the server listens). The server itself is nbd/server.ts.
  */
 import { genericError } from '../errors.js';
 import { alternate, arrayOf, bool, enumOf, object, str, uint32, visit, type Members, type Schema } from '../qapi/schema.js';
@@ -119,6 +120,13 @@ export const nbdCommands: CommandDef[] = [
     core.nbd.deleteExport(args.id as string, (args.mode as 'safe' | 'hard' | undefined) ?? 'safe');
   }),
   command('query-block-exports', {}, (_args, core) => core.nbd.query()),
+  // bitmirror's own: where the NBD server listens (QEMU has no query for it), so that a user-level
+  // command (cli/nbd-access.ts) can add an export of its own to a server the user started and read it.
+  command('__org.bitmirror_query-nbd-server', {}, (_args, core) => {
+    const a = core.nbd.address();
+    if (!a) throw genericError('NBD server not running');
+    return { addr: a.kind === 'unix' ? { type: 'unix', path: a.path } : { type: 'inet', host: a.host, port: String(a.port) } };
+  }),
   // The legacy commands: an export whose id is its name (the device's name by default).
   command('nbd-server-add', NBD_SERVER_ADD, (args, core) => {
     const name = (args.name as string | undefined) ?? (args.device as string);

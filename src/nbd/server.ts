@@ -173,6 +173,13 @@ export class NbdServer {
     return this.listener !== undefined;
   }
 
+  /** Where the server listens (for TCP the port actually bound, as with port 0); undefined when it does not run. */
+  address(): NbdAddress | undefined {
+    const l = this.listener;
+    if (!l) return undefined;
+    return l.address.kind === 'tcp' ? { ...l.address, port: l.port() ?? l.address.port } : l.address;
+  }
+
   /** The TCP port the server listens on, if it listens on TCP (useful with port 0). */
   port(): number | undefined {
     return this.listener?.port();
