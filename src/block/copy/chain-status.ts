@@ -28,6 +28,20 @@ export async function chainStatus(top: BlockNode, offset: number, bytes: number)
   return { bytes: want, zero: false, data: true, depth: 0 };
 }
 
+/**
+ * QEMU's is_zero (qcow2): whether all of [offset, +bytes) of `top` reads as zeroes, from block status
+ * through its chain alone (no data is read). The part past the node's end counts as zeroes.
+ */
+export async function readsAsZeroes(top: BlockNode, offset: number, bytes: number): Promise<boolean> {
+  const end = Math.min(offset + bytes, top.length());
+  for (let pos = offset; pos < end; ) {
+    const st = await chainStatus(top, pos, end - pos);
+    if (!st.zero) return false;
+    pos += st.bytes;
+  }
+  return true;
+}
+
 /** Block status is asked about at most this much at a time, so that a stop request is seen between steps. */
 const STATUS_STEP = 1 << 30;
 

@@ -36,6 +36,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { resolveBackingFilename } from '../../filename.js';
+import { readsAsZeroes } from '../../copy/chain-status.js';
 import { jsonOptions } from '../../filters/filter.js';
 import { Refcounts, type MetadataRange } from './refcount.js';
 import { compressedOffsetLimit, COPIED_HI, decodeL1, decodeL2, encodeCompressedEntry, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
@@ -731,20 +732,55 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   // ---- write zeroes / discard ---------------------------------------------------------------------
 
+  /**
+   * Write zeroes as QEMU 7.2's qcow2 does (compared with qemu-io by qemu-img map, qcow2-zeroes-qemu.test.ts).
+   * The request is taken in QEMU's block-layer pieces, split at cluster boundaries:
+   * - whole clusters become zero clusters (v3), over unallocated ones too, with or without a backing
+   *   file; a cluster we own stays allocated (ZERO_ALLOC) unless the write may unmap (MAY_UNMAP);
+   * - a piece of a cluster: when the cluster is unallocated or zero here and the rest of it reads as
+   *   zeroes through the backing chain (by block status, as QEMU's is_zero), the whole cluster becomes
+   *   a zero cluster; otherwise the piece is written as data (QEMU's driver says ENOTSUP and its block
+   *   layer writes a buffer of zeroes);
+   * - v2 has no zero clusters: without a backing file the clusters are discarded (they read as zeroes
+   *   then), with one the zeroes are written as data.
+   */
   protected override async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
-    if (!this.v3) return super.doWriteZeroes(offset, bytes, flags);
+    if (!this.v3 && this.backing()) return super.doWriteZeroes(offset, bytes, flags);
+    // MAY_UNMAP is honoured whatever the node's discard option says: QEMU checks that option only where
+    // a driver passes zeroes on to its child, not for a request to the qcow2 node itself (verified with
+    // qemu-storage-daemon, discard=ignore, an NBD client's write-zeroes without NO_HOLE).
+    const mode = !this.v3 ? 'discard' : flags.mayUnmap === true ? 'unmap' : 'zero';
+    const size = this.header.size;
     const end = offset + bytes;
-    const aStart = Math.ceil(offset / this.cs) * this.cs;
-    const aEnd = end === this.header.size ? end : Math.floor(end / this.cs) * this.cs;
-    if (aStart >= aEnd) {
-      await this.doWrite(offset, Buffer.alloc(bytes), flags);
-      return;
+    for (let pos = offset; pos < end; ) {
+      const cStart = Math.floor(pos / this.cs) * this.cs;
+      const cEnd = Math.min(size, cStart + this.cs);
+      if (pos === cStart && end >= cEnd) {
+        // Whole clusters (the image's last one may be shorter).
+        const wEnd = end === size ? size : Math.floor(end / this.cs) * this.cs;
+        await this.zeroClustersWhenIdle(pos, wEnd, mode);
+        pos = wEnd;
+        continue;
+      }
+      const pEnd = Math.min(end, cEnd);
+      const wholeCluster = await this.zeroClustersWhenIdle(cStart, cEnd, mode, () => this.restOfClusterReadsZeroes(cStart, cEnd, pos, pEnd));
+      if (!wholeCluster) await this.doWrite(pos, Buffer.alloc(pEnd - pos), {});
+      pos = pEnd;
     }
-    if (offset < aStart) await this.doWrite(offset, Buffer.alloc(aStart - offset), {});
-    const unmap = flags.mayUnmap === true && this.unmapAllowed;
-    await this.zeroClustersWhenIdle(aStart, aEnd, unmap ? 'unmap' : 'zero');
-    if (aEnd < end) await this.doWrite(aEnd, Buffer.alloc(end - aEnd), {});
     if (flags.fua) await this.doFlush();
+  }
+
+  /**
+   * For a zero write of [p0, p1) inside the cluster [cStart, cEnd) (exclusive lock held): whether the
+   * cluster is unallocated or zero in this image and the rest of it reads as zeroes.
+   */
+  private async restOfClusterReadsZeroes(cStart: number, cEnd: number, p0: number, p1: number): Promise<boolean> {
+    const type = (await this.lookup(cStart, cEnd - cStart)).entry.type;
+    if (type === 'zero-plain' || type === 'zero-alloc') return true;
+    if (type !== 'unallocated') return false;
+    const below = this.backing();
+    if (!below) return true;
+    return (await readsAsZeroes(below, cStart, p0 - cStart)) && (await readsAsZeroes(below, p1, cEnd - p1));
   }
 
   protected override async doDiscard(offset: number, bytes: number): Promise<void> {
@@ -756,23 +792,27 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.zeroClustersWhenIdle(aStart, aEnd, 'discard');
   }
 
-  /** zeroClusters under the exclusive lock, once no allocation of these clusters is in flight. */
-  private async zeroClustersWhenIdle(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
+  /**
+   * zeroClusters under the exclusive lock, once no allocation of these clusters is in flight, and only
+   * if `onlyIf` (checked in the same step) says so: whether it zeroed them.
+   */
+  private async zeroClustersWhenIdle(start: number, end: number, mode: 'zero' | 'unmap' | 'discard', onlyIf?: () => Promise<boolean>): Promise<boolean> {
     for (;;) {
-      const busy = await this.withAll(async () => {
+      const outcome = await this.withAll(async (): Promise<{ wait: Promise<unknown> } | { zeroed: boolean }> => {
         const a = this.allocationOverlapping(start, end);
         if (a) return { wait: a.done };
+        if (onlyIf && !(await onlyIf())) return { zeroed: false };
         await this.zeroClusters(start, end, mode);
-        return undefined;
+        return { zeroed: true };
       });
-      if (!busy) return;
-      await busy.wait;
+      if ('zeroed' in outcome) return outcome.zeroed;
+      await outcome.wait;
     }
   }
 
   /**
-   * Change whole clusters in [start, end) to zero clusters ('zero': keep allocation where we own it;
-   * 'unmap': free it) or discard them ('discard': unallocated, or zero when a backing file would show
+   * Change whole clusters in [start, end) to zero clusters, unallocated ones included ('zero': keep
+   * allocation where we own it; 'unmap': free it) or discard them ('discard': unallocated, or zero when a backing file would show
    * through on v3). Freed clusters are released after the new entries are durable.
    */
   private async zeroClusters(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
@@ -793,7 +833,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
             : e.type === 'unallocated'
               ? 'keep'
               : 'unallocated'
-          : e.type === 'zero-plain' || (e.type === 'unallocated' && !hasBacking)
+          : e.type === 'zero-plain'
             ? 'keep'
             : e.type === 'zero-alloc'
               ? mode === 'unmap' || !e.copied
