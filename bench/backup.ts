@@ -4,26 +4,44 @@
  * BM_BACKUP_ROUNDS, default 3) and vs `cp` of the image file; then the guest write latency that
  * copy-before-write adds: 4 KiB writes, each to a cluster not yet copied, through an NBD export of the
  * source (qemu-io as the client: its ops/sec per write is the latency), without and with a sync=none
- * backup running, p50 and p99, for both daemons.
+ * backup running, p50 and p99, for both daemons, one at a time (queue depth 1) and 16 in flight
+ * (aio_write, what a guest with a queue does), alternating daemons for BM_BACKUP_LAT_ROUNDS rounds
+ * (default 3): medians of the rounds' percentiles, and the daemon's CPU time per write.
+ *
+ * The writes are not FUA (qemu-io -t writeback): with qemu-io's default, writethrough, every write is
+ * followed by an fdatasync of the source, the same for both daemons and for both halves, whose time on
+ * a shared disk varies by tens of milliseconds and buries the copy's cost (which has no flush).
  */
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon } from '../src/daemon/spawn.js';
-import { have, makeDataImage, makeEmptyImage, median, pct, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
+import { cpuSeconds, have, makeDataImage, makeEmptyImage, median, pct, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
 
 export const title = 'backup: full backup vs qemu-storage-daemon and cp; write latency added by copy-before-write (p50/p99)';
 
 type Program = 'bitmirror' | 'qemu-storage-daemon';
 
-/** Per-write latencies (ms) of 4 KiB writes at `offsets` through NBD, from qemu-io's ops/sec. */
-async function writeLatencies(sock: string, offsets: number[]): Promise<number[]> {
-  const out = await sh('qemu-io', ['-f', 'raw', ...offsets.flatMap((o) => ['-c', `write -P 0x5a ${o} 4k`]), `nbd+unix:///src?socket=${sock}`]);
+/** Per-write latencies (ms) of 4 KiB writes at `offsets` through NBD, `depth` at a time, from qemu-io's ops/sec. */
+async function writeLatencies(sock: string, offsets: number[], depth: number): Promise<number[]> {
+  const cmds =
+    depth === 1
+      ? offsets.flatMap((o) => ['-c', `write -P 0x5a ${o} 4k`])
+      : offsets.flatMap((o, i) => ['-c', `aio_write -P 0x5a ${o} 4k`, ...((i + 1) % depth === 0 || i === offsets.length - 1 ? ['-c', 'aio_flush'] : [])]);
+  const out = await sh('qemu-io', ['-t', 'writeback', '-f', 'raw', ...cmds, `nbd+unix:///src?socket=${sock}`]);
   return [...out.matchAll(/and ([\d.]+) ops\/sec/g)].map((m) => 1000 / Number(m[1]));
 }
 
-async function latency(program: Program, dir: string, src: string, tgt: string, size: number, writes: number): Promise<{ base: number[]; cbw: number[] }> {
-  await sh('qemu-img', ['create', '-f', 'qcow2', tgt, String(size)]);
+/** One round of one daemon: latencies and CPU ms per write, without a backup and with a sync=none one. */
+interface LatencyRound {
+  base: number[];
+  cbw: number[];
+  baseCpuMs: number;
+  cbwCpuMs: number;
+}
+
+async function latency(program: Program, dir: string, src: string, tgt: string, size: number, writes: number, depth: number): Promise<LatencyRound> {
+  await sh('qemu-img', ['create', '-q', '-f', 'qcow2', tgt, String(size)]);
   const d = await spawnDaemon(path.join(dir, `${program}-lat.sock`), [], program);
   const sock = path.join(dir, `${program}-nbd.sock`);
   try {
@@ -34,13 +52,16 @@ async function latency(program: Program, dir: string, src: string, tgt: string, 
     await q.execute('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'src', name: 'src', writable: true });
     // Distinct 64 KiB clusters in the data area: the first half without a backup, the rest with one.
     const clusters = Array.from({ length: 2 * writes }, (_, i) => i * 7 * 65536);
-    const base = await writeLatencies(sock, clusters.slice(0, writes));
+    const c0 = cpuSeconds(d.proc.pid);
+    const base = await writeLatencies(sock, clusters.slice(0, writes), depth);
     await q.execute('blockdev-backup', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'none' });
-    const cbw = await writeLatencies(sock, clusters.slice(writes));
+    const c1 = cpuSeconds(d.proc.pid);
+    const cbw = await writeLatencies(sock, clusters.slice(writes), depth);
+    const c2 = cpuSeconds(d.proc.pid);
     await q.execute('block-job-cancel', { device: 'j', force: true });
     await q.waitEvent('JOB_STATUS_CHANGE', { id: 'j', status: 'null' }, 60_000);
     await q.execute('block-export-del', { id: 'e' });
-    return { base, cbw };
+    return { base, cbw, baseCpuMs: ((c1 - c0) * 1000) / writes, cbwCpuMs: ((c2 - c1) * 1000) / writes };
   } finally {
     await d.stop();
   }
@@ -90,18 +111,31 @@ export async function run(): Promise<Row[]> {
       });
     }
     const writes = Number(process.env.BM_BACKUP_WRITES ?? 400);
-    for (const tool of tools.filter((t) => t !== 'cp') as Program[]) {
-      const { base, cbw } = await latency(tool, dir, src, path.join(dir, `${tool}-lat.qcow2`), size, writes);
-      rows.push({
-        case: `4 KiB write latency, ${writes} writes (ms)`,
-        tool,
-        'p50 no backup': pct(base, 50),
-        'p99 no backup': pct(base, 99),
-        'p50 with cbw': pct(cbw, 50),
-        'p99 with cbw': pct(cbw, 99),
-        'added p50': pct(cbw, 50) - pct(base, 50),
-        'added p99': pct(cbw, 99) - pct(base, 99),
-      });
+    const latRounds = Math.max(1, Number(process.env.BM_BACKUP_LAT_ROUNDS ?? 3));
+    const daemons = tools.filter((t) => t !== 'cp') as Program[];
+    for (const depth of [1, 16]) {
+      const got: Record<string, LatencyRound[]> = Object.fromEntries(daemons.map((t) => [t, []]));
+      for (let r = 0; r < latRounds; r++) {
+        for (const tool of r % 2 === 1 ? [...daemons].reverse() : daemons) got[tool].push(await latency(tool, dir, src, path.join(dir, `${tool}-lat.qcow2`), size, writes, depth));
+      }
+      for (const tool of daemons) {
+        const per = (f: (x: LatencyRound) => number): number[] => got[tool].map(f);
+        const added50 = per((x) => pct(x.cbw, 50) - pct(x.base, 50));
+        const added99 = per((x) => pct(x.cbw, 99) - pct(x.base, 99));
+        rows.push({
+          case: `4 KiB writes, ${depth} in flight, ${writes} writes (ms), median of ${latRounds}`,
+          tool,
+          'p50 no backup': median(per((x) => pct(x.base, 50))),
+          'p99 no backup': median(per((x) => pct(x.base, 99))),
+          'p50 with cbw': median(per((x) => pct(x.cbw, 50))),
+          'p99 with cbw': median(per((x) => pct(x.cbw, 99))),
+          'added p50': median(added50),
+          'added p50 range': spread(added50),
+          'added p99': median(added99),
+          'cpu ms/write no backup': median(per((x) => x.baseCpuMs)),
+          'cpu ms/write with cbw': median(per((x) => x.cbwCpuMs)),
+        });
+      }
     }
   } finally {
     await fsp.rm(dir, { recursive: true, force: true });

@@ -81,7 +81,8 @@ export interface BlockCopyOptions {
   offload?: boolean;
   /**
    * Copies for a writer (copyNow) write the target serialising, without offload: a read of the target
-   * in flight (a fleecing image reading through to its backing, the source) ends first.
+   * in flight (a fleecing image reading through to its backing, the source) ends first. Otherwise they
+   * are copied as the background copies are (offloaded where the kernel can).
    */
   serialiseWriterCopies?: boolean;
   /** Every write to the target is BDRV_REQ_WRITE_UNCHANGED (copy-on-read into the node reading through). */

@@ -23,6 +23,7 @@
 import { genericError } from '../../errors.js';
 import { BlockIOError } from '../../errors.js';
 import { FilterNode } from './filter.js';
+import { chainContains } from '../chain.js';
 import type { BdrvChild, BlockNode, WriteObserver, WriteRequest } from '../node.js';
 import { BLK_PERM_ALL, BLK_PERM_CONSISTENT_READ, BLK_PERM_RESIZE, BLK_PERM_WRITE, type Permissions } from '../permissions.js';
 import { BlockCopy, type BlockCopyHooks, type CopyBitmap } from '../copy/block-copy.js';
@@ -125,7 +126,11 @@ export class CopyBeforeWriteNode extends FilterNode {
       unmap: false,
       // A backup target holds whole clusters of the source (the chunk is at least its cluster size).
       fillPartialClusters: false,
-      serialiseWriterCopies: true,
+      // As QEMU's block-copy (is_fleecing): only a target whose backing chain reads through to the
+      // source needs its copies-before-write serialised against its reads (snapshot-access readers
+      // hold the chunk locks instead); any other target takes them as the background copies, offloaded
+      // to the kernel where it can (one copy_file_range instead of a read and a write).
+      serialiseWriterCopies: chainContains(o.target, source),
       discardSource: this.discardSource,
       compress: o.compress,
       hooks: {
