@@ -2,9 +2,10 @@
  * The cost of write-intent tracking for persistent bitmaps (issue 14, qcow2/write-intent.ts), in the
  * same run: the same writes into a fresh 1 GiB qcow2 image with one enabled persistent bitmap (64 KiB
  * granularity), once with the bitmap loaded from the image (write-intent armed: the first write to
- * each region waits for a durable header write), once the same with that write made durable the old
- * way (write + fdatasync of the whole file, as where pwritev2 RWF_DSYNC is missing), and once with the
- * bitmap added after open (the same marking in memory, no record). In-process Core (graph + bitmap
+ * each region waits for a durable header write, unless a sequential writer found it marked ahead),
+ * once the same without marking ahead, once with that write made durable the old way (write +
+ * fdatasync of the whole file, as where pwritev2 RWF_DSYNC is missing), and once with the bitmap
+ * added after open (the same marking in memory, no record). In-process Core (graph + bitmap
  * manager + the load/store hooks).
  *
  *   seq write   1 GiB in 1 MiB requests, 16 in flight (allocating)
@@ -54,8 +55,12 @@ async function timed(count: number, op: (i: number) => Promise<unknown>): Promis
   return { s: Number(process.hrtime.bigint() - t0) / 1e9, lat: lat.sort((x, y) => x - y) };
 }
 
-/** off: no record; on: the record, each update one RWF_DSYNC write; on-fdatasync: each update a write + fdatasync. */
-type Side = 'off' | 'on' | 'on-fdatasync';
+/**
+ * off: no record; on: the record, each update one RWF_DSYNC write, regions marked ahead of
+ * sequential writers; on-no-ahead: the same without marking ahead; on-fdatasync: each update a
+ * write + fdatasync.
+ */
+type Side = 'off' | 'on' | 'on-no-ahead' | 'on-fdatasync';
 
 async function session(file: string, direct: boolean, side: Side, work: (n: BlockNode) => Promise<{ s: number; lat: number[] }>): Promise<{ s: number; lat: number[] }> {
   const intent = side !== 'off';
@@ -68,6 +73,7 @@ async function session(file: string, direct: boolean, side: Side, work: (n: Bloc
   if (!intent) await core.bitmaps.add(n, 'b0', { persistent: true, granularity: 65536 });
   // The file driver's fallback when the kernel refuses RWF_DSYNC (a private switch, poked for the bench).
   if (side === 'on-fdatasync') (n.child('file')!.node as unknown as { canDsyncWrite: boolean }).canDsyncWrite = false;
+  if (side === 'on-no-ahead') (n as unknown as { writeIntent: { lookAhead: boolean } }).writeIntent.lookAhead = false;
   const r = await work(n);
   await core.shutdown();
   return r;
@@ -97,16 +103,19 @@ export async function run(): Promise<Row[]> {
         // Alternating runs, the median of each side: the machine's noise hits both alike.
         const offs: Array<{ s: number; lat: number[] }> = [];
         const ons: Array<{ s: number; lat: number[] }> = [];
+        const noAheads: Array<{ s: number; lat: number[] }> = [];
         const syncs: Array<{ s: number; lat: number[] }> = [];
         for (let k = 0; k < REPEAT; k++) {
           offs.push(await session(file, direct, 'off', work));
           ons.push(await session(file, direct, 'on', work));
+          noAheads.push(await session(file, direct, 'on-no-ahead', work));
           syncs.push(await session(file, direct, 'on-fdatasync', work));
         }
         const median = (xs: Array<{ s: number; lat: number[] }>) => [...xs].sort((a, b) => a.s - b.s)[Math.floor(xs.length / 2)];
         const off = median(offs);
         const on = median(ons);
         const sync = median(syncs);
+        const noAhead = median(noAheads);
       const pct = (p: number, l: number[]) => l[Math.min(l.length - 1, Math.floor(p * l.length))];
       rows.push({
         name,
@@ -119,6 +128,8 @@ export async function run(): Promise<Row[]> {
         'off p99 ms': pct(0.99, off.lat),
         'on p99 ms': pct(0.99, on.lat),
         'cost % (time)': ((on.s - off.s) / off.s) * 100,
+        'no look-ahead MiB/s': bytes / MiB / noAhead.s,
+        'no look-ahead cost %': ((noAhead.s - off.s) / off.s) * 100,
         'fdatasync MiB/s': bytes / MiB / sync.s,
         'fdatasync cost %': ((sync.s - off.s) / off.s) * 100,
       });

@@ -53,14 +53,33 @@ export function setSerializedBits(data: Buffer, start: number, bytes: number, gr
   for (let i = first; i <= last; i++) data[i >> 3] |= 1 << (i & 7);
 }
 
+/** At most this many regions are marked ahead of a sequential writer (WriteIntentRecord.markAhead). */
+export const MAX_REGIONS_AHEAD = 8;
+/** Sequential streams followed at once (e.g. several guest threads each writing a file). */
+const MAX_STREAMS = 16;
+
 /**
  * The live record of an open image: which regions are dirty in memory (`bits`, the extension's
  * data the header is serialised from) and which of them are known durable. `persist` writes the
- * extension as it is in memory and flushes.
+ * extension as it is in memory, durably.
+ *
+ * Why a recovered bitmap is a superset of what changed: a write is performed only once every region
+ * it touches is durable in the record (`mark` returns no promise only then, else one that settles
+ * after a persist that included them), and regions are cleared only when the bitmaps themselves are
+ * stored (the store's job, after flushing the data: clean-marking stays lazy). Marking *more*
+ * regions than written — look-ahead for sequential writers, several writers sharing one persist —
+ * can only make a recovery coarser, never miss a change.
  */
 export class WriteIntentRecord {
   private readonly durable: Buffer;
   private inFlight?: Promise<void>;
+  /**
+   * Sequential streams: the offset where the next write of each would start -> where it began.
+   * Oldest first (Map order); at most MAX_STREAMS.
+   */
+  private readonly streams = new Map<number, number>();
+  /** Mark regions ahead of sequential writers (markAhead); the bench turns it off to measure it. */
+  lookAhead = true;
 
   constructor(
     private readonly layout: WriteIntentLayout,
@@ -89,9 +108,48 @@ export class WriteIntentRecord {
    */
   mark(offset: number, bytes: number): Promise<void> | undefined {
     const [first, last] = this.regions(offset, bytes);
-    if (this.allDurable(first, last)) return undefined;
-    for (let i = first; i <= last; i++) this.bits[i >> 3] |= 1 << (i & 7);
-    return this.waitDurable(first, last);
+    const streamed = this.followStream(offset, Math.max(bytes, 1));
+    const durable = this.allDurable(first, last);
+    if (!durable) for (let i = first; i <= last; i++) this.bits[i >> 3] |= 1 << (i & 7);
+    // Set before the wait below starts a persist, so that one write covers both.
+    if (streamed && this.lookAhead) this.markAhead(last, streamed);
+    return durable ? undefined : this.waitDurable(first, last);
+  }
+
+  /**
+   * Follow sequential writers: a write starting where an earlier one ended continues its stream.
+   * Returns how many whole regions the stream has written so far, with this write (0: not a stream,
+   * or not yet one region long).
+   */
+  private followStream(offset: number, bytes: number): number {
+    const began = this.streams.get(offset);
+    this.streams.delete(offset);
+    const start = began ?? offset;
+    this.streams.set(offset + bytes, start);
+    if (this.streams.size > MAX_STREAMS) this.streams.delete(this.streams.keys().next().value!);
+    return began === undefined ? 0 : Math.floor((offset + bytes - start) / 2 ** this.layout.regionBits);
+  }
+
+  /**
+   * A sequential writer that has written `streamed` whole regions and is now in region `last`: the
+   * regions after it (as many as it has written, at most MAX_REGIONS_AHEAD) are marked in the
+   * background, so that the writer finds them durable instead of waiting for a record write at each
+   * region boundary. Topped up once half of them are used, so one record write serves several
+   * regions. Still a superset (see the class comment): a stream that stops leaves at most as many
+   * regions marked beyond its end as it wrote, and at most MAX_REGIONS_AHEAD. A random writer never
+   * starts a stream, so its recovery stays as fine as its writes. A failed background write leaves
+   * the regions not durable: the first write into one then waits for a record write of its own.
+   */
+  private markAhead(last: number, streamed: number): void {
+    const ahead = Math.min(MAX_REGIONS_AHEAD, streamed, this.layout.nbRegions - 1 - last);
+    if (ahead <= 0) return;
+    const isSet = (i: number) => !!(this.bits[i >> 3] & (1 << (i & 7)));
+    const soon = Math.ceil(ahead / 2);
+    let needed = false;
+    for (let i = last + 1; i <= last + soon; i++) if (!isSet(i)) needed = true;
+    if (!needed) return;
+    for (let i = last + 1; i <= last + ahead; i++) this.bits[i >> 3] |= 1 << (i & 7);
+    this.waitDurable(last + 1, last + ahead).catch(() => undefined);
   }
 
   private async waitDurable(first: number, last: number): Promise<void> {

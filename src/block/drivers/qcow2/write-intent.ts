@@ -43,7 +43,9 @@
  *               dirty cost nothing; new ones are set in memory and one durable write of the record
  *               (FUA: pwritev2 RWF_DSYNC in the file driver, which, unlike fdatasync, does not write
  *               back the guest data cached so far) makes all of them durable: concurrent first
- *               writes to clean regions share it.
+ *               writes to clean regions share it. A sequential writer gets the next regions marked
+ *               ahead, in the background (block/write-intent.ts markAhead): more marked than
+ *               written, so still a superset, bounded by what the stream already wrote.
  *   store       (close) copy-on-write as QEMU: new data clusters, tables and directory, flushed, then
  *               one header write switches to them (in_use cleared), then the old clusters are freed;
  *               a cut leaves the old directory (in use, covered) or the new one (not in use), at
