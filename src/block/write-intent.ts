@@ -54,7 +54,7 @@ export function setSerializedBits(data: Buffer, start: number, bytes: number, gr
 }
 
 /** At most this many regions are marked ahead of a sequential writer (WriteIntentRecord.markAhead). */
-export const MAX_REGIONS_AHEAD = 8;
+export const MAX_REGIONS_AHEAD = 16;
 /** Sequential streams followed at once (e.g. several guest threads each writing a file). */
 const MAX_STREAMS = 16;
 

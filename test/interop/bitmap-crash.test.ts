@@ -1,7 +1,7 @@
 /**
- * Persistent bitmaps after SIGKILL (issue 14): random concurrent writes, write-zeroes, discards,
- * bitmap clears and merges and flushes through the daemon (HMP qemu-io, QMP), then SIGKILL at a
- * random moment. The next open by bitmirror must bring every persistent bitmap back consistent, and
+ * Persistent bitmaps after SIGKILL (issue 14): random concurrent writes (one worker writing
+ * sequentially), write-zeroes, discards, bitmap clears and merges and flushes through the daemon
+ * (HMP qemu-io, QMP), then SIGKILL after a random number of requests, with requests in flight. The next open by bitmirror must bring every persistent bitmap back consistent, and
  * once stored (clean close) QEMU's qemu-nbd must export it covering every byte that differs from a
  * copy of the disk taken at the bitmap's last clear (read through the daemon's NBD export with no
  * request in flight); qemu-img check finds no corruption. Several layouts (qcow2 cluster sizes,
@@ -87,26 +87,41 @@ async function oneRound(dir: string, seed: number): Promise<string> {
   let killed = false;
   let paused = false;
   let ops = 0;
+  // The kill comes after a number of requests the seed draws (then a moment more, with requests in
+  // flight): counted, not timed, so a loaded machine's rounds do as much as a quiet one's.
+  const killAfter = 30 + Math.floor(rand() * 200);
+  let reachKill!: () => void;
+  const killDue = new Promise<void>((r) => (reachKill = r));
   const busy = new Set<Promise<unknown>>();
   const names = layout.bitmaps.map(([n]) => n);
   const pick = <T>(xs: T[]): T => xs[Math.floor(rand() * xs.length)];
 
-  const worker = async (): Promise<void> => {
+  // A sequential worker writes on from where its last write ended (the write-intent record marks
+  // regions ahead of such a stream), starting over somewhere else now and then.
+  let streamAt = Math.floor(rand() * SIZE);
+  const worker = async (sequential: boolean): Promise<void> => {
     while (!killed) {
       if (paused) {
         await new Promise((r) => setImmediate(r));
         continue;
       }
       const x = rand();
-      const bytes = 1 + Math.floor(rand() * (rand() < 0.7 ? 16 * KiB : 1 * MiB));
-      const offset = Math.floor(rand() * (SIZE - bytes));
+      let bytes = 1 + Math.floor(rand() * (rand() < 0.7 ? 16 * KiB : 1 * MiB));
+      let offset = Math.floor(rand() * (SIZE - bytes));
+      if (sequential) {
+        bytes = 64 * KiB + Math.floor(rand() * 960 * KiB);
+        if (streamAt + bytes > SIZE || rand() < 0.02) streamAt = Math.floor(rand() * (SIZE - bytes));
+        offset = streamAt;
+        streamAt += bytes;
+      }
       let p: Promise<unknown>;
-      if (x < 0.06) p = d.qmp.hmp('qemu-io q "flush"');
+      if (sequential) p = d.qmp.hmp(`qemu-io q "write ${x < 0.2 ? '-z' : `-P ${1 + (ops % 250)}`} ${offset} ${bytes}"`);
+      else if (x < 0.06) p = d.qmp.hmp('qemu-io q "flush"');
       else if (x < 0.1) p = d.qmp.execute('block-dirty-bitmap-merge', { node: 'q', target: pick(names), bitmaps: [pick(names)] });
       else if (x < 0.2) p = d.qmp.hmp(`qemu-io q "write -z ${offset} ${bytes}"`);
       else if (x < 0.3) p = d.qmp.hmp(`qemu-io q "discard ${offset} ${bytes}"`);
       else p = d.qmp.hmp(`qemu-io q "write -P ${1 + (ops % 250)} ${offset} ${bytes}"`);
-      ops++;
+      if (++ops === killAfter) reachKill();
       busy.add(p);
       try {
         await p;
@@ -136,8 +151,10 @@ async function oneRound(dir: string, seed: number): Promise<string> {
       paused = false;
     }
   };
-  const all = [worker(), worker(), worker(), clearer()];
-  await new Promise((r) => setTimeout(r, 150 + rand() * 1000));
+  const all = [worker(false), worker(false), worker(false), worker(true), clearer()];
+  // (A request failing before the kill fails the round here rather than leaving it waiting.)
+  await Promise.race([killDue, Promise.all(all)]);
+  await new Promise((r) => setTimeout(r, rand() * 20));
   killed = true;
   await d.kill();
   await Promise.all(all);

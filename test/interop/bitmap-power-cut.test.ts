@@ -174,8 +174,9 @@ interface Session {
 }
 
 /**
- * One session through the recording filter: open, `total` requests from three concurrent workers
- * (writes, write-zeroes, discards, flushes, merges; `nbClears` bitmap clears), close. `base` is each
+ * One session through the recording filter: open, `total` requests from four concurrent workers
+ * (writes, write-zeroes, discards, flushes, merges; one of them writing sequentially; `nbClears`
+ * bitmap clears), close. `base` is each
  * bitmap's reference disk at the open (default: the disk as opened).
  */
 async function recordedSession(img: string, layout: Layout, rand: () => number, total: number, nbClears: number, base?: Map<string, Buffer>): Promise<Session> {
@@ -193,7 +194,10 @@ async function recordedSession(img: string, layout: Layout, rand: () => number, 
   let ops = 0;
   // Counted, not timed: the seed decides how many requests there are and when the clears come.
   const clearAt = new Set(Array.from({ length: nbClears }, () => Math.floor(rand() * total)));
-  const worker = async () => {
+  // The fourth worker writes sequentially (the write-intent record marks regions ahead of such a
+  // stream), starting over somewhere else now and then.
+  let streamAt = Math.floor(rand() * size);
+  const worker = async (sequential: boolean) => {
     while (ops < total) {
       if (paused) {
         await new Promise((r) => setImmediate(r));
@@ -211,10 +215,17 @@ async function recordedSession(img: string, layout: Layout, rand: () => number, 
         continue;
       }
       const x = rand();
-      const bytes = 1 + Math.floor(rand() * (rand() < 0.7 ? 16 * KiB : 1 * MiB));
-      const offset = Math.floor(rand() * (size - bytes));
+      let bytes = 1 + Math.floor(rand() * (rand() < 0.7 ? 16 * KiB : 1 * MiB));
+      let offset = Math.floor(rand() * (size - bytes));
+      if (sequential) {
+        bytes = 64 * KiB + Math.floor(rand() * 960 * KiB);
+        if (streamAt + bytes > size || rand() < 0.02) streamAt = Math.floor(rand() * (size - bytes));
+        offset = streamAt;
+        streamAt += bytes;
+      }
       let p: Promise<unknown>;
-      if (x < 0.06) p = node.flush();
+      if (sequential) p = x < 0.2 ? node.writeZeroes(offset, bytes, {}) : node.write(offset, Buffer.alloc(bytes, 1 + (ops % 250)));
+      else if (x < 0.06) p = node.flush();
       else if (x < 0.1) p = Promise.resolve().then(() => core.bitmaps.merge(core.bitmaps.get(node, pick(names)), core.bitmaps.get(node, pick(names))));
       else if (x < 0.2) p = node.writeZeroes(offset, bytes, {});
       else if (x < 0.3) p = node.discard(offset, bytes);
@@ -224,7 +235,7 @@ async function recordedSession(img: string, layout: Layout, rand: () => number, 
       await p.finally(() => busy.delete(p));
     }
   };
-  await Promise.all([worker(), worker(), worker()]);
+  await Promise.all([worker(false), worker(false), worker(false), worker(true)]);
   const closing = recordingLog.length;
   await shutdownStoring(core, `closing ${img}`);
   return { log: recordingLog.slice(), mtimeAfter: await mtimeOf(img), opened, closing, clears, ops };
