@@ -36,10 +36,9 @@ async function patch(img: string, fn: (b: Buffer) => void): Promise<void> {
 const cases: Array<[string, (dir: string) => Promise<string>, RegExp, Record<string, unknown>?]> = [
   ['bad magic', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeUInt32BE(0x12345678, 0)); return i; }, /not in qcow2 format/],
   // A file is read in whole 512-byte sectors (zeroes past its end), as QEMU reads it: QEMU's message.
+  // (An L1 table past the end of the file is no damage QEMU refuses: qcow2-l1-past-eof.test.ts.)
   ['truncated to 100 bytes', async (d) => { const i = await fresh(d); await truncate(i, 100); return i; }, /^qcow2 header too short$/],
   ['truncated to 40 bytes', async (d) => { const i = await fresh(d); await truncate(i, 40); return i; }, /^qcow2 header too short$/],
-  ['truncated before the L1 table', async (d) => { const i = await fresh(d); await truncate(i, 0x2ff00); return i; }, /L1 table .* beyond the end of the image file/],
-  ['L1 beyond EOF', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x100000000n, 40)); return i; }, /L1 table .* beyond the end of the image file/],
   ['refcount table beyond EOF', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x7000000000n, 48)); return i; }, /refcount table .* beyond the end/],
   ['refcount block pointing at the L1 table', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x30000n, 0x10000)); return i; }, /refcount block 0 .* overlaps with the active L1 table/],
   ['refcount block pointing at the header', async (d) => { const i = await fresh(d); await patch(i, (b) => b.writeBigUInt64BE(0x10000n, 0x10008)); return i; }, /refcount block 1 .* overlaps with the refcount table/],

@@ -66,9 +66,10 @@ export function validateHeader(h: Qcow2Header, fileLength: number, readOnly: boo
   if (h.l1Size < needL1) throw genericError('L1 table is too small');
   if (h.l1Size > 0) {
     if (h.l1TableOffset === 0 || h.l1TableOffset % cs) throw genericError('Invalid L1 table offset');
-    if (h.l1TableOffset + h.l1Size * 8 > fileLength) {
-      throw genericError(`qcow2: L1 table (offset ${hex(h.l1TableOffset)}, ${h.l1Size * 8} bytes) lies beyond the end of the image file (${fileLength} bytes)`);
-    }
+    // No check against the file's end: as QEMU (qcow2_validate_table checks alignment and size only),
+    // an L1 table reaching past it reads as zeroes there (unallocated), and an L2 table allocated for
+    // such an entry writes the entry, growing the file. qemu-img check counts such a table as a
+    // corruption until the file covers it.
   }
   if (h.refcountTableClusters === 0 || h.refcountTableOffset === 0 || h.refcountTableOffset % cs) throw genericError('Invalid reference count table offset');
   if (h.refcountTableClusters * cs > MAX_REFTABLE_BYTES) throw genericError('Reference count table too large');
