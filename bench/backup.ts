@@ -1,7 +1,9 @@
 /**
  * Backup benchmark, same run, same files: a full blockdev-backup of a qcow2 holding BM_BACKUP_MIB MiB of
  * data (default 512) into a new qcow2, bitmirror vs qemu-storage-daemon (alternating, median of
- * BM_BACKUP_ROUNDS, default 3) and vs `cp` of the image file; then the guest write latency that
+ * BM_BACKUP_ROUNDS, default 3) and vs `cp` of the image file; the same with `compress: true` over
+ * BM_BACKUP_COMPRESS_MIB MiB (default 64) of text-like data (deflate shrinks it about 7x; the target's
+ * size is shown); then the guest write latency that
  * copy-before-write adds: 4 KiB writes, each to a cluster not yet copied, through an NBD export of the
  * source (qemu-io as the client: its ops/sec per write is the latency), without and with a sync=none
  * backup running, p50 and p99, for both daemons, one at a time (queue depth 1) and 16 in flight
@@ -67,6 +69,61 @@ async function latency(program: Program, dir: string, src: string, tgt: string, 
   }
 }
 
+/** Text-like data, the same for every run: what a compressed backup is for (deflate shrinks it about 7x). */
+async function makeTextImage(file: string, bytes: number): Promise<void> {
+  const raw = `${file}.raw`;
+  const words = ['backup', 'of', 'a', 'qcow2', 'image', 'with', 'compressed', 'clusters', 'packed', 'together'];
+  const chunk = Buffer.alloc(1 << 20);
+  let seed = 1;
+  const fh = await fsp.open(raw, 'w');
+  try {
+    for (let off = 0; off < bytes; off += chunk.length) {
+      for (let p = 0; p < chunk.length; ) {
+        seed = (Math.imul(seed, 1103515245) + 12345) >>> 0;
+        p += chunk.write(`${words[(seed >>> 16) % words.length]} `, p);
+      }
+      await fh.write(chunk, 0, chunk.length, off);
+    }
+  } finally {
+    await fh.close();
+  }
+  await sh('qemu-img', ['convert', '-O', 'qcow2', raw, file]);
+  await fsp.rm(raw, { force: true });
+}
+
+/** Full backups with `compress: true`, both daemons alternating: time, CPU and the target's size. */
+async function compressedBackups(dir: string, qsd: boolean, rounds: number): Promise<Row[]> {
+  const mib = Number(process.env.BM_BACKUP_COMPRESS_MIB ?? 64);
+  const src = path.join(dir, 'text.qcow2');
+  await makeTextImage(src, mib << 20);
+  const daemons: Program[] = ['bitmirror', ...(qsd ? (['qemu-storage-daemon'] as const) : [])];
+  const runs: Record<string, Array<Sample & { targetMiB: number }>> = Object.fromEntries(daemons.map((t) => [t, []]));
+  for (let r = 0; r < rounds; r++) {
+    for (const tool of r % 2 === 1 ? [...daemons].reverse() : daemons) {
+      const tgt = path.join(dir, `${tool}-compressed.qcow2`);
+      await makeEmptyImage(tgt, 'qcow2', mib << 20);
+      await sh('sync', []);
+      const s = await timedBlockJob(dir, { program: tool, job: 'backup', compress: true, src: { file: src, format: 'qcow2' }, tgt: { file: tgt, format: 'qcow2' } });
+      runs[tool].push({ ...s, targetMiB: (await fsp.stat(tgt)).size / (1 << 20) });
+    }
+  }
+  const bm = median(runs.bitmirror.map((x) => x.seconds));
+  return daemons.map((tool) => {
+    const secs = runs[tool].map((x) => x.seconds);
+    const t = median(secs);
+    return {
+      case: `compressed full backup ${mib} MiB of text, median of ${rounds}`,
+      tool,
+      seconds: t,
+      range: spread(secs),
+      'MiB/s': mib / t,
+      'cpu s': median(runs[tool].map((x) => x.cpu)),
+      'target MiB': median(runs[tool].map((x) => x.targetMiB)),
+      'bitmirror/this': tool === 'bitmirror' ? '' : bm / t,
+    };
+  });
+}
+
 export async function run(): Promise<Row[]> {
   const mib = Number(process.env.BM_BACKUP_MIB ?? 512);
   const dataBytes = mib << 20;
@@ -110,6 +167,7 @@ export async function run(): Promise<Row[]> {
         'bitmirror/this': tool === 'bitmirror' ? '' : bm / t,
       });
     }
+    rows.push(...(await compressedBackups(dir, qsd, rounds)));
     const writes = Number(process.env.BM_BACKUP_WRITES ?? 400);
     const latRounds = Math.max(1, Number(process.env.BM_BACKUP_LAT_ROUNDS ?? 3));
     const daemons = tools.filter((t) => t !== 'cp') as Program[];

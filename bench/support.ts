@@ -239,6 +239,8 @@ export interface BlockJobRun {
   offload?: boolean;
   /** mirror: the bitmap that says what to copy. */
   bitmap?: string;
+  /** backup: `compress: true` (compressed qcow2 clusters in the target). */
+  compress?: boolean;
   /** Runs before the timing starts (add bitmaps, write data). */
   prepare?: (exec: (cmd: string, args: Record<string, unknown>) => Promise<unknown>, hmp: (cmd: string) => Promise<string>) => Promise<void>;
 }
@@ -260,7 +262,7 @@ export async function timedBlockJob(dir: string, o: BlockJobRun): Promise<Sample
     if (o.prepare) await o.prepare((c, a) => q.execute(c, a), (c) => q.hmp(c));
     const c0 = cpuSeconds(d.proc.pid);
     const t0 = performance.now();
-    const extra = { ...(o.bitmap ? { bitmap: o.bitmap } : {}), ...(o.offload === false ? { '__org.bitmirror_copy-offload': false } : {}) };
+    const extra = { ...(o.bitmap ? { bitmap: o.bitmap } : {}), ...(o.offload === false ? { '__org.bitmirror_copy-offload': false } : {}), ...(o.compress ? { compress: true } : {}) };
     if (o.job === 'mirror') {
       await q.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...extra });
       await q.waitEvent('BLOCK_JOB_READY', { device: 'j' }, 1_800_000);
