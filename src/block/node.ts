@@ -45,6 +45,13 @@ export interface WriteFlags {
   /** For write-zeroes: the range may be deallocated (BDRV_REQ_MAY_UNMAP). */
   mayUnmap?: boolean;
   /**
+   * For write-zeroes: BDRV_REQ_NO_FALLBACK (NBD's FAST_ZERO): zero without writing data or fail with
+   * ENOTSUP, so the caller can choose another way (qemu-img convert zeroes a whole target this way
+   * first). Refused at once where the node's capabilities say it has no fast zero or the range is not
+   * aligned to its request alignment; a driver that would fall back to writing zeroes fails instead.
+   */
+  noFallback?: boolean;
+  /**
    * BDRV_REQ_SERIALISING: wait for every overlapping request in flight (reads included) and make later
    * ones wait. Copy-before-write writes old data into a fleecing image this way, so that a read of the
    * image that went on to its backing (the live source) has ended before the source changes.
@@ -287,6 +294,7 @@ export abstract class BlockNode {
   protected abstract doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void>;
   /** Default: write a buffer of zeroes. Drivers that can do better (holes, zero clusters) override. */
   protected async doWriteZeroes(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
+    if (flags.noFallback) throw new BlockIOError('ENOTSUP');
     const chunk = 1 << 20;
     for (let pos = 0; pos < bytes; pos += chunk) {
       const n = Math.min(chunk, bytes - pos);
@@ -676,6 +684,13 @@ export abstract class BlockNode {
     this.checkRequest(offset, bytes);
     this.checkWritable();
     if (bytes === 0) return;
+    if (flags.noFallback) {
+      // bdrv_co_do_pwrite_zeroes: without the driver's fast zero, or for a part of an alignment unit
+      // (a read-modify-write), there is nothing but the fallback.
+      const caps = this.capabilities();
+      const align = this.requestAlignment;
+      if (!caps.fastZero || offset % align || bytes % align) throw new BlockIOError('ENOTSUP');
+    }
     await this.writeRequest({ node: this, kind: 'zero', offset, bytes, flags });
   }
 

@@ -237,7 +237,7 @@ export class QemuIo {
     const start = process.hrtime.bigint();
     // -z wins over -c (qemu-io writes zeroes then); -c is blk_pwrite_compressed.
     const op = zero
-      ? this.node.writeZeroes(offset, bytes, { mayUnmap: flags.has('u'), fua: flags.has('f') })
+      ? this.node.writeZeroes(offset, bytes, { mayUnmap: flags.has('u'), fua: flags.has('f'), noFallback: flags.has('n') })
       : this.node.write(offset, Buffer.alloc(bytes, pat), flags.has('c') ? { compressed: true } : { fua: flags.has('f') });
     const quiet = flags.has('q');
     if (aio) {

@@ -174,6 +174,9 @@ export class NbdNode extends BlockNode {
     if (!(this.flags & NBD_FLAG.SEND_WRITE_ZEROES)) return super.doWriteZeroes(offset, bytes, flags);
     let f = flags.mayUnmap ? 0 : NBD_CMD_FLAG.NO_HOLE;
     if (flags.fua && this.flags & NBD_FLAG.SEND_FUA) f |= NBD_CMD_FLAG.FUA;
+    // No fallback: the server zeroes fast or answers ENOTSUP, which fails the request as it is
+    // (writeZeroes checked that the server announced SEND_FAST_ZERO: capabilities().fastZero).
+    if (flags.noFallback) f |= NBD_CMD_FLAG.FAST_ZERO;
     await this.inPieces(offset, bytes, (o, n) => this.send(NBD_CMD.WRITE_ZEROES, o, n, f));
     if (flags.fua && !(this.flags & NBD_FLAG.SEND_FUA)) await this.doFlush();
   }

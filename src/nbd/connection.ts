@@ -449,15 +449,9 @@ export class NbdConnection {
         if (fua) await node.flush();
         return this.replyDone(req);
       case P.NBD_CMD.WRITE_ZEROES:
-        // FAST_ZERO asks for a failure unless zeroing is faster than writing (QEMU's BDRV_REQ_NO_FALLBACK):
-        // only a node that zeroes without writing data, and only in whole units of its alignment.
-        if (req.flags & P.NBD_CMD_FLAG.FAST_ZERO) {
-          const caps = node.capabilities();
-          if (!caps.fastZero || offset % caps.requestAlignment || length % caps.requestAlignment) {
-            throw new RequestError('ENOTSUP', 'Operation not supported');
-          }
-        }
-        await node.writeZeroes(offset, length, { fua, mayUnmap: (req.flags & P.NBD_CMD_FLAG.NO_HOLE) === 0 });
+        // FAST_ZERO asks for a failure (ENOTSUP) unless zeroing is faster than writing: QEMU's
+        // BDRV_REQ_NO_FALLBACK, which the node's writeZeroes honours all the way down.
+        await node.writeZeroes(offset, length, { fua, mayUnmap: (req.flags & P.NBD_CMD_FLAG.NO_HOLE) === 0, noFallback: (req.flags & P.NBD_CMD_FLAG.FAST_ZERO) !== 0 });
         return this.replyDone(req);
       case P.NBD_CMD.CACHE:
         // A prefetch hint: read the range through the node (its caches warm) and drop the data.

@@ -4,7 +4,8 @@
  * mirror and a backup from a local qcow2 into the nbd node, and a mirror out of an nbd node, compare
  * identical (qemu-img compare); qemu-storage-daemon writes through a bitmirror export (its own backup
  * job into an nbd node) while bitmirror mirrors the exported node, and the copy compares identical.
- * Multi-conn is checked on the server side: nbdkit's log filter records every connection.
+ * Multi-conn is checked on the server side: nbdkit's log filter records every connection; so is the
+ * FAST_ZERO flag of a write-zeroes asked not to fall back (qemu-io write -z -n).
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -168,6 +169,66 @@ test('nbdkit memory: a full mirror into it over several connections (multi-conn 
   } finally {
     await env.done();
     await stop();
+  }
+});
+
+test('fast zero (qemu-io write -z -n, BDRV_REQ_NO_FALLBACK) goes out as NBD_CMD_FLAG_FAST_ZERO; a server refusing it fails the write with ENOTSUP, nothing written', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
+  const env = await setup('nbdc-fastzero');
+  // Three nbdkit memory servers, each behind a log filter that records every request's flags and
+  // result: 'fast' zeroes fast; 'slow' (nozero fastzeromode=slow) announces fast zero and refuses every
+  // such request with ENOTSUP; 'none' (fastzeromode=none) zeroes but does not announce fast zero.
+  const kit = (name: string, params: string[]) =>
+    startForking(
+      'nbdkit',
+      ['-P', env.f(`${name}.pid`), '-U', env.f(`${name}.sock`), '--filter=log', ...(params.length ? ['--filter=nozero'] : []), 'memory', '4M', `logfile=${env.f(`${name}.log`)}`, ...params],
+      env.f(`${name}.pid`),
+    );
+  const stops = [await kit('fast', []), await kit('slow', ['zeromode=plugin', 'fastzeromode=slow']), await kit('none', ['zeromode=plugin', 'fastzeromode=none'])];
+  const log = (name: string) => fsp.readFile(env.f(`${name}.log`), 'utf8');
+  /** The Zero requests the server saw: offset, count, fast flag. */
+  const zeroes = async (name: string) => [...(await log(name)).matchAll(/Zero id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+) .*?fast=(\d)/g)].map((m) => [Number(m[1]), Number(m[2]), m[3]]);
+  await mustRun('qemu-img', ['create', '-f', 'raw', env.f('q.raw'), '4M']);
+  const server = await qemuNbd(env.dir, env.f('q.raw'), 'raw');
+  try {
+    for (const name of ['fast', 'slow', 'none']) await env.d.qmp.execute('blockdev-add', nbdNode(name, env.f(`${name}.sock`)));
+    await io(env, 'fast', 'write -P 0x5a 0 2M');
+    await io(env, 'fast', 'write -z -n 0 1M');
+    await io(env, 'fast', 'write -z 1M 64k');
+    assert.deepEqual(await zeroes('fast'), [
+      [0, MiB, '1'],
+      [MiB, 65536, '0'],
+    ]);
+    await io(env, 'fast', 'read -P 0 0 1088k');
+    await io(env, 'fast', 'read -P 0x5a 1088k 960k');
+
+    // The server's ENOTSUP comes back as the request's error; no fallback writes the zeroes instead.
+    await io(env, 'slow', 'write -P 0x5a 0 1M');
+    assert.match(await env.d.qmp.hmpOutput('qemu-io slow "write -z -n 0 64k"'), /^write failed: Operation not supported/);
+    assert.deepEqual(await zeroes('slow'), [[0, 65536, '1']]);
+    assert.match(await log('slow'), /\.\.\.Zero id=\d+ return=-1 error=ENOTSUP/);
+    await io(env, 'slow', 'read -P 0x5a 0 1M');
+    // Without -n the same server zeroes (its slow way).
+    await io(env, 'slow', 'write -z 0 64k');
+    await io(env, 'slow', 'read -P 0 0 64k');
+    await io(env, 'slow', 'read -P 0x5a 64k 960k');
+
+    // A server without fast zero: refused by the node itself, nothing sent.
+    await io(env, 'none', 'write -P 0x5a 0 1M');
+    assert.match(await env.d.qmp.hmpOutput('qemu-io none "write -z -n 0 64k"'), /^write failed: Operation not supported/);
+    assert.deepEqual(await zeroes('none'), []);
+    await io(env, 'none', 'read -P 0x5a 0 1M');
+
+    // qemu-nbd on a raw file zeroes fast (fallocate ZERO_RANGE): the range reads as zeroes.
+    await env.d.qmp.execute('blockdev-add', nbdNode('q', server.sock));
+    await io(env, 'q', 'write -P 0x77 0 1M');
+    await io(env, 'q', 'write -z -n 64k 512k');
+    await io(env, 'q', 'read -P 0x77 0 64k');
+    await io(env, 'q', 'read -P 0 64k 512k');
+    await io(env, 'q', 'read -P 0x77 576k 448k');
+    for (const n of ['fast', 'slow', 'none', 'q']) await env.d.qmp.execute('blockdev-del', { 'node-name': n });
+  } finally {
+    await env.done();
+    for (const stop of [...stops, server.stop]) await stop();
   }
 });
 

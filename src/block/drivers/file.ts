@@ -529,6 +529,7 @@ export class FileNode extends BlockNode {
         this.canZeroRange = false;
       }
     }
+    // With noFallback the default (writing zeroes) fails with ENOTSUP.
     await super.doWriteZeroes(offset, bytes, flags);
   }
 

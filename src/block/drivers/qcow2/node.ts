@@ -764,7 +764,11 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       }
       const pEnd = Math.min(end, cEnd);
       const wholeCluster = await this.zeroClustersWhenIdle(cStart, cEnd, mode, () => this.restOfClusterReadsZeroes(cStart, cEnd, pos, pEnd));
-      if (!wholeCluster) await this.doWrite(pos, Buffer.alloc(pEnd - pos), {});
+      if (!wholeCluster) {
+        // No fallback (BDRV_REQ_NO_FALLBACK): where QEMU's driver says ENOTSUP, so does the request.
+        if (flags.noFallback) throw new BlockIOError('ENOTSUP');
+        await this.doWrite(pos, Buffer.alloc(pEnd - pos), {});
+      }
       pos = pEnd;
     }
     if (flags.fua) await this.doFlush();
