@@ -6,13 +6,22 @@
  * server's per round. The image holds BM_NBD_MIB (default 512) MiB of data in 1 MiB extents with a hole
  * after each, in TMPDIR (TMPDIR=/dev/shm keeps the disk out of it). Every server announces multi-conn
  * (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections.
+ *
+ * Then the client side: a mirror (to READY, as timedBlockJob) of BM_NBD_MIRROR_MIB (default 128) MiB of
+ * data into a bitmirror export reached over TCP through a relay that adds 20 ms each way
+ * (test/support/delay-relay.ts), by bitmirror's nbd node and by qemu-storage-daemon's, a fresh target
+ * each time, the same rounds. And memory: each server's VmRSS with 100 idle clients (handshake done,
+ * no request) against its VmRSS before they came.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
 import * as os from 'node:os';
+import * as net from 'node:net';
 import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { spawnDaemon, type SpawnedDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds, loadNow, median, pairedRatio, sh, spread, type Row } from './support.js';
+import { NbdClientConnection } from '../src/nbd/client.js';
+import { cpuSeconds, loadNow, median, pairedRatio, residentMiB, sh, spread, timedBlockJob, type Row } from './support.js';
 
 export const title = 'nbd: nbdcopy out of and into an export, bitmirror vs qemu-storage-daemon vs qemu-nbd';
 
@@ -24,14 +33,21 @@ interface Running {
   stop(): Promise<void>;
 }
 
-/** Serve `image` (qcow2) as export `name` with `server`, writable or not. */
-async function serve(server: Server, dir: string, image: string, writable: boolean): Promise<Running> {
+/** Clients of the memory measurement. */
+const IDLE_CLIENTS = 100;
+
+/**
+ * Serve `image` (qcow2) as export `disk` with `server`, writable or not, on a unix socket or (`tcpPort`)
+ * on 127.0.0.1; every server takes at least IDLE_CLIENTS + 1 clients at once.
+ */
+async function serve(server: Server, dir: string, image: string, writable: boolean, tcpPort?: number): Promise<Running> {
   const sock = path.join(dir, `${server}.nbd.sock`);
   await fsp.rm(sock, { force: true });
   const uri = `nbd+unix:///disk?socket=${sock}`;
+  const addr = tcpPort === undefined ? `addr.type=unix,addr.path=${sock}` : `addr.type=inet,addr.host=127.0.0.1,addr.port=${tcpPort}`;
   if (server === 'qemu-nbd') {
     // --persistent: nbdcopy connects more than once (a probe, then its connections).
-    const args = ['-f', 'qcow2', '-k', sock, '-x', 'disk', '--shared=8', '--persistent', ...(writable ? [] : ['-r']), image];
+    const args = ['-f', 'qcow2', '-k', sock, '-x', 'disk', `--shared=${IDLE_CLIENTS + 8}`, '--persistent', ...(writable ? [] : ['-r']), image];
     const proc: ChildProcess = spawn('qemu-nbd', args, { stdio: 'ignore' });
     for (let i = 0; i < 400 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 25));
     return {
@@ -47,7 +63,7 @@ async function serve(server: Server, dir: string, image: string, writable: boole
   const d: SpawnedDaemon = await spawnDaemon(path.join(dir, `${server}.qmp.sock`), [
     '--blockdev', `driver=file,node-name=f0,filename=${image}`,
     '--blockdev', `driver=qcow2,node-name=d0,file=f0${writable ? '' : ',read-only=on'}`,
-    '--nbd-server', `addr.type=unix,addr.path=${sock}`,
+    '--nbd-server', `${addr},max-connections=${IDLE_CLIENTS + 8}`,
     '--export', `type=nbd,id=e0,node-name=d0,name=disk,writable=${writable ? 'on' : 'off'}`,
   ], server);
   return {
@@ -65,6 +81,67 @@ async function timed(r: Running, args: string[]): Promise<{ seconds: number; cpu
   await sh('nbdcopy', args);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   return { seconds, cpu: cpuSeconds(r.pid) - cpu0 };
+}
+
+/** A free TCP port on 127.0.0.1 (bound and released). */
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+/** The 20 ms relay (a process of its own, as on another host) in front of 127.0.0.1:`target`; returns its port and a stop. */
+async function startRelay(target: number): Promise<{ port: number; stop: () => void }> {
+  const script = fileURLToPath(new URL('../test/support/delay-relay.js', import.meta.url));
+  const proc = spawn(process.execPath, [script, '127.0.0.1', '0', '127.0.0.1', String(target), '20'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = '';
+    proc.stdout!.on('data', (d: Buffer) => {
+      out += String(d);
+      const m = /listening (\d+)/.exec(out);
+      if (m) resolve(Number(m[1]));
+    });
+    proc.once('exit', () => reject(new Error('delay relay exited')));
+  });
+  return { port, stop: () => proc.kill('SIGTERM') };
+}
+
+/**
+ * One mirror through the 20 ms link: `program` mirrors `source` into a fresh qcow2 that a bitmirror
+ * daemon exports over TCP, reached through the relay by the program's nbd node.
+ */
+async function mirrorOverLink(program: 'bitmirror' | 'qemu-storage-daemon', dir: string, source: string, size: number): Promise<{ seconds: number; cpu: number }> {
+  const target = path.join(dir, 'mirror-target.qcow2');
+  await fsp.rm(target, { force: true });
+  await sh('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(size)]);
+  const port = await freePort();
+  const exp = await serve('bitmirror', dir, target, true, port);
+  const relay = await startRelay(port);
+  try {
+    const nbd = { driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: String(relay.port) }, export: 'disk' };
+    return await timedBlockJob(dir, { program, job: 'mirror', src: { file: source, format: 'qcow2' }, tgt: { file: '', format: 'raw', options: nbd } });
+  } finally {
+    relay.stop();
+    await exp.stop();
+  }
+}
+
+/** VmRSS of `server` exporting `image` before and with IDLE_CLIENTS clients connected (handshake done) and idle. */
+async function idleMemory(server: Server, dir: string, image: string): Promise<{ before: number; idle: number }> {
+  const r = await serve(server, dir, image, false);
+  const clients: NbdClientConnection[] = [];
+  try {
+    // Settle after start-up (a first client, gone), then measure.
+    await (await NbdClientConnection.open({ kind: 'unix', path: r.uri.split('socket=')[1] }, 'disk')).close();
+    const before = residentMiB(r.pid);
+    for (let i = 0; i < IDLE_CLIENTS; i++) clients.push(await NbdClientConnection.open({ kind: 'unix', path: r.uri.split('socket=')[1] }, 'disk'));
+    return { before, idle: residentMiB(r.pid) };
+  } finally {
+    for (const c of clients) await c.close();
+    await r.stop();
+  }
 }
 
 export async function run(): Promise<Row[]> {
@@ -112,6 +189,18 @@ export async function run(): Promise<Row[]> {
         }
       }
     }
+    // The client side: mirrors over the 20 ms link, alternating, in the same run.
+    const mirrorMib = Number(process.env.BM_NBD_MIRROR_MIB ?? 128);
+    const mirrorSource = path.join(dir, 'mirror-src.qcow2');
+    await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, mirrorSource]);
+    await sh('qemu-img', ['resize', '-q', '-f', 'qcow2', '--shrink', mirrorSource, String(2 * mirrorMib * (1 << 20))]);
+    const mirrorers = servers.includes('qemu-storage-daemon') ? (['bitmirror', 'qemu-storage-daemon'] as const) : (['bitmirror'] as const);
+    for (let i = 0; i < runs; i++) {
+      for (const p of i % 2 ? [...mirrorers].reverse() : mirrorers) keep(`${p} mirror`, await mirrorOverLink(p, dir, mirrorSource, 2 * mirrorMib * (1 << 20)));
+    }
+    const memory: Array<{ server: Server; before: number; idle: number }> = [];
+    for (const s of servers) memory.push({ server: s, ...(await idleMemory(s, dir, image)) });
+
     const rows: Row[] = [];
     for (const dirn of ['out', 'in'] as const) {
       const base = samples[`bitmirror ${dirn}`];
@@ -130,6 +219,25 @@ export async function run(): Promise<Row[]> {
           'bitmirror time ÷ this': s === 'bitmirror' ? '' : `${ratio.median.toFixed(2)} (${ratio.range}) ${ratio.verdict}`,
         });
       }
+    }
+    const base = samples['bitmirror mirror'];
+    for (const p of mirrorers) {
+      const t = samples[`${p} mirror`];
+      const rate = t.map((x) => mirrorMib / x.seconds);
+      const ratio = pairedRatio(base.map((x) => x.seconds), t.map((x) => x.seconds));
+      rows.push({
+        copy: 'mirror to READY into a bitmirror export over a 20 ms link (nbd node)',
+        server: p,
+        'data MiB': mirrorMib,
+        'MiB/s': Math.round(median(rate)),
+        'MiB/s range': spread(rate, 0),
+        'server CPU s': median(t.map((x) => x.cpu)),
+        'CPU range': spread(t.map((x) => x.cpu)),
+        'bitmirror time ÷ this': p === 'bitmirror' ? '' : `${ratio.median.toFixed(2)} (${ratio.range}) ${ratio.verdict}`,
+      });
+    }
+    for (const m of memory) {
+      rows.push({ copy: `VmRSS MiB with ${IDLE_CLIENTS} idle clients (before them)`, server: m.server, 'data MiB': `${m.idle.toFixed(1)} (${m.before.toFixed(1)})`, 'MiB/s': '', 'server CPU s': '' });
     }
     rows.push({ copy: `load average ${loadNow()}, ${runs} rounds` });
     return rows;

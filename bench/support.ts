@@ -57,6 +57,16 @@ export function peakMemoryMiB(pid: number | undefined): number {
   }
 }
 
+/** A process's resident memory now (VmRSS), in MiB; NaN when unknown. */
+export function residentMiB(pid: number | undefined): number {
+  try {
+    const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : NaN;
+  } catch {
+    return NaN;
+  }
+}
+
 /** One timed run: wall seconds, CPU seconds (user + system) and peak memory of the process doing it. */
 export interface Sample {
   seconds: number;
