@@ -1,8 +1,8 @@
 /**
  * A power cut in simulation (as dm-log-writes or LazyFS): the test-only `recording` filter driver
  * passes every request to its `file` child and logs each write (its bytes), write-zeroes, discard,
- * truncate and flush, with their start and end. `rebuildAfterCut` then makes the image a power cut
- * at a chosen point of the log would leave: what a flush had made durable before the cut, plus any
+ * truncate and flush, with their start and end (and, when asked, its reads: readLog). `rebuildAfterCut`
+ * then makes the image a power cut at a chosen point of the log would leave: what a flush had made durable before the cut, plus any
  * subset of the writes that had started by then but were not yet covered by a flush
  * (`pendingWrites` lists them, so a test can try every subset).
  */
@@ -18,6 +18,9 @@ export type LogEvent =
 
 /** The log every recording node of the process appends to (tests run one scenario at a time). */
 export const recordingLog: LogEvent[] = [];
+
+/** The reads (file, offset, bytes) every recording node passes on, while `enabled` (off by default: the power-cut tests read a lot). */
+export const readLog: { enabled: boolean; reads: Array<{ file: string; offset: number; bytes: number }> } = { enabled: false, reads: [] };
 let nextId = 0;
 
 class RecordingNode extends BlockNode {
@@ -68,6 +71,7 @@ class RecordingNode extends BlockNode {
     recordingLog.push({ kind: 'write', file: this.target, id, offset, data, phase: 'end', fua });
   }
   protected doRead(offset: number, bytes: number): Promise<Buffer> {
+    if (readLog.enabled) readLog.reads.push({ file: this.target, offset, bytes });
     return this.file.read(offset, bytes);
   }
   protected doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {

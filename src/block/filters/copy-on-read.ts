@@ -5,10 +5,11 @@
  * the layers above it, it included. block-stream inserts one above the node it streams into and
  * makes its copies through it (populate()).
  *
- * The copying is the copy engine's (BlockCopy): source the backing node of the filtered node's format
- * layer, target the filtered node, one chunk per cluster of that layer. The chunks a read needs
- * (unallocated in the format layer, allocated above `bottom`) are found while their chunk locks are
- * held and marked in the filter's own copy bitmap, then copied at once (copyNow). The engine's writes
+ * The chunks a read needs (unallocated in the format layer, allocated above `bottom`; one chunk per
+ * cluster of that layer) are found while their chunk locks are held and marked in the filter's own
+ * copy bitmap. A read through the filter reads its chunks once through the filtered node and writes
+ * the marked ones from that buffer (readCopying); populate() (no data wanted) copies them with the
+ * copy engine (BlockCopy: source the backing node of the format layer, target the filtered node). The engine's writes
  * are BDRV_REQ_WRITE_UNCHANGED (they change no guest-visible byte). Every other write to the format
  * layer, through the filter or not, takes the chunk locks of its range while it runs (a write
  * observer) and then clears those chunks from the bitmap — the cluster is then allocated with the
@@ -19,7 +20,7 @@ import { genericError } from '../../errors.js';
 import { str } from '../../qapi/schema.js';
 import { HBitmap } from '../../base/hbitmap.js';
 import type { BlockDriver } from '../graph.js';
-import type { BdrvChild, BlockNode, WriteObserver, WriteRequest } from '../node.js';
+import { isAllZeroes, type BdrvChild, type BlockNode, type WriteObserver, type WriteRequest } from '../node.js';
 import { BLK_PERM_CONSISTENT_READ, BLK_PERM_RESIZE, BLK_PERM_WRITE, BLK_PERM_WRITE_UNCHANGED, type Permissions } from '../permissions.js';
 import { BlockdevRef } from '../drivers/raw.js';
 import { BlockCopy, type CopyBitmap } from '../copy/block-copy.js';
@@ -95,12 +96,50 @@ export class CopyOnReadNode extends FilterNode {
   }
 
   protected override async doRead(offset: number, bytes: number): Promise<Buffer> {
-    await this.populate(offset, bytes);
-    return super.doRead(offset, bytes);
+    const buf = Buffer.allocUnsafe(bytes);
+    await this.readCopying(offset, buf);
+    return buf;
   }
-  protected override async doReadInto(offset: number, buf: Buffer): Promise<void> {
-    await this.populate(offset, buf.length);
-    return super.doReadInto(offset, buf);
+  protected override doReadInto(offset: number, buf: Buffer): Promise<void> {
+    return this.readCopying(offset, buf);
+  }
+
+  /**
+   * A read through the filter (QEMU's bdrv_co_do_copy_on_readv): the whole chunks it touches are read
+   * once through the filtered node, which reads what it lacks from below; the chunks to copy are
+   * written from that same buffer into it (BDRV_REQ_WRITE_UNCHANGED; all-zero ones as write-zeroes),
+   * and the requested part is returned. All under the chunk locks: no write of the layer runs over the
+   * range meanwhile, so the data written is what the guest sees. A failed copy fails the read (as
+   * QEMU: "simply report it in all cases"), its chunks still to copy.
+   */
+  private async readCopying(offset: number, out: Buffer): Promise<void> {
+    const below = this.layer.backing();
+    if (!below || out.length === 0) return super.doReadInto(offset, out);
+    const g = this.chunk;
+    const start = Math.floor(offset / g) * g;
+    const end = Math.min(this.layer.length(), Math.ceil((offset + out.length) / g) * g);
+    const engine = this.copyEngine(below);
+    const lock = await engine.locks.acquire(start, end - start);
+    try {
+      await this.markWanted(below, start, end);
+      if (!this.bitmap.nextDirtyArea(start, end)) return await super.doReadInto(offset, out);
+      const bounce = start === offset && end === offset + out.length ? out : Buffer.allocUnsafe(end - start);
+      await this.filtered.readInto(start, bounce);
+      for (let area = this.bitmap.nextDirtyArea(start, end); area; area = this.bitmap.nextDirtyArea(area.offset + area.bytes, end)) {
+        const piece = bounce.subarray(area.offset - start, area.offset - start + area.bytes);
+        this.bitmap.resetDirty(area.offset, area.bytes);
+        try {
+          if (isAllZeroes(piece)) await this.filtered.writeZeroes(area.offset, area.bytes, { writeUnchanged: true });
+          else await this.filtered.write(area.offset, piece, { writeUnchanged: true });
+        } catch (err) {
+          this.bitmap.setDirty(area.offset, area.bytes);
+          throw err;
+        }
+      }
+      if (bounce !== out) bounce.copy(out, 0, offset - start, offset - start + out.length);
+    } finally {
+      lock.release();
+    }
   }
 
   /**
