@@ -292,7 +292,7 @@ async function checkWithBitmirror(img: string, layout: Layout, refs: Map<string,
 async function randomCuts(dir: string, seed: number, nbCuts: number): Promise<string[]> {
   const rand = rng(seed);
   const layout = LAYOUTS[seed % LAYOUTS.length];
-  const size = 64 * MiB;
+  const size = 32 * MiB;
   const img = path.join(dir, `p${seed}.img`);
   await createImage(img, layout, size);
   const before = await snapshot(img, layout);
@@ -411,7 +411,7 @@ async function everyCut(dir: string, seed: number): Promise<{ line: string; imag
 
 /** Random cuts (BM_POWER_CUT_ROUNDS; the soak: 1000), a few from each recorded session. */
 const nbCuts = Number(process.env.BM_POWER_CUT_ROUNDS ?? (soak ? 1000 : 6));
-const CUTS_PER_SESSION = soak ? 5 : 2;
+const CUTS_PER_SESSION = soak ? 10 : 2;
 /** Every-cut scenarios (BM_POWER_CUT_SCENARIOS; CI 4, the soak each of the six twice). */
 const scenarios = Number(process.env.BM_POWER_CUT_SCENARIOS ?? (soak ? 2 * EVERY_CUT.length : 4));
 const verbose = soak || !!process.env.BM_POWER_CUT_ROUNDS;
