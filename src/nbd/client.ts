@@ -162,7 +162,16 @@ export class NbdClientConnection {
     });
     this.pending.set(cookie, p);
     const header = encodeRequest({ flags, type, cookie, offset: BigInt(offset), length: BigInt(length) }, this.session.extended);
-    this.sock.write(payload ? Buffer.concat([header, payload]) : header);
+    if (!payload) {
+      this.sock.write(header);
+    } else {
+      // Header and payload in one writev, without copying the payload (up to 32 MiB) into a new buffer.
+      // The caller's buffer stays untouched until the reply, which the server sends once it has read it.
+      this.sock.cork();
+      this.sock.write(header);
+      this.sock.write(payload);
+      this.sock.uncork();
+    }
     await done;
     if (p.error) throw p.error;
     return { data: p.buf, extents: p.extents };
