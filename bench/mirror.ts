@@ -10,7 +10,7 @@
  */
 import * as path from 'node:path';
 import { copyCases, runCopyMatrix } from './copy.js';
-import { GiB, MiB, makeDataImage, makeEmptyImage, median, openBenchFs, pairedRatio, spread, timedBlockJob, type FsKind, type Row } from './support.js';
+import { GiB, MiB, makeDataImage, makeEmptyImage, median, openBenchFs, pairedRatio, spread, timedBlockJob, type FsKind, type Row, type Sample } from './support.js';
 
 export const title = 'mirror: full qcow2 mirror vs qemu-storage-daemon, qemu-img convert and cp; incremental (1% dirty) vs full';
 
@@ -27,13 +27,13 @@ async function incremental(mib: number, rounds: number): Promise<Row[]> {
     const inc = path.join(fs.dir, 'inc.qcow2');
     const clusters = dataBytes / 65536;
     const dirty = Math.max(1, Math.round(clusters / 100));
-    const fullRuns: number[] = [];
-    const incRuns: number[] = [];
+    const fullRuns: Sample[] = [];
+    const incRuns: Sample[] = [];
     let seed = 12345;
     for (let r = 0; r < rounds; r++) {
       // The full copy first: the incremental target's backing file is this round's full copy.
       await makeEmptyImage(full, 'qcow2', size);
-      fullRuns.push((await timedBlockJob(fs.dir, { program: 'bitmirror', job: 'mirror', src: { file: src, format: 'qcow2' }, tgt: { file: full, format: 'qcow2' } })).seconds);
+      fullRuns.push(await timedBlockJob(fs.dir, { program: 'bitmirror', job: 'mirror', src: { file: src, format: 'qcow2' }, tgt: { file: full, format: 'qcow2' } }));
       await makeEmptyImage(inc, 'qcow2', size, full);
       const s = await timedBlockJob(fs.dir, {
         program: 'bitmirror',
@@ -49,17 +49,26 @@ async function incremental(mib: number, rounds: number): Promise<Row[]> {
           }
         },
       });
-      incRuns.push(s.seconds);
+      incRuns.push(s);
     }
-    const ratio = pairedRatio(incRuns, fullRuns);
+    // CPU seconds too: on a loaded machine the wall time of a run this short is mostly waiting for a core.
+    const wall = (xs: Sample[]) => xs.map((x) => x.seconds);
+    const cpu = (xs: Sample[]) => xs.map((x) => x.cpu);
+    const ratio = (f: (xs: Sample[]) => number[]) => {
+      const r = pairedRatio(f(incRuns), f(fullRuns));
+      return `${r.median.toFixed(3)} (${r.range})`;
+    };
     return [
-      { case: `full mirror, ${mib} MiB data (tmpfs)`, tool: 'bitmirror', 'wall s': median(fullRuns), 'wall range': spread(fullRuns) },
+      { case: `full mirror, ${mib} MiB data (tmpfs)`, tool: 'bitmirror', 'wall s': median(wall(fullRuns)), 'wall range': spread(wall(fullRuns)), 'CPU s': median(cpu(fullRuns)), 'CPU range': spread(cpu(fullRuns)) },
       {
         case: `incremental, ${dirty} of ${clusters} clusters dirty`,
         tool: 'bitmirror',
-        'wall s': median(incRuns),
-        'wall range': spread(incRuns),
-        'incremental÷full': `${ratio.median.toFixed(3)} (${ratio.range})`,
+        'wall s': median(wall(incRuns)),
+        'wall range': spread(wall(incRuns)),
+        'CPU s': median(cpu(incRuns)),
+        'CPU range': spread(cpu(incRuns)),
+        'incremental÷full wall': ratio(wall),
+        'incremental÷full CPU': ratio(cpu),
       },
     ];
   } finally {
