@@ -50,7 +50,7 @@ import type { BitmapManager } from '../bitmap/manager.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { commitCarry, planCarry, sourceChainLayers, type CarryDone } from '../bitmap/carry.js';
 import { BlockCopy, type CopyOperation } from '../block/copy/block-copy.js';
-import { forEachAllocated, readsAllZeroes } from '../block/copy/chain-status.js';
+import { chainStatus, forEachAllocated, readsAllZeroes } from '../block/copy/chain-status.js';
 import type { ChunkLock } from '../block/copy/chunk-locks.js';
 import { Job, type JobOptions, type OnError } from './job.js';
 import type { JobRegistry } from './registry.js';
@@ -358,7 +358,25 @@ export class MirrorJob extends Job {
       this.bitmap.setDirty(0, size);
       return;
     }
-    await forEachAllocated(this.source, base, (offset, bytes) => this.bitmap.setDirty(offset, bytes), cancelled);
+    // A target that reads as zeroes (sync=full, checked above) needs nothing where the source reads as
+    // zeroes, allocated or not (qcow2 zero clusters: what a backup writes for holes): a copy of them
+    // would write zeroes that a raw target may keep as allocated space. Upstream QEMU (10.1) skips
+    // those zero writes for the same reason.
+    const targetReadsZeroes = this.o.sync === 'full' && !this.o.commit;
+    const allocated: Array<[number, number]> = [];
+    await forEachAllocated(this.source, base, (offset, bytes) => allocated.push([offset, bytes]), cancelled);
+    for (const [offset, bytes] of allocated) {
+      if (!targetReadsZeroes) {
+        this.bitmap.setDirty(offset, bytes);
+        continue;
+      }
+      for (let pos = offset; pos < offset + bytes; ) {
+        if (cancelled()) return;
+        const st = await chainStatus(this.source, pos, offset + bytes - pos);
+        if (!st.zero) this.bitmap.setDirty(pos, st.bytes);
+        pos += st.bytes;
+      }
+    }
   }
 
   /** The one answer to a failed copy, flush or synchronous write: the error policy decides what happens to the job. */
