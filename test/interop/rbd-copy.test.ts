@@ -98,14 +98,17 @@ test('bitmirror copy with rbd: names: a qcow2 file into a new RBD image and back
     await assertIdentical(src, rbdName);
 
     // The RBD image → a new file: a qcow2 (an RBD image is raw data; the bitmap needs qcow2), the
-    // bitmap as a new daemon loaded it from the image; progress up to the whole disk.
+    // bitmap as a new daemon loaded it from the image; progress up to all there is to copy (the mirror
+    // skips what reads as zeroes into a target that reads as zeroes, so that may be less than the disk).
     const out = `${dir}/out.img`;
     const c2 = await runCli(['copy', rbdName, out, '--progress', 'json']);
     assert.equal(c2.code, 0, c2.stdout + c2.stderr);
     const lines = jsonLines(c2.stdout);
     const progress = lines.filter((l) => l.type === 'progress');
     assert.ok(progress.length >= 1 && progress.every((p, i) => i === 0 || (p.done as number) >= (progress[i - 1].done as number)), c2.stdout);
-    assert.equal(progress.at(-1)!.done, SIZE);
+    const last = progress.at(-1)!;
+    assert.equal(last.done, last.total, c2.stdout);
+    assert.ok((last.total as number) > 0 && (last.total as number) <= SIZE, c2.stdout);
     const res2 = lines.find((l) => l.type === 'result') as { bitmaps: Array<{ name: string; count: number }> } | undefined;
     assert.deepEqual(res2?.bitmaps.map((b) => [b.name, b.count]), [['b1', 128 * KiB]], c2.stdout);
     const info = JSON.parse(await mustRun('qemu-img', ['info', '--output=json', out])) as { format: string; 'format-specific': { data: { bitmaps?: Array<{ name: string; granularity: number }> } } };
