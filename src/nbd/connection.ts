@@ -81,6 +81,8 @@ export class NbdConnection {
   /** Reading stopped for room: too many requests in flight, or too many reply bytes unsent. */
   private waitingForRoom = false;
   private takingRequests = false;
+  /** The socket is corked until the end of this turn of the event loop (see sendThen). */
+  private corked = false;
 
   /**
    * `reader` takes the socket's bytes (attached to it by the caller, through onread where it can):
@@ -121,6 +123,8 @@ export class NbdConnection {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    // Replies held by the cork (see sendThen) go out first: an error reply before a dropped connection.
+    if (this.corked) this.socket.uncork();
     this.socket.destroy();
   }
 
@@ -137,16 +141,20 @@ export class NbdConnection {
       sent?.();
       return;
     }
-    // The parts of one message are written together (corked: one writev, no copy), so chunks of
-    // concurrent replies never interleave inside a message.
-    if (parts.length === 1) {
-      this.socket.write(parts[0], sent && (() => sent()));
-      return;
+    // Replies that finish in the same turn of the event loop go out together: the socket stays corked
+    // until the turn's I/O callbacks have run (setImmediate), then one writev sends them all, without
+    // copying. A write per reply cost a system call and a wake-up of the client each. The parts of one
+    // message are written one after another, so concurrent replies never interleave inside a message.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
     }
-    this.socket.cork();
     for (let i = 0; i < parts.length - 1; i++) this.socket.write(parts[i]);
     this.socket.write(parts[parts.length - 1], sent && (() => sent()));
-    this.socket.uncork();
   }
 
   // ---- handshake ----------------------------------------------------------------------------------
