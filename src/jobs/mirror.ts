@@ -361,7 +361,8 @@ export class MirrorJob extends Job {
     // A target that reads as zeroes (sync=full, checked above) needs nothing where the source reads as
     // zeroes, allocated or not (qcow2 zero clusters: what a backup writes for holes): a copy of them
     // would write zeroes that a raw target may keep as allocated space. Upstream QEMU (10.1) skips
-    // those zero writes for the same reason.
+    // those zero writes for the same reason; as there (and as 7.2, which writes them) they count as
+    // copied, so the job's progress still covers every allocated byte.
     const targetReadsZeroes = this.o.sync === 'full' && !this.o.commit;
     const allocated: Array<[number, number]> = [];
     await forEachAllocated(this.source, base, (offset, bytes) => allocated.push([offset, bytes]), cancelled);
@@ -374,6 +375,7 @@ export class MirrorJob extends Job {
         if (cancelled()) return;
         const st = await chainStatus(this.source, pos, offset + bytes - pos);
         if (!st.zero) this.bitmap.setDirty(pos, st.bytes);
+        else this.progressUpdate(st.bytes);
         pos += st.bytes;
       }
     }
