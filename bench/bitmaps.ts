@@ -62,7 +62,14 @@ async function timed(count: number, op: (i: number) => Promise<unknown>): Promis
  */
 type Side = 'off' | 'on' | 'on-no-ahead' | 'on-fdatasync';
 
-async function session(file: string, direct: boolean, side: Side, work: (n: BlockNode) => Promise<{ s: number; lat: number[] }>): Promise<{ s: number; lat: number[] }> {
+interface Result {
+  s: number;
+  lat: number[];
+  /** The write-intent record's counts (WriteIntentRecord.counts), when armed. */
+  counts?: { recordWrites: number; waitingWrites: number };
+}
+
+async function session(file: string, direct: boolean, side: Side, work: (n: BlockNode) => Promise<{ s: number; lat: number[] }>): Promise<Result> {
   const intent = side !== 'off';
   await fsp.rm(file, { force: true });
   await sh('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(SIZE)]);
@@ -73,10 +80,12 @@ async function session(file: string, direct: boolean, side: Side, work: (n: Bloc
   if (!intent) await core.bitmaps.add(n, 'b0', { persistent: true, granularity: 65536 });
   // The file driver's fallback when the kernel refuses RWF_DSYNC (a private switch, poked for the bench).
   if (side === 'on-fdatasync') (n.child('file')!.node as unknown as { canDsyncWrite: boolean }).canDsyncWrite = false;
-  if (side === 'on-no-ahead') (n as unknown as { writeIntent: { lookAhead: boolean } }).writeIntent.lookAhead = false;
+  const record = (n as unknown as { writeIntent?: { lookAhead: boolean; counts: Result['counts'] } }).writeIntent;
+  if (side === 'on-no-ahead') record!.lookAhead = false;
   const r = await work(n);
+  const counts = record?.counts && { ...record.counts };
   await core.shutdown();
-  return r;
+  return { ...r, counts };
 }
 
 export async function run(): Promise<Row[]> {
@@ -101,17 +110,17 @@ export async function run(): Promise<Row[]> {
     for (const direct of directWorks ? [true, false] : [false])
       for (const [name, ops, bytes, work] of cases) {
         // Alternating runs, the median of each side: the machine's noise hits both alike.
-        const offs: Array<{ s: number; lat: number[] }> = [];
-        const ons: Array<{ s: number; lat: number[] }> = [];
-        const noAheads: Array<{ s: number; lat: number[] }> = [];
-        const syncs: Array<{ s: number; lat: number[] }> = [];
+        const offs: Result[] = [];
+        const ons: Result[] = [];
+        const noAheads: Result[] = [];
+        const syncs: Result[] = [];
         for (let k = 0; k < REPEAT; k++) {
           offs.push(await session(file, direct, 'off', work));
           ons.push(await session(file, direct, 'on', work));
           noAheads.push(await session(file, direct, 'on-no-ahead', work));
           syncs.push(await session(file, direct, 'on-fdatasync', work));
         }
-        const median = (xs: Array<{ s: number; lat: number[] }>) => [...xs].sort((a, b) => a.s - b.s)[Math.floor(xs.length / 2)];
+        const median = (xs: Result[]) => [...xs].sort((a, b) => a.s - b.s)[Math.floor(xs.length / 2)];
         const off = median(offs);
         const on = median(ons);
         const sync = median(syncs);
@@ -130,6 +139,11 @@ export async function run(): Promise<Row[]> {
         'cost % (time)': ((on.s - off.s) / off.s) * 100,
         'no look-ahead MiB/s': bytes / MiB / noAhead.s,
         'no look-ahead cost %': ((noAhead.s - off.s) / off.s) * 100,
+        // Independent of the machine's load: how often a write waited for a record write.
+        'on record writes': on.counts?.recordWrites ?? 0,
+        'on waiting writes': on.counts?.waitingWrites ?? 0,
+        'no look-ahead record writes': noAhead.counts?.recordWrites ?? 0,
+        'no look-ahead waiting writes': noAhead.counts?.waitingWrites ?? 0,
         'fdatasync MiB/s': bytes / MiB / sync.s,
         'fdatasync cost %': ((sync.s - off.s) / off.s) * 100,
       });

@@ -80,6 +80,8 @@ export class WriteIntentRecord {
   private readonly streams = new Map<number, number>();
   /** Mark regions ahead of sequential writers (markAhead); the bench turns it off to measure it. */
   lookAhead = true;
+  /** Record writes made, and writes that had to wait for one (the bench prints them). */
+  readonly counts = { recordWrites: 0, waitingWrites: 0 };
 
   constructor(
     private readonly layout: WriteIntentLayout,
@@ -113,7 +115,9 @@ export class WriteIntentRecord {
     if (!durable) for (let i = first; i <= last; i++) this.bits[i >> 3] |= 1 << (i & 7);
     // Set before the wait below starts a persist, so that one write covers both.
     if (streamed && this.lookAhead) this.markAhead(last, streamed);
-    return durable ? undefined : this.waitDurable(first, last);
+    if (durable) return undefined;
+    this.counts.waitingWrites++;
+    return this.waitDurable(first, last);
   }
 
   /**
@@ -158,6 +162,7 @@ export class WriteIntentRecord {
       // by then: the writers that queued behind the running one share it.
       if (!this.inFlight) {
         const snapshot = Buffer.from(this.bits);
+        this.counts.recordWrites++;
         this.inFlight = this.persist()
           .then(() => {
             for (let i = 0; i < snapshot.length; i++) this.durable[i] |= snapshot[i];
