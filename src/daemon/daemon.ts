@@ -87,12 +87,16 @@ export class Daemon {
     // As qemu-storage-daemon: the NBD server, then the exports, after the nodes they need.
     if (this.opts.nbdServer) await startNbdServer(this.core, visit(NBD_SERVER_OPTIONS, this.opts.nbdServer, '', { keyval: true }) as Record<string, unknown>);
     for (const e of this.opts.exports) addBlockExport(this.core, visit(BLOCK_EXPORT_OPTIONS, e, '', { keyval: true }) as Record<string, unknown>);
+    // As qemu-storage-daemon: the pidfile is written once every socket exists and before any client is
+    // served, so a client that got the greeting finds it.
+    this.qmp.holdConnections();
     for (const m of this.opts.monitors) await this.qmp.listen(m);
     if (this.opts.pidfile) {
       // Absolute: a daemonized process changes its working directory once started, and removes it at exit.
       this.opts.pidfile = path.resolve(this.opts.pidfile);
       await fsp.writeFile(this.opts.pidfile, `${process.pid}\n`);
     }
+    this.qmp.releaseConnections();
   }
 
   stop(): Promise<void> {

@@ -44,6 +44,8 @@ interface Transport {
 export class QmpServer {
   private readonly servers: net.Server[] = [];
   private readonly sessions = new Set<QmpSession>();
+  /** Connections accepted while start-up holds them (see holdConnections): not read, not greeted yet. */
+  private held: net.Socket[] | undefined;
   readonly commands = new Map<string, CommandDef>();
 
   constructor(
@@ -77,7 +79,28 @@ export class QmpServer {
     this.servers.push(server);
   }
 
+  /**
+   * Greet no socket client until releaseConnections(). qemu-storage-daemon writes its pidfile after its
+   * sockets exist and before it accepts a connection (an order its documentation promises), so a client
+   * that has been greeted can rely on the pidfile; Node accepts as soon as a socket listens, so the
+   * daemon holds the connections instead.
+   */
+  holdConnections(): void {
+    this.held ??= [];
+  }
+
+  releaseConnections(): void {
+    const held = this.held ?? [];
+    this.held = undefined;
+    for (const sock of held) if (!sock.destroyed) this.accept(sock);
+  }
+
   private accept(sock: net.Socket): void {
+    if (this.held) {
+      sock.pause();
+      this.held.push(sock);
+      return;
+    }
     sock.setNoDelay(true);
     const session = this.openSession({ input: sock, output: sock, inputDone: () => sock.end(), close: () => sock.destroy() });
     sock.on('close', () => this.sessions.delete(session));
@@ -91,6 +114,8 @@ export class QmpServer {
 
   async close(): Promise<void> {
     for (const s of this.sessions) s.destroy();
+    for (const sock of this.held ?? []) sock.destroy();
+    this.held = undefined;
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
     for (const s of this.servers) {
       const a = s.address();
