@@ -370,6 +370,19 @@ static napi_value buffer_address(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * The (fd, buffer, offset) arguments of pwriteDsync and readCached; nonzero (with a JS exception
+ * pending) when one is missing or of the wrong type.
+ */
+static int get_fd_buffer_offset(napi_env env, napi_callback_info info, napi_value argv[3], int32_t *fd, void **data, size_t *len, int64_t *off) {
+  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], fd) || get_i64(env, argv[2], off)) return 1;
+  if (napi_get_buffer_info(env, argv[1], data, len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
+    return 1;
+  }
+  return 0;
+}
+
+/*
  * pwriteDsync(fd, buffer, offset) -> Promise<bytes | -errno>: write the whole buffer at offset with
  * RWF_DSYNC (durable on return). -EOPNOTSUPP/-EINVAL/-ENOSYS where the kernel or file system lacks it.
  */
@@ -379,11 +392,7 @@ static napi_value pwrite_dsync(napi_env env, napi_callback_info info) {
   int64_t off;
   void *data;
   size_t len;
-  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[2], &off)) return NULL;
-  if (napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok) {
-    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
-    return NULL;
-  }
+  if (get_fd_buffer_offset(env, info, argv, &fd, &data, &len, &off)) return NULL;
   async_req *req = new_req(env);
   if (!req) return NULL;
   req->op = OP_PWRITE_DSYNC;
@@ -413,11 +422,7 @@ static napi_value read_cached(napi_env env, napi_callback_info info) {
   int64_t off;
   void *data;
   size_t len;
-  if (get_args(env, info, 3, argv) || get_i32(env, argv[0], &fd) || get_i64(env, argv[2], &off)) return NULL;
-  if (napi_get_buffer_info(env, argv[1], &data, &len) != napi_ok) {
-    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
-    return NULL;
-  }
+  if (get_fd_buffer_offset(env, info, argv, &fd, &data, &len, &off)) return NULL;
   int flags = RWF_NOWAIT;
   int64_t done = 0;
   while (done < (int64_t)len) {
