@@ -259,10 +259,14 @@ export interface BlockJobRun {
  * Open src and tgt in a fresh daemon and time one job from its command to its end: a mirror runs to
  * READY and is soft-cancelled (a complete copy, no pivot), a backup runs to completion; then the target
  * node is deleted (written back). CPU seconds are the daemon's over that span; peak memory is the
- * daemon's VmHWM at the end.
+ * daemon's VmHWM at the end. BM_PROFILE_DIR=DIR: every bitmirror daemon writes a V8 CPU profile
+ * there (`node --cpu-prof`, at 100 µs intervals; start-up and the untimed steps included), to be
+ * opened in Chrome's DevTools or summed by a script.
  */
 export async function timedBlockJob(dir: string, o: BlockJobRun): Promise<Sample> {
-  const d = await spawnDaemon(path.join(dir, `${o.program}.sock`), [], o.program);
+  const profileDir = process.env.BM_PROFILE_DIR;
+  const nodeArgs = profileDir && o.program === 'bitmirror' ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, '--cpu-prof-interval=100'] : [];
+  const d = await spawnDaemon(path.join(dir, `${o.program}.sock`), [], o.program, { nodeArgs });
   try {
     const q = d.qmp;
     const node = (name: string, img: JobImage) =>

@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -164,6 +165,23 @@ typedef struct {
   int64_t result; /* >= 0 result, or -errno */
 } async_req;
 
+/*
+ * Copies into one file take turns, one whole request at a time. The kernel writes one file's pages
+ * under its inode lock anyway (tmpfs, ext4 and XFS buffered writes; XFS reflinks lock both inodes), and
+ * it takes that lock again for every 64 KiB a copy_file_range without a reflink moves: copies in
+ * parallel into one file only fight over it, and its optimistic spinning burns a waiting CPU for as
+ * long as the holder copies. A 1 GiB qcow2 mirror on tmpfs (16 copies in flight on 16 pool threads)
+ * spent 12% of its CPU in rwsem_spin_on_owner and 4% more in the lock's slow path (perf). Here a
+ * waiting thread sleeps on a mutex instead, and the requests queued behind the mutex keep the
+ * file busy back to back (a queue in JavaScript would leave it idle between two copies). Keyed by
+ * the descriptor, striped: two files whose descriptors share a stripe only take turns needlessly.
+ * Measured (1 GiB qcow2 -> qcow2 mirror on tmpfs, 5 alternating rounds, load ~3.5 on 2 cores): 1.31
+ * (1.24-1.33) CPU s/GiB against 1.55 (1.46-1.57) without the turns, paired ratio 0.85 (0.80-0.90),
+ * wall time the same (0.89 s and 0.88 s); `cp`, one copy at a time, 0.68.
+ */
+#define COPY_STRIPES 64
+static pthread_mutex_t copy_turns[COPY_STRIPES] = {[0 ... COPY_STRIPES - 1] = PTHREAD_MUTEX_INITIALIZER};
+
 static void execute(napi_env env, void *data) {
   (void)env;
   async_req *req = data;
@@ -186,6 +204,8 @@ static void execute(napi_env env, void *data) {
        bytes were copied returns the count, so the caller can tell how far the copy got. */
     loff_t in = (loff_t)req->offset, out = (loff_t)req->offset_out;
     int64_t done = 0;
+    pthread_mutex_t *turn = &copy_turns[(unsigned)req->fd_out % COPY_STRIPES];
+    pthread_mutex_lock(turn);
     while (done < req->len) {
       ssize_t r = copy_file_range(req->fd, &in, req->fd_out, &out, (size_t)(req->len - done), 0);
       if (r == -1 && errno == EINTR) continue;
@@ -196,6 +216,7 @@ static void execute(napi_env env, void *data) {
       if (r == 0) break; /* end of the source file */
       done += r;
     }
+    pthread_mutex_unlock(turn);
     req->result = done;
     break;
   }

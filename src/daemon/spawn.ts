@@ -45,6 +45,8 @@ export interface SpawnOptions {
   embedded?: boolean;
   /** Run the daemon in this network namespace (`ip netns exec`; needs root), for tests across hosts. */
   netns?: string;
+  /** Options for node itself, before bin/bitmirror (e.g. `--cpu-prof` for a benchmark's profile). */
+  nodeArgs?: string[];
 }
 
 /** Set in an embedded daemon's environment: it stops when its standard input ends (see SpawnOptions.embedded). */
@@ -57,7 +59,7 @@ export async function spawnDaemon(
   opts: SpawnOptions = {},
 ): Promise<SpawnedDaemon> {
   const args = ['--chardev', `socket,path=${socket},server=on,wait=off,id=mon0`, '--monitor', 'chardev=mon0', ...extraArgs];
-  let command = program === 'bitmirror' ? [process.execPath, BITMIRROR_BIN, 'daemon', ...args] : ['qemu-storage-daemon', ...args];
+  let command = program === 'bitmirror' ? [process.execPath, ...(opts.nodeArgs ?? []), BITMIRROR_BIN, 'daemon', ...args] : ['qemu-storage-daemon', ...args];
   if (opts.maxFileSize !== undefined) {
     // An ignored signal stays ignored across exec, so the limit makes writes fail instead of killing.
     command = ['bash', '-c', 'trap "" XFSZ; exec prlimit --fsize="$0" -- "$@"', String(opts.maxFileSize), ...command];
