@@ -8,10 +8,14 @@
  * (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections.
  *
  * Then the client side: a mirror (to READY, as timedBlockJob) of BM_NBD_MIRROR_MIB (default 128) MiB of
- * data into a bitmirror export reached over TCP through a relay that adds 20 ms each way
- * (test/support/delay-relay.ts), by bitmirror's nbd node and by qemu-storage-daemon's, a fresh target
+ * data into a bitmirror export reached over TCP through a relay that adds 20 ms each way and lets each
+ * connection have one TCP window (the kernel's socket buffer limit) unacknowledged, as a real link does
+ * (test/support/delay-relay.ts), by bitmirror's nbd node (its default connections, and one connection
+ * as QEMU's client has: what multi-conn itself brings) and by qemu-storage-daemon's, a fresh target
  * each time, the same rounds. And memory: each server's VmRSS with 100 idle clients (handshake done,
  * no request) against its VmRSS before they came.
+ *
+ * BM_NBD_PARTS (comma-separated: nbdcopy, mirror, memory; default all) runs some parts only.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
@@ -108,11 +112,14 @@ async function startRelay(target: number): Promise<{ port: number; stop: () => v
   return { port, stop: () => proc.kill('SIGTERM') };
 }
 
+/** Who mirrors over the link: bitmirror's nbd node (its default connections, or one as QEMU's client), or qemu-storage-daemon's. */
+type Mirrorer = 'bitmirror' | 'bitmirror, 1 connection' | 'qemu-storage-daemon';
+
 /**
- * One mirror through the 20 ms link: `program` mirrors `source` into a fresh qcow2 that a bitmirror
+ * One mirror through the 20 ms link: `who` mirrors `source` into a fresh qcow2 that a bitmirror
  * daemon exports over TCP, reached through the relay by the program's nbd node.
  */
-async function mirrorOverLink(program: 'bitmirror' | 'qemu-storage-daemon', dir: string, source: string, size: number): Promise<{ seconds: number; cpu: number }> {
+async function mirrorOverLink(who: Mirrorer, dir: string, source: string, size: number): Promise<{ seconds: number; cpu: number }> {
   const target = path.join(dir, 'mirror-target.qcow2');
   await fsp.rm(target, { force: true });
   await sh('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(size)]);
@@ -120,7 +127,13 @@ async function mirrorOverLink(program: 'bitmirror' | 'qemu-storage-daemon', dir:
   const exp = await serve('bitmirror', dir, target, true, port);
   const relay = await startRelay(port);
   try {
-    const nbd = { driver: 'nbd', server: { type: 'inet', host: '127.0.0.1', port: String(relay.port) }, export: 'disk' };
+    const nbd = {
+      driver: 'nbd',
+      server: { type: 'inet', host: '127.0.0.1', port: String(relay.port) },
+      export: 'disk',
+      ...(who === 'bitmirror, 1 connection' ? { '__org.bitmirror_connections': 1 } : {}),
+    };
+    const program = who === 'qemu-storage-daemon' ? who : 'bitmirror';
     return await timedBlockJob(dir, { program, job: 'mirror', src: { file: source, format: 'qcow2' }, tgt: { file: '', format: 'raw', options: nbd } });
   } finally {
     relay.stop();
@@ -145,7 +158,10 @@ async function idleMemory(server: Server, dir: string, image: string): Promise<{
 }
 
 export async function run(): Promise<Row[]> {
-  const mib = Number(process.env.BM_NBD_MIB ?? 512);
+  const parts = new Set((process.env.BM_NBD_PARTS ?? 'nbdcopy,mirror,memory').split(',').map((p) => p.trim()));
+  const mirrorMib = Number(process.env.BM_NBD_MIRROR_MIB ?? 128);
+  // The mirror's source is cut from the same data: without nbdcopy only that much is needed.
+  const mib = Number(process.env.BM_NBD_MIB ?? (parts.has('nbdcopy') ? Math.max(512, mirrorMib) : mirrorMib));
   const runs = Math.max(1, Number(process.env.BM_NBD_RUNS ?? 5));
   const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-bench-nbd-'));
   try {
@@ -170,7 +186,7 @@ export async function run(): Promise<Row[]> {
 
     const samples: Record<string, Array<{ seconds: number; cpu: number }>> = {};
     const keep = (key: string, t: { seconds: number; cpu: number }) => (samples[key] ??= []).push(t);
-    for (let i = 0; i < runs; i++) {
+    for (let i = 0; i < (parts.has('nbdcopy') ? runs : 0); i++) {
       for (const s of i % 2 ? [...servers].reverse() : servers) {
         const r = await serve(s, dir, image, false);
         try {
@@ -190,19 +206,18 @@ export async function run(): Promise<Row[]> {
       }
     }
     // The client side: mirrors over the 20 ms link, alternating, in the same run.
-    const mirrorMib = Number(process.env.BM_NBD_MIRROR_MIB ?? 128);
     const mirrorSource = path.join(dir, 'mirror-src.qcow2');
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, mirrorSource]);
     await sh('qemu-img', ['resize', '-q', '-f', 'qcow2', '--shrink', mirrorSource, String(2 * mirrorMib * (1 << 20))]);
-    const mirrorers = servers.includes('qemu-storage-daemon') ? (['bitmirror', 'qemu-storage-daemon'] as const) : (['bitmirror'] as const);
-    for (let i = 0; i < runs; i++) {
+    const mirrorers: Mirrorer[] = ['bitmirror', 'bitmirror, 1 connection', ...(servers.includes('qemu-storage-daemon') ? (['qemu-storage-daemon'] as const) : [])];
+    for (let i = 0; i < (parts.has('mirror') ? runs : 0); i++) {
       for (const p of i % 2 ? [...mirrorers].reverse() : mirrorers) keep(`${p} mirror`, await mirrorOverLink(p, dir, mirrorSource, 2 * mirrorMib * (1 << 20)));
     }
     const memory: Array<{ server: Server; before: number; idle: number }> = [];
-    for (const s of servers) memory.push({ server: s, ...(await idleMemory(s, dir, image)) });
+    for (const s of parts.has('memory') ? servers : []) memory.push({ server: s, ...(await idleMemory(s, dir, image)) });
 
     const rows: Row[] = [];
-    for (const dirn of ['out', 'in'] as const) {
+    for (const dirn of parts.has('nbdcopy') ? (['out', 'in'] as const) : []) {
       const base = samples[`bitmirror ${dirn}`];
       for (const s of servers) {
         const t = samples[`${s} ${dirn}`];
@@ -221,7 +236,7 @@ export async function run(): Promise<Row[]> {
       }
     }
     const base = samples['bitmirror mirror'];
-    for (const p of mirrorers) {
+    for (const p of parts.has('mirror') ? mirrorers : []) {
       const t = samples[`${p} mirror`];
       const rate = t.map((x) => mirrorMib / x.seconds);
       const ratio = pairedRatio(base.map((x) => x.seconds), t.map((x) => x.seconds));
