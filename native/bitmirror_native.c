@@ -8,6 +8,7 @@
  *   pwritev2 RWF_DSYNC     (one write durable, nothing else)   asynchronous
  *   preadv2 RWF_NOWAIT     (what the page cache holds)         synchronous: never waits for a device
  *   dup                    (a socket's second descriptor)      synchronous
+ *   send + sendfile        (a reply, its data by reference)    synchronous: non-blocking socket, memory file
  *   aligned buffers        (posix_memalign -> external Buffer) synchronous
  *
  * Every call returns its result or a negative errno; the TypeScript wrapper (src/block/native.ts) turns
@@ -22,6 +23,8 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/uio.h>
+#include <sys/socket.h>
+#include <sys/sendfile.h>
 #include <sys/vfs.h>
 #include <linux/magic.h>
 #include <linux/falloc.h>
@@ -477,6 +480,48 @@ static napi_value dup_fd(napi_env env, napi_callback_info info) {
   return make_number(env, r == -1 ? -errno : r);
 }
 
+/*
+ * sendFile(sockFd, head, fileFd, offset, bytes) -> bytes sent | -errno, synchronous: `head` (may be
+ * empty), then [offset, +bytes) of the file, into a non-blocking socket, as far as the socket takes
+ * them now. The file's pages go to the socket by reference (sendfile splices them): nothing is copied
+ * here, and the client's read copies them once. Returns the count of head and file bytes sent (short
+ * when the socket is full: the caller sends the rest its usual way), or -errno when nothing was sent.
+ * Only for files whose bytes cannot change while the socket holds their pages and whose reads never
+ * wait for a device (see the caller: HostRange.stable).
+ */
+static napi_value send_file(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int32_t sock, file;
+  int64_t off, bytes;
+  void *head;
+  size_t head_len;
+  if (get_args(env, info, 5, argv) || get_i32(env, argv[0], &sock) || get_i32(env, argv[2], &file) || get_i64(env, argv[3], &off) ||
+      get_i64(env, argv[4], &bytes))
+    return NULL;
+  if (napi_get_buffer_info(env, argv[1], &head, &head_len) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_native: expected a Buffer");
+    return NULL;
+  }
+  int64_t sent = 0;
+  while ((size_t)sent < head_len) {
+    ssize_t r = send(sock, (char *)head + sent, head_len - (size_t)sent, MSG_DONTWAIT | MSG_NOSIGNAL | MSG_MORE);
+    if (r == -1 && errno == EINTR) continue;
+    if (r == -1) return make_number(env, sent ? (double)sent : (errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -errno));
+    sent += r;
+  }
+  off_t pos = (off_t)off;
+  int64_t done = 0;
+  while (done < bytes) {
+    ssize_t r = sendfile(sock, file, &pos, (size_t)(bytes - done));
+    if (r == -1 && errno == EINTR) continue;
+    if (r == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    if (r == -1) return make_number(env, sent + done ? (double)(sent + done) : -errno);
+    if (r == 0) break; /* the file ended early: the caller sends the rest */
+    done += r;
+  }
+  return make_number(env, (double)(sent + done));
+}
+
 /* ---- module ---------------------------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -489,6 +534,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"pwriteDsync", NULL, pwrite_dsync, NULL, NULL, NULL, napi_enumerable, NULL},
       {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_enumerable, NULL},
       {"dupFd", NULL, dup_fd, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"sendFile", NULL, send_file, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"copyFileRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -31,6 +31,12 @@ interface NativeAddon {
   readCached?(fd: number, buf: Buffer, offset: number): number;
   /** dup(fd) (close-on-exec): a second descriptor of the same open file, or -errno; missing in addons built before it. */
   dupFd?(fd: number): number;
+  /**
+   * Synchronous: `head`, then [offset, +bytes) of `fileFd` by reference (sendfile), into the
+   * non-blocking socket `sockFd`, as far as it takes them now: the bytes sent (short when the socket is
+   * full), or -errno when none were; missing in addons built before it.
+   */
+  sendFile?(sockFd: number, head: Buffer, fileFd: number, offset: number, bytes: number): number;
   alignedBuffer(size: number, align: number): Buffer;
   bufferAddress(buf: Buffer): number;
   readonly SEEK_DATA: number;

@@ -70,6 +70,12 @@ export interface HostRange {
   readonly fd: number;
   readonly offset: number;
   readonly bytes: number;
+  /**
+   * The bytes cannot change while the node has parents as now (no parent of the file may write it, and
+   * no other process) and reading them never waits for a device (the file is in memory): they may be
+   * handed to the kernel by reference, as sendfile does (see BlockNode.sendStable).
+   */
+  readonly stable?: boolean;
 }
 
 /** A write-class request as observers see it. `data` is set for kind 'write', `source` for kind 'copy'. */
@@ -600,6 +606,36 @@ export abstract class BlockNode {
       const align = this.requestAlignment;
       if (align <= 1 || (offset % align === 0 && bytes % align === 0)) await this.doReadInto(offset, buf);
       else (await this.alignedRead(offset, bytes)).copy(buf, 0, 0, bytes);
+    } finally {
+      this.tracker.end(req);
+    }
+  }
+
+  /**
+   * Zero-copy reads (the NBD server's sendfile): when all of [offset, +bytes) lies in host ranges
+   * whose bytes are stable (HostRange.stable), call `use` with them, in order, synchronously, while
+   * this read request is tracked (the files stay open), and return true. False, with nothing done,
+   * when some part does not (the caller reads it instead). A writer that appears once `use` has
+   * returned overlaps a read whose reply the client has not yet taken, so either data is right for it.
+   */
+  async sendStable(offset: number, bytes: number, use: (ranges: HostRange[]) => void): Promise<boolean> {
+    if (this.held) return this.afterHold((n) => n.sendStable(offset, bytes, use));
+    this.checkRequest(offset, bytes);
+    if (bytes === 0 || !this.doMapHost) return false;
+    const req = this.tracker.begin('read', offset, bytes);
+    try {
+      await this.tracker.waitForSerialising(req);
+      const ranges: HostRange[] = [];
+      for (let pos = offset; pos < offset + bytes; ) {
+        const r = await this.doMapHost(pos, offset + bytes - pos);
+        if (!r?.stable || r.bytes <= 0) return false;
+        const last = ranges[ranges.length - 1];
+        if (last && last.fd === r.fd && last.offset + last.bytes === r.offset) ranges[ranges.length - 1] = { ...last, bytes: last.bytes + r.bytes };
+        else ranges.push(r);
+        pos += r.bytes;
+      }
+      use(ranges);
+      return true;
     } finally {
       this.tracker.end(req);
     }

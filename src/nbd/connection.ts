@@ -15,9 +15,10 @@ import { BlockIOError, errorCode, errorMessage } from '../errors.js';
 import { tracer } from '../trace/trace.js';
 import * as P from './protocol.js';
 import { NBD_MAX_BUFFER_SIZE, type MetaContext, type NbdExport } from './export.js';
-import { SocketClosedError, type SocketReader } from './socket-reader.js';
+import { SocketClosedError, socketDescriptor, type SocketReader } from './socket-reader.js';
 import { chainStatus } from '../block/copy/chain-status.js';
 import { SizedBufferPool } from '../block/copy/buffer-pool.js';
+import { ReplyWriter } from './reply-writer.js';
 
 /** What the connection needs from its server. */
 export interface ConnectionHost {
@@ -54,6 +55,7 @@ const traceOption = tracer.point('nbd_negotiate_option');
 const traceRequestError = tracer.point('nbd_co_send_error');
 const traceEnd = tracer.point('nbd_client_end');
 
+
 /** A client's misbehaviour after which the stream cannot be trusted: the connection is dropped. */
 class DropConnection extends Error {}
 
@@ -81,8 +83,8 @@ export class NbdConnection {
   /** Reading stopped for room: too many requests in flight, or too many reply bytes unsent. */
   private waitingForRoom = false;
   private takingRequests = false;
-  /** The socket is corked until the end of this turn of the event loop (see sendThen). */
-  private corked = false;
+  /** The write side: replies in order, batched per turn of the event loop, file data by reference. */
+  private readonly writer: ReplyWriter;
 
   /**
    * `reader` takes the socket's bytes (attached to it by the caller, through onread where it can):
@@ -94,6 +96,15 @@ export class NbdConnection {
     private readonly host: ConnectionHost,
   ) {
     socket.setNoDelay?.(true);
+    this.writer = new ReplyWriter(
+      socket,
+      socketDescriptor(socket),
+      () => this.roomFreed(),
+      (err) => {
+        traceEnd({ reason: errorMessage(err) });
+        this.close();
+      },
+    );
     // Errors surface through the reader (reads fail) and writes (ignored once closed).
     socket.on('error', () => undefined);
     socket.on('close', () => this.close());
@@ -109,6 +120,7 @@ export class NbdConnection {
     } finally {
       // Replies of requests already being served still go out (DISC finishes them too).
       await Promise.allSettled([...this.inFlight]);
+      await this.writer.idle();
       this.close();
       // Only now, with no request of this client left on the node, may its export go.
       this.exp?.clients.delete(this);
@@ -123,8 +135,7 @@ export class NbdConnection {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    // Replies held by the cork (see sendThen) go out first: an error reply before a dropped connection.
-    if (this.corked) this.socket.uncork();
+    this.writer.close();
     this.socket.destroy();
   }
 
@@ -137,24 +148,11 @@ export class NbdConnection {
    * socket gone): when a pooled buffer may be reused.
    */
   private sendThen(sent: (() => void) | undefined, ...parts: Buffer[]): void {
-    if (this.closed || this.socket.destroyed) {
+    if (this.closed) {
       sent?.();
       return;
     }
-    // Replies that finish in the same turn of the event loop go out together: the socket stays corked
-    // until the turn's I/O callbacks have run (setImmediate), then one writev sends them all, without
-    // copying. A write per reply cost a system call and a wake-up of the client each. The parts of one
-    // message are written one after another, so concurrent replies never interleave inside a message.
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      setImmediate(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
-    }
-    for (let i = 0; i < parts.length - 1; i++) this.socket.write(parts[i]);
-    this.socket.write(parts[parts.length - 1], sent && (() => sent()));
+    this.writer.send(parts, sent);
   }
 
   // ---- handshake ----------------------------------------------------------------------------------
@@ -329,7 +327,7 @@ export class NbdConnection {
       const headerSize = P.requestSize(this.extended);
       while (this.endTransmission && !this.reader.filling) {
         // Back-pressure: a free slot, and the client taking the replies already sent.
-        if (this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT || this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) {
+        if (this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT || this.writer.unsentBytes > MAX_UNSENT_REPLY_BYTES) {
           this.waitingForRoom = true;
           this.reader.pause();
           return;
@@ -383,7 +381,7 @@ export class NbdConnection {
 
   /** A request ended or the socket drained: go on taking requests if reading stopped for room. */
   private roomFreed(): void {
-    if (!this.waitingForRoom || this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT || this.socket.writableLength > MAX_UNSENT_REPLY_BYTES) return;
+    if (!this.waitingForRoom || this.inFlight.size >= MAX_REQUESTS_IN_FLIGHT || this.writer.unsentBytes > MAX_UNSENT_REPLY_BYTES) return;
     this.waitingForRoom = false;
     this.reader.resume();
     this.takeRequests();
@@ -503,8 +501,15 @@ export class NbdConnection {
     }
   }
 
-  /** One OFFSET_DATA chunk: the data read into a pooled buffer, given back once the socket has sent it. */
+  /**
+   * One OFFSET_DATA chunk: the data by reference where its bytes are stable host file pages
+   * (BlockNode.sendStable, ReplyWriter.sendFile), else read into a pooled buffer, given back once the
+   * socket has sent it.
+   */
   private async readChunk(req: P.NbdRequest, node: BlockNode, offset: number, bytes: number, done: boolean): Promise<void> {
+    if (bytes >= POOLED_MIN_BYTES && this.writer.sendsFiles) {
+      if (await node.sendStable(offset, bytes, (ranges) => this.writer.sendFile(this.dataChunkHeader(req, offset, bytes, done), ranges))) return;
+    }
     if (bytes < POOLED_MIN_BYTES) return this.chunk(req, P.NBD_REPLY_TYPE.OFFSET_DATA, done, P.encodeOffsetDataPrefix(offset), await node.read(offset, bytes));
     const buf = dataBuffers.take(bytes);
     const data = buf.subarray(0, bytes);
@@ -514,8 +519,12 @@ export class NbdConnection {
       dataBuffers.give(buf);
       throw err;
     }
-    const header = P.encodeChunkHeader(this.extended, done ? P.NBD_REPLY_FLAG_DONE : 0, P.NBD_REPLY_TYPE.OFFSET_DATA, req.cookie, req.offset, 8 + bytes);
-    this.sendThen(() => dataBuffers.give(buf), header, P.encodeOffsetDataPrefix(offset), data);
+    this.sendThen(() => dataBuffers.give(buf), this.dataChunkHeader(req, offset, bytes, done), data);
+  }
+
+  /** The chunk header and offset of an OFFSET_DATA chunk of `bytes` at `offset`, in one buffer. */
+  private dataChunkHeader(req: P.NbdRequest, offset: number, bytes: number, done: boolean): Buffer {
+    return Buffer.concat([P.encodeChunkHeader(this.extended, done ? P.NBD_REPLY_FLAG_DONE : 0, P.NBD_REPLY_TYPE.OFFSET_DATA, req.cookie, req.offset, 8 + bytes), P.encodeOffsetDataPrefix(offset)]);
   }
 
   /** BLOCK_STATUS: one chunk per selected context, in id order, the last with DONE. */

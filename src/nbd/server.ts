@@ -13,7 +13,7 @@ import type { BitmapManager } from '../bitmap/manager.js';
 import type { BlockNode } from '../block/node.js';
 import { NbdExport, type NbdExportOptions } from './export.js';
 import { NbdConnection, type ConnectionHost } from './connection.js';
-import { SocketReader } from './socket-reader.js';
+import { SocketReader, socketDescriptor } from './socket-reader.js';
 import { nativeAddon } from '../block/native.js';
 
 function ignore(): void {}
@@ -53,9 +53,8 @@ const MIN_WAITING = 16;
  */
 function adoptSocket(accepted: net.Socket): { socket: net.Socket; reader: SocketReader } {
   const reader = new SocketReader();
-  // The descriptor of an accepted socket (libuv's handle): Node has no public accessor for it.
-  const fd = (accepted as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  const dup = typeof fd === 'number' && fd >= 0 ? nativeAddon()?.dupFd?.(fd) : undefined;
+  const fd = socketDescriptor(accepted);
+  const dup = fd !== undefined ? nativeAddon()?.dupFd?.(fd) : undefined;
   if (dup === undefined || dup < 0) {
     reader.attach(accepted, false);
     return { socket: accepted, reader };

@@ -19,6 +19,12 @@
  */
 import type { Socket } from 'node:net';
 
+/** A socket's descriptor (libuv's handle has it; Node has no public accessor), when it has one. */
+export function socketDescriptor(socket: Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
 export class SocketClosedError extends Error {
   constructor() {
     super('connection closed');

@@ -138,7 +138,13 @@ export interface FileNodeOptions {
   forceShare: boolean;
   /** Whether permissions are expressed as lock bytes (locking=on, or auto with OFD support). */
   locking: boolean;
+  /** The file lies in memory (tmpfs, ramfs): reading it never waits for a device. */
+  inMemory?: boolean;
 }
+
+/** statfs f_type of the memory file systems (linux/magic.h). */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
 
 const MEM_ALIGN = 4096;
 
@@ -393,7 +399,17 @@ export class FileNode extends BlockNode {
   protected override async doMapHost(offset: number, bytes: number): Promise<HostRange | undefined> {
     // The rounded tail past the end of the file has no host bytes to copy: read (zeroes) instead.
     if (!this.hostCopies() || offset >= this.size) return undefined;
-    return { fd: this.fh.fd, offset, bytes: Math.min(bytes, this.size - offset) };
+    return { fd: this.fh.fd, offset, bytes: Math.min(bytes, this.size - offset), stable: this.bytesStable() };
+  }
+
+  /**
+   * HostRange.stable: the file is in memory, and no parent of the node writes it or lets anyone else
+   * write it (so no other process may either: the lock bytes refuse write sharing). A read-only qcow2
+   * over the file is such a parent (a format never shares write on its file); an export of a raw file
+   * shares write, as QEMU's, so its bytes are not stable.
+   */
+  private bytesStable(): boolean {
+    return this.fileOptions.inMemory === true && this.fileOptions.locking && !this.isClosed() && (this.perm & BLK_PERM_WRITE) === 0 && (this.shared & BLK_PERM_WRITE) === 0;
   }
 
   protected override canWriteHost(): boolean {
@@ -820,12 +836,23 @@ async function openHostFile(kind: 'file' | 'host_device', nodeName: string, opts
       regular: st.isFile(),
       forceShare,
       locking: lockingOn,
+      inMemory: st.isFile() && (await inMemoryFileSystem(filename)),
     });
     if (direct) node.requestAlignment = await probeDirectAlignment(fh);
     return node;
   } catch (err) {
     await fh.close().catch(() => undefined);
     throw err;
+  }
+}
+
+/** Whether `filename` lies on tmpfs or ramfs (false when that cannot be told). */
+async function inMemoryFileSystem(filename: string): Promise<boolean> {
+  try {
+    const { type } = await fsp.statfs(filename);
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+  } catch {
+    return false;
   }
 }
 
