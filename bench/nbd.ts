@@ -7,12 +7,13 @@
  * after each, in TMPDIR (TMPDIR=/dev/shm keeps the disk out of it). Every server announces multi-conn
  * (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections.
  *
- * Then the client side: a mirror (to READY, as timedBlockJob) of BM_NBD_MIRROR_MIB (default 128) MiB of
- * data into a bitmirror export reached over TCP through a relay that adds 20 ms each way and lets each
- * connection have one TCP window (the kernel's socket buffer limit) unacknowledged, as a real link does
+ * Then the client side: a mirror (to READY, as timedBlockJob) of BM_NBD_MIRROR_MIB (default 256: the
+ * round trips every job makes at its start and end weigh less) MiB of data in 1 MiB extents into a
+ * bitmirror export reached over TCP through a relay that adds 20 ms each way and lets each connection
+ * have one TCP window (the kernel's socket buffer limit) unacknowledged, as a real link does
  * (test/support/delay-relay.ts), by bitmirror's nbd node (its default connections, and one connection
- * as QEMU's client has: what multi-conn itself brings) and by qemu-storage-daemon's, a fresh target
- * each time, the same rounds. And memory: each server's VmRSS with 100 idle clients (handshake done,
+ * as QEMU's client has, which also gives the mirror QEMU's depth: what multi-conn and the depth per
+ * connection bring) and by qemu-storage-daemon's, a fresh target each time, the same rounds. And memory: each server's VmRSS with 100 idle clients (handshake done,
  * no request) against its VmRSS before they came.
  *
  * BM_NBD_PARTS (comma-separated: nbdcopy, mirror, memory; default all) runs some parts only.
@@ -159,7 +160,7 @@ async function idleMemory(server: Server, dir: string, image: string): Promise<{
 
 export async function run(): Promise<Row[]> {
   const parts = new Set((process.env.BM_NBD_PARTS ?? 'nbdcopy,mirror,memory').split(',').map((p) => p.trim()));
-  const mirrorMib = Number(process.env.BM_NBD_MIRROR_MIB ?? 128);
+  const mirrorMib = Number(process.env.BM_NBD_MIRROR_MIB ?? 256);
   // The mirror's source is cut from the same data: without nbdcopy only that much is needed.
   const mib = Number(process.env.BM_NBD_MIB ?? (parts.has('nbdcopy') ? Math.max(512, mirrorMib) : mirrorMib));
   const runs = Math.max(1, Number(process.env.BM_NBD_RUNS ?? 5));

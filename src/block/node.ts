@@ -222,6 +222,12 @@ export interface NodeCapabilities {
   blockStatus: boolean;
   /** The node can be resized (block_resize). */
   resize: boolean;
+  /**
+   * Independent transports the node spreads requests over (an NBD node's connections under
+   * multi-conn); undefined means one. Over a long link each carries at most one TCP window per round
+   * trip, so a copy into the node keeps this many times its usual bytes in flight by default.
+   */
+  streams?: number;
 }
 
 export abstract class BlockNode {

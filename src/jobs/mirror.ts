@@ -186,15 +186,20 @@ export class MirrorJob extends Job {
         o.bitmaps.setBusy(o.syncBitmap.bitmap, true);
       }
     }
+    // QEMU's bound for each stream the target spreads requests over (an NBD node's connections; the
+    // default buf-size grows the same way, commands/mirror.ts): data in small extents still keeps
+    // every connection's TCP window full over a long link.
+    const maxInFlight = MAX_IN_FLIGHT * (o.target.capabilities().streams ?? 1);
     this.copy = new BlockCopy({
       source: o.source,
       target: o.target,
       bitmap: this.bitmap,
       chunkSize: o.granularity,
       bufSize: o.bufSize,
-      maxInFlight: MAX_IN_FLIGHT,
-      // One copy moves at most max_io_bytes, so that up to MAX_IN_FLIGHT of them run side by side.
-      maxIoBytes: Math.max(o.bufSize / 16, MAX_IO_BYTES),
+      maxInFlight,
+      // One copy moves at most max_io_bytes, so that up to maxInFlight of them run side by side (each
+      // takes a pooled buffer of this size).
+      maxIoBytes: Math.max(o.bufSize / maxInFlight, MAX_IO_BYTES),
       unmap: o.unmap,
       fillPartialClusters: o.fillPartialClusters,
       offload: o.copyOffload,

@@ -20,7 +20,17 @@ import { SOCKET_ADDRESS } from '../qapi/socket-address.js';
 import { NbdClientConnection, NbdHandshakeError, type NbdClientAddress, type NbdSession } from './client.js';
 import { CONTEXT_BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from './protocol.js';
 
-/** Connections opened to a server that offers multi-conn, unless `__org.bitmirror_connections` says otherwise. */
+/**
+ * Connections opened to a server that offers multi-conn, unless `__org.bitmirror_connections` says
+ * otherwise. Over a long link one TCP connection moves at most its window per round trip (4 MiB here,
+ * the kernel's tcp_wmem maximum: about 100 MiB/s at 40 ms), so QEMU's client, with one, cannot go
+ * faster; a mirror into the node keeps QEMU's depth per connection (jobs/mirror.ts). `npm run bench
+ * -- nbd`, BM_NBD_PARTS=mirror, BM_NBD_MIRROR_MIB=256, 5 rounds, 20 ms each way, load 2.6 on 2 cores:
+ * bitmirror 239 MiB/s (206-249), with 1 connection 88 (80-89), qemu-storage-daemon 73 (71-91);
+ * bitmirror's time ÷ qemu-storage-daemon's 0.34 (0.29-0.39), ÷ its own with 1 connection 0.37
+ * (0.35-0.43). 8 connections were no faster than 4 (0.94-1.11 of their rate, 4 pairs): the machine's
+ * CPU (relay, server and client share it) is the limit there, and each connection costs QEMU's buffer.
+ */
 export const NBD_DEFAULT_CONNECTIONS = 4;
 /** Largest write-zeroes/trim/block-status length in one request (a 32-bit length, aligned down). */
 const MAX_NO_PAYLOAD_REQUEST = 0x80000000;
@@ -245,6 +255,7 @@ export class NbdNode extends BlockNode {
       fua: (f & NBD_FLAG.SEND_FUA) !== 0,
       blockStatus: this.session.contextId !== undefined,
       resize: false,
+      streams: Math.max(1, this.connectionCount),
     };
   }
 

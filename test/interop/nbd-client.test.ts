@@ -172,6 +172,53 @@ test('nbdkit memory: a full mirror into it over several connections (multi-conn 
   }
 });
 
+test("mirror depth: one connection (__org.bitmirror_connections 1) keeps QEMU's 16 writes in flight; multi-conn's connections keep more (nbdkit delaying every write)", { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
+  const env = await setup('nbdc-depth');
+  const src = env.f('src.qcow2');
+  // 48 extents of 1 MiB with a hole after each: one copy each, so depth is counted in requests.
+  await qcow2(src, 96 * MiB);
+  const writes: string[] = [];
+  for (let i = 0; i < 48; i++) writes.push('-c', `write -P ${i + 1} ${2 * i}M 1M`);
+  await mustRun('qemu-io', ['-f', 'qcow2', ...writes, src]);
+  /** The connections that did their handshake and the most writes in flight at once, from nbdkit's log (outside the delay). */
+  const seen = async (log: string): Promise<{ conns: number; depth: number }> => {
+    const text = await fsp.readFile(log, 'utf8');
+    const conns = new Set([...text.matchAll(/connection=(\d+) Connect/g)].map((m) => m[1])).size;
+    let now = 0;
+    let depth = 0;
+    for (const line of text.split('\n')) {
+      if (/ Write id=\d+ offset=/.test(line)) depth = Math.max(depth, ++now);
+      else if (/ \.\.\.Write id=\d+ return/.test(line)) now--;
+    }
+    return { conns, depth };
+  };
+  const stops: Array<() => Promise<void>> = [];
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    for (const [name, extra] of [['one', { '__org.bitmirror_connections': 1 }], ['multi', {}]] as const) {
+      const sock = env.f(`${name}.sock`);
+      const log = env.f(`${name}.log`);
+      // Every write takes half a second: whatever the mirror can have in flight, it has.
+      const args = ['-P', env.f(`${name}.pid`), '-U', sock, '--filter=log', '--filter=delay', 'memory', '96M', `logfile=${log}`, 'delay-write=500ms'];
+      stops.push(await startForking('nbdkit', args, env.f(`${name}.pid`)));
+      await env.d.qmp.execute('blockdev-add', nbdNode(name, sock, '', extra));
+      await mirror(env, 's0', name);
+      await env.d.qmp.execute('blockdev-del', { 'node-name': name });
+      // Read before qemu-img compare connects too.
+      const got = await seen(log);
+      await assertIdentical(src, `nbd+unix:///?socket=${sock}`, ['-f', 'qcow2', '-F', 'raw']);
+      if (name === 'one') assert.deepEqual(got, { conns: 1, depth: 16 });
+      else {
+        assert.equal(got.conns, 4);
+        assert.ok(got.depth > 16, `writes in flight: ${got.depth}`);
+      }
+    }
+  } finally {
+    await env.done();
+    for (const stop of stops) await stop();
+  }
+});
+
 test('fast zero (qemu-io write -z -n, BDRV_REQ_NO_FALLBACK) goes out as NBD_CMD_FLAG_FAST_ZERO; a server refusing it fails the write with ENOTSUP, nothing written', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
   const env = await setup('nbdc-fastzero');
   // Three nbdkit memory servers, each behind a log filter that records every request's flags and
