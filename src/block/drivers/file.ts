@@ -12,7 +12,8 @@
  *   is not) goes through a second, buffered descriptor.
  * - Image locking is QEMU's, byte for byte, so QEMU and bitmirror see each other's claims (below).
  * - `aio` (threads|native|io_uring) is accepted for compatibility; Node's libuv thread pool does the I/O,
- *   except reads of what the page cache already holds, which the event loop copies (readCached).
+ *   except reads of what the page cache already holds, which the event loop copies (readCached), and
+ *   writes into a file in memory (tmpfs, ramfs: writeInMemory).
  * - Copy offload: a regular file opened without O_DIRECT is a host range for copies (doMapHost) and
  *   takes host copies with copy_file_range (doWriteHost), which reflinks where the file system can.
  *
@@ -26,7 +27,7 @@
  * resize and shares neither write nor resize, so qemu-io/qemu-img cannot write the image and qemu-img
  * info of it needs -U, exactly as for an image a QEMU guest holds.
  */
-import { promises as fsp, constants as fsc } from 'node:fs';
+import { promises as fsp, constants as fsc, writeSync } from 'node:fs';
 import { BlockIOError, genericError, strerror, errorCode, QmpError } from '../../errors.js';
 import { PreallocModeEnum, type PreallocMode } from '../../qapi/block.js';
 import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type ReopenChange, type WriteFlags } from '../node.js';
@@ -35,7 +36,10 @@ import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, PERM_NAMES } from '../pe
 import { bool, enumOf, str, int, size } from '../../qapi/schema.js';
 import { nativeAddon, nativeLoadError, check, errnoCode, isUnsupported, ENXIO, EAGAIN, EACCES } from '../native.js';
 
-/** The largest read tried from the page cache on the event loop (see FileNode.readCached): about 1 ms of copying. */
+/**
+ * The largest read tried from the page cache on the event loop (see FileNode.readCached), and the
+ * largest write into a file in memory done there (writeInMemory): about 1 ms of copying.
+ */
 const CACHED_READ_MAX = 4 << 20;
 
 // ---- QEMU's lock bytes ------------------------------------------------------------------------------
@@ -336,6 +340,7 @@ export class FileNode extends BlockNode {
   protected async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
     if (flags.fua && !this.fileOptions.direct && (await this.writeDurable(offset, data))) return;
     if (this.fileOptions.direct) await this.directWrite(offset, data);
+    else if (this.fileOptions.inMemory && data.length <= CACHED_READ_MAX) writeInMemory(this.fh.fd, data, offset);
     else await writeFully(this.fh, data, 0, data.length, offset);
     if (offset + data.length > this.size) this.size = offset + data.length;
     if (flags.fua) await this.doFlush();
@@ -624,6 +629,17 @@ async function readFully(fh: fsp.FileHandle, buf: Buffer, start: number, bytes: 
       break;
     }
   }
+}
+
+/**
+ * A write into a file in memory (tmpfs, ramfs), on the event loop: it never waits for a device, and
+ * the thread pool's hand-off (a wake-up of a pool thread, two context switches, the loop woken
+ * again) cost more than copying the bytes. nbdcopy of 512 MiB into a fresh qcow2 on tmpfs exported by
+ * a fresh daemon, 4 alternating rounds, load 3-4 on 2 cores: daemon CPU 0.71-0.96 s against
+ * 0.89-1.09 s through the pool; a second copy over the allocated clusters 0.41-0.59 s against 0.54-0.65 s.
+ */
+function writeInMemory(fd: number, buf: Buffer, pos: number): void {
+  for (let done = 0; done < buf.length; ) done += writeSync(fd, buf, done, buf.length - done, pos + done);
 }
 
 async function writeFully(fh: fsp.FileHandle, buf: Buffer, start: number, bytes: number, pos: number): Promise<void> {
