@@ -522,6 +522,15 @@ static napi_value send_file(napi_env env, napi_callback_info info) {
   return make_number(env, (double)(sent + done));
 }
 
+/* setSendBuffer(fd, bytes) -> 0 | -errno: SO_SNDBUF (the kernel doubles it, and caps it at wmem_max). */
+static napi_value set_send_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int32_t fd, bytes;
+  if (get_args(env, info, 2, argv) || get_i32(env, argv[0], &fd) || get_i32(env, argv[1], &bytes)) return NULL;
+  int r = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+  return make_number(env, r == -1 ? -errno : 0);
+}
+
 /* ---- module ---------------------------------------------------------------------------------- */
 
 static napi_value init(napi_env env, napi_value exports) {
@@ -535,6 +544,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"readCached", NULL, read_cached, NULL, NULL, NULL, napi_enumerable, NULL},
       {"dupFd", NULL, dup_fd, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sendFile", NULL, send_file, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setSendBuffer", NULL, set_send_buffer, NULL, NULL, NULL, napi_enumerable, NULL},
       {"fallocate", NULL, do_fallocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"copyFileRange", NULL, copy_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -37,6 +37,8 @@ interface NativeAddon {
    * full), or -errno when none were; missing in addons built before it.
    */
   sendFile?(sockFd: number, head: Buffer, fileFd: number, offset: number, bytes: number): number;
+  /** setsockopt SO_SNDBUF (the kernel doubles it and caps it at net.core.wmem_max): 0 or -errno; missing in addons built before it. */
+  setSendBuffer?(fd: number, bytes: number): number;
   alignedBuffer(size: number, align: number): Buffer;
   bufferAddress(buf: Buffer): number;
   readonly SEEK_DATA: number;
