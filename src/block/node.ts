@@ -585,7 +585,8 @@ export abstract class BlockNode {
     if (bytes === 0) return Buffer.alloc(0);
     const req = this.tracker.begin('read', offset, bytes);
     try {
-      await this.tracker.waitForSerialising(req);
+      const serialised = this.tracker.waitForSerialising(req);
+      if (serialised) await serialised;
       return await this.alignedRead(offset, bytes);
     } finally {
       this.tracker.end(req);
@@ -608,7 +609,8 @@ export abstract class BlockNode {
     if (bytes === 0) return;
     const req = this.tracker.begin('read', offset, bytes);
     try {
-      await this.tracker.waitForSerialising(req);
+      const serialised = this.tracker.waitForSerialising(req);
+      if (serialised) await serialised;
       const align = this.requestAlignment;
       if (align <= 1 || (offset % align === 0 && bytes % align === 0)) await this.doReadInto(offset, buf);
       else (await this.alignedRead(offset, bytes)).copy(buf, 0, 0, bytes);
@@ -630,7 +632,8 @@ export abstract class BlockNode {
     if (bytes === 0 || !this.doMapHost) return false;
     const req = this.tracker.begin('read', offset, bytes);
     try {
-      await this.tracker.waitForSerialising(req);
+      const serialised = this.tracker.waitForSerialising(req);
+      if (serialised) await serialised;
       const ranges: HostRange[] = [];
       for (let pos = offset; pos < offset + bytes; ) {
         const r = await this.doMapHost(pos, offset + bytes - pos);
@@ -685,7 +688,8 @@ export abstract class BlockNode {
     if (bytes === 0 || !this.doMapHost || !target.acceptsHostCopy(offset, bytes)) return 0;
     const req = this.tracker.begin('read', offset, bytes);
     try {
-      await this.tracker.waitForSerialising(req);
+      const serialised = this.tracker.waitForSerialising(req);
+      if (serialised) await serialised;
       const src = await this.doMapHost(offset, bytes);
       if (!src || !target.acceptsHostCopy(offset, src.bytes)) return 0;
       await target.writeHost(offset, src);
@@ -921,7 +925,8 @@ export abstract class BlockNode {
     const notified: WriteObserver[] = [];
     let writeError: unknown;
     try {
-      await this.tracker.waitForSerialising(tracked);
+      const serialised = this.tracker.waitForSerialising(tracked);
+      if (serialised) await serialised;
       if (req.flags.serialising) await this.tracker.serialise(tracked, req.offset, req.bytes);
       for (const o of observers) {
         if (o.beforeWrite) await o.beforeWrite(req);

@@ -13,8 +13,38 @@ export interface TrackedRequest {
   /** Range other requests must not overlap while this one is serialising (set by serialise()). */
   serialisingOffset?: number;
   serialisingBytes?: number;
-  done: Promise<void>;
-  resolve: () => void;
+  /** Resolves when the request has ended. */
+  readonly done: Promise<void>;
+}
+
+/**
+ * A request in flight. Its `done` promise is made only when someone waits for it: nearly every
+ * request ends without anyone waiting, and a copy moves several requests per piece (each layer of
+ * the graph tracks its own), so an eager promise and resolver were garbage on every one.
+ */
+class Tracked implements TrackedRequest {
+  serialisingOffset?: number;
+  serialisingBytes?: number;
+  private promise?: Promise<void>;
+  private resolver?: () => void;
+  private ended = false;
+
+  constructor(
+    readonly kind: string,
+    readonly offset: number,
+    readonly bytes: number,
+    readonly seq: number,
+  ) {}
+
+  get done(): Promise<void> {
+    if (!this.promise) this.promise = this.ended ? Promise.resolve() : new Promise<void>((r) => (this.resolver = r));
+    return this.promise;
+  }
+
+  end(): void {
+    this.ended = true;
+    this.resolver?.();
+  }
 }
 
 function overlaps(aOff: number, aLen: number, bOff: number, bLen: number): boolean {
@@ -22,23 +52,21 @@ function overlaps(aOff: number, aLen: number, bOff: number, bLen: number): boole
 }
 
 export class RequestTracker {
-  private readonly inFlight = new Set<TrackedRequest>();
+  private readonly inFlight = new Set<Tracked>();
   private idleWaiters: Array<() => void> = [];
   private nextSeq = 0;
   private serialisingCount = 0;
 
   begin(kind: string, offset: number, bytes: number): TrackedRequest {
-    let resolve!: () => void;
-    const done = new Promise<void>((r) => (resolve = r));
-    const req: TrackedRequest = { kind, offset, bytes, seq: this.nextSeq++, done, resolve };
+    const req = new Tracked(kind, offset, bytes, this.nextSeq++);
     this.inFlight.add(req);
     return req;
   }
 
   end(req: TrackedRequest): void {
-    if (!this.inFlight.delete(req)) return;
+    if (!(req instanceof Tracked) || !this.inFlight.delete(req)) return;
     if (req.serialisingOffset !== undefined) this.serialisingCount--;
-    req.resolve();
+    req.end();
     if (this.inFlight.size === 0) {
       const waiters = this.idleWaiters;
       this.idleWaiters = [];
@@ -76,8 +104,15 @@ export class RequestTracker {
     await this.waitForOverlapping(offset, bytes, req);
   }
 
-  /** A plain request waits only for earlier serialising requests that overlap it. Free when there are none. */
-  async waitForSerialising(req: TrackedRequest): Promise<void> {
+  /**
+   * A plain request waits only for earlier serialising requests that overlap it. Undefined (nothing to
+   * wait for, no promise made) when no request is serialising, as on every plain data path.
+   */
+  waitForSerialising(req: TrackedRequest): Promise<void> | undefined {
+    return this.serialisingCount > 0 ? this.waitForSerialisingRequests(req) : undefined;
+  }
+
+  private async waitForSerialisingRequests(req: TrackedRequest): Promise<void> {
     while (this.serialisingCount > 0) {
       let blocker: TrackedRequest | undefined;
       for (const other of this.inFlight) {

@@ -240,7 +240,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     this.checkHostOffset(e.offset, 'data cluster');
   }
 
-  private async l2Table(l1Index: number): Promise<{ table: Buffer; offset: number; copied: boolean } | undefined> {
+  /** Where the L2 table for `l1Index` lies (undefined: none), checked as a reader or writer needs. */
+  private l2Location(l1Index: number): { offset: number; copied: boolean } | undefined {
     if (l1Index >= this.header.l1Size) return undefined;
     const e = decodeL1(this.l1, l1Index);
     if (!e.offset) return undefined;
@@ -251,29 +252,44 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       if (e.bad) throw new BlockIOError('EIO', `qcow2: ${e.bad}`);
       this.checkHostOffset(e.offset, 'L2 table');
     }
+    return e;
+  }
+
+  private async l2Table(l1Index: number): Promise<{ table: Buffer; offset: number; copied: boolean } | undefined> {
+    const e = this.l2Location(l1Index);
+    if (!e) return undefined;
     return { table: await this.l2cache.get(e.offset), offset: e.offset, copied: e.copied };
   }
 
-  /** The mapping of `offset` and how far it extends (at most `max` bytes, within one L2 table). */
-  private async lookup(offset: number, max: number): Promise<Mapping> {
+  /**
+   * The mapping of `offset` and how far it extends (at most `max` bytes, within one L2 table). Answered
+   * without waiting (no promise) when the L2 table is cached, as it nearly always is on a data path,
+   * where every piece of a copy is looked up several times (source block status and host range,
+   * target write and allocation): a wait there cost a promise chain per lookup.
+   */
+  private lookup(offset: number, max: number): Mapping | Promise<Mapping> {
     const gc = Math.floor(offset / this.cs);
     const l1Index = Math.floor(gc / this.l2Entries);
     const l2Index = gc % this.l2Entries;
-    const inCluster = offset % this.cs;
     const tableEnd = (l1Index + 1) * this.l2Entries * this.cs;
     const limit = Math.min(offset + max, tableEnd, this.header.size);
-    const t = await this.l2Table(l1Index);
-    if (!t) {
-      return { entry: { type: 'unallocated', offset: 0, copied: false, csize: 0 }, bytes: limit - offset, l1Index, l2Index };
-    }
-    const first = decodeL2(t.table, l2Index, this.clusterBits, this.v3);
+    const loc = this.l2Location(l1Index);
+    if (!loc) return { entry: { type: 'unallocated', offset: 0, copied: false, csize: 0 }, bytes: limit - offset, l1Index, l2Index };
+    const table = this.l2cache.peek(loc.offset);
+    if (table) return this.mapIn(table, offset, limit, l1Index, l2Index);
+    return this.l2cache.get(loc.offset).then((t) => this.mapIn(t, offset, limit, l1Index, l2Index));
+  }
+
+  /** lookup's answer from the L2 table itself. */
+  private mapIn(tb: Buffer, offset: number, limit: number, l1Index: number, l2Index: number): Mapping {
+    const first = decodeL2(tb, l2Index, this.clusterBits, this.v3);
     if (first.bad) throw new BlockIOError('EIO', `qcow2: ${first.bad} (guest offset ${offset})`);
+    const gc = Math.floor(offset / this.cs);
     let end = (gc + 1) * this.cs;
     if (first.type !== 'compressed') {
       // The run goes on while the raw entries are what the first one predicts: the same flag bits and,
       // for host clusters, the next host offset (an entry that differs otherwise just ends the run; the
       // next lookup decodes it in full). No per-entry objects on this path.
-      const tb = t.table;
       const hi0 = tb.readUInt32BE(l2Index * 8);
       const lo0 = tb.readUInt32BE(l2Index * 8 + 4);
       const hosted = first.type === 'normal' || first.type === 'zero-alloc';
@@ -287,7 +303,6 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         end += this.cs;
       }
     }
-    void inCluster;
     return { entry: first, bytes: Math.min(end, limit) - offset, l1Index, l2Index };
   }
 
@@ -680,7 +695,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   }
 
   /** The L2 table for `l1Index`, allocated (or copied, if shared) if needed (§1.9 step 3). */
-  private async ensureL2(l1Index: number): Promise<{ table: Buffer; offset: number }> {
+  private ensureL2(l1Index: number): { table: Buffer; offset: number } | Promise<{ table: Buffer; offset: number }> {
+    // The table is ours and cached (every allocation after the first in its range): no wait.
+    const loc = this.l2Location(l1Index);
+    const table = loc?.copied ? this.l2cache.peek(loc.offset) : undefined;
+    if (table) return { table, offset: loc!.offset };
+    return this.newL2(l1Index);
+  }
+
+  private async newL2(l1Index: number): Promise<{ table: Buffer; offset: number }> {
     const cur = await this.l2Table(l1Index);
     if (cur && cur.copied) return cur;
     const newOff = await this.rc.alloc(1, this.isReserved);

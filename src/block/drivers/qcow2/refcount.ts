@@ -117,7 +117,7 @@ export class Refcounts {
   async get(cluster: number): Promise<number> {
     const ti = Math.floor(cluster / this.entriesPerBlock);
     if (ti >= this.table.length || this.table[ti] === 0) return 0;
-    const block = await this.cache.get(this.table[ti]);
+    const block = this.cache.peek(this.table[ti]) ?? (await this.cache.get(this.table[ti]));
     return this.readEntry(block, cluster % this.entriesPerBlock);
   }
 
@@ -150,7 +150,7 @@ export class Refcounts {
       const ti = Math.floor(c / this.entriesPerBlock);
       await this.ensureBlock(ti);
       const boff = this.table[ti];
-      const block = await this.cache.get(boff);
+      const block = this.cache.peek(boff) ?? (await this.cache.get(boff));
       const base = ti * this.entriesPerBlock;
       const stop = Math.min(end, base + this.entriesPerBlock);
       for (let k = c; k < stop; k++) {
@@ -196,7 +196,7 @@ export class Refcounts {
         // One refcount block at a time: looked up once, its entries scanned without awaiting.
         const ti = Math.floor(c / this.entriesPerBlock);
         const base = ti * this.entriesPerBlock;
-        const block = ti >= this.table.length || this.table[ti] === 0 ? undefined : await this.cache.get(this.table[ti]);
+        const block = ti >= this.table.length || this.table[ti] === 0 ? undefined : (this.cache.peek(this.table[ti]) ?? (await this.cache.get(this.table[ti])));
         for (const stop = base + this.entriesPerBlock; c < stop && run < n; c++) {
           const free = block === undefined || this.readEntry(block, c - base) === 0;
           if (free && !(isReserved && isReserved(c))) {

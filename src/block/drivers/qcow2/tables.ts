@@ -141,7 +141,7 @@ export class RWLock {
       next.go();
     }
   }
-  async withShared<T>(fn: () => Promise<T>): Promise<T> {
+  async withShared<T>(fn: () => T | Promise<T>): Promise<T> {
     await this.shared();
     try {
       return await fn();
@@ -149,7 +149,7 @@ export class RWLock {
       this.releaseShared();
     }
   }
-  async withExclusive<T>(fn: () => Promise<T>): Promise<T> {
+  async withExclusive<T>(fn: () => T | Promise<T>): Promise<T> {
     await this.exclusive();
     try {
       return await fn();
@@ -176,14 +176,23 @@ export class TableCache {
     readonly capacity: number,
   ) {}
 
-  async get(offset: number): Promise<Buffer> {
+  /**
+   * The table at `offset` if the cache holds it (a use, for the LRU order), without waiting;
+   * undefined when it must be read (get). For the data path's lookups, which mostly hit.
+   */
+  peek(offset: number): Buffer | undefined {
     const t = this.tables.get(offset);
     if (t) {
       // LRU: move to the end of the insertion order.
       this.tables.delete(offset);
       this.tables.set(offset, t);
-      return t;
     }
+    return t;
+  }
+
+  async get(offset: number): Promise<Buffer> {
+    const t = this.peek(offset);
+    if (t) return t;
     let p = this.loading.get(offset);
     if (!p) {
       p = (async () => {
