@@ -5,7 +5,9 @@
  * round: medians and ranges of MiB/s and of the server's CPU seconds, and bitmirror's time ÷ the
  * server's per round. The image holds BM_NBD_MIB (default 512) MiB of data in 1 MiB extents with a hole
  * after each, in TMPDIR (TMPDIR=/dev/shm keeps the disk out of it). Every server announces multi-conn
- * (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections.
+ * (qemu-nbd with --shared=8), so nbdcopy uses its default 4 connections. Each server copies twice:
+ * first as it starts (what a one-shot export costs, a JIT's warm-up included), then again (a
+ * long-running server; into the export, over the clusters the first copy allocated).
  *
  * Then the client side: a mirror (to READY, as timedBlockJob) of BM_NBD_MIRROR_MIB (default 256: the
  * round trips every job makes at its start and end weigh less) MiB of data in 1 MiB extents into a
@@ -192,6 +194,7 @@ export async function run(): Promise<Row[]> {
         const r = await serve(s, dir, image, false);
         try {
           keep(`${s} out`, await timed(r, [r.uri, 'null:']));
+          keep(`${s} out again`, await timed(r, [r.uri, 'null:']));
         } finally {
           await r.stop();
         }
@@ -201,6 +204,7 @@ export async function run(): Promise<Row[]> {
         const w = await serve(s, dir, target, true);
         try {
           keep(`${s} in`, await timed(w, [raw, w.uri]));
+          keep(`${s} in again`, await timed(w, [raw, w.uri]));
         } finally {
           await w.stop();
         }
@@ -218,14 +222,20 @@ export async function run(): Promise<Row[]> {
     for (const s of parts.has('memory') ? servers : []) memory.push({ server: s, ...(await idleMemory(s, dir, image)) });
 
     const rows: Row[] = [];
-    for (const dirn of parts.has('nbdcopy') ? (['out', 'in'] as const) : []) {
+    const copyNames = {
+      out: 'nbdcopy export -> null:',
+      'out again': 'the same, again (a warm server)',
+      in: 'nbdcopy raw -> export',
+      'in again': 'the same, again (a warm server, allocated clusters)',
+    };
+    for (const dirn of parts.has('nbdcopy') ? (['out', 'out again', 'in', 'in again'] as const) : []) {
       const base = samples[`bitmirror ${dirn}`];
       for (const s of servers) {
         const t = samples[`${s} ${dirn}`];
         const rate = t.map((x) => mib / x.seconds);
         const ratio = pairedRatio(base.map((x) => x.seconds), t.map((x) => x.seconds));
         rows.push({
-          copy: dirn === 'out' ? 'nbdcopy export -> null:' : 'nbdcopy raw -> export',
+          copy: copyNames[dirn],
           server: s,
           'data MiB': mib,
           'MiB/s': Math.round(median(rate)),
