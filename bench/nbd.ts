@@ -28,7 +28,7 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnDaemon, type SpawnedDaemon } from '../src/daemon/spawn.js';
 import { NbdClientConnection } from '../src/nbd/client.js';
-import { cpuSeconds, loadNow, median, pairedRatio, residentMiB, sh, spread, timedBlockJob, type Row } from './support.js';
+import { cpuSeconds, loadNow, median, pairedRatio, residentMiB, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
 
 export const title = 'nbd: nbdcopy out of and into an export, bitmirror vs qemu-storage-daemon vs qemu-nbd';
 
@@ -122,7 +122,7 @@ type Mirrorer = 'bitmirror' | 'bitmirror, 1 connection' | 'qemu-storage-daemon';
  * One mirror through the 20 ms link: `who` mirrors `source` into a fresh qcow2 that a bitmirror
  * daemon exports over TCP, reached through the relay by the program's nbd node.
  */
-async function mirrorOverLink(who: Mirrorer, dir: string, source: string, size: number): Promise<{ seconds: number; cpu: number }> {
+async function mirrorOverLink(who: Mirrorer, dir: string, source: string, size: number): Promise<Sample> {
   const target = path.join(dir, 'mirror-target.qcow2');
   await fsp.rm(target, { force: true });
   await sh('qemu-img', ['create', '-q', '-f', 'qcow2', target, String(size)]);
@@ -214,9 +214,15 @@ export async function run(): Promise<Row[]> {
     const mirrorSource = path.join(dir, 'mirror-src.qcow2');
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, mirrorSource]);
     await sh('qemu-img', ['resize', '-q', '-f', 'qcow2', '--shrink', mirrorSource, String(2 * mirrorMib * (1 << 20))]);
+    // The mirroring daemon's peak memory: the depth a mirror keeps in flight is buffers.
+    const mirrorPeak: Record<string, number[]> = {};
     const mirrorers: Mirrorer[] = ['bitmirror', 'bitmirror, 1 connection', ...(servers.includes('qemu-storage-daemon') ? (['qemu-storage-daemon'] as const) : [])];
     for (let i = 0; i < (parts.has('mirror') ? runs : 0); i++) {
-      for (const p of i % 2 ? [...mirrorers].reverse() : mirrorers) keep(`${p} mirror`, await mirrorOverLink(p, dir, mirrorSource, 2 * mirrorMib * (1 << 20)));
+      for (const p of i % 2 ? [...mirrorers].reverse() : mirrorers) {
+        const m = await mirrorOverLink(p, dir, mirrorSource, 2 * mirrorMib * (1 << 20));
+        keep(`${p} mirror`, m);
+        (mirrorPeak[p] ??= []).push(m.peakMiB);
+      }
     }
     const memory: Array<{ server: Server; before: number; idle: number }> = [];
     for (const s of parts.has('memory') ? servers : []) memory.push({ server: s, ...(await idleMemory(s, dir, image)) });
@@ -252,13 +258,14 @@ export async function run(): Promise<Row[]> {
       const rate = t.map((x) => mirrorMib / x.seconds);
       const ratio = pairedRatio(base.map((x) => x.seconds), t.map((x) => x.seconds));
       rows.push({
-        copy: 'mirror to READY into a bitmirror export over a 20 ms link (nbd node)',
+        copy: 'mirror to READY into a bitmirror export over a 20 ms link (nbd node; CPU and peak: the mirroring daemon)',
         server: p,
         'data MiB': mirrorMib,
         'MiB/s': Math.round(median(rate)),
         'MiB/s range': spread(rate, 0),
         'server CPU s': median(t.map((x) => x.cpu)),
         'CPU range': spread(t.map((x) => x.cpu)),
+        'peak MiB': Math.round(median(mirrorPeak[p])),
         'bitmirror time ÷ this': p === 'bitmirror' ? '' : `${ratio.median.toFixed(2)} (${ratio.range}) ${ratio.verdict}`,
       });
     }
