@@ -2,7 +2,8 @@
  * READ replies whose data goes by reference (sendfile): a read-only qcow2 in memory (tmpfs) exported
  * over NBD. Every reply comes in order and whole, whatever mix of replies by reference and by copy
  * (small reads, holes, errors) a client asks for, also when the client reads slowly so that replies
- * wait for the socket; nbdcopy's copy of the export is the image's data. A writable node's data
+ * wait for the socket, and when a read's clusters lie apart in the file; nbdcopy's copy of the export
+ * is the image's data. A writable node's data
  * is never sent by reference (its bytes could change while they wait), and neither is a file on disk.
  */
 import { test, before, after } from 'node:test';
@@ -14,10 +15,15 @@ import { mustRun } from '../support/tools.js';
 import { WireClient, type Chunk } from '../support/nbd-wire.js';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
 import { newGraph, openQcow2File } from '../support/graph.js';
+import { poll } from '../support/wait.js';
 
 const MiB = 1 << 20;
 const SIZE = 16 * MiB;
 const TMPFS_MAGIC = 0x01021994;
+const CLUSTER = 64 * 1024;
+/** The scattered image: its size, and the byte each of its clusters holds. */
+const SCATTERED = 2 * MiB;
+const scatteredByte = (cluster: number): number => (cluster * 5 + 3) & 0xff;
 
 let memoryDir: string | undefined;
 let dir: string;
@@ -39,12 +45,21 @@ before(async () => {
   await fsp.writeFile(raw, data);
   const image = path.join(dir, 'disk.qcow2');
   await mustRun('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, image]);
+  // The same data with its clusters in the file in reverse order: a read spans several host ranges.
+  const scattered = path.join(dir, 'scattered.qcow2');
+  await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', scattered, String(SCATTERED)]);
+  const writes: string[] = [];
+  for (let c = SCATTERED / CLUSTER - 1; c >= 0; c--) writes.push('-c', `write -P ${scatteredByte(c)} ${c * CLUSTER} ${CLUSTER}`);
+  await mustRun('qemu-io', ['-f', 'qcow2', ...writes, scattered]);
   sock = path.join(dir, 'nbd.sock');
   d = await spawnDaemon(path.join(dir, 'qmp.sock'), [
     '--blockdev', `driver=file,node-name=f0,filename=${image}`,
     '--blockdev', 'driver=qcow2,node-name=d0,file=f0,read-only=on',
+    '--blockdev', `driver=file,node-name=f1,filename=${scattered}`,
+    '--blockdev', 'driver=qcow2,node-name=d1,file=f1,read-only=on',
     '--nbd-server', `addr.type=unix,addr.path=${sock}`,
     '--export', 'type=nbd,id=e0,node-name=d0,name=ro',
+    '--export', 'type=nbd,id=e1,node-name=d1,name=scattered',
     '--trace', 'nbd_send_file',
   ]);
 });
@@ -135,6 +150,42 @@ test('a client that reads slowly: replies by reference wait for the socket, in o
     assert.ok(Buffer.isBuffer(out) && out.equals(data.subarray(r.offset, r.offset + r.length)), `read ${i} at ${r.offset}+${r.length}`);
   });
   c.destroy();
+});
+
+test('a read over clusters scattered in the file: several host ranges in one reply, by reference', { timeout: 120_000 }, async (t) => {
+  if (!memoryDir) return t.skip('/dev/shm is not tmpfs');
+  const openFiles = async () => (await fsp.readdir(`/proc/${d.proc.pid}/fd`)).length;
+  const before = await openFiles();
+  const c = await WireClient.connect(sock);
+  await c.open('scattered');
+  const reads = [
+    { offset: 0, length: SCATTERED },
+    { offset: CLUSTER / 2, length: 5 * CLUSTER },
+    { offset: 3 * CLUSTER, length: 4 * CLUSTER + 4096 },
+  ];
+  // Then more whole reads than the socket holds, unread until some had to wait (on descriptors of their own).
+  for (let i = 0; i < 24; i++) reads.push({ offset: 0, length: SCATTERED });
+  c.socket.pause();
+  reads.forEach((r, i) => c.request(P.NBD_CMD.READ, r.offset, r.length, BigInt(i)));
+  await d.waitOutput('stderr', new RegExp(`nbd_send_file ranges=${SCATTERED / CLUSTER} waits=true`));
+  c.socket.resume();
+  const got = await replies(c, reads.length);
+  reads.forEach((r, i) => {
+    const want = Buffer.alloc(r.length);
+    for (let o = 0; o < r.length; o++) want[o] = scatteredByte(Math.floor((r.offset + o) / CLUSTER));
+    const out = assemble(got.get(BigInt(i))!, r.offset, r.length);
+    assert.ok(Buffer.isBuffer(out) && out.equals(want), `read ${i} at ${r.offset}+${r.length}`);
+  });
+  c.destroy();
+  await poll('the connection closed', async () => (await openFiles()) === before);
+  // A client that goes away with replies waiting: the descriptors they held are closed with it.
+  const gone = await WireClient.connect(sock);
+  await gone.open('scattered');
+  gone.socket.pause();
+  for (let i = 0; i < 24; i++) gone.request(P.NBD_CMD.READ, 0, SCATTERED, BigInt(i));
+  await poll('replies waiting on descriptors of their own', async () => (await openFiles()) > before + 2);
+  gone.destroy();
+  await poll('the connection and its descriptors closed', async () => (await openFiles()) === before);
 });
 
 test('nbdcopy of the export (4 connections) is the image', { timeout: 120_000 }, async (t) => {
