@@ -27,7 +27,7 @@
  * resize and shares neither write nor resize, so qemu-io/qemu-img cannot write the image and qemu-img
  * info of it needs -U, exactly as for an image a QEMU guest holds.
  */
-import { promises as fsp, constants as fsc, writeSync } from 'node:fs';
+import { promises as fsp, constants as fsc, readSync, writeSync } from 'node:fs';
 import { BlockIOError, genericError, strerror, errorCode, QmpError } from '../../errors.js';
 import { PreallocModeEnum, type PreallocMode } from '../../qapi/block.js';
 import { BlockNode, protocolLeaf, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type ReopenChange, type WriteFlags } from '../node.js';
@@ -329,8 +329,10 @@ export class FileNode extends BlockNode {
    * Reads above CACHED_READ_MAX go to the pool whole, so that one copy never holds the loop for long.
    */
   private readCached(offset: number, buf: Buffer): number {
+    if (buf.length > CACHED_READ_MAX) return 0;
+    if (this.fileOptions.inMemory) return readInMemory(this.fh.fd, buf, offset);
     const n = nativeAddon();
-    if (!this.canReadCached || !n?.readCached || buf.length > CACHED_READ_MAX) return 0;
+    if (!this.canReadCached || !n?.readCached) return 0;
     const r = n.readCached(this.fh.fd, buf, offset);
     if (r >= 0) return r;
     if (isUnsupported(r)) this.canReadCached = false;
@@ -640,6 +642,26 @@ async function readFully(fh: fsp.FileHandle, buf: Buffer, start: number, bytes: 
  */
 function writeInMemory(fd: number, buf: Buffer, pos: number): void {
   for (let done = 0; done < buf.length; ) done += writeSync(fd, buf, done, buf.length - done, pos + done);
+}
+
+/**
+ * readCached of a file in memory: a plain pread on the event loop. The addon's preadv2(RWF_NOWAIT)
+ * is refused there and only then falls back, three system calls a read where one does. Returns
+ * what was read (short at the end of the file, or after an error: the caller reads the rest, and
+ * meets the error, through the pool).
+ */
+function readInMemory(fd: number, buf: Buffer, pos: number): number {
+  let done = 0;
+  try {
+    while (done < buf.length) {
+      const n = readSync(fd, buf, done, buf.length - done, pos + done);
+      if (n === 0) break;
+      done += n;
+    }
+  } catch {
+    // Left to the pool's read.
+  }
+  return done;
 }
 
 async function writeFully(fh: fsp.FileHandle, buf: Buffer, start: number, bytes: number, pos: number): Promise<void> {
