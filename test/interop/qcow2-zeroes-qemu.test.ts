@@ -6,11 +6,16 @@
  * Cases: aligned and partial-cluster writes, over holes and over data, with and without a backing file
  * (its data under the cluster or not), with MAY_UNMAP allowed (discard=unmap) or not, at the end of
  * an image whose size is not a multiple of the cluster size, and on a v2 image.
+ * Then the same over clusters an internal snapshot shares (qemu-img snapshot -c: refcount 2, no COPIED
+ * flag), normal, allocated-zero and compressed, where QEMU keeps a shared cluster's offset unless the
+ * write may unmap: also the same `qemu-img check --output=json` (allocated clusters, no leaks), and the
+ * snapshot still reads as it was taken (qemu-img convert -l).
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { setup, io, assertIdentical } from '../support/daemon.js';
-import { mustRun } from '../support/tools.js';
+import { setup, io, assertIdentical, type Env } from '../support/daemon.js';
+import { readFile } from 'node:fs/promises';
+import { mustRun, run } from '../support/tools.js';
 
 interface ZeroCase {
   name: string;
@@ -24,6 +29,8 @@ interface ZeroCase {
   size?: string;
   /** qemu-img create -o options of both images. */
   opts?: string;
+  /** Take an internal snapshot 's1' after `pre`, then run these qemu-io commands (none when undefined). */
+  afterSnapshot?: string[];
 }
 
 const CASES: ZeroCase[] = [
@@ -65,10 +72,22 @@ async function makeImages(dir: string, tag: string, c: ZeroCase): Promise<string
     await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', ...o, img, size]);
   }
   if (c.pre) await mustRun('qemu-io', ['-f', 'qcow2', ...c.pre.flatMap((x) => ['-c', x]), img]);
+  if (c.afterSnapshot) {
+    await mustRun('qemu-img', ['snapshot', '-c', 's1', img]);
+    if (c.afterSnapshot.length) await mustRun('qemu-io', ['-f', 'qcow2', ...c.afterSnapshot.flatMap((x) => ['-c', x]), img]);
+  }
   return img;
 }
 
 const map = (img: string): Promise<string> => mustRun('qemu-img', ['map', '--output=json', img]);
+
+/** The zero write by QEMU (qemu-io on the file) and by bitmirror (HMP qemu-io on node `node`). */
+async function zeroBoth(env: Env, c: ZeroCase, theirs: string, mine: string, node: string): Promise<void> {
+  await mustRun('qemu-io', ['-f', 'qcow2', '-d', c.discard, '-c', c.op, theirs]);
+  await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': node, discard: c.discard, file: { driver: 'file', filename: mine } });
+  await io(env, node, c.op);
+  await env.d.qmp.execute('blockdev-del', { 'node-name': node });
+}
 
 test('qcow2 write-zeroes leaves the image as QEMU 7.2 does (qemu-img map, compare, check)', async () => {
   const env = await setup('qcow2-zeroes');
@@ -76,13 +95,64 @@ test('qcow2 write-zeroes leaves the image as QEMU 7.2 does (qemu-img map, compar
     for (const [i, c] of CASES.entries()) {
       const theirs = await makeImages(env.dir, `qemu${i}`, c);
       const mine = await makeImages(env.dir, `bm${i}`, c);
-      await mustRun('qemu-io', ['-f', 'qcow2', '-d', c.discard, '-c', c.op, theirs]);
-      await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': `n${i}`, discard: c.discard, file: { driver: 'file', filename: mine } });
-      await io(env, `n${i}`, c.op);
-      await env.d.qmp.execute('blockdev-del', { 'node-name': `n${i}` });
+      await zeroBoth(env, c, theirs, mine, `n${i}`);
       assert.equal(await map(mine), await map(theirs), `${c.name}: qemu-img map`);
       await assertIdentical(mine, theirs);
       await mustRun('qemu-img', ['check', '-q', mine]);
+    }
+  } finally {
+    await env.done();
+  }
+});
+
+const SNAPSHOT_CASES: ZeroCase[] = [
+  { name: 'shared data', pre: ['write -P 1 0 256k'], afterSnapshot: [], op: 'write -z 64k 128k', discard: 'ignore' },
+  { name: 'shared data, may unmap', pre: ['write -P 1 0 256k'], afterSnapshot: [], op: 'write -z -u 64k 128k', discard: 'unmap' },
+  { name: 'shared data, -u without discard=unmap', pre: ['write -P 1 0 256k'], afterSnapshot: [], op: 'write -z -u 64k 128k', discard: 'ignore' },
+  { name: 'shared data, its L2 table already copied', pre: ['write -P 1 0 256k'], afterSnapshot: ['write -P 2 0 64k'], op: 'write -z 0 192k', discard: 'ignore' },
+  { name: 'shared data, its L2 table already copied, may unmap', pre: ['write -P 1 0 256k'], afterSnapshot: ['write -P 2 0 64k'], op: 'write -z -u 0 192k', discard: 'unmap' },
+  { name: 'shared allocated zero cluster', pre: ['write -P 1 0 256k', 'write -z 64k 64k'], afterSnapshot: [], op: 'write -z 0 256k', discard: 'ignore' },
+  { name: 'shared allocated zero cluster, may unmap', pre: ['write -P 1 0 256k', 'write -z 64k 64k'], afterSnapshot: [], op: 'write -z -u 0 256k', discard: 'unmap' },
+  { name: 'shared compressed cluster', pre: ['write -c -P 3 0 64k', 'write -c -P 4 64k 64k'], afterSnapshot: [], op: 'write -z 0 128k', discard: 'ignore' },
+  { name: 'shared compressed cluster, may unmap', pre: ['write -c -P 3 0 64k', 'write -c -P 4 64k 64k'], afterSnapshot: [], op: 'write -z -u 0 128k', discard: 'unmap' },
+  { name: 'compressed cluster, no snapshot', pre: ['write -c -P 3 0 64k', 'write -c -P 4 64k 64k'], op: 'write -z 0 128k', discard: 'ignore' },
+  { name: 'partial, into shared data', pre: ['write -P 1 0 256k'], afterSnapshot: [], op: 'write -z 68k 4k', discard: 'unmap' },
+  { name: 'shared data, with a backing file', backing: ['write -P 5 0 1M'], pre: ['write -P 1 0 256k'], afterSnapshot: [], op: 'write -z 64k 128k', discard: 'ignore' },
+];
+
+/** `qemu-img check --output=json` without the file name. */
+async function check(img: string): Promise<Record<string, unknown>> {
+  const r = await run('qemu-img', ['check', '--output=json', img]);
+  const out = JSON.parse(r.stdout) as Record<string, unknown>;
+  delete out.filename;
+  return out;
+}
+
+/** The internal snapshot 's1' of `img` as a raw file. */
+async function snapshotData(img: string): Promise<Buffer> {
+  const raw = `${img}.s1.raw`;
+  await mustRun('qemu-img', ['convert', '-l', 'snapshot.name=s1', '-O', 'raw', img, raw]);
+  return readFile(raw);
+}
+
+test('qcow2 write-zeroes over clusters an internal snapshot shares, as QEMU 7.2 (map, check, compare, the snapshot)', async () => {
+  const env = await setup('qcow2-zeroes-snap');
+  try {
+    for (const [i, c] of SNAPSHOT_CASES.entries()) {
+      const theirs = await makeImages(env.dir, `qemu${i}`, c);
+      const mine = await makeImages(env.dir, `bm${i}`, c);
+      const taken = c.afterSnapshot ? await snapshotData(mine) : undefined;
+      await zeroBoth(env, c, theirs, mine, `n${i}`);
+      assert.equal(await map(mine), await map(theirs), `${c.name}: qemu-img map`);
+      await assertIdentical(mine, theirs);
+      const ours = await check(mine);
+      assert.deepEqual(ours, await check(theirs), `${c.name}: qemu-img check`);
+      assert.equal(ours['check-errors'], 0, `${c.name}: check errors`);
+      assert.equal(ours.leaks, undefined, `${c.name}: leaks`);
+      assert.equal(ours.corruptions, undefined, `${c.name}: corruptions`);
+      if (!taken) continue;
+      assert.ok((await snapshotData(mine)).equals(taken), `${c.name}: the snapshot reads as it was taken`);
+      assert.ok((await snapshotData(theirs)).equals(taken), `${c.name}: QEMU's snapshot reads as it was taken`);
     }
   } finally {
     await env.done();

@@ -838,9 +838,12 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   }
 
   /**
-   * Change whole clusters in [start, end) to zero clusters, unallocated ones included ('zero': keep
-   * allocation where we own it; 'unmap': free it) or discard them ('discard': unallocated, or zero when a backing file would show
-   * through on v3). Freed clusters are released after the new entries are durable.
+   * Change whole clusters in [start, end) to zero clusters, unallocated ones included, as QEMU 7.2's
+   * zero_in_l2_slice does: a compressed cluster always loses its host cluster, an allocated one
+   * (normal or already zero) only with 'unmap'; with 'zero' every other cluster keeps its host offset
+   * and its COPIED flag and gains the zero flag, so a cluster an internal snapshot shares stays shared.
+   * 'discard' makes them unallocated, or zero when a backing file would show through on v3.
+   * Freed clusters are released after the new entries are durable.
    */
   private async zeroClusters(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
     await this.markDirtyIfLazy();
@@ -863,10 +866,10 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           : e.type === 'zero-plain'
             ? 'keep'
             : e.type === 'zero-alloc'
-              ? mode === 'unmap' || !e.copied
+              ? mode === 'unmap'
                 ? 'zero-plain'
                 : 'keep'
-              : e.type === 'normal' && e.copied && mode === 'zero'
+              : e.type === 'normal' && mode === 'zero'
                 ? 'zero-alloc'
                 : 'zero-plain';
       if (want !== 'keep') {
@@ -875,7 +878,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           const idx = m.l2Index + k;
           const prev = decodeL2(t.table, idx, this.clusterBits, this.v3);
           if (want === 'zero-alloc') {
-            encodeEntry(t.table, idx, prev.offset, COPIED_HI, 1);
+            encodeEntry(t.table, idx, prev.offset, prev.copied ? COPIED_HI : 0, 1);
             continue;
           }
           if (prev.type === 'normal' || prev.type === 'compressed' || prev.type === 'zero-alloc') old.push(prev);
