@@ -112,8 +112,10 @@ export class ReplyWriter {
   }
 
   /**
-   * Send `head` and then the bytes of `ranges`, by reference. Their bytes must not change while they
-   * wait (HostRange.stable); the descriptors need stay open only during this call.
+   * Send `head` and then the bytes of `ranges`, by reference. Their bytes must be stable now
+   * (HostRange.stable: nobody may write them); a writer that comes while they wait here or in the
+   * socket overlaps a read whose reply the client has not taken, so either data is right for it.
+   * The descriptors need stay open only during this call.
    */
   sendFile(head: Buffer, ranges: readonly HostRange[]): void {
     if (this.closed || this.socket.destroyed) return;
