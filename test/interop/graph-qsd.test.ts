@@ -9,6 +9,7 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
+import { readFileSync, rmSync } from 'node:fs';
 import { spawnDaemon, type SpawnedDaemon } from '../../src/daemon/spawn.js';
 import { haveQsd } from '../support/tools.js';
 
@@ -390,4 +391,84 @@ test('x-debug-query-block-graph: the graph of an intermediate and of an active b
     // (No snapshot after the cancel: QEMU 7.2 leaves the base writable, bitmirror read-only again as
     // upstream QEMU does since.)
   });
+});
+
+/** What a shrink left in an image, as the peer tools show it (nothing that names the directory). */
+function imageState(file: string): Record<string, unknown> {
+  const check = JSON.parse(execFileSync('qemu-img', ['check', '--output=json', file]).toString()) as Record<string, unknown>;
+  delete check.filename;
+  const info = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', file]).toString()) as Record<string, unknown>;
+  return {
+    check,
+    map: execFileSync('qemu-img', ['map', '--output=json', file]).toString(),
+    size: info['virtual-size'],
+    fileSize: execFileSync('stat', ['-c', '%s', file]).toString(),
+    header: execFileSync('head', ['-c', '104', file]).toString('hex'),
+  };
+}
+
+/** An image's data (or an internal snapshot's) as raw bytes, converted by qemu-img. */
+function rawOf(file: string, snapshot?: string): Buffer {
+  const out = `${file}.${snapshot ?? 'active'}.raw`;
+  execFileSync('qemu-img', ['convert', ...(snapshot ? ['-l', `snapshot.name=${snapshot}`] : []), '-O', 'raw', file, out]);
+  const data = readFileSync(out);
+  rmSync(out);
+  return data;
+}
+
+test('block_resize shrinks qcow2 as QEMU 7.2 does (internal snapshots, persistent bitmaps): same images, data kept, zeroes when grown again', { skip }, async () => {
+  const states: Array<Record<string, unknown>> = [];
+  await compare(async (q, _d, f) => {
+    const MiB = 1 << 20;
+    execFileSync('qemu-img', ['resize', '-q', f.a, '8M']);
+    // Data, compressed clusters, a zero cluster, an allocated zero cluster, data near the end.
+    const io = ['write -P 1 0 3M', 'write -c -P 2 3M 128k', 'write -z 4M 64k', 'write -P 3 4352k 64k', 'write -z 4352k 64k', 'write -P 4 6M 2M'];
+    execFileSync('qemu-io', ['-f', 'qcow2', ...io.flatMap((c) => ['-c', c]), f.a]);
+    // b: the same, with an internal snapshot and a write after it (its L2 table copied, others shared).
+    execFileSync('cp', [f.a, f.b]);
+    execFileSync('qemu-img', ['snapshot', '-c', 's1', f.b]);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 5 7M 64k', f.b]);
+    const taken = rawOf(f.b, 's1');
+    // References: the same shrinks by qemu-img resize --shrink on copies.
+    const refA = `${f.a}.ref`;
+    const refB = `${f.b}.ref`;
+    execFileSync('cp', [f.a, refA]);
+    execFileSync('cp', [f.b, refB]);
+    execFileSync('qemu-img', ['resize', '-q', '--shrink', refA, String(3 * MiB + 64 * 1024)]);
+    execFileSync('qemu-img', ['resize', '-q', '--shrink', refB, String(5 * MiB + 4096)]);
+
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'qa', file: { driver: 'file', filename: f.a } });
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'qb', file: { driver: 'file', filename: f.b } });
+    await q('block-dirty-bitmap-add', { node: 'qa', name: 'b1', persistent: true });
+    await q('block_resize', { 'node-name': 'qa', size: 3 * MiB + 64 * 1024 });
+    await q('block_resize', { 'node-name': 'qb', size: 5 * MiB + 4096 });
+    await q('blockdev-del', { 'node-name': 'qb' });
+    const b = imageState(f.b);
+    execFileSync('qemu-img', ['compare', '-q', refB, f.b]);
+    // qemu-img reads a snapshot at the image's current size (bdrv_snapshot_load_tmp keeps it).
+    const snap = rawOf(f.b, 's1');
+    assert.equal(snap.length, 5 * MiB + 4096);
+    assert.ok(snap.equals(taken.subarray(0, snap.length)), 'the snapshot reads as it was taken');
+    // Grown again: zeroes past the end it was shrunk to.
+    await q('block_resize', { 'node-name': 'qa', size: 6 * MiB });
+    await q('blockdev-del', { 'node-name': 'qa' });
+    const a = imageState(f.a);
+    const data = rawOf(f.a);
+    const ref = rawOf(refA);
+    assert.equal(data.length, 6 * MiB);
+    assert.ok(data.subarray(0, ref.length).equals(ref), 'data below the new end');
+    assert.ok(data.subarray(ref.length).equals(Buffer.alloc(data.length - ref.length)), 'zeroes past it');
+    const bitmaps = (JSON.parse(execFileSync('qemu-img', ['info', '--output=json', f.a]).toString()) as { 'format-specific': { data: { bitmaps: Array<{ name: string }> } } })['format-specific'].data.bitmaps;
+    assert.deepEqual(bitmaps.map((x) => x.name), ['b1']);
+    states.push({ a, b });
+  });
+  const [theirs, ours] = states;
+  for (const img of ['a', 'b']) {
+    const t = (theirs as Record<string, Record<string, unknown>>)[img];
+    const o = (ours as Record<string, Record<string, unknown>>)[img];
+    assert.equal((o.check as Record<string, unknown>)['check-errors'], 0, `${img}: check`);
+    assert.equal((o.check as Record<string, unknown>).leaks, undefined, `${img}: leaks`);
+    assert.equal((o.check as Record<string, unknown>).corruptions, undefined, `${img}: corruptions`);
+    for (const k of ['size', 'map', 'check', 'fileSize', 'header']) assert.deepEqual(o[k], t[k], `${img}: ${k}`);
+  }
 });

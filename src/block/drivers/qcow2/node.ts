@@ -842,10 +842,11 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    * zero_in_l2_slice does: a compressed cluster always loses its host cluster, an allocated one
    * (normal or already zero) only with 'unmap'; with 'zero' every other cluster keeps its host offset
    * and its COPIED flag and gains the zero flag, so a cluster an internal snapshot shares stays shared.
-   * 'discard' makes them unallocated, or zero when a backing file would show through on v3.
+   * 'discard' makes them unallocated, or zero when a backing file would show through on v3; 'cut'
+   * (QEMU's full discard, of the clusters a shrink crops) makes them unallocated whatever is below.
    * Freed clusters are released after the new entries are durable.
    */
-  private async zeroClusters(start: number, end: number, mode: 'zero' | 'unmap' | 'discard'): Promise<void> {
+  private async zeroClusters(start: number, end: number, mode: 'zero' | 'unmap' | 'discard' | 'cut'): Promise<void> {
     await this.markDirtyIfLazy();
     const hasBacking = !!this.backing();
     const old: L2Entry[] = [];
@@ -855,8 +856,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       const nCl = Math.ceil(n / this.cs);
       const e = m.entry;
       const want: 'keep' | 'zero-plain' | 'unallocated' | 'zero-alloc' =
-        mode === 'discard'
-          ? hasBacking && this.v3
+        mode === 'discard' || mode === 'cut'
+          ? mode === 'discard' && hasBacking && this.v3
             ? e.type === 'zero-plain'
               ? 'keep'
               : 'zero-plain'
@@ -996,31 +997,86 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   // ---- resize -------------------------------------------------------------------------------------
 
   /**
-   * qcow2_co_truncate (block_resize): QEMU's checks in its order, then the L1 table grown to cover the
-   * new size, then the size in the header, each step synced before the next depends on it, so a crash
-   * leaves the old size or the new one. Growing only: shrinking is refused (QEMU discards the clusters
-   * past the end and shrinks the tables; bitmirror does not implement that yet).
+   * qcow2_co_truncate (block_resize): QEMU's checks in its order, then the tables changed (grown: the
+   * L1 table grown to cover the new size; shrunk: see shrinkTables), then the size in the header, each
+   * step synced before the next depends on it, so a crash leaves the old size or the new one. As
+   * qemu-storage-daemon 7.2, an image with internal snapshots is resized too (each snapshot keeps the
+   * size it was taken at and the clusters it references).
    */
   protected override async doTruncate(size: number): Promise<void> {
     if (size % 512) throw genericError('The new size must be a multiple of 512');
-    if (this.header.nbSnapshots) throw genericError("Can't resize an image which has snapshots");
     // qcow2_truncate_bitmaps_check: every bitmap stored in the image must be in memory and usable.
     this.checkStoredBitmapsResizable(this.bitmapsValid() ? this.cachedBitmaps.map((b) => b.name) : []);
-    if (size < this.header.size) throw genericError('Shrinking a qcow2 image is not supported by bitmirror');
     const needL1 = Math.ceil(size / (this.cs * this.l2Entries));
     if (needL1 * 8 > MAX_L1_BYTES) throw genericError('Failed to grow the L1 table: File too large');
-    await this.withAll(async () => {
-      if (needL1 > this.header.l1Size) await this.growL1(needL1);
-      const b = Buffer.alloc(8);
-      b.writeBigUInt64BE(BigInt(size));
-      try {
-        await this.file.write(24, b);
+    for (;;) {
+      const busy = await this.withAll(async (): Promise<Promise<void> | undefined> => {
+        if (size < this.header.size) {
+          // Clusters being allocated past the new end are linked first, then cropped.
+          const a = this.allocationOverlapping(size, this.header.size);
+          if (a) return a.done;
+          await this.shrinkTables(size, needL1);
+        } else if (needL1 > this.header.l1Size) {
+          await this.growL1(needL1);
+        }
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(BigInt(size));
+        try {
+          await this.file.write(24, b);
+          await this.file.flush();
+        } catch (err) {
+          throw genericError(`Failed to update the image size: ${errorMessage(err)}`);
+        }
+        this.header.size = size;
+        return undefined;
+      });
+      if (!busy) return;
+      await busy;
+    }
+  }
+
+  /**
+   * The shrinking half of qcow2_co_truncate (exclusive lock held): the whole clusters past the new end
+   * become unallocated and lose their references (a partial last cluster keeps its data, as in QEMU);
+   * the L1 entries past the tables the new size needs are zeroed on disk (l1_size in the header stays,
+   * as QEMU leaves it) and their L2 tables freed; then the file is cut after its last referenced
+   * cluster (a failure there is only a warning: the image is consistent either way).
+   */
+  private async shrinkTables(size: number, l1Entries: number): Promise<void> {
+    const from = Math.ceil(size / this.cs) * this.cs;
+    try {
+      if (from < this.header.size) await this.zeroClusters(from, this.header.size, 'cut');
+      await this.writebackMetadata();
+    } catch (err) {
+      throw genericError(`Failed to discard cropped clusters: ${errorMessage(err)}`);
+    }
+    try {
+      if (l1Entries < this.header.l1Size) {
+        await this.file.write(this.header.l1TableOffset + l1Entries * 8, Buffer.alloc((this.header.l1Size - l1Entries) * 8));
         await this.file.flush();
-      } catch (err) {
-        throw genericError(`Failed to update the image size: ${errorMessage(err)}`);
+        for (let i = this.header.l1Size - 1; i >= l1Entries; i--) {
+          const loc = this.l2Location(i);
+          this.l1.writeBigUInt64BE(0n, i * 8);
+          if (!loc) continue;
+          this.l2cache.drop(loc.offset);
+          await this.rc.free(loc.offset);
+        }
+        await this.writebackMetadata();
+        await this.file.flush();
       }
-      this.header.size = size;
-    });
+    } catch (err) {
+      throw genericError(`Failed to reduce the number of L2 tables: ${errorMessage(err)}`);
+    }
+    const fileLength = this.file.length();
+    let last = Math.ceil(fileLength / this.cs) - 1;
+    while (last >= 0 && (await this.rc.get(last)) === 0) last--;
+    if ((last + 1) * this.cs < fileLength) {
+      try {
+        await this.file.truncate((last + 1) * this.cs);
+      } catch (err) {
+        process.stderr.write(`warning: Failed to truncate the tail of the image: ${errorMessage(err)}\n`);
+      }
+    }
   }
 
   /**
