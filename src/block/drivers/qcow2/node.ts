@@ -873,8 +873,10 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
               : e.type === 'normal' && mode === 'zero'
                 ? 'zero-alloc'
                 : 'zero-plain';
+      // As QEMU's get_cluster_table, the L2 table is made ours (allocated, or copied when an internal
+      // snapshot shares it) even where no entry changes: the images stay the same cluster for cluster.
+      const t = await this.ensureL2(m.l1Index);
       if (want !== 'keep') {
-        const t = await this.ensureL2(m.l1Index);
         for (let k = 0; k < nCl; k++) {
           const idx = m.l2Index + k;
           const prev = decodeL2(t.table, idx, this.clusterBits, this.v3);
