@@ -461,10 +461,21 @@ test('block_resize shrinks qcow2 as QEMU 7.2 does (internal snapshots, persisten
     assert.ok(data.subarray(ref.length).equals(Buffer.alloc(data.length - ref.length)), 'zeroes past it');
     const bitmaps = (JSON.parse(execFileSync('qemu-img', ['info', '--output=json', f.a]).toString()) as { 'format-specific': { data: { bitmaps: Array<{ name: string }> } } })['format-specific'].data.bitmaps;
     assert.deepEqual(bitmaps.map((x) => x.name), ['b1']);
-    states.push({ a, b });
+    // c: 32 MiB of data in 4 KiB clusters needs five refcount blocks (one maps 8 MiB); shrunk to
+    // 1 MiB, four count nothing and leave the table, and the file is cut to what is left.
+    const fc = path.join(path.dirname(f.a), 'c.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4k', fc, '32M']);
+    execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 7 0 32M', fc]);
+    await q('blockdev-add', { driver: 'qcow2', 'node-name': 'qc', file: { driver: 'file', filename: fc } });
+    await q('block_resize', { 'node-name': 'qc', size: MiB });
+    await q('blockdev-del', { 'node-name': 'qc' });
+    assert.ok(rawOf(fc).equals(Buffer.alloc(MiB, 7)));
+    const c = { ...imageState(fc), file: execFileSync('sha256sum', [fc]).toString().split(' ')[0] };
+    states.push({ a, b, c });
   });
   const [theirs, ours] = states;
-  for (const img of ['a', 'b']) {
+  assert.equal((ours as Record<string, Record<string, unknown>>).c.file, (theirs as Record<string, Record<string, unknown>>).c.file, 'c: the same file, byte for byte');
+  for (const img of ['a', 'b', 'c']) {
     const t = (theirs as Record<string, Record<string, unknown>>)[img];
     const o = (ours as Record<string, Record<string, unknown>>)[img];
     assert.equal((o.check as Record<string, unknown>)['check-errors'], 0, `${img}: check`);

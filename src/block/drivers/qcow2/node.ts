@@ -1041,8 +1041,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    * The shrinking half of qcow2_co_truncate (exclusive lock held): the whole clusters past the new end
    * become unallocated and lose their references (a partial last cluster keeps its data, as in QEMU);
    * the L1 entries past the tables the new size needs are zeroed on disk (l1_size in the header stays,
-   * as QEMU leaves it) and their L2 tables freed; then the file is cut after its last referenced
-   * cluster (a failure there is only a warning: the image is consistent either way).
+   * as QEMU leaves it) and their L2 tables freed; refcount blocks left counting nothing leave the
+   * refcount table; then the file is cut after its last referenced cluster (a failure there is only a warning: the image is consistent either way).
    */
   private async shrinkTables(size: number, l1Entries: number): Promise<void> {
     const from = Math.ceil(size / this.cs) * this.cs;
@@ -1068,6 +1068,11 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       }
     } catch (err) {
       throw genericError(`Failed to reduce the number of L2 tables: ${errorMessage(err)}`);
+    }
+    try {
+      await this.rc.dropUnusedBlocks();
+    } catch (err) {
+      throw genericError(`Failed to discard unused refblocks: ${errorMessage(err)}`);
     }
     const fileLength = this.file.length();
     let last = Math.ceil(fileLength / this.cs) - 1;

@@ -274,6 +274,42 @@ export class Refcounts {
     await this.file.flush();
   }
 
+  /**
+   * qcow2_shrink_reftable (the end of a shrink): refcount blocks that count nothing but, perhaps,
+   * themselves leave the table, rewritten whole and synced before they are forgotten, so the file can
+   * be cut after the last cluster still in use. A dropped block counted elsewhere loses that count
+   * too (QEMU leaves it, a leak qemu-img check reports).
+   */
+  async dropUnusedBlocks(): Promise<void> {
+    await this.flush();
+    const next = [...this.table];
+    for (let i = 0; i < this.table.length; i++) {
+      const off = this.table[i];
+      if (!off) continue;
+      const block = this.cache.peek(off) ?? (await this.cache.get(off));
+      const own = Math.floor(off / this.cs);
+      const selfIndex = Math.floor(own / this.entriesPerBlock) === i ? own % this.entriesPerBlock : -1;
+      let unused = true;
+      for (let k = 0; k < this.entriesPerBlock && unused; k++) if (k !== selfIndex && this.readEntry(block, k) !== 0) unused = false;
+      if (unused) next[i] = 0;
+    }
+    if (next.every((o, i) => o === this.table[i])) return;
+    const buf = Buffer.alloc(this.tableClusters * this.cs);
+    next.forEach((o, i) => buf.writeBigUInt64BE(BigInt(o), i * 8));
+    await this.file.write(this.tableOffset, buf);
+    await this.file.flush();
+    const countedElsewhere: number[] = [];
+    for (let i = 0; i < this.table.length; i++) {
+      const off = this.table[i];
+      if (!off || next[i]) continue;
+      this.cache.drop(off);
+      this.table[i] = 0;
+      if (Math.floor(off / this.cs / this.entriesPerBlock) !== i) countedElsewhere.push(off);
+    }
+    for (const off of countedElsewhere) await this.free(off);
+    await this.flush();
+  }
+
   /** Write back dirty refcount blocks and flush the file. */
   async flush(): Promise<void> {
     if (!this.cache.isDirty()) return;
