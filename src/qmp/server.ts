@@ -92,7 +92,14 @@ export class QmpServer {
   releaseConnections(): void {
     const held = this.held ?? [];
     this.held = undefined;
-    for (const sock of held) if (!sock.destroyed) this.accept(sock);
+    for (const sock of held) {
+      if (sock.destroyed) continue;
+      this.accept(sock);
+      // accept() paused it; a listener does not restart an explicitly paused stream, and the session
+      // resumes its input only after a pump that input would start: what the client sent while held
+      // (and all it sends later) would never be read, and its requests never answered.
+      sock.resume();
+    }
   }
 
   private accept(sock: net.Socket): void {

@@ -4,12 +4,15 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import * as net from 'node:net';
 import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { BITMIRROR_BIN, spawnDaemon } from '../../src/daemon/spawn.js';
 import { QmpClient } from '../../src/qmp/client.js';
+import { RawQmpClient } from '../support/raw-qmp.js';
+import { poll } from '../support/wait.js';
 
 function runCli(args: string[]): { status: number | null; stderr: string } {
   const r = spawnSync(process.execPath, [BITMIRROR_BIN, 'daemon', ...args], { encoding: 'utf8', timeout: 20_000 });
@@ -78,6 +81,46 @@ test('--blockdev in dotted and JSON form, --pidfile, TCP monitor, SIGTERM flushe
   assert.ok(data.subarray(4096, 8192).every((b) => b === 0x77));
   await assert.rejects(fsp.access(pidfile), 'pidfile removed on exit');
   await fsp.rm(dir, { recursive: true, force: true });
+});
+
+test('a client that connects while the pidfile is being written is greeted after it, and answered: what it sent meanwhile and later', async () => {
+  const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'bm-held-'));
+  const sock = path.join(dir, 'm.sock');
+  // The daemon's write of a FIFO waits for a reader: its start-up stops there, with the socket
+  // listening and connections held (not greeted, not read) until this test reads the pid.
+  const pidfile = path.join(dir, 'pid');
+  execFileSync('mkfifo', [pidfile]);
+  const proc = spawn(process.execPath, [BITMIRROR_BIN, 'daemon', '--chardev', `socket,id=m,path=${sock},server=on,wait=off`, '--monitor', 'm', '--pidfile', pidfile], { stdio: 'ignore' });
+  const exited = new Promise<number | null>((r) => proc.once('exit', (c) => r(c)));
+  try {
+    let conn: net.Socket | undefined;
+    await poll('the monitor socket to accept', async () => {
+      conn = await new Promise<net.Socket | undefined>((resolve) => {
+        const s = net.createConnection(sock);
+        s.once('connect', () => resolve(s));
+        s.once('error', () => resolve(undefined));
+      });
+      return conn !== undefined;
+    });
+    const c = new RawQmpClient(conn!);
+    c.sock.write('{"execute":"qmp_capabilities"}{"execute":"query-version","id":1}');
+    assert.equal(c.replies.length, 0, 'no greeting before the pidfile exists');
+    assert.equal((await fsp.readFile(pidfile, 'utf8')).trim(), String(proc.pid));
+    // Polled, not waitFor: a daemon that never answers fails the test (and is killed below).
+    await poll('the greeting and both replies', () => c.replies.length >= 3);
+    assert.ok('QMP' in c.replies[0], 'the greeting comes first');
+    assert.deepEqual(c.replies[1], { return: {} });
+    assert.equal(c.replies[2].id, 1);
+    assert.ok('return' in c.replies[2]);
+    c.sock.write('{"execute":"quit","id":2}');
+    await poll('the reply to quit', () => c.replies.length >= 4);
+    assert.deepEqual(c.replies[3], { return: {}, id: 2 });
+    assert.equal(await exited, 0);
+    c.sock.destroy();
+  } finally {
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    await fsp.rm(dir, { recursive: true, force: true });
+  }
 });
 
 test('quit replies, then the daemon exits 0', async () => {
