@@ -1012,11 +1012,13 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     const needL1 = Math.ceil(size / (this.cs * this.l2Entries));
     if (needL1 * 8 > MAX_L1_BYTES) throw genericError('Failed to grow the L1 table: File too large');
     for (;;) {
-      const busy = await this.withAll(async (): Promise<Promise<void> | undefined> => {
+      const busy = await this.withAll(async (): Promise<{ wait: Promise<void> } | undefined> => {
         if (size < this.header.size) {
-          // Clusters being allocated past the new end are linked first, then cropped.
+          // Clusters being allocated past the new end are linked first, then cropped. Wrapped: an
+          // async function returning the promise would adopt it, waiting under the exclusive lock
+          // for an allocation that needs the lock to finish.
           const a = this.allocationOverlapping(size, this.header.size);
-          if (a) return a.done;
+          if (a) return { wait: a.done };
           await this.shrinkTables(size, needL1);
         } else if (needL1 > this.header.l1Size) {
           await this.growL1(needL1);
@@ -1033,7 +1035,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         return undefined;
       });
       if (!busy) return;
-      await busy;
+      await busy.wait;
     }
   }
 
