@@ -559,6 +559,22 @@ export abstract class BlockNode {
     };
   }
 
+  /**
+   * Run `change` in a drained section, as QEMU's block_resize does (bdrv_drained_begin): new requests
+   * wait (after any other hold in force has ended), every request in flight ends first, and the
+   * waiting ones run once `change` is done — checked then, against what it left (a shrunk size).
+   */
+  async drained<T>(change: () => Promise<T>): Promise<T> {
+    while (this.held) await this.held;
+    const release = this.holdRequests();
+    try {
+      await this.tracker.drain();
+      return await change();
+    } finally {
+      release();
+    }
+  }
+
   private async afterHold<T>(request: (node: BlockNode) => Promise<T>): Promise<T> {
     const to = await this.held;
     return request(to ?? this);

@@ -138,7 +138,9 @@ export const blockdevCommands: CommandDef[] = [
     // A BlockBackend that resizes and shares everything, for the time of the resize.
     const edge = node.attachParent(unnamedBackend(), 'root', BLK_PERM_RESIZE, BLK_PERM_ALL);
     try {
-      await node.truncate(size);
+      // Drained, as QEMU's qmp_block_resize: no request checked against the old size may still be
+      // on its way (a write past a new, smaller end would land after the crop).
+      await node.drained(() => node.truncate(size));
     } finally {
       BlockNode.detachParent(edge);
     }
