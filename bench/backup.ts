@@ -18,7 +18,7 @@ import { promises as fsp } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds, have, makeDataImage, makeEmptyImage, median, pct, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
+import { cpuMeter, have, makeDataImage, makeEmptyImage, median, pct, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
 
 export const title = 'backup: full backup vs qemu-storage-daemon and cp; write latency added by copy-before-write (p50/p99)';
 
@@ -54,16 +54,16 @@ async function latency(program: Program, dir: string, src: string, tgt: string, 
     await q.execute('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'src', name: 'src', writable: true });
     // Distinct 64 KiB clusters in the data area: the first half without a backup, the rest with one.
     const clusters = Array.from({ length: 2 * writes }, (_, i) => i * 7 * 65536);
-    const c0 = cpuSeconds(d.proc.pid);
+    const cpu = cpuMeter(d.proc.pid);
     const base = await writeLatencies(sock, clusters.slice(0, writes), depth);
     await q.execute('blockdev-backup', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'none' });
-    const c1 = cpuSeconds(d.proc.pid);
+    const c1 = cpu();
     const cbw = await writeLatencies(sock, clusters.slice(writes), depth);
-    const c2 = cpuSeconds(d.proc.pid);
+    const c2 = cpu();
     await q.execute('block-job-cancel', { device: 'j', force: true });
     await q.waitEvent('JOB_STATUS_CHANGE', { id: 'j', status: 'null' }, 60_000);
     await q.execute('block-export-del', { id: 'e' });
-    return { base, cbw, baseCpuMs: ((c1 - c0) * 1000) / writes, cbwCpuMs: ((c2 - c1) * 1000) / writes };
+    return { base, cbw, baseCpuMs: (c1 * 1000) / writes, cbwCpuMs: ((c2 - c1) * 1000) / writes };
   } finally {
     await d.stop();
   }

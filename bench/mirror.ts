@@ -6,40 +6,41 @@
  * rounds, medians and ranges of wall time, CPU seconds per GiB and peak memory, bitmirror's ratios per
  * round. BM_MIRROR_FS adds file systems (e.g. "tmpfs,xfs,disk"; see bench/copy.ts). Then the
  * incremental mirror: a working bitmap with 1% of the clusters dirty, into a target whose backing file
- * is the full copy, against the full mirror in the same rounds (the goal: ≤ 3% of the full one's time).
+ * is the full copy, against the full mirror in the same rounds (the goal: ≤ 3% of the full one's time),
+ * both in the daemon that ran the full mirror (warm, as a long-running daemon) and in a fresh one.
  */
 import * as path from 'node:path';
 import { copyCases, runCopyMatrix } from './copy.js';
-import { GiB, MiB, makeDataImage, makeEmptyImage, median, openBenchFs, pairedRatio, spread, timedBlockJob, type FsKind, type Row, type Sample } from './support.js';
+import { GiB, MiB, makeDataImage, makeEmptyImage, median, openBenchFs, openJobDaemon, pairedRatio, spread, timedBlockJob, type BlockJobRun, type FsKind, type Row, type Sample } from './support.js';
 
 export const title = 'mirror: full qcow2 mirror vs qemu-storage-daemon, qemu-img convert and cp; incremental (1% dirty) vs full';
 
-/** Full and incremental mirrors on tmpfs, paired by round. */
+/**
+ * Full and incremental mirrors on tmpfs, paired by round. Each round: the full mirror in a fresh daemon,
+ * then in that same daemon (warm: its code compiled and its caches filled, as in a long-running daemon)
+ * an incremental mirror, then an incremental mirror in a fresh daemon (the cost a one-shot run pays).
+ * Each incremental copies 1% of the clusters, dirtied anew, into a target backed by the round's full copy.
+ */
 async function incremental(mib: number, rounds: number): Promise<Row[]> {
   const fs = await openBenchFs('tmpfs', 'mirror-inc', 0);
   if ('skip' in fs) return [{ case: `incremental: skipped (${fs.skip})` }];
   try {
-    const dataBytes = mib * MiB;
-    const size = dataBytes;
-    const src = path.join(fs.dir, 'src.qcow2');
-    await makeDataImage(src, 'qcow2', size, 'dense');
+    const size = mib * MiB;
+    const src = { file: path.join(fs.dir, 'src.qcow2'), format: 'qcow2' } as const;
+    await makeDataImage(src.file, 'qcow2', size, 'dense');
     const full = path.join(fs.dir, 'full.qcow2');
-    const inc = path.join(fs.dir, 'inc.qcow2');
-    const clusters = dataBytes / 65536;
+    const clusters = size / 65536;
     const dirty = Math.max(1, Math.round(clusters / 100));
-    const fullRuns: Sample[] = [];
-    const incRuns: Sample[] = [];
     let seed = 12345;
-    for (let r = 0; r < rounds; r++) {
-      // The full copy first: the incremental target's backing file is this round's full copy.
-      await makeEmptyImage(full, 'qcow2', size);
-      fullRuns.push(await timedBlockJob(fs.dir, { program: 'bitmirror', job: 'mirror', src: { file: src, format: 'qcow2' }, tgt: { file: full, format: 'qcow2' } }));
-      await makeEmptyImage(inc, 'qcow2', size, full);
-      const s = await timedBlockJob(fs.dir, {
+    /** An incremental mirror of `dirty` clusters dirtied now, into a new image backed by the full copy. */
+    const incrementalJob = async (name: string): Promise<BlockJobRun> => {
+      const tgt = path.join(fs.dir, name);
+      await makeEmptyImage(tgt, 'qcow2', size, full);
+      return {
         program: 'bitmirror',
         job: 'mirror',
-        src: { file: src, format: 'qcow2' },
-        tgt: { file: inc, format: 'qcow2' },
+        src,
+        tgt: { file: tgt, format: 'qcow2' },
         bitmap: 'b0',
         prepare: async (exec, hmp) => {
           await exec('block-dirty-bitmap-add', { node: 'src', name: 'b0', granularity: 65536 });
@@ -52,28 +53,43 @@ async function incremental(mib: number, rounds: number): Promise<Row[]> {
           }
           for (const c of picked) await hmp(`qemu-io src "write -P 0xee ${c * 65536} 64k"`);
         },
-      });
-      incRuns.push(s);
+      };
+    };
+    const fullRuns: Sample[] = [];
+    const warmRuns: Sample[] = [];
+    const freshRuns: Sample[] = [];
+    for (let r = 0; r < rounds; r++) {
+      const d = await openJobDaemon(fs.dir, 'bitmirror');
+      try {
+        await makeEmptyImage(full, 'qcow2', size);
+        fullRuns.push(await d.time({ program: 'bitmirror', job: 'mirror', src, tgt: { file: full, format: 'qcow2' } }));
+        warmRuns.push(await d.time(await incrementalJob('inc-warm.qcow2')));
+      } finally {
+        await d.stop();
+      }
+      freshRuns.push(await timedBlockJob(fs.dir, await incrementalJob('inc-fresh.qcow2')));
     }
     // CPU seconds too: on a loaded machine the wall time of a run this short is mostly waiting for a core.
     const wall = (xs: Sample[]) => xs.map((x) => x.seconds);
     const cpu = (xs: Sample[]) => xs.map((x) => x.cpu);
-    const ratio = (f: (xs: Sample[]) => number[]) => {
-      const r = pairedRatio(f(incRuns), f(fullRuns));
+    const ratio = (runs: Sample[], f: (xs: Sample[]) => number[]) => {
+      const r = pairedRatio(f(runs), f(fullRuns), 3);
       return `${r.median.toFixed(3)} (${r.range})`;
     };
+    const row = (label: string, runs: Sample[], ratios: boolean): Row => ({
+      case: label,
+      tool: 'bitmirror',
+      'wall s': median(wall(runs)),
+      'wall range': spread(wall(runs), 3),
+      'CPU s': median(cpu(runs)),
+      'CPU range': spread(cpu(runs), 3),
+      ...(ratios ? { 'incremental÷full wall': ratio(runs, wall), 'incremental÷full CPU': ratio(runs, cpu) } : {}),
+    });
+    const inc = `incremental, ${dirty} of ${clusters} clusters dirty`;
     return [
-      { case: `full mirror, ${mib} MiB data (tmpfs)`, tool: 'bitmirror', 'wall s': median(wall(fullRuns)), 'wall range': spread(wall(fullRuns)), 'CPU s': median(cpu(fullRuns)), 'CPU range': spread(cpu(fullRuns)) },
-      {
-        case: `incremental, ${dirty} of ${clusters} clusters dirty`,
-        tool: 'bitmirror',
-        'wall s': median(wall(incRuns)),
-        'wall range': spread(wall(incRuns)),
-        'CPU s': median(cpu(incRuns)),
-        'CPU range': spread(cpu(incRuns)),
-        'incremental÷full wall': ratio(wall),
-        'incremental÷full CPU': ratio(cpu),
-      },
+      row(`full mirror, ${mib} MiB data (tmpfs)`, fullRuns, false),
+      row(`${inc}, warm daemon (after the full mirror)`, warmRuns, true),
+      row(`${inc}, fresh daemon`, freshRuns, true),
     ];
   } finally {
     await fs.close();

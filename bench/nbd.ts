@@ -28,7 +28,7 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnDaemon, type SpawnedDaemon } from '../src/daemon/spawn.js';
 import { NbdClientConnection } from '../src/nbd/client.js';
-import { cpuSeconds, loadNow, median, pairedRatio, residentMiB, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
+import { cpuMeter, loadNow, median, pairedRatio, residentMiB, sh, spread, timedBlockJob, type Row, type Sample } from './support.js';
 
 export const title = 'nbd: nbdcopy out of and into an export, bitmirror vs qemu-storage-daemon vs qemu-nbd';
 
@@ -83,11 +83,11 @@ async function serve(server: Server, dir: string, image: string, writable: boole
 }
 
 async function timed(r: Running, args: string[]): Promise<{ seconds: number; cpu: number }> {
-  const cpu0 = cpuSeconds(r.pid);
+  const cpu = cpuMeter(r.pid);
   const t0 = process.hrtime.bigint();
   await sh('nbdcopy', args);
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-  return { seconds, cpu: cpuSeconds(r.pid) - cpu0 };
+  return { seconds, cpu: cpu() };
 }
 
 /** A free TCP port on 127.0.0.1 (bound and released). */

@@ -11,7 +11,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { spawnDaemon } from '../src/daemon/spawn.js';
-import { cpuSeconds, type Row } from './support.js';
+import { cpuMeter, type Row } from './support.js';
 
 export const title = 'qmp: a flood of error replies on one monitor, query-version latency on another';
 
@@ -27,7 +27,7 @@ async function flood(program: 'bitmirror' | 'qemu-storage-daemon', n: number, di
       for (let i = b.indexOf(10); i >= 0; i = b.indexOf(10, i + 1)) lines++;
     });
     const closed = new Promise((r) => sock.once('close', r));
-    const cpu0 = cpuSeconds(d.proc.pid);
+    const cpuUsed = cpuMeter(d.proc.pid);
     const t0 = performance.now();
     sock.end('{"execute":"qmp_capabilities"}' + '1,'.repeat(n));
     let done = false;
@@ -42,7 +42,7 @@ async function flood(program: 'bitmirror' | 'qemu-storage-daemon', n: number, di
       await d.qmp.execute('query-version');
       rtts.push(performance.now() - t);
     }
-    const cpu = cpuSeconds(d.proc.pid) - cpu0;
+    const cpu = cpuUsed();
     rtts.sort((a, b) => a - b);
     return {
       program,

@@ -2,14 +2,14 @@
  * What the benchmarks share (one place: look here before writing a helper in a benchmark): running
  * peer tools, a process's CPU seconds and peak memory, medians/ranges/paired ratios over alternating
  * rounds, test images with data, the file systems a benchmark runs on (tmpfs, an XFS loop file system
- * with reflinks, the disk), and one block job (mirror or backup) timed in a fresh daemon —
- * bitmirror or qemu-storage-daemon, the same QMP for both.
+ * with reflinks, the disk), and block jobs (mirror or backup) timed in a fresh daemon or one after
+ * another in the same one — bitmirror or qemu-storage-daemon, the same QMP for both.
  *
  * Absolute times on a shared machine are noise: every benchmark alternates the tools in the same run,
  * prints medians with their ranges, and quotes a ratio only with the range of its per-round values.
  */
 import { execFile } from 'node:child_process';
-import { existsSync, promises as fsp, readFileSync } from 'node:fs';
+import { existsSync, promises as fsp, readdirSync, readFileSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawnDaemon } from '../src/daemon/spawn.js';
@@ -37,14 +37,57 @@ export async function have(cmd: string): Promise<boolean> {
   );
 }
 
-/** User + system CPU seconds a process has used so far (Linux /proc; NaN elsewhere). */
-export function cpuSeconds(pid: number | undefined): number {
+/** User + system CPU clock ticks in a /proc …/stat file (USER_HZ = 100 on Linux). */
+function statTicks(file: string): number {
+  const fields = readFileSync(file, 'utf8').split(') ')[1].split(' ');
+  return Number(fields[11]) + Number(fields[12]);
+}
+
+/** Each live thread's run time so far in nanoseconds (…/task/TID/schedstat), by thread id. */
+function threadRunNs(pid: number | undefined): Map<string, number> {
+  const ns = new Map<string, number>();
   try {
-    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-    return (Number(fields[11]) + Number(fields[12])) / 100; // clock ticks (USER_HZ = 100 on Linux)
+    for (const tid of readdirSync(`/proc/${pid}/task`)) {
+      try {
+        ns.set(tid, Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]));
+      } catch {
+        // the thread ended meanwhile
+      }
+    }
   } catch {
-    return NaN;
+    // no /proc/PID/task (not Linux, or the process is gone)
   }
+  return ns;
+}
+
+/**
+ * The user + system CPU seconds a process uses from now on (Linux /proc; NaN elsewhere): call the
+ * returned function to read it. /proc's tick counts have 10 ms steps, too coarse for a job of a few
+ * milliseconds, so the meter sums its threads' run times in nanoseconds (schedstat); only when a
+ * thread it started with has ended (its time is then only in the process's ticks) does it fall back
+ * to the ticks.
+ */
+export function cpuMeter(pid: number | undefined): () => number {
+  const ticks = (): number => {
+    try {
+      return statTicks(`/proc/${pid}/stat`) / 100;
+    } catch {
+      return NaN;
+    }
+  };
+  const ticks0 = ticks();
+  const ns0 = threadRunNs(pid);
+  return () => {
+    const ns = threadRunNs(pid);
+    let sum = 0;
+    for (const [tid, t0] of ns0) {
+      const t = ns.get(tid);
+      if (t === undefined) return ticks() - ticks0;
+      sum += t - t0;
+    }
+    for (const [tid, t] of ns) if (!ns0.has(tid)) sum += t;
+    return ns0.size > 0 ? sum / 1e9 : ticks() - ticks0;
+  };
 }
 
 /** A process's peak resident memory so far (VmHWM), in MiB; NaN when unknown. */
@@ -110,14 +153,15 @@ export function spread(xs: number[], digits = 2): string {
 
 /**
  * A ratio a/b over paired rounds (the same round, alternating order): its median, its range, and what
- * the range supports — "< 1" or "> 1" only when every round agrees, else "within noise".
+ * the range supports — "< 1" or "> 1" only when every round agrees, else "within noise". The range has
+ * `digits` decimals.
  */
-export function pairedRatio(a: number[], b: number[]): { median: number; range: string; verdict: string } {
+export function pairedRatio(a: number[], b: number[], digits = 2): { median: number; range: string; verdict: string } {
   const r = a.map((x, i) => x / b[i]).filter((x) => Number.isFinite(x));
   if (r.length === 0) return { median: NaN, range: '', verdict: '' };
   const lo = Math.min(...r);
   const hi = Math.max(...r);
-  return { median: median(r), range: spread(r), verdict: hi < 1 ? '< 1 every round' : lo > 1 ? '> 1 every round' : 'within noise' };
+  return { median: median(r), range: spread(r, digits), verdict: hi < 1 ? '< 1 every round' : lo > 1 ? '> 1 every round' : 'within noise' };
 }
 
 /** The load average now, for the tables' captions. */
@@ -231,7 +275,7 @@ export async function openBenchFs(kind: FsKind, name: string, sizeBytes: number)
   };
 }
 
-// ---- one block job in a fresh daemon ---------------------------------------------------------------
+// ---- timed block jobs ------------------------------------------------------------------------------
 
 export interface JobImage {
   file: string;
@@ -255,38 +299,61 @@ export interface BlockJobRun {
   prepare?: (exec: (cmd: string, args: Record<string, unknown>) => Promise<unknown>, hmp: (cmd: string) => Promise<string>) => Promise<void>;
 }
 
+/** A daemon that runs timed block jobs one after another: the first in a fresh process, later ones warm. */
+export interface JobDaemon {
+  /**
+   * Time one job from its command to its end: a mirror runs to READY and is soft-cancelled (a complete
+   * copy, no pivot), a backup runs to completion; then the target node is deleted (written back). The
+   * source node stays open for the next job (which must use the same source). CPU seconds are the
+   * daemon's over that span; peak memory is the daemon's VmHWM at the end (of its whole life so far).
+   */
+  time(o: BlockJobRun): Promise<Sample>;
+  stop(): Promise<void>;
+}
+
 /**
- * Open src and tgt in a fresh daemon and time one job from its command to its end: a mirror runs to
- * READY and is soft-cancelled (a complete copy, no pivot), a backup runs to completion; then the target
- * node is deleted (written back). CPU seconds are the daemon's over that span; peak memory is the
- * daemon's VmHWM at the end. BM_PROFILE_DIR=DIR: every bitmirror daemon writes a V8 CPU profile
- * there (`node --cpu-prof`, at 100 µs intervals; start-up and the untimed steps included), to be
- * opened in Chrome's DevTools or summed by a script.
+ * Start a daemon for timed block jobs. BM_PROFILE_DIR=DIR: every bitmirror daemon writes a V8 CPU
+ * profile there (`node --cpu-prof`, at 100 µs intervals; start-up and the untimed steps included), to
+ * be opened in Chrome's DevTools or summed by a script.
  */
-export async function timedBlockJob(dir: string, o: BlockJobRun): Promise<Sample> {
+export async function openJobDaemon(dir: string, program: Daemon): Promise<JobDaemon> {
   const profileDir = process.env.BM_PROFILE_DIR;
-  const nodeArgs = profileDir && o.program === 'bitmirror' ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, '--cpu-prof-interval=100'] : [];
-  const d = await spawnDaemon(path.join(dir, `${o.program}.sock`), [], o.program, { nodeArgs });
+  const nodeArgs = profileDir && program === 'bitmirror' ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`, '--cpu-prof-interval=100'] : [];
+  const d = await spawnDaemon(path.join(dir, `${program}.sock`), [], program, { nodeArgs });
+  const q = d.qmp;
+  const node = (name: string, img: JobImage) =>
+    q.execute('blockdev-add', { ...(img.options ?? { driver: img.format, file: { driver: 'file', filename: img.file } }), 'node-name': name });
+  let src: JobImage | undefined;
+  return {
+    async time(o) {
+      if (o.program !== program) throw new Error(`a ${o.program} job in a ${program} daemon`);
+      if (!src) await node('src', (src = o.src));
+      else if (JSON.stringify(src) !== JSON.stringify(o.src)) throw new Error('a job daemon keeps one source node');
+      await node('tgt', o.tgt);
+      if (o.prepare) await o.prepare((c, a) => q.execute(c, a), (c) => q.hmp(c));
+      const cpu = cpuMeter(d.proc.pid);
+      const t0 = performance.now();
+      const extra = { ...(o.bitmap ? { bitmap: o.bitmap } : {}), ...(o.offload === false ? { '__org.bitmirror_copy-offload': false } : {}), ...(o.compress ? { compress: true } : {}) };
+      if (o.job === 'mirror') {
+        await q.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...extra });
+        await q.waitEvent('BLOCK_JOB_READY', { device: 'j' }, 1_800_000);
+        await q.execute('block-job-cancel', { device: 'j' });
+      } else {
+        await q.execute('blockdev-backup', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...extra });
+      }
+      await q.waitEvent('BLOCK_JOB_COMPLETED', { device: 'j' }, 1_800_000);
+      await q.execute('blockdev-del', { 'node-name': 'tgt' });
+      return { seconds: (performance.now() - t0) / 1000, cpu: cpu(), peakMiB: peakMemoryMiB(d.proc.pid) };
+    },
+    stop: async () => void (await d.stop()),
+  };
+}
+
+/** One timed block job (see JobDaemon.time) in a fresh daemon of its own. */
+export async function timedBlockJob(dir: string, o: BlockJobRun): Promise<Sample> {
+  const d = await openJobDaemon(dir, o.program);
   try {
-    const q = d.qmp;
-    const node = (name: string, img: JobImage) =>
-      q.execute('blockdev-add', { ...(img.options ?? { driver: img.format, file: { driver: 'file', filename: img.file } }), 'node-name': name });
-    await node('src', o.src);
-    await node('tgt', o.tgt);
-    if (o.prepare) await o.prepare((c, a) => q.execute(c, a), (c) => q.hmp(c));
-    const c0 = cpuSeconds(d.proc.pid);
-    const t0 = performance.now();
-    const extra = { ...(o.bitmap ? { bitmap: o.bitmap } : {}), ...(o.offload === false ? { '__org.bitmirror_copy-offload': false } : {}), ...(o.compress ? { compress: true } : {}) };
-    if (o.job === 'mirror') {
-      await q.execute('blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...extra });
-      await q.waitEvent('BLOCK_JOB_READY', { device: 'j' }, 1_800_000);
-      await q.execute('block-job-cancel', { device: 'j' });
-    } else {
-      await q.execute('blockdev-backup', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', ...extra });
-    }
-    await q.waitEvent('BLOCK_JOB_COMPLETED', { device: 'j' }, 1_800_000);
-    await q.execute('blockdev-del', { 'node-name': 'tgt' });
-    return { seconds: (performance.now() - t0) / 1000, cpu: cpuSeconds(d.proc.pid) - c0, peakMiB: peakMemoryMiB(d.proc.pid) };
+    return await d.time(o);
   } finally {
     await d.stop();
   }
