@@ -141,6 +141,7 @@ async function runOnFs(fs: BenchFs, cases: CopyCase[], tools: Tool[], rounds: nu
         'CPU s/GiB': median(cpu),
         'CPU range': spread(cpu),
         'peak MiB': Math.round(median(s.map((x) => x.peakMiB))),
+        'peak range': spread(s.map((x) => x.peakMiB), 0),
         'bitmirror÷this wall': ratio(bm?.map((x) => x.seconds) ?? [], secs),
         'bitmirror÷this CPU': ratio(bm?.map((x) => x.cpu) ?? [], s.map((x) => x.cpu)),
         'load (1 min)': spread(loads.map(Number), 1),
@@ -149,7 +150,7 @@ async function runOnFs(fs: BenchFs, cases: CopyCase[], tools: Tool[], rounds: nu
     // Each case's results as soon as it is done (the table comes at the end): a long run that is
     // stopped early still says what it measured.
     for (const r of rows.slice(-caseTools.length)) {
-      process.stdout.write(`    ${r.case} | ${r.tool}: wall ${Number(r['wall s']).toFixed(2)} s (${r['wall range']}), CPU ${Number(r['CPU s/GiB']).toFixed(2)} s/GiB (${r['CPU range']}), peak ${r['peak MiB']} MiB${r['bitmirror÷this wall'] ? `, bitmirror÷this wall ${r['bitmirror÷this wall']}, CPU ${r['bitmirror÷this CPU']}` : ''}\n`);
+      process.stdout.write(`    ${r.case} | ${r.tool}: wall ${Number(r['wall s']).toFixed(2)} s (${r['wall range']}), CPU ${Number(r['CPU s/GiB']).toFixed(2)} s/GiB (${r['CPU range']}), peak ${r['peak MiB']} MiB (${r['peak range']})${r['bitmirror÷this wall'] ? `, bitmirror÷this wall ${r['bitmirror÷this wall']}, CPU ${r['bitmirror÷this CPU']}` : ''}\n`);
     }
   }
   return rows;

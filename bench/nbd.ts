@@ -266,6 +266,7 @@ export async function run(): Promise<Row[]> {
         'server CPU s': median(t.map((x) => x.cpu)),
         'CPU range': spread(t.map((x) => x.cpu)),
         'peak MiB': Math.round(median(mirrorPeak[p])),
+        'peak range': spread(mirrorPeak[p], 0),
         'bitmirror time ÷ this': p === 'bitmirror' ? '' : `${ratio.median.toFixed(2)} (${ratio.range}) ${ratio.verdict}`,
       });
     }

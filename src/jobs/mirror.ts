@@ -198,7 +198,7 @@ export class MirrorJob extends Job {
       bufSize: o.bufSize,
       maxInFlight,
       // One copy moves at most max_io_bytes, so that up to maxInFlight of them run side by side (each
-      // takes a pooled buffer of this size).
+      // piece it reads takes a pooled buffer of the piece's size).
       maxIoBytes: Math.max(o.bufSize / maxInFlight, MAX_IO_BYTES),
       unmap: o.unmap,
       fillPartialClusters: o.fillPartialClusters,

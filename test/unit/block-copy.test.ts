@@ -184,6 +184,41 @@ test('block copy: never more copies in flight than the bound, nor more bytes tha
   }
 });
 
+test('block copy: a piece read and written takes a buffer of its size, an offloaded one none', async () => {
+  const e = env();
+  try {
+    // 64 KiB of data at the start of every 256 KiB: each 1 MiB copy reads four 64 KiB pieces.
+    qemuImg('create', '-f', 'qcow2', e.f('src.qcow2'), String(16 * MiB));
+    qemuIo(e.f('src.qcow2'), ...Array.from({ length: 64 }, (_, i) => `write -P ${i + 1} ${i * 256 * KiB} 64k`));
+    for (const offload of [false, true]) {
+      qemuImg('create', '-f', 'qcow2', e.f('tgt.qcow2'), String(16 * MiB));
+      const src = await openQcow2(e, 'src', e.f('src.qcow2'), { 'read-only': true });
+      const tgt = await openQcow2(e, 'tgt', e.f('tgt.qcow2'));
+      const gate = writeGate(tgt);
+      const bitmap = bitmapFor(src, 64 * KiB);
+      let maxBuffers = 0;
+      const copy = engine(src, tgt, bitmap, { offload, hooks: { progress: () => (maxBuffers = Math.max(maxBuffers, copy.bufferBytes)) } });
+      // 16 copies of 1 MiB in flight, each with its first piece read and its write held.
+      while (copy.hasRoom()) assert.equal(await copy.launchNext(), true);
+      assert.equal(copy.copiesInFlight, 16);
+      await gate.arrived;
+      gate.open();
+      await copyAll(copy, bitmap);
+      if (offload) {
+        assert.equal(maxBuffers, 0, 'the kernel copied every piece: no buffer');
+      } else {
+        assert.ok(maxBuffers > 0 && maxBuffers <= 16 * 64 * KiB, `buffers ${maxBuffers} <= 16 pieces of 64 KiB (not 16 of the 1 MiB largest piece)`);
+      }
+      assert.deepEqual(await tgt.read(0, 16 * MiB), await src.read(0, 16 * MiB));
+      copy.release();
+      await e.graph.remove(tgt);
+      await e.graph.remove(src);
+    }
+  } finally {
+    await e.done();
+  }
+});
+
 test('block copy: a copy-before-write writer waits for the copy in flight on its range, and the target keeps the old data', async () => {
   const e = env();
   try {

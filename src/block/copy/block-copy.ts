@@ -14,7 +14,7 @@
  *   and writing zeroes. Data is copied by the kernel (copy_file_range, a reflink where the file system
  *   can) when the source's bytes lie in a host file and the target can take a host copy there
  *   (BlockNode.copyRangeTo: file, raw, qcow2 host clusters, filters); else, or when the kernel says no,
- *   it is read into pooled page-aligned buffers (BlockNode.readInto) and written. Either way the
+ *   it is read into a pooled page-aligned buffer of the piece's size (BlockNode.readInto) and written. Either way the
  *   bookkeeping (bits, locks, progress, observers of the target) is the same;
  * - in-flight chunk locks (ChunkLocks): copies of overlapping ranges never run at once, and writers
  *   that take a lock wait for copies of their range (and copies for them);
@@ -137,7 +137,9 @@ export class BlockCopy {
     this.bitmap = o.bitmap;
     this.chunkSize = o.chunkSize;
     this.bufFree = o.bufSize;
-    this.pool = new BufferPool(o.maxIoBytes);
+    // The buffers together hold at most the budget (the background copies read no more at once), or
+    // one largest piece where that is more (copyNow's, which the budget does not bound).
+    this.pool = new BufferPool(Math.max(o.bufSize, o.maxIoBytes));
     this.hooks = o.hooks ?? {};
     this.offload = o.offload ?? true;
   }
@@ -338,9 +340,9 @@ export class BlockCopy {
           return failed('write', err);
         }
       } else {
-        // A pooled buffer: the read fills every byte of it, and the target write has ended (with
-        // the buffer no longer in use) before it goes back to the pool.
-        const buf = this.pool.take();
+        // A pooled buffer of about the piece's size: the read fills the n bytes used, and the target
+        // write has ended (with the buffer no longer in use) before it goes back to the pool.
+        const buf = this.pool.take(n);
         try {
           const data = n === buf.length ? buf : buf.subarray(0, n);
           try {
@@ -425,6 +427,11 @@ export class BlockCopy {
     const layer = this.target.formatLayer();
     const st = await layer.blockStatus(offset, Math.min(bytes, layer.length() - offset));
     return st.allocated;
+  }
+
+  /** Bytes of the read buffers the copy holds now (in use and pooled). */
+  get bufferBytes(): number {
+    return this.pool.bytes;
   }
 
   /** The copy has ended: drop the pooled buffers. */
