@@ -41,7 +41,8 @@ export const qcow2Driver: BlockDriver = {
     '*pass-discard-request': bool,
     '*pass-discard-snapshot': bool,
     '*pass-discard-other': bool,
-    '*discard-no-unref': bool,
+    // No discard-no-unref: it came with QEMU 8.1 (and changed meaning in 8.2: whether the discard
+    // still reaches the file); 7.2 refuses it as an unexpected parameter, and so does bitmirror.
     '*overlap-check': any,
     '*cache-size': int,
     '*l2-cache-size': int,

@@ -39,6 +39,7 @@ import { resolveBackingFilename } from '../../filename.js';
 import { readsAsZeroes } from '../../copy/chain-status.js';
 import { jsonOptions } from '../../filters/filter.js';
 import { Refcounts, type MetadataRange } from './refcount.js';
+import { discardPassthrough, type FreeReason } from './discard.js';
 import { compressedOffsetLimit, COPIED_HI, decodeL1, decodeL2, encodeCompressedEntry, encodeEntry, OFFSET_MASK_HI, OFFSET_MASK_LO, RWLock, TableCache, type L2Entry } from './tables.js';
 import { compressCluster, decompressCluster } from './compressed.js';
 import { walkReferences } from './walk.js';
@@ -470,7 +471,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         await this.file.write(a.host, packed);
       } catch (err) {
         // Nothing references the bytes: give them back.
-        await this.withMeta(() => this.releaseCompressedBytes(a.host, packed.length)).catch(() => undefined);
+        await this.withMeta(() => this.releaseCompressedBytes(a.host, packed.length, 'never')).catch(() => undefined);
         throw err;
       }
       await this.withMeta(async () => {
@@ -533,7 +534,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       else off = fresh;
     }
     if (off + bytes > compressedOffsetLimit(this.clusterBits)) {
-      await this.releaseCompressedBytes(off, bytes);
+      await this.releaseCompressedBytes(off, bytes, 'never');
       throw new BlockIOError('EFBIG');
     }
     this.freeByteOffset = (off + bytes) % this.cs ? off + bytes : 0;
@@ -544,13 +545,14 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   /**
    * Drop the references of compressed data at [offset, +bytes) to the host clusters it touches (meta
    * lock held). Bytes are never handed out again from a cluster that lost references this way: the
-   * free byte offset moves on to a new cluster.
+   * free byte offset moves on to a new cluster. `reason`: whether a host cluster left unused is
+   * discarded on the file (discard.ts).
    */
-  private async releaseCompressedBytes(offset: number, bytes: number): Promise<void> {
+  private async releaseCompressedBytes(offset: number, bytes: number, reason: FreeReason): Promise<void> {
     const first = Math.floor(offset / this.cs);
     const last = Math.floor((offset + bytes - 1) / this.cs);
     if (this.freeByteOffset && Math.floor(this.freeByteOffset / this.cs) >= first && Math.floor(this.freeByteOffset / this.cs) <= last) this.freeByteOffset = 0;
-    for (let c = first; c <= last; c++) await this.rc.update(c, -1);
+    await this.rc.updateRun(first, last - first + 1, -1, reason);
   }
 
   // ---- copy offload -------------------------------------------------------------------------------
@@ -671,7 +673,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         await this.writeHostClusters(a.host, buf);
       } catch (err) {
         // Nothing references the new clusters: give them back.
-        if (!a.reuse) await this.withMeta(() => this.rc.free(a.host, a.nClusters)).catch(() => undefined);
+        if (!a.reuse) await this.withMeta(() => this.rc.free(a.host, a.nClusters, 'never')).catch(() => undefined);
         throw err;
       }
       const link = async () => {
@@ -684,7 +686,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           encodeEntry(t.table, idx, a.host + k * this.cs, COPIED_HI);
         }
         this.l2cache.markDirty(t.offset);
-        if (old.length) await this.freeEntries(old);
+        // As QEMU, the clusters an overwrite replaced are never discarded on the file.
+        if (old.length) await this.freeEntries(old, 'never');
         await this.maybeWriteback();
       };
       await (a.frees ? this.withAll(link) : this.withMeta(link));
@@ -719,22 +722,27 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       // The shared table lost one reference (the active L1's); the clusters it maps are now also
       // referenced by the copy, which the snapshot's own count already accounted for.
       this.l2cache.drop(cur.offset);
-      await this.rc.free(cur.offset);
+      await this.rc.free(cur.offset, 1, 'other');
     }
     return { table: content, offset: newOff };
   }
 
-  /** Drop references to host clusters whose L2 entries were just replaced (in the cache). */
-  private async freeEntries(old: L2Entry[]): Promise<void> {
+  /**
+   * Drop references to host clusters whose L2 entries were just replaced (in the cache); those left
+   * unused are discarded on the file, together once all are dropped, when `reason` passes.
+   */
+  private async freeEntries(old: L2Entry[], reason: FreeReason): Promise<void> {
     await this.writebackMetadata();
-    for (const e of old) {
-      if (e.type === 'compressed') {
-        await this.releaseCompressedBytes(e.offset, e.csize);
-        if (this.lastCompressed?.offset === e.offset) this.lastCompressed = undefined;
-      } else {
-        await this.rc.free(e.offset);
+    await this.rc.discards.batch(async () => {
+      for (const e of old) {
+        if (e.type === 'compressed') {
+          await this.releaseCompressedBytes(e.offset, e.csize, reason);
+          if (this.lastCompressed?.offset === e.offset) this.lastCompressed = undefined;
+        } else {
+          await this.rc.free(e.offset, 1, reason);
+        }
       }
-    }
+    });
   }
 
   /** Refcount blocks → flush → L2 tables → flush (exclusive lock held). */
@@ -844,7 +852,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    * and its COPIED flag and gains the zero flag, so a cluster an internal snapshot shares stays shared.
    * 'discard' makes them unallocated, or zero when a backing file would show through on v3; 'cut'
    * (QEMU's full discard, of the clusters a shrink crops) makes them unallocated whatever is below.
-   * Freed clusters are released after the new entries are durable.
+   * Freed clusters are released after the new entries are durable, and discarded on the file as
+   * QEMU's discard types say: 'cut' always, the others when pass-discard-request is on.
    */
   private async zeroClusters(start: number, end: number, mode: 'zero' | 'unmap' | 'discard' | 'cut'): Promise<void> {
     await this.markDirtyIfLazy();
@@ -891,7 +900,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       }
       off += n;
     }
-    if (old.length) await this.freeEntries(old);
+    if (old.length) await this.freeEntries(old, mode === 'cut' ? 'always' : 'request');
     await this.maybeWriteback();
   }
 
@@ -934,10 +943,10 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   // ---- reopen -------------------------------------------------------------------------------------
 
-  /** qcow2_update_options: what qcow2 lets blockdev-reopen change (bitmirror keeps them as given). */
+  /** qcow2_update_options: what qcow2 lets blockdev-reopen change (pass-discard-* take effect, see reopenCommit; the others bitmirror keeps as given). */
   override reopenableOptions(): readonly string[] {
     return [
-      'lazy-refcounts', 'pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', 'discard-no-unref', 'overlap-check',
+      'lazy-refcounts', 'pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', 'overlap-check',
       'cache-size', 'l2-cache-size', 'l2-cache-entry-size', 'refcount-cache-size', 'cache-clean-interval',
     ];
   }
@@ -961,6 +970,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   override reopenCommit(change: ReopenChange): void {
     super.reopenCommit(change);
     this.unmapAllowed = change.options.discard === 'unmap';
+    // As qcow2_update_options: an option left out goes back to its default.
+    this.rc.passthrough = discardPassthrough(change.options);
   }
 
   /**
@@ -1058,13 +1069,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       if (l1Entries < this.header.l1Size) {
         await this.file.write(this.header.l1TableOffset + l1Entries * 8, Buffer.alloc((this.header.l1Size - l1Entries) * 8));
         await this.file.flush();
-        for (let i = this.header.l1Size - 1; i >= l1Entries; i--) {
-          const loc = this.l2Location(i);
-          this.l1.writeBigUInt64BE(0n, i * 8);
-          if (!loc) continue;
-          this.l2cache.drop(loc.offset);
-          await this.rc.free(loc.offset);
-        }
+        await this.rc.discards.batch(async () => {
+          for (let i = this.header.l1Size - 1; i >= l1Entries; i--) {
+            const loc = this.l2Location(i);
+            this.l1.writeBigUInt64BE(0n, i * 8);
+            if (!loc) continue;
+            this.l2cache.drop(loc.offset);
+            await this.rc.free(loc.offset, 1, 'always');
+          }
+        });
         await this.writebackMetadata();
         await this.file.flush();
       }
@@ -1113,7 +1126,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       this.header.l1TableOffset = off;
       this.header.l1Size = entries;
       this.l1 = table.subarray(0, bytes);
-      if (old.clusters > 0) await this.rc.free(old.offset, old.clusters);
+      if (old.clusters > 0) await this.rc.free(old.offset, old.clusters, 'other');
       await this.rc.flush();
     } catch (err) {
       throw genericError(`Failed to grow the L1 table: ${errorMessage(err)}`);
@@ -1417,11 +1430,12 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           const t = await this.readFile(b.tableOffset, b.tableSize * 8);
           for (let k = 0; k < b.tableSize; k++) {
             const off = bitmapTableEntryOffset(t, k);
-            if (off) await this.rc.free(off);
+            // As QEMU's clear_bitmap_table / free_bitmap_clusters: bitmap data always goes, tables are 'other'.
+            if (off) await this.rc.free(off, 1, 'always');
           }
-          await this.rc.free(b.tableOffset, Math.ceil((b.tableSize * 8) / this.cs));
+          await this.rc.free(b.tableOffset, Math.ceil((b.tableSize * 8) / this.cs), 'other');
         }
-        await this.rc.free(oldExt.directoryOffset, Math.ceil(oldExt.directorySize / this.cs));
+        await this.rc.free(oldExt.directoryOffset, Math.ceil(oldExt.directorySize / this.cs), 'other');
       }
       await this.rc.flush();
     });

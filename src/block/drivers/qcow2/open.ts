@@ -25,6 +25,7 @@ import {
   type Qcow2Header,
 } from './header.js';
 import { checkCompressionType } from './compressed.js';
+import { discardPassthrough } from './discard.js';
 import { Refcounts } from './refcount.js';
 import { decodeL1 } from './tables.js';
 import { Qcow2Node } from './node.js';
@@ -228,6 +229,7 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   const node = new Qcow2Node(nodeName, readOnly, file, h, l1, rc, backingDisplay);
   node.cachedBitmaps = storedBitmaps;
   node.unmapAllowed = opts.discard === 'unmap';
+  node.rc.passthrough = discardPassthrough(opts);
   // Unless the backing node was opened from the header's name, that name is what a backing node
   // attached later (or given by reference) is compared with.
   if (opts.backing !== undefined || !h.backingFile) node.autoBackingFile = h.backingFile ?? '';

@@ -12,6 +12,7 @@ import { BlockIOError, genericError, strerror } from '../../../errors.js';
 import { HOST_OFFSET_END } from './header.js';
 import type { BlockNode } from '../../node.js';
 import { TableCache } from './tables.js';
+import { discardPassthrough, PendingDiscards, type DiscardPassthrough, type FreeReason } from './discard.js';
 
 const REFT_OFF_MASK_LO = 0xfffffe00;
 
@@ -36,6 +37,10 @@ export class Refcounts {
   highestAllocated = 0;
   /** The largest refcount an entry holds (2^refcount_bits - 1). */
   readonly maxRefcount: number;
+  /** Which reasons for freeing a cluster discard it on the file (the node's pass-discard-* options). */
+  passthrough: DiscardPassthrough = discardPassthrough({});
+  /** Clusters freed whose discard is still to be sent (see discard.ts). */
+  readonly discards: PendingDiscards;
 
   constructor(
     private readonly file: BlockNode,
@@ -55,6 +60,7 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.maxRefcount = this.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
     this.cache = new TableCache(file, this.cs, Math.max(8, Math.floor((4 << 20) / this.cs)));
+    this.discards = new PendingDiscards(file);
   }
 
   static parseTable(buf: Buffer, entries: number): { table: number[]; bad?: string } {
@@ -132,18 +138,20 @@ export class Refcounts {
 
   // ---- updates ----
 
-  /** Add `delta` to the refcount of `cluster`, creating the refcount block if needed. */
-  async update(cluster: number, delta: number): Promise<void> {
-    return this.updateRun(cluster, 1, delta);
+  /** Add `delta` to the refcount of `cluster`, creating the refcount block if needed; `reason` as in updateRun. */
+  async update(cluster: number, delta: number, reason: FreeReason = 'never'): Promise<void> {
+    return this.updateRun(cluster, 1, delta, reason);
   }
 
   /**
    * Add `delta` to the refcounts of clusters [first, first+n), creating refcount blocks if needed: one
    * block lookup and one dirty mark per refcount block the run touches, not per cluster (a run of
    * newly allocated data clusters is one update). Checked entry by entry before any is changed, so a
-   * refcount that would leave its range changes nothing.
+   * refcount that would leave its range changes nothing. This is the one place where a host cluster
+   * becomes free: when its refcount reaches zero and `reason` passes (discard.ts), it is discarded on
+   * the file once the update is done.
    */
-  async updateRun(first: number, n: number, delta: number): Promise<void> {
+  async updateRun(first: number, n: number, delta: number, reason: FreeReason = 'never'): Promise<void> {
     let c = first;
     const end = first + n;
     while (c < end) {
@@ -162,14 +170,19 @@ export class Refcounts {
         const v = this.readEntry(block, k - base) + delta;
         this.writeEntry(block, k - base, v);
         if (v === 0 && k < this.freeHint) this.freeHint = k;
+        if (v === 0 && delta < 0 && this.passthrough[reason]) this.discards.add(k * this.cs, this.cs);
       }
       this.cache.markDirty(boff);
       c = stop;
     }
+    await this.discards.issue();
   }
 
-  /** Free `n` clusters starting at host offset `offset` (the references to them must already be gone from disk). */
-  async free(offset: number, n = 1): Promise<void> {
+  /**
+   * Free `n` clusters starting at host offset `offset` (the references to them must already be gone
+   * from disk); `reason` says whether the ones no longer used are discarded on the file (discard.ts).
+   */
+  async free(offset: number, n: number, reason: FreeReason): Promise<void> {
     const c0 = Math.floor(offset / this.cs);
     // As QEMU (qcow2_free_clusters): a refcount that would go below zero fails the whole update,
     // which is undone; QEMU logs it and carries on (the image had a refcount error already).
@@ -179,7 +192,7 @@ export class Refcounts {
         return;
       }
     }
-    for (let c = c0; c < c0 + n; c++) await this.update(c, -1);
+    await this.updateRun(c0, n, -1, reason);
   }
 
   /**
@@ -306,7 +319,7 @@ export class Refcounts {
       this.table[i] = 0;
       if (Math.floor(off / this.cs / this.entriesPerBlock) !== i) countedElsewhere.push(off);
     }
-    for (const off of countedElsewhere) await this.free(off);
+    for (const off of countedElsewhere) await this.free(off, 1, 'never');
     await this.flush();
   }
 
@@ -357,7 +370,7 @@ export class Refcounts {
     this.tableOffset = plan.start * this.cs;
     this.tableClusters = plan.tableClusters;
     this.highestAllocated = Math.max(this.highestAllocated, plan.end - 1);
-    await this.free(oldOffset, oldClusters);
+    await this.free(oldOffset, oldClusters, 'other');
   }
 
   /**
