@@ -178,7 +178,6 @@ for (const c of CASES) {
     const prepare = c.prepare ?? [`write -P 0x11 ${SIZE / 2} ${SIZE / 2}`, `write -P 0x12 0 ${SIZE / 2}`];
     await mustRun('qemu-io', ['-f', 'qcow2', ...prepare.flatMap((cmd) => ['-c', cmd]), base]);
     const theirs = await runCase(c, 'qemu-storage-daemon', base, path.join(dir, 'theirs.qcow2'));
-    if (process.env.DISCARD_DEBUG) console.log(JSON.stringify(theirs));
     const ours = await runCase(c, 'bitmirror', base, path.join(dir, 'ours.qcow2'));
     assert.deepEqual(failedSteps(theirs.replies), [], 'the script runs on qemu-storage-daemon');
     assert.deepEqual(ours.replies, theirs.replies);
