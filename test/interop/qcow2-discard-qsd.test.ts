@@ -37,44 +37,36 @@ async function guestFrees(guest: (...cmds: string[]) => Promise<void>): Promise<
   await guest('discard 0 1M', 'write -z -u 1M 512k', 'write -z 2M 512k', 'discard 3M 6k', 'write -z -u 3211264 2k');
 }
 
-const shrink = (r: Replay) => r.request('block_resize', { 'node-name': 'fmt', size: 5 * MiB });
+/** The guest's frees, then a shrink that cuts data and L2 tables lying low in the file. */
+async function freesThenShrink(r: Replay, guest: (...cmds: string[]) => Promise<void>): Promise<void> {
+  await guestFrees(guest);
+  await r.request('block_resize', { 'node-name': 'fmt', size: 5 * MiB });
+}
 
 const CASES: DiscardCase[] = [
   {
     name: 'discard=unmap on both: requests and a shrink punch holes',
     fileDiscard: 'unmap',
     qcow2: { discard: 'unmap' },
-    script: async (r, guest) => {
-      await guestFrees(guest);
-      await shrink(r);
-    },
+    script: freesThenShrink,
   },
   {
     name: 'pass-discard-request=off: clusters freed, the file keeps them; a shrink still discards',
     fileDiscard: 'unmap',
     qcow2: { discard: 'unmap', 'pass-discard-request': false },
-    script: async (r, guest) => {
-      await guestFrees(guest);
-      await shrink(r);
-    },
+    script: freesThenShrink,
   },
   {
     name: 'the qcow2 node without discard=unmap: write -z -u frees, nothing reaches the file',
     fileDiscard: 'unmap',
     qcow2: {},
-    script: async (r, guest) => {
-      await guestFrees(guest);
-      await shrink(r);
-    },
+    script: freesThenShrink,
   },
   {
     name: 'the file node with discard=ignore: its discards do nothing',
     fileDiscard: 'ignore',
     qcow2: { discard: 'unmap', 'pass-discard-other': true },
-    script: async (r, guest) => {
-      await guestFrees(guest);
-      await shrink(r);
-    },
+    script: freesThenShrink,
   },
   {
     name: 'pass-discard-other: the old L1 table a grow frees',
