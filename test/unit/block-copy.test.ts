@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { BlockGraph } from '../../src/block/graph.js';
 import { BLOCK_DRIVERS } from '../../src/daemon/drivers.js';
 import type { BlockNode, WriteRequest } from '../../src/block/node.js';
-import { BlockCopy, type BlockCopyHooks, type BlockCopyOptions } from '../../src/block/copy/block-copy.js';
+import { BlockCopy, MAX_OFFLOAD_BYTES, type BlockCopyHooks, type BlockCopyOptions } from '../../src/block/copy/block-copy.js';
 import { readsAllZeroes, forEachAllocated, chainStatus } from '../../src/block/copy/chain-status.js';
 import { errorActionFor, type OnError } from '../../src/block/copy/error-action.js';
 import { DirtyBitmap } from '../../src/bitmap/dirty-bitmap.js';
@@ -150,7 +150,7 @@ test('block copy: never more copies in flight than the bound, nor more bytes tha
     qemuIo(e.f('src.qcow2'), 'write -P 0x5a 0 16M');
     for (const [bound, budget, wantInFlight] of [
       [4, 16 * MiB, 4], // the in-flight bound binds: 4 copies of 1 MiB
-      [16, 640 * KiB, 3], // the budget binds: 256 KiB + 256 KiB + 128 KiB
+      [16, 640 * KiB, 2], // the budget binds: 256 KiB + 256 KiB, the next 256 KiB waits for its budget
     ] as const) {
       qemuImg('create', '-f', 'qcow2', e.f('tgt.qcow2'), String(16 * MiB));
       const src = await openQcow2(e, 'src', e.f('src.qcow2'), { 'read-only': true });
@@ -210,6 +210,52 @@ test('block copy: a piece read and written takes a buffer of its size, an offloa
         assert.ok(maxBuffers > 0 && maxBuffers <= 16 * 64 * KiB, `buffers ${maxBuffers} <= 16 pieces of 64 KiB (not 16 of the 1 MiB largest piece)`);
       }
       assert.deepEqual(await tgt.read(0, 16 * MiB), await src.read(0, 16 * MiB));
+      copy.release();
+      await e.graph.remove(tgt);
+      await e.graph.remove(src);
+    }
+  } finally {
+    await e.done();
+  }
+});
+
+test('block copy: while the kernel copies, a run covers up to MAX_OFFLOAD_BYTES; through a buffer, maxIoBytes', async () => {
+  const e = env();
+  try {
+    // 48 MiB of data, then 4 MiB of compressed clusters (no host range: read and written), then data.
+    qemuImg('create', '-f', 'qcow2', e.f('src.qcow2'), String(64 * MiB));
+    qemuIo(e.f('src.qcow2'), 'write -P 0x11 0 48M', 'write -c -P 0x22 48M 4M', 'write -P 0x33 52M 12M');
+    for (const offload of [true, false]) {
+      qemuImg('create', '-f', 'qcow2', e.f('tgt.qcow2'), String(64 * MiB));
+      const src = await openQcow2(e, 'src', e.f('src.qcow2'), { 'read-only': true });
+      const tgt = await openQcow2(e, 'tgt', e.f('tgt.qcow2'));
+      const bitmap = bitmapFor(src, 64 * KiB);
+      const runs: Array<[number, number]> = [];
+      let maxBytes = 0;
+      const copy = engine(src, tgt, bitmap, {
+        offload,
+        hooks: {
+          launched: (offset, bytes) => {
+            runs.push([offset, bytes]);
+            maxBytes = Math.max(maxBytes, copy.bytesInFlight);
+          },
+        },
+      });
+      await copyAll(copy, bitmap);
+      const largest = Math.max(...runs.map(([, b]) => b));
+      assert.ok(maxBytes <= 16 * MiB, `bytes in flight ${maxBytes} <= the 16 MiB budget`);
+      if (offload) {
+        // The first runs are 1 MiB (nothing known yet); once the kernel has copied, runs grow to 16 MiB
+        // (the budget, MAX_OFFLOAD_BYTES); after the compressed part they are 1 MiB until it copies again.
+        assert.equal(largest, MAX_OFFLOAD_BYTES);
+        const big = runs.filter(([, b]) => b === MAX_OFFLOAD_BYTES).length;
+        assert.ok(big >= 2, `${big} runs of 16 MiB in ${JSON.stringify(runs)}`);
+        assert.ok(runs.length < 48, `${runs.length} runs for 64 MiB (1 MiB runs would be 64)`);
+      } else {
+        assert.equal(largest, MiB, 'read and written: runs of the 1 MiB maxIoBytes');
+        assert.equal(runs.length, 64);
+      }
+      assert.deepEqual(await tgt.read(0, 64 * MiB), await src.read(0, 64 * MiB));
       copy.release();
       await e.graph.remove(tgt);
       await e.graph.remove(src);
