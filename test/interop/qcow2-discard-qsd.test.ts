@@ -2,7 +2,8 @@
  * qcow2 passes freed clusters down to its file as QEMU 7.2 does (pass-discard-request/-snapshot/-other):
  * the same QMP script — a file node and a qcow2 node over it, a guest (qemu-io on an NBD export,
  * qemu-storage-daemon has no HMP) discarding and writing zeroes with and without unmap, block_resize
- * shrinking and growing, blockdev-reopen of the pass-discard options — is replayed against
+ * shrinking and growing (cutting data, L2 tables, refcount blocks counted in another block),
+ * compressed clusters, blockdev-reopen of the pass-discard options — is replayed against
  * qemu-storage-daemon 7.2 and bitmirror, each on its own copy of the same image. Then the replies, the
  * guest data (qemu-img compare), `qemu-img check --output=json` and the host file's allocation (its
  * data and hole extents by SEEK_DATA/SEEK_HOLE, `qemu-img map -f raw`, and its length) must be equal.
@@ -21,6 +22,8 @@ interface DiscardCase {
   fileDiscard: 'unmap' | 'ignore';
   /** qemu-io commands that fill the image before the daemon opens it, instead of the common ones. */
   prepare?: string[];
+  /** Then run on the image (QEMU's own tools, before the daemon opens it). */
+  after?: (image: string) => Promise<void>;
   /** Options of the qcow2 node besides driver, node-name and file. */
   qcow2: Record<string, unknown>;
   /** What the guest and the monitor do; `guest` runs qemu-io commands on the export. */
@@ -99,6 +102,20 @@ const CASES: DiscardCase[] = [
     },
   },
   {
+    // QEMU's amend allocates the new refcount blocks in the lowest free clusters: holes in the range
+    // the first block counts. A shrink to 1 MiB then drops the blocks of the ranges cut off, counted
+    // in that first block: their counts go and they are discarded, whatever the pass-discard options.
+    name: 'a shrink drops refcount blocks counted in another block',
+    fileDiscard: 'unmap',
+    prepare: ['write -P 0x11 0 12M'],
+    after: async (image) => {
+      await mustRun('qemu-io', ['-d', 'unmap', '-c', 'discard 512k 256k', '-c', 'discard 2M 256k', image]);
+      await mustRun('qemu-img', ['amend', '-o', 'refcount_bits=32', image]);
+    },
+    qcow2: {},
+    script: async (r) => void (await r.request('block_resize', { 'node-name': 'fmt', size: 1 * MiB })),
+  },
+  {
     name: 'blockdev-reopen switches pass-discard-request',
     fileDiscard: 'unmap',
     qcow2: { discard: 'unmap', 'pass-discard-request': false },
@@ -169,6 +186,7 @@ for (const c of CASES) {
     await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${CLUSTER}`, base, String(SIZE)]);
     const prepare = c.prepare ?? [`write -P 0x11 ${SIZE / 2} ${SIZE / 2}`, `write -P 0x12 0 ${SIZE / 2}`];
     await mustRun('qemu-io', ['-f', 'qcow2', ...prepare.flatMap((cmd) => ['-c', cmd]), base]);
+    await c.after?.(base);
     const theirs = await runCase(c, 'qemu-storage-daemon', base, path.join(dir, 'theirs.qcow2'));
     const ours = await runCase(c, 'bitmirror', base, path.join(dir, 'ours.qcow2'));
     assert.deepEqual(failedSteps(theirs.replies), [], 'the script runs on qemu-storage-daemon');
