@@ -1,3 +1,5 @@
+import { EndSignal } from '../base/end-signal.js';
+
 /**
  * In-flight request tracking for one node: which ranges are being read or written right now, so that
  * a request can wait for overlapping ones (read-modify-write of unaligned writes, a mirror's
@@ -17,33 +19,18 @@ export interface TrackedRequest {
   readonly done: Promise<void>;
 }
 
-/**
- * A request in flight. Its `done` promise is made only when someone waits for it: nearly every
- * request ends without anyone waiting, and a copy moves several requests per piece (each layer of
- * the graph tracks its own), so an eager promise and resolver were garbage on every one.
- */
-class Tracked implements TrackedRequest {
+/** A request in flight; its `done` promise is made only when someone waits (most end unwaited). */
+class Tracked extends EndSignal implements TrackedRequest {
   serialisingOffset?: number;
   serialisingBytes?: number;
-  private promise?: Promise<void>;
-  private resolver?: () => void;
-  private ended = false;
 
   constructor(
     readonly kind: string,
     readonly offset: number,
     readonly bytes: number,
     readonly seq: number,
-  ) {}
-
-  get done(): Promise<void> {
-    if (!this.promise) this.promise = this.ended ? Promise.resolve() : new Promise<void>((r) => (this.resolver = r));
-    return this.promise;
-  }
-
-  end(): void {
-    this.ended = true;
-    this.resolver?.();
+  ) {
+    super();
   }
 }
 

@@ -13,3 +13,17 @@ export async function poll(what: string, cond: () => boolean | Promise<boolean>,
     await new Promise((r) => setTimeout(r, intervalMs));
   }
 }
+
+/**
+ * Whether `p` has settled once every callback already queued has run (a turn of the event loop): how
+ * unit tests see that something waits, or has stopped waiting, without a timer.
+ */
+export async function settled(p: Promise<unknown>): Promise<boolean> {
+  let done = false;
+  void p.then(
+    () => (done = true),
+    () => (done = true),
+  );
+  await new Promise((r) => setImmediate(r));
+  return done;
+}

@@ -1,22 +1,12 @@
 /**
  * Request serialisation (block/requests.ts) without a daemon: which in-flight request waits for which.
  * A wait is observed as a promise that has or has not settled once every pending callback has run
- * (`settled` below), so nothing here depends on time.
+ * (`settled`, test/support/wait.ts), so nothing here depends on time.
  */
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
 import { RequestTracker } from '../../src/block/requests.js';
-
-/** Whether `p` has settled after every callback already queued has run. */
-async function settled(p: Promise<unknown>): Promise<boolean> {
-  let done = false;
-  void p.then(
-    () => (done = true),
-    () => (done = true),
-  );
-  await new Promise((r) => setImmediate(r));
-  return done;
-}
+import { settled } from '../support/wait.js';
 
 test('requests: a serialising request waits for earlier overlapping requests only', async () => {
   const t = new RequestTracker();

@@ -205,7 +205,8 @@ export class BlockCopy {
     const g = this.chunkSize;
     const offset = Math.floor(area.offset / g) * g;
     // Wait for whatever is in flight on the first chunk, then take a run that is not in flight.
-    await this.locks.wait(offset, Math.min(g, size - offset));
+    const busy = this.locks.wait(offset, Math.min(g, size - offset));
+    if (busy) await busy;
     if (!this.bitmap.isDirty(offset)) {
       this.cursor = offset + g;
       return true;
@@ -244,6 +245,11 @@ export class BlockCopy {
     // Accounted when the copy is launched, as mirror_iteration does: accounting on completion let a
     // whole batch of maxInFlight copies start before a speed limit saw a single byte.
     this.hooks.launched?.(offset, bytes);
+    void this.runCopy(offset, bytes, cost);
+  }
+
+  /** The body of a background copy (launch): copy, then give back its lock, budget and slot. */
+  private async runCopy(offset: number, bytes: number, cost: number): Promise<void> {
     const lock = this.locks.hold(offset, bytes);
     // Copied pieces leave bytes-in-flight as they enter the progress, so that a user's remaining work
     // (bytes in flight + dirty) plus its progress does not count them twice.
@@ -252,21 +258,18 @@ export class BlockCopy {
       this._bytesInFlight -= n;
       notCopied -= n;
     };
-    void (async () => {
-      const failure = await this.copyChunks(offset, bytes, copied);
-      await this.discardCopied(offset, failure ? failure.offset - offset : bytes);
-      return failure;
-    })().then((failure) => {
-      try {
-        if (failure) this.hooks.failed?.(failure.operation, failure.err, failure.offset, failure.bytes);
-      } finally {
-        lock.release();
-        this.bufFree += cost;
-        this._bytesInFlight -= notCopied;
-        this._copiesInFlight--;
-        this.hooks.ended?.();
-      }
-    });
+    let failure: CopyFailure | undefined;
+    try {
+      failure = await this.copyChunks(offset, bytes, copied);
+      if (this.o.discardSource) await this.discardCopied(offset, failure ? failure.offset - offset : bytes);
+      if (failure) this.hooks.failed?.(failure.operation, failure.err, failure.offset, failure.bytes);
+    } finally {
+      lock.release();
+      this.bufFree += cost;
+      this._bytesInFlight -= notCopied;
+      this._copiesInFlight--;
+      this.hooks.ended?.();
+    }
   }
 
   /** Resolves when a copy (or held range) in flight now has ended; undefined when none is. */
@@ -296,7 +299,8 @@ export class BlockCopy {
     for (;;) {
       // After the wait (and with no await until the lock is taken) no copy overlaps the range: each
       // of its chunks is either copied (clean) or still to copy (dirty).
-      await this.locks.wait(start, end - start);
+      const busy = this.locks.wait(start, end - start);
+      if (busy) await busy;
       const area = this.bitmap.nextDirtyArea(start, end);
       if (!area) return;
       const runStart = Math.floor(area.offset / g) * g;

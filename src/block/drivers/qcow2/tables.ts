@@ -31,12 +31,10 @@ export interface L2Entry {
   reservedBits?: string;
 }
 
-function readHalves(buf: Buffer, off: number): [number, number] {
-  return [buf.readUInt32BE(off), buf.readUInt32BE(off + 4)];
-}
-
 export function decodeL1(buf: Buffer, index: number): { offset: number; copied: boolean; bad?: string } {
-  const [hi, lo] = readHalves(buf, index * 8);
+  // The halves read one by one: every lookup decodes entries, and a pair in an array was garbage.
+  const hi = buf.readUInt32BE(index * 8);
+  const lo = buf.readUInt32BE(index * 8 + 4);
   const offset = (hi & OFFSET_MASK_HI) * 2 ** 32 + ((lo & OFFSET_MASK_LO) >>> 0);
   const r: { offset: number; copied: boolean; bad?: string } = { offset, copied: (hi & COPIED_HI) !== 0 };
   if (hi & L1_RES_HI || lo & L1_RES_LO) r.bad = `L1 entry ${index} has reserved bits set`;
@@ -51,7 +49,8 @@ export function encodeEntry(buf: Buffer, index: number, offset: number, hiFlags:
 }
 
 export function decodeL2(buf: Buffer, index: number, clusterBits: number, v3: boolean): L2Entry {
-  const [hi, lo] = readHalves(buf, index * 8);
+  const hi = buf.readUInt32BE(index * 8);
+  const lo = buf.readUInt32BE(index * 8 + 4);
   if (hi & COMPRESSED_HI) {
     // Compressed descriptor: x = 62 - (cluster_bits - 8) offset bits, then the sector count.
     const e = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo);
@@ -141,21 +140,50 @@ export class RWLock {
       next.go();
     }
   }
-  async withShared<T>(fn: () => T | Promise<T>): Promise<T> {
-    await this.shared();
-    try {
-      return await fn();
-    } finally {
-      this.releaseShared();
+  /**
+   * Run `fn` holding the lock shared. Uncontended (nearly always, on a data path that takes it a few
+   * times per piece) it is taken and `fn` runs at once, in the caller's turn, with no promise of the
+   * lock's own; else `fn` runs once the lock is granted. Either way the lock is released when the
+   * promise `fn` returns has settled.
+   */
+  withShared<T>(fn: () => T | Promise<T>): Promise<T> {
+    if (!this.writer && this.queue.length === 0) {
+      this.readers++;
+      return this.runHolding(fn, () => this.releaseShared());
     }
+    return this.shared().then(() => this.runHolding(fn, () => this.releaseShared()));
   }
-  async withExclusive<T>(fn: () => T | Promise<T>): Promise<T> {
-    await this.exclusive();
-    try {
-      return await fn();
-    } finally {
-      this.releaseExclusive();
+  /** Run `fn` holding the lock alone (see withShared). */
+  withExclusive<T>(fn: () => T | Promise<T>): Promise<T> {
+    if (!this.writer && this.readers === 0 && this.queue.length === 0) {
+      this.writer = true;
+      return this.runHolding(fn, () => this.releaseExclusive());
     }
+    return this.exclusive().then(() => this.runHolding(fn, () => this.releaseExclusive()));
+  }
+  /** `fn`'s result as a promise, `release` called once it has settled (or thrown). */
+  private runHolding<T>(fn: () => T | Promise<T>, release: () => void): Promise<T> {
+    let r: T | Promise<T>;
+    try {
+      r = fn();
+    } catch (err) {
+      release();
+      return Promise.reject(err);
+    }
+    if (r instanceof Promise) {
+      return r.then(
+        (v) => {
+          release();
+          return v;
+        },
+        (err: unknown) => {
+          release();
+          throw err;
+        },
+      );
+    }
+    release();
+    return Promise.resolve(r);
   }
 }
 
