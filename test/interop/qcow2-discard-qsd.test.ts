@@ -3,7 +3,7 @@
  * the same QMP script — a file node and a qcow2 node over it, a guest (qemu-io on an NBD export,
  * qemu-storage-daemon has no HMP) discarding and writing zeroes with and without unmap, block_resize
  * shrinking and growing (cutting data, L2 tables, refcount blocks counted in another block),
- * compressed clusters, blockdev-reopen of the pass-discard options — is replayed against
+ * compressed clusters, a stored bitmap removed, blockdev-reopen of the pass-discard options — is replayed against
  * qemu-storage-daemon 7.2 and bitmirror, each on its own copy of the same image. Then the replies, the
  * guest data (qemu-img compare), `qemu-img check --output=json` and the host file's allocation (its
  * data and hole extents by SEEK_DATA/SEEK_HOLE, `qemu-img map -f raw`, and its length) must be equal.
@@ -45,6 +45,17 @@ async function freesThenShrink(r: Replay, guest: (...cmds: string[]) => Promise<
   await guestFrees(guest);
   await r.request('block_resize', { 'node-name': 'fmt', size: 5 * MiB });
 }
+
+/** An image with a stored bitmap 'b0' that has data, removed by the script. */
+const withStoredBitmap: Omit<DiscardCase, 'name' | 'qcow2'> = {
+  fileDiscard: 'unmap',
+  prepare: ['write -P 0x11 0 2M'],
+  after: async (image) => {
+    await mustRun('qemu-img', ['bitmap', '--add', image, 'b0']);
+    await mustRun('qemu-io', ['-c', 'write -P 0x12 0 1M', '-c', 'write -P 0x13 4M 4M', image]);
+  },
+  script: async (r) => void (await r.request('block-dirty-bitmap-remove', { node: 'fmt', name: 'b0' })),
+};
 
 const CASES: DiscardCase[] = [
   {
@@ -114,6 +125,18 @@ const CASES: DiscardCase[] = [
     },
     qcow2: {},
     script: async (r) => void (await r.request('block_resize', { 'node-name': 'fmt', size: 1 * MiB })),
+  },
+  {
+    // A stored bitmap's data clusters always go (QEMU's clear_bitmap_table), its table and the old
+    // directory are 'other'.
+    name: 'a persistent bitmap removed: its data clusters are discarded',
+    ...withStoredBitmap,
+    qcow2: {},
+  },
+  {
+    name: 'a persistent bitmap removed, pass-discard-other: its table and the directory too',
+    ...withStoredBitmap,
+    qcow2: { 'pass-discard-other': true },
   },
   {
     name: 'blockdev-reopen switches pass-discard-request',

@@ -470,7 +470,9 @@ export class FileNode extends BlockNode {
     // Counted as QEMU's raw_account_discard does: a discard the file system cannot do failed.
     let ok = false;
     try {
-      ok = await this.punchHole(offset, bytes);
+      // As raw_co_pdiscard: the hole is punched keeping the file's size, even where the range reaches
+      // our end, which is rounded up to 512 (a qcow2 file ending mid-sector stays as long as it was).
+      ok = await this.punchHole(offset, bytes, false);
     } finally {
       if (ok) {
         this.discardStats['discard-nb-ok']++;
@@ -508,11 +510,12 @@ export class FileNode extends BlockNode {
     }
   }
 
-  private punchHole(offset: number, bytes: number): Promise<boolean> {
-    return this.makingHoles(() => this.punchHoleMakingHoles(offset, bytes));
+  /** `extend`: a range that reaches our end makes the file that long (a zero write does, a discard not). */
+  private punchHole(offset: number, bytes: number, extend: boolean): Promise<boolean> {
+    return this.makingHoles(() => this.punchHoleMakingHoles(offset, bytes, extend));
   }
 
-  private async punchHoleMakingHoles(offset: number, bytes: number): Promise<boolean> {
+  private async punchHoleMakingHoles(offset: number, bytes: number, extend: boolean): Promise<boolean> {
     const n = nativeAddon();
     if (!n || !this.canPunch || !this.fileOptions.regular) return false;
     const r = await n.fallocate(this.fh.fd, n.FALLOC_FL_PUNCH_HOLE | n.FALLOC_FL_KEEP_SIZE, offset, bytes);
@@ -523,7 +526,7 @@ export class FileNode extends BlockNode {
       }
       check(r);
     }
-    await this.extendTo(offset + bytes);
+    if (extend) await this.extendTo(offset + bytes);
     return true;
   }
 
@@ -541,7 +544,7 @@ export class FileNode extends BlockNode {
   private async writeZeroesMakingHoles(offset: number, bytes: number, flags: WriteFlags): Promise<void> {
     const n = nativeAddon();
     if (n && this.fileOptions.regular) {
-      if (flags.mayUnmap && this.fileOptions.discardUnmap && (await this.punchHole(offset, bytes))) return;
+      if (flags.mayUnmap && this.fileOptions.discardUnmap && (await this.punchHole(offset, bytes, true))) return;
       if (this.canZeroRange) {
         const r = await n.fallocate(this.fh.fd, n.FALLOC_FL_ZERO_RANGE, offset, bytes);
         if (r === 0) {
