@@ -3,7 +3,7 @@
  * the same QMP script — a file node and a qcow2 node over it, a guest (qemu-io on an NBD export,
  * qemu-storage-daemon has no HMP) discarding and writing zeroes with and without unmap, block_resize
  * shrinking and growing (cutting data, L2 tables, refcount blocks counted in another block),
- * compressed clusters, a stored bitmap removed, blockdev-reopen of the pass-discard options — is replayed against
+ * compressed clusters, clusters an internal snapshot shares, a stored bitmap removed, blockdev-reopen of the pass-discard options — is replayed against
  * qemu-storage-daemon 7.2 and bitmirror, each on its own copy of the same image. Then the replies, the
  * guest data (qemu-img compare), `qemu-img check --output=json` and the host file's allocation (its
  * data and hole extents by SEEK_DATA/SEEK_HOLE, `qemu-img map -f raw`, and its length) must be equal.
@@ -137,6 +137,14 @@ const CASES: DiscardCase[] = [
     name: 'a persistent bitmap removed, pass-discard-other: its table and the directory too',
     ...withStoredBitmap,
     qcow2: { 'pass-discard-other': true },
+  },
+  {
+    // Clusters and L2 tables an internal snapshot shares only lose a reference: nothing to discard.
+    name: 'clusters an internal snapshot shares stay in the file',
+    fileDiscard: 'unmap',
+    after: (image) => mustRun('qemu-img', ['snapshot', '-c', 's1', image]).then(() => undefined),
+    qcow2: { discard: 'unmap', 'pass-discard-other': true },
+    script: freesThenShrink,
   },
   {
     name: 'blockdev-reopen switches pass-discard-request',
