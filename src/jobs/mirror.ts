@@ -515,7 +515,10 @@ export class MirrorJob extends Job {
   private async waitForAnyCopy(): Promise<void> {
     const ended = this.copy.anyEnded();
     if (!ended) return;
-    await Promise.race([ended, this.yieldUntilKicked(SLICE_MS)]);
+    // No timer: a background copy in flight kicks the job when it ends, whatever its outcome (and so do
+    // pause, cancel, complete and set-speed), and a held range of a synchronous write ends `ended`.
+    // (A timer per wait was set and cleared once per piece.)
+    await Promise.race([ended, this.yieldUntilKicked()]);
   }
 
   private waitActiveWritesIdle(): Promise<void> {

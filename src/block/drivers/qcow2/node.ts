@@ -137,7 +137,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
   /** We set the dirty bit ourselves (lazy refcounts): not shown as dirty-flag while open. */
   private dirtySetByUs = false;
   private lastCompressed?: { offset: number; data: Buffer };
-  private readonly allocsInFlight = new Set<InFlightAllocation>();
+  private readonly allocsInFlight: InFlightAllocation[] = [];
   unmapAllowed = false;
 
   constructor(
@@ -481,7 +481,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         await this.maybeWriteback();
       });
     } finally {
-      this.allocsInFlight.delete(a);
+      this.endAllocation(a);
       a.resolve();
     }
   }
@@ -509,7 +509,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     let resolve!: () => void;
     const gEnd = Math.min(this.header.size, offset + this.cs);
     const a: InFlightAllocation = { gStart: offset, gEnd, nClusters: 1, host, reuse: false, cowZero: false, frees: false, bytes: gEnd - offset, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
-    this.allocsInFlight.add(a);
+    this.allocsInFlight.push(a);
     return a;
   }
 
@@ -597,8 +597,15 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   /** An allocation in flight that overlaps guest clusters [start, end) (byte offsets), if any. */
   private allocationOverlapping(start: number, end: number): InFlightAllocation | undefined {
-    for (const a of this.allocsInFlight) if (a.gStart < end && start < a.gEnd) return a;
+    const allocs = this.allocsInFlight;
+    for (let i = 0; i < allocs.length; i++) if (allocs[i].gStart < end && start < allocs[i].gEnd) return allocs[i];
     return undefined;
+  }
+
+  /** An allocation is linked (or failed): it is no longer in flight. */
+  private endAllocation(a: InFlightAllocation): void {
+    const i = this.allocsInFlight.indexOf(a);
+    if (i >= 0) this.allocsInFlight.splice(i, 1);
   }
 
   /**
@@ -638,7 +645,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     // Replaced clusters are freed when the new ones are linked (then readers must be out of the way).
     const frees = !reuse && (e.type === 'normal' || e.type === 'compressed' || e.type === 'zero-alloc');
     const a: InFlightAllocation = { gStart, gEnd, nClusters, host, reuse, cowZero, frees, bytes: m.bytes, l1Index: m.l1Index, l2Index: m.l2Index, done: new Promise<void>((r) => (resolve = r)), resolve };
-    this.allocsInFlight.add(a);
+    this.allocsInFlight.push(a);
     return a;
   }
 
@@ -692,7 +699,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       };
       await (a.frees ? this.withAll(link) : this.withMeta(link));
     } finally {
-      this.allocsInFlight.delete(a);
+      this.endAllocation(a);
       a.resolve();
     }
   }

@@ -197,6 +197,8 @@ export class TableCache {
   private readonly dirty = new Set<number>();
   /** Loads in progress, so that two readers of one table share a single read. */
   private readonly loading = new Map<number, Promise<Buffer>>();
+  /** The key last in the Map's order (the most recently used), if known. */
+  private newest?: number;
 
   constructor(
     private readonly file: BlockNode,
@@ -210,10 +212,12 @@ export class TableCache {
    */
   peek(offset: number): Buffer | undefined {
     const t = this.tables.get(offset);
-    if (t) {
-      // LRU: move to the end of the insertion order.
+    if (t && offset !== this.newest) {
+      // LRU: move to the end of the insertion order. (Not when it is there already, as it mostly is:
+      // the Map rehashes, allocating, after a run of deletes.)
       this.tables.delete(offset);
       this.tables.set(offset, t);
+      this.newest = offset;
     }
     return t;
   }
@@ -244,6 +248,8 @@ export class TableCache {
   }
 
   private insert(offset: number, buf: Buffer): void {
+    // (Map.set keeps the place of a key it holds: only a new key is the newest.)
+    if (!this.tables.has(offset)) this.newest = offset;
     this.tables.set(offset, buf);
     if (this.tables.size > this.capacity) {
       for (const k of this.tables.keys()) {
@@ -273,6 +279,7 @@ export class TableCache {
 
   /** Forget a table (its cluster was freed); a pending write is dropped. */
   drop(offset: number): void {
+    if (offset === this.newest) this.newest = undefined;
     this.tables.delete(offset);
     this.dirty.delete(offset);
   }
@@ -288,6 +295,7 @@ export class TableCache {
   }
 
   clear(): void {
+    this.newest = undefined;
     this.tables.clear();
     this.dirty.clear();
   }
