@@ -35,7 +35,7 @@ export function discardPassthrough(opts: Record<string, unknown>): DiscardPassth
 }
 
 /**
- * Host ranges freed and still to be discarded, adjacent ones merged. Filled while refcounts are
+ * Host ranges freed and still to be discarded. Filled while refcounts are
  * lowered and issued once the update is done (QEMU batches a whole discard or zero request the same
  * way), always before the metadata lock is released: no cluster in the queue can be allocated again
  * before its discard has reached the file.
@@ -47,19 +47,11 @@ export class PendingDiscards {
 
   constructor(private readonly file: BlockNode) {}
 
+  /** Queue [offset, +bytes); a range continuing the last one queued extends it (the common case). */
   add(offset: number, bytes: number): void {
-    for (const r of this.ranges) {
-      if (r.offset + r.bytes === offset) {
-        r.bytes += bytes;
-        return;
-      }
-      if (offset + bytes === r.offset) {
-        r.offset = offset;
-        r.bytes += bytes;
-        return;
-      }
-    }
-    this.ranges.push({ offset, bytes });
+    const last = this.ranges[this.ranges.length - 1];
+    if (last && last.offset + last.bytes === offset) last.bytes += bytes;
+    else this.ranges.push({ offset, bytes });
   }
 
   /**
@@ -83,8 +75,15 @@ export class PendingDiscards {
   /** Send the queued discards to the file, unless a batch is open. */
   async issue(): Promise<void> {
     if (this.depth > 0 || this.ranges.length === 0) return;
-    const ranges = this.ranges.sort((a, b) => a.offset - b.offset);
+    // In file order, adjacent and overlapping ranges merged: one request per run of freed clusters.
+    const sorted = this.ranges.sort((a, b) => a.offset - b.offset);
     this.ranges = [];
+    const ranges: Array<{ offset: number; bytes: number }> = [];
+    for (const r of sorted) {
+      const prev = ranges[ranges.length - 1];
+      if (prev && r.offset <= prev.offset + prev.bytes) prev.bytes = Math.max(prev.bytes, r.offset + r.bytes - prev.offset);
+      else ranges.push({ ...r });
+    }
     for (const r of ranges) {
       // Cut to the file's end: a range past it has nothing to give back (and the request would fail).
       const bytes = Math.min(r.bytes, this.file.length() - r.offset);
