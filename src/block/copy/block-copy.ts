@@ -214,7 +214,9 @@ export class BlockCopy {
     // One copy covers at most pieceBytes (maxIoBytes through a buffer), so that up to maxInFlight of
     // them run side by side.
     const maxBytes = this.pieceBytes();
-    let bytes = 0;
+    // Without a wait above the first chunk is dirty and free (no await since): the run goes on from it.
+    // After one, a writer may have taken it in the turns before this one resumed: look again.
+    let bytes = busy ? 0 : g;
     while (offset + bytes < size && bytes < maxBytes && this.bitmap.isDirty(offset + bytes) && !this.locks.overlaps(offset + bytes, g)) bytes += g;
     if (bytes === 0) return true;
     // A run larger than the free budget waits for copies in flight to end, as QEMU's mirror_do_read

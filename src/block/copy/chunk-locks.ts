@@ -19,10 +19,6 @@ export interface ChunkLock {
   release(): void;
 }
 
-function overlaps(aOff: number, aLen: number, bOff: number, bLen: number): boolean {
-  return aOff < bOff + bLen && bOff < aOff + aLen;
-}
-
 /** A held lock; its `done` promise is made only when someone waits. */
 class Held extends EndSignal implements ChunkLock {
   constructor(
@@ -57,7 +53,11 @@ export class ChunkLocks {
 
   private blocker(offset: number, bytes: number): Held | undefined {
     const held = this.held;
-    for (let i = 0; i < held.length; i++) if (overlaps(offset, bytes, held[i].offset, held[i].bytes)) return held[i];
+    const end = offset + bytes;
+    for (let i = 0; i < held.length; i++) {
+      const h = held[i];
+      if (offset < h.offset + h.bytes && h.offset < end) return h; // they overlap
+    }
     return undefined;
   }
 

@@ -156,7 +156,8 @@ export class Refcounts {
     const end = first + n;
     while (c < end) {
       const ti = Math.floor(c / this.entriesPerBlock);
-      await this.ensureBlock(ti);
+      // (Awaited only when missing: a wait for nothing would cost every allocation a turn.)
+      if (ti >= this.table.length || this.table[ti] === 0) await this.ensureBlock(ti);
       const boff = this.table[ti];
       const block = this.cache.peek(boff) ?? (await this.cache.get(boff));
       const base = ti * this.entriesPerBlock;
