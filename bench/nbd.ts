@@ -18,7 +18,8 @@
  * connection bring) and by qemu-storage-daemon's, a fresh target each time, the same rounds. And memory: each server's VmRSS with 100 idle clients (handshake done,
  * no request) against its VmRSS before they came.
  *
- * BM_NBD_PARTS (comma-separated: nbdcopy, mirror, memory; default all) runs some parts only.
+ * BM_NBD_PARTS (comma-separated: nbdcopy, mirror, memory; default all) runs some parts only;
+ * BM_NBD_LAYOUT=dense makes the data one contiguous run (no holes: a mirror's larger requests show).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
@@ -173,15 +174,16 @@ export async function run(): Promise<Row[]> {
       if (await sh(s, ['--version']).then(() => true, () => false)) servers.push(s);
     }
     // The source: a raw file of random data (compressible data would flatter nobody), then a qcow2 of it
-    // with a 1 MiB hole after every 1 MiB of data.
+    // with a 1 MiB hole after every 1 MiB of data (BM_NBD_LAYOUT=dense: no holes, one contiguous run).
+    const stride = process.env.BM_NBD_LAYOUT === 'dense' ? 1 : 2;
     const raw = path.join(dir, 'src.raw');
-    const size = 2 * mib * (1 << 20);
+    const size = stride * mib * (1 << 20);
     await sh('qemu-img', ['create', '-q', '-f', 'raw', raw, String(size)]);
     const fh = await fsp.open(raw, 'r+');
     const chunk = Buffer.alloc(1 << 20);
     for (let i = 0; i < mib; i++) {
       for (let j = 0; j < chunk.length; j += 4) chunk.writeUInt32LE((Math.random() * 2 ** 32) >>> 0, j);
-      await fh.write(chunk, 0, chunk.length, i * 2 * (1 << 20));
+      await fh.write(chunk, 0, chunk.length, i * stride * (1 << 20));
     }
     await fh.close();
     const image = path.join(dir, 'src.qcow2');
@@ -213,13 +215,13 @@ export async function run(): Promise<Row[]> {
     // The client side: mirrors over the 20 ms link, alternating, in the same run.
     const mirrorSource = path.join(dir, 'mirror-src.qcow2');
     await sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, mirrorSource]);
-    await sh('qemu-img', ['resize', '-q', '-f', 'qcow2', '--shrink', mirrorSource, String(2 * mirrorMib * (1 << 20))]);
+    await sh('qemu-img', ['resize', '-q', '-f', 'qcow2', '--shrink', mirrorSource, String(stride * mirrorMib * (1 << 20))]);
     // The mirroring daemon's peak memory: the depth a mirror keeps in flight is buffers.
     const mirrorPeak: Record<string, number[]> = {};
     const mirrorers: Mirrorer[] = ['bitmirror', 'bitmirror, 1 connection', ...(servers.includes('qemu-storage-daemon') ? (['qemu-storage-daemon'] as const) : [])];
     for (let i = 0; i < (parts.has('mirror') ? runs : 0); i++) {
       for (const p of i % 2 ? [...mirrorers].reverse() : mirrorers) {
-        const m = await mirrorOverLink(p, dir, mirrorSource, 2 * mirrorMib * (1 << 20));
+        const m = await mirrorOverLink(p, dir, mirrorSource, stride * mirrorMib * (1 << 20));
         keep(`${p} mirror`, m);
         (mirrorPeak[p] ??= []).push(m.peakMiB);
       }

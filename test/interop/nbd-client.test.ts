@@ -219,6 +219,33 @@ test("mirror depth: one connection (__org.bitmirror_connections 1) keeps QEMU's 
   }
 });
 
+test('mirror into an nbd node: contiguous data goes in 4 MiB writes (MAX_STREAM_IO_BYTES), 1 MiB extents in 1 MiB writes (nbdkit log)', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
+  const env = await setup('nbdc-pieces');
+  const src = env.f('src.qcow2');
+  // 16 MiB of contiguous data, then 1 MiB extents with a hole after each.
+  await qcow2(src, 32 * MiB);
+  const writes = ['-c', 'write -P 7 0 16M'];
+  for (let i = 0; i < 4; i++) writes.push('-c', `write -P ${i + 1} ${16 + 2 * i}M 1M`);
+  await mustRun('qemu-io', ['-f', 'qcow2', ...writes, src]);
+  const sock = env.f('kit.sock');
+  const log = env.f('kit.log');
+  const stop = await startForking('nbdkit', ['-P', env.f('kit.pid'), '-U', sock, '--filter=log', 'memory', '32M', `logfile=${log}`], env.f('kit.pid'));
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    await env.d.qmp.execute('blockdev-add', nbdNode('t0', sock, '', { '__org.bitmirror_connections': 1 }));
+    await mirror(env, 's0', 't0');
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 't0' });
+    const text = await fsp.readFile(log, 'utf8');
+    const sizes = [...text.matchAll(/ Write id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/g)].map((m) => [Number(m[1]) / MiB, Number(m[2]) / MiB]);
+    sizes.sort((a, b) => a[0] - b[0]);
+    assert.deepEqual(sizes, [[0, 4], [4, 4], [8, 4], [12, 4], [16, 1], [18, 1], [20, 1], [22, 1]]);
+    await assertIdentical(src, `nbd+unix:///?socket=${sock}`, ['-f', 'qcow2', '-F', 'raw']);
+  } finally {
+    await env.done();
+    await stop();
+  }
+});
+
 test('fast zero (qemu-io write -z -n, BDRV_REQ_NO_FALLBACK) goes out as NBD_CMD_FLAG_FAST_ZERO; a server refusing it fails the write with ENOTSUP, nothing written', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
   const env = await setup('nbdc-fastzero');
   // Three nbdkit memory servers, each behind a log filter that records every request's flags and
