@@ -104,6 +104,7 @@ export class BackupJob extends Job {
       progress: (bytes) => this.progressUpdate(bytes),
       failed: (operation, err) => this.copyFailed(operation, err),
       ended: () => this.kick(),
+      paced: () => this.speed > 0,
       // The point-in-time image is broken (on-cbw-error=break-snapshot): the backup cannot be one.
       snapshotBroken: (err) => {
         if (this.failure === undefined) this.failure = err;

@@ -131,6 +131,7 @@ export class CommitJob extends Job {
           this.reportProgress();
           this.kick();
         },
+        paced: () => this.speed > 0,
       },
     });
   }

@@ -226,6 +226,7 @@ export class MirrorJob extends Job {
         progress: (bytes) => this.progressUpdate(bytes),
         failed: (operation, err) => this.copyFailed(operation, err),
         ended: () => this.kick(),
+        paced: () => this.speed > 0,
       },
     });
   }

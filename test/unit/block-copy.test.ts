@@ -219,13 +219,19 @@ test('block copy: a piece read and written takes a buffer of its size, an offloa
   }
 });
 
-test('block copy: while the kernel copies, a run covers up to MAX_OFFLOAD_BYTES; through a buffer, maxIoBytes', async () => {
+test('block copy: while the kernel copies, a run covers up to MAX_OFFLOAD_BYTES (or maxOffloadBytes); through a buffer or paced by a speed limit, maxIoBytes', async () => {
   const e = env();
   try {
     // 48 MiB of data, then 4 MiB of compressed clusters (no host range: read and written), then data.
     qemuImg('create', '-f', 'qcow2', e.f('src.qcow2'), String(64 * MiB));
     qemuIo(e.f('src.qcow2'), 'write -P 0x11 0 48M', 'write -c -P 0x22 48M 4M', 'write -P 0x33 52M 12M');
-    for (const offload of [true, false]) {
+    const cases = [
+      { name: 'offload', o: {}, largest: MAX_OFFLOAD_BYTES },
+      { name: 'offload, max 4 MiB', o: { maxOffloadBytes: 4 * MiB }, largest: 4 * MiB },
+      { name: 'offload, paced', o: {}, paced: true, largest: MiB },
+      { name: 'read and written', o: { offload: false }, largest: MiB },
+    ];
+    for (const c of cases) {
       qemuImg('create', '-f', 'qcow2', e.f('tgt.qcow2'), String(64 * MiB));
       const src = await openQcow2(e, 'src', e.f('src.qcow2'), { 'read-only': true });
       const tgt = await openQcow2(e, 'tgt', e.f('tgt.qcow2'));
@@ -233,27 +239,27 @@ test('block copy: while the kernel copies, a run covers up to MAX_OFFLOAD_BYTES;
       const runs: Array<[number, number]> = [];
       let maxBytes = 0;
       const copy = engine(src, tgt, bitmap, {
-        offload,
+        ...c.o,
         hooks: {
           launched: (offset, bytes) => {
             runs.push([offset, bytes]);
             maxBytes = Math.max(maxBytes, copy.bytesInFlight);
           },
+          paced: () => c.paced === true,
         },
       });
       await copyAll(copy, bitmap);
       const largest = Math.max(...runs.map(([, b]) => b));
-      assert.ok(maxBytes <= 16 * MiB, `bytes in flight ${maxBytes} <= the 16 MiB budget`);
-      if (offload) {
-        // The first runs are 1 MiB (nothing known yet); once the kernel has copied, runs grow to 16 MiB
-        // (the budget, MAX_OFFLOAD_BYTES); after the compressed part they are 1 MiB until it copies again.
-        assert.equal(largest, MAX_OFFLOAD_BYTES);
-        const big = runs.filter(([, b]) => b === MAX_OFFLOAD_BYTES).length;
-        assert.ok(big >= 2, `${big} runs of 16 MiB in ${JSON.stringify(runs)}`);
-        assert.ok(runs.length < 48, `${runs.length} runs for 64 MiB (1 MiB runs would be 64)`);
+      assert.ok(maxBytes <= 16 * MiB, `${c.name}: bytes in flight ${maxBytes} <= the 16 MiB budget`);
+      assert.equal(largest, c.largest, `${c.name}: largest run in ${JSON.stringify(runs)}`);
+      if (c.largest > MiB) {
+        // The first runs are 1 MiB (nothing known yet); once the kernel has copied, runs grow; after
+        // the compressed part they are 1 MiB until it copies again.
+        const big = runs.filter(([, b]) => b === c.largest).length;
+        assert.ok(big >= 2, `${c.name}: ${big} runs of the largest size in ${JSON.stringify(runs)}`);
+        assert.ok(runs.length < 56, `${c.name}: ${runs.length} runs for 64 MiB (1 MiB runs would be 64)`);
       } else {
-        assert.equal(largest, MiB, 'read and written: runs of the 1 MiB maxIoBytes');
-        assert.equal(runs.length, 64);
+        assert.equal(runs.length, 64, `${c.name}: 1 MiB runs`);
       }
       assert.deepEqual(await tgt.read(0, 64 * MiB), await src.read(0, 64 * MiB));
       copy.release();

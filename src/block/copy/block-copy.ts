@@ -68,6 +68,11 @@ export interface BlockCopyHooks {
   failed?(operation: CopyOperation, err: unknown, offset: number, bytes: number): void;
   /** A background copy has ended, whether or not it succeeded: room for the next. */
   ended?(): void;
+  /**
+   * A speed limit paces the copies: runs stay within maxIoBytes while the kernel copies too, so the
+   * limit moves the job in small steps rather than a pause after every MAX_OFFLOAD_BYTES.
+   */
+  paced?(): boolean;
 }
 
 export interface BlockCopyOptions {
@@ -89,6 +94,8 @@ export interface BlockCopyOptions {
   fillPartialClusters: boolean;
   /** Let the kernel copy data between host files where it can (default true). */
   offload?: boolean;
+  /** The largest piece the kernel copies at once (default MAX_OFFLOAD_BYTES; a backup's x-perf max-chunk). */
+  maxOffloadBytes?: number;
   /**
    * Copies for a writer (copyNow) write the target serialising, without offload: a read of the target
    * in flight (a fleecing image reading through to its backing, the source) ends first. Otherwise they
@@ -180,9 +187,13 @@ export class BlockCopy {
     return this._copiesInFlight < this.o.maxInFlight && this.bufFree >= Math.max(this.chunkSize, this.budgetWanted);
   }
 
+  private maxOffloadBytes(): number {
+    return Math.max(this.o.maxOffloadBytes ?? MAX_OFFLOAD_BYTES, this.o.maxIoBytes);
+  }
+
   /** The largest run one background copy covers now (see offloadWorks), never more than the budget. */
   private pieceBytes(): number {
-    const most = this.offload && this.offloadWorks ? Math.max(MAX_OFFLOAD_BYTES, this.o.maxIoBytes) : this.o.maxIoBytes;
+    const most = this.offload && this.offloadWorks && this.hooks.paced?.() !== true ? this.maxOffloadBytes() : this.o.maxIoBytes;
     return Math.max(this.chunkSize, Math.min(most, Math.floor(this.o.bufSize / this.chunkSize) * this.chunkSize));
   }
 
@@ -369,7 +380,7 @@ export class BlockCopy {
     while (pos < end) {
       // A piece the kernel may copy can be larger than one a buffer carries (MAX_OFFLOAD_BYTES).
       const tryKernel = this.offload && !serialising;
-      const want = Math.min(end - pos, tryKernel ? Math.max(MAX_OFFLOAD_BYTES, this.o.maxIoBytes) : this.o.maxIoBytes);
+      const want = Math.min(end - pos, tryKernel ? this.maxOffloadBytes() : this.o.maxIoBytes);
       let st: { bytes: number; zero: boolean };
       try {
         st = await chainStatus(this.source, pos, want);

@@ -123,6 +123,8 @@ export class CopyBeforeWriteNode extends FilterNode {
       bufSize: Math.max(BLOCK_COPY_MAX_MEM, maxIo),
       maxInFlight: o.maxWorkers ?? 64,
       maxIoBytes: maxIo,
+      // x-perf max-chunk bounds every copy, the kernel's too (QEMU's block_copy_async max_chunk).
+      ...(maxChunk ? { maxOffloadBytes: Math.max(this.clusterSize, maxChunk) } : {}),
       unmap: false,
       // A backup target holds whole clusters of the source (the chunk is at least its cluster size).
       fillPartialClusters: false,
@@ -138,6 +140,7 @@ export class CopyBeforeWriteNode extends FilterNode {
         progress: (bytes) => this.jobHooks.progress?.(bytes),
         failed: (operation, err, offset, bytes) => this.jobHooks.failed?.(operation, err, offset, bytes),
         ended: () => this.jobHooks.ended?.(),
+        paced: () => this.jobHooks.paced?.() === true,
       },
     });
   }
