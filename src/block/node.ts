@@ -225,7 +225,7 @@ export interface NodeCapabilities {
   /**
    * Independent transports the node spreads requests over (an NBD node's connections under
    * multi-conn); undefined means one. Over a long link each carries at most one TCP window per round
-   * trip, so a copy into the node keeps this many times its usual bytes in flight by default.
+   * trip, so a copy into the node keeps more in flight by default: 16 copies and two windows per stream.
    */
   streams?: number;
 }

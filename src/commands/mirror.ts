@@ -20,7 +20,7 @@ import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
 import type { BlockNode, BlockOp } from '../block/node.js';
 import { BITMAP_ALLOW_RO, BITMAP_DEFAULT, type DirtyBitmap } from '../bitmap/dirty-bitmap.js';
-import { DEFAULT_MIRROR_BUF_SIZE, MirrorJob, type BitmapSyncMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
+import { DEFAULT_MIRROR_BUF_SIZE, MirrorJob, STREAM_BUF_SIZE, type BitmapSyncMode, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import type { OnError } from '../jobs/job.js';
 import { protocolOptions } from '../block/filename.js';
 import * as path from 'node:path';
@@ -163,12 +163,17 @@ async function startMirror(
   if (bm && args[CARRY] === true) throw genericError(`'${CARRY}' cannot be used with 'bitmap'`);
   if (bm) granularity = bm.granularity;
   if (!granularity) granularity = defaultGranularity(target);
-  // Without buf-size: QEMU's default for each stream the target spreads requests over (an NBD node's
-  // connections; the job keeps QEMU's 16 copies in flight per stream too), so that every connection of
-  // a copy over a long link has its TCP window's worth to send. Over the bench's 20 ms link (bench/nbd.ts,
-  // 256 MiB in 1 MiB extents, 4 connections, 5 rounds) 239 MiB/s (206-249) against 173 (158-210)
-  // with QEMU's 16 MiB and 16 copies for all four (numbers at NBD_DEFAULT_CONNECTIONS).
-  const buf = Math.ceil((bufSize || DEFAULT_MIRROR_BUF_SIZE * (target.capabilities().streams ?? 1)) / granularity) * granularity;
+  // Without buf-size: QEMU's default, or STREAM_BUF_SIZE for each stream the target spreads requests
+  // over (an NBD node's connections; the job keeps QEMU's 16 copies in flight per stream too), so that
+  // every connection of a copy over a long link has its TCP window's worth to send. Over the bench's
+  // 20 ms link (bench/nbd.ts, 256 MiB in 1 MiB extents, 4 connections, 5 rounds) 239 MiB/s (206-249)
+  // against 173 (158-210) with QEMU's 16 MiB and 16 copies for all four. 16 MiB per connection (64
+  // MiB) was no faster than 8 MiB per connection and held 32 MiB more in buffers: same run, 6 rounds,
+  // the mirroring daemon's peak 89 against 121 MiB, time 1.03 (0.92-1.27) of 32 MiB's in 1 MiB
+  // extents and 0.97 (0.93-1.19) with BM_NBD_LAYOUT=dense (16 MiB in all, with 64 copies: 0.89
+  // (0.84-0.98), slower). Numbers at NBD_DEFAULT_CONNECTIONS.
+  const streams = target.capabilities().streams ?? 1;
+  const buf = Math.ceil((bufSize || Math.max(DEFAULT_MIRROR_BUF_SIZE, STREAM_BUF_SIZE * streams)) / granularity) * granularity;
   const job = new MirrorJob(core.jobs, {
     id: (args['job-id'] as string | undefined) ?? '',
     autoFinalize: args['auto-finalize'] as boolean | undefined,

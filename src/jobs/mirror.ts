@@ -65,6 +65,13 @@ export const MAX_IN_FLIGHT = 16;
 export const MAX_IO_BYTES = 1 << 20;
 export const DEFAULT_MIRROR_BUF_SIZE = 16 << 20;
 /**
+ * bitmirror's: the default buf-size's share of each stream of a target with several (an NBD node's
+ * connections; commands/mirror.ts): two of Linux's largest TCP send windows (tcp_wmem's default
+ * maximum, 4 MiB), so that a connection over a long link has its next window queued while one is on
+ * the wire; never less than QEMU's DEFAULT_MIRROR_BUF_SIZE.
+ */
+export const STREAM_BUF_SIZE = 8 << 20;
+/**
  * bitmirror's: the largest piece of contiguous data one request moves into a target that spreads
  * requests over streams (an NBD node), instead of MAX_IO_BYTES. Each request there is a message, a
  * reply and a trip through every layer of both daemons, and a run of dirty clusters is one request
