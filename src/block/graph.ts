@@ -23,11 +23,15 @@ export interface OpenContext {
   openChild(ref: unknown, readOnly: boolean, childName: string, role: ChildRole): Promise<BlockNode>;
 }
 
-/** One node's part of a blockdev-reopen: its new state, and its new backing node (null: none) if that changes. */
+/**
+ * One node's part of a blockdev-reopen: its new state, its new backing node (null: none) if that
+ * changes, and its new file node if that changes (a file link cannot be removed).
+ */
 interface ReopenPlan {
   node: BlockNode;
   change: ReopenChange;
   backing?: BlockNode | null;
+  file?: BlockNode;
 }
 
 /** What a driver's create gets: the protocol node a format is written on. */
@@ -226,17 +230,32 @@ export class BlockGraph {
     const undo: Array<() => void> = [];
     const touched = new Set<BlockNode>(plans.map((p) => p.node));
     const readOnlyAfter = new Map(plans.map((p) => [p.node, p.change.readOnly]));
+    /** Children that lost a parent here: an auto-named one that nothing holds any more goes (refcount). */
+    const released: BlockNode[] = [];
+    // A node whose file changes is drained around each switch of its link (bdrv_drained_begin): its
+    // requests in flight end on the old file and the new ones start on the new file, none in between.
+    // Parents first: a parent's requests in flight pass through a child that is drained after it.
+    const switching = BlockGraph.parentsFirst(plans.filter((p) => p.file !== undefined).map((p) => p.node));
+    // What the node wrote so far is written back to its old file first (bdrv_reopen_prepare flushes).
+    for (const n of switching) await n.flush();
     try {
-      for (const p of plans) {
-        if (p.backing === undefined) continue;
-        const old = p.node.child('backing');
-        if (old) touched.add(old.node);
-        if (p.backing) touched.add(p.backing);
-        undo.push(p.node.relinkChild('backing', p.backing ?? undefined, 'cow'));
-      }
-      refreshPermissions(touched, { readOnlyAfter });
+      await BlockGraph.drainedAll(switching, () => {
+        for (const p of plans) {
+          for (const [name, target] of [['backing', p.backing], ['file', p.file]] as const) {
+            if (target === undefined) continue;
+            const old = p.node.child(name);
+            if (old) touched.add(old.node);
+            if (old) released.push(old.node);
+            if (target) touched.add(target);
+            undo.push(name === 'file' ? p.node.retargetChild('file', target!) : p.node.relinkChild('backing', target ?? undefined, 'cow'));
+          }
+        }
+        refreshPermissions(touched, { readOnlyAfter });
+      });
     } catch (err) {
-      for (const u of undo.reverse()) u();
+      await BlockGraph.drainedAll(switching, () => {
+        for (const u of undo.reverse()) u();
+      });
       throw err;
     }
     const prepared: ReopenPlan[] = [];
@@ -252,12 +271,17 @@ export class BlockGraph {
         // Stored bitmaps of a node that stays writable are marked in use again.
         if (p.change.readOnly && !p.node.readOnly) for (const hook of this.reopenHooks.afterReopen) await hook(p.node, false).catch(() => undefined);
       }
-      for (const u of undo.reverse()) u();
-      refreshPermissions(touched);
+      await BlockGraph.drainedAll(switching, () => {
+        for (const u of undo.reverse()) u();
+        refreshPermissions(touched);
+      });
       throw err;
     }
     const wasReadOnly = plans.map((p) => p.node.readOnly);
     for (const p of plans) p.node.reopenCommit(p.change);
+    for (const old of released) {
+      if (old.parents.length === 0 && this.nodes.get(old.nodeName) === old) await this.remove(old).catch(() => undefined);
+    }
     let error: unknown;
     for (const [i, p] of plans.entries()) {
       try {
@@ -270,6 +294,16 @@ export class BlockGraph {
     if (error !== undefined) throw error;
   }
 
+  /**
+   * Run `change` (synchronous) with `nodes` drained: their new requests wait, those in flight end
+   * first; the waiting ones then run against what `change` left (QEMU's bdrv_drained_begin/end).
+   */
+  private static async drainedAll(nodes: BlockNode[], change: () => void): Promise<void> {
+    if (nodes.length === 0) return change();
+    const [first, ...rest] = nodes;
+    await first.drained(() => BlockGraph.drainedAll(rest, change));
+  }
+
   /** Options every node may change in blockdev-reopen (bdrv_reopen_prepare's own). */
   private static readonly GENERIC_REOPENABLE = new Set(['driver', 'node-name', 'read-only', 'auto-read-only', 'discard', 'detect-zeroes', 'cache', 'force-share']);
 
@@ -279,14 +313,11 @@ export class BlockGraph {
     const cannot = (key: string) => genericError(`Cannot change the option '${prefix}${key}'`);
     if (opts.driver !== node.driver) throw cannot('driver');
     const readOnly = (opts['read-only'] as boolean | undefined) ?? false;
-    if (((opts['force-share'] as boolean | undefined) ?? false) !== node.forceShare) throw genericError('Cannot change force-share option');
     checkDetectZeroes(opts);
-    // cache.direct and cache.no-flush would need the file's descriptor reopened: not done yet.
-    if ((node.driver === 'file' || node.driver === 'host_device') && JSON.stringify(opts.cache ?? {}) !== JSON.stringify(old.cache ?? {})) {
-      const c = (opts.cache ?? {}) as Record<string, unknown>;
-      const o = (old.cache ?? {}) as Record<string, unknown>;
-      throw cannot(c.direct !== o.direct ? 'cache.direct' : 'cache.no-flush');
-    }
+    // The driver's part of bdrv_reopen_prepare comes before the force-share check and the children.
+    if (!node.supportsReopen()) throw genericError(`Block format '${node.driver}' used by node '${node.nodeName}' does not support reopening files`);
+    node.reopenCheck(opts);
+    if (((opts['force-share'] as boolean | undefined) ?? false) !== node.forceShare) throw genericError('Cannot change force-share option');
     const plan: ReopenPlan = { node, change: { readOnly, options: opts } };
     const childOptions = node.childOptionNames();
     for (const key of childOptions) {
@@ -306,22 +337,25 @@ export class BlockGraph {
         this.planReopen(current.node, value as Record<string, unknown>, `${prefix}${key}.`, out);
         continue;
       }
-      if (key !== 'backing') {
+      if (key !== 'backing' && key !== 'file') {
         if (typeof value === 'string' && !this.find(value)) throw genericError(`Cannot find device='' nor node-name='${value}'`);
         if (typeof value !== 'string' || value !== current?.node.nodeName) throw cannot(key);
         continue;
       }
-      // bdrv_reopen_parse_file_or_backing for 'backing': null detaches, a node-name attaches that node.
+      // bdrv_reopen_parse_file_or_backing: for 'backing' null detaches; a node-name attaches that node
+      // (the schema has no null for 'file': a file link is replaced, never removed).
       const target = value === null ? null : this.find(value as string);
       if (target === undefined) throw genericError(`Cannot find device='' nor node-name='${String(value)}'`);
-      if ((target ?? undefined) === node.backing()) continue;
-      if (target && BlockGraph.reaches(target, node)) {
-        throw genericError(`Making '${target.nodeName}' a backing child of '${node.nodeName}' would create a cycle`);
+      if ((target ?? undefined) === current?.node) continue;
+      if (target && BlockGraph.reachesAfter(target, node, out)) {
+        throw genericError(`Making '${target.nodeName}' a ${key} child of '${node.nodeName}' would create a cycle`);
       }
       if (current?.frozen) {
-        throw genericError(`Cannot change frozen 'backing' link from '${node.nodeName}' to '${current.node.nodeName}'`);
+        throw genericError(`Cannot change frozen '${key}' link from '${node.nodeName}' to '${current.node.nodeName}'`);
       }
-      plan.backing = target;
+      if (key === 'backing') plan.backing = target;
+      else if (!current) throw cannot(key);
+      else plan.file = target!;
     }
     const driverOwn = new Set(node.reopenableOptions());
     for (const key of Object.keys(opts)) {
@@ -387,6 +421,19 @@ export class BlockGraph {
   /** Whether `to` is `from` or below it. */
   private static reaches(from: BlockNode, to: BlockNode): boolean {
     return from === to || from.children.some((c) => BlockGraph.reaches(c.node, to));
+  }
+
+  /**
+   * reaches() in the graph as the reopen's earlier nodes leave it (`plans`: their new backing and file
+   * links): QEMU applies each node's links before it checks the next node's.
+   */
+  private static reachesAfter(from: BlockNode, to: BlockNode, plans: readonly ReopenPlan[]): boolean {
+    if (from === to) return true;
+    const plan = plans.find((p) => p.node === from);
+    return from.children.some((c) => {
+      const next = c.name === 'backing' && plan?.backing !== undefined ? plan.backing : c.name === 'file' && plan?.file ? plan.file : c.node;
+      return next !== null && BlockGraph.reachesAfter(next, to, plans);
+    }) || (plan?.backing != null && !from.child('backing') && BlockGraph.reachesAfter(plan.backing, to, plans));
   }
 
   /** Whether the driver can create images (blockdev-create). */

@@ -823,6 +823,21 @@ export abstract class BlockNode {
   }
 
   /**
+   * Whether the driver takes part in blockdev-reopen at all (QEMU drivers without bdrv_reopen_prepare,
+   * such as copy-on-read and copy-before-write, refuse every reopen).
+   */
+  supportsReopen(): boolean {
+    return true;
+  }
+
+  /**
+   * The checks of bdrv_reopen_prepare's driver part that need nothing but the new options and the
+   * current children (raw's offset and size against its file as it is): throw QEMU's error to refuse.
+   * Runs while the reopen is planned, before any child link or permission changes.
+   */
+  reopenCheck(_options: Record<string, unknown>): void {}
+
+  /**
    * bdrv_reopen_prepare's driver part, after the permissions of the new state were checked: do what
    * the change needs and can still be undone (a qcow2 going read-only writes back its metadata; a file
    * going read-write opens a writable descriptor). Throws to refuse.
@@ -851,6 +866,24 @@ export abstract class BlockNode {
       if (edge) this.unlink(edge);
       if (old) this.link(old);
     };
+  }
+
+  /**
+   * Point the existing child edge `name` at `node` (QEMU's bdrv_replace_child: the edge, its role and
+   * its place stay; what the driver reaches through it changes), without checking permissions: for a
+   * change its caller checks as a whole (reopen) with this node drained. Returns the undo.
+   */
+  retargetChild(name: string, node: BlockNode): () => void {
+    const edge = this.child(name);
+    if (!edge) throw new Error(`${this.nodeName} has no child '${name}'`);
+    const old = edge.node;
+    const move = (from: BlockNode, to: BlockNode) => {
+      from.parents.splice(from.parents.indexOf(edge), 1);
+      edge.node = to;
+      to.parents.unshift(edge);
+    };
+    move(old, node);
+    return () => move(node, old);
   }
 
   /** For a format's doTruncate: let observers refuse a resize of an image that stores these bitmaps. */

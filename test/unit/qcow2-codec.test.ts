@@ -52,7 +52,7 @@ test('L2 entries: normal, zero-plain, zero-alloc, compressed, reserved bits', ()
 
 test('refcount entries of every width round trip', () => {
   for (let order = 0; order <= 6; order++) {
-    const rc = new Refcounts({} as BlockNode, 9, order, 512, 1, [], async () => undefined);
+    const rc = new Refcounts(() => ({}) as BlockNode, 9, order, 512, 1, [], async () => undefined);
     const block = Buffer.alloc(512);
     const max = Math.min(2 ** rc.bits - 1, 1000);
     for (let i = 0; i < rc.entriesPerBlock; i++) rc.writeEntry(block, i, i % (max + 1));

@@ -248,6 +248,18 @@ export class RawSidecarNode extends RawNode implements PersistentBitmapStore {
     return super.childPermissions(child, perm, shared, writable);
   }
 
+  /**
+   * The sidecar is bound to one image (inode and size): the file and the window it covers stay as
+   * opened. A bitmirror rule (QEMU has no sidecar): reopen refuses to move them, as before 'file',
+   * 'offset' and 'size' became changeable for raw.
+   */
+  override reopenableOptions(): readonly string[] {
+    return [];
+  }
+  override reopenCheck(options: Record<string, unknown>): void {
+    if (typeof options.file === 'string' && options.file !== this.child('file')!.node.nodeName) throw genericError("Cannot change the option 'file'");
+  }
+
   private get sidecar(): BlockNode {
     return this.child('bitmaps')!.node;
   }

@@ -3,7 +3,8 @@
  * `size`). All I/O passes to the `file` child at the shifted offset.
  */
 import { genericError } from '../../errors.js';
-import { BlockNode, type BdrvChild, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
+import { BlockNode, jsonFilename, type BdrvChild, type ReopenChange, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type WriteFlags } from '../node.js';
+import { jsonOptions } from '../filters/filter.js';
 import { defaultChildPermissions, type Permissions } from '../permissions.js';
 import type { BlockDriver } from '../graph.js';
 import { alternate, int, qemuOptSize } from '../../qapi/schema.js';
@@ -14,8 +15,9 @@ export class RawNode extends BlockNode {
     nodeName: string,
     readOnly: boolean,
     file: BlockNode,
-    private readonly offset: number,
-    private readonly size: number | undefined,
+    /** The window on the file; blockdev-reopen may move it (reopenCommit). */
+    private offset: number,
+    private size: number | undefined,
   ) {
     super(nodeName, readOnly);
     // Without offset and size raw is all but a filter; with either its file holds data at a shift.
@@ -28,9 +30,25 @@ export class RawNode extends BlockNode {
   private get file(): BlockNode {
     return this.child('file')!.node;
   }
+  /** Without a size, the rest of the file past the offset: none when a smaller file came in by reopen. */
   length(): number {
-    return this.size ?? this.file.length() - this.offset;
+    return this.size ?? Math.max(0, this.file.length() - this.offset);
   }
+
+  // ---- reopen: raw_reopen_prepare takes a new offset and size, checked against the file as it is --------
+
+  override reopenableOptions(): readonly string[] {
+    return ['offset', 'size'];
+  }
+  override reopenCheck(options: Record<string, unknown>): void {
+    checkRawWindow(qemuOptSize(options, 'offset') ?? 0, qemuOptSize(options, 'size'), this.file.length());
+  }
+  override reopenCommit(change: ReopenChange): void {
+    super.reopenCommit(change);
+    this.offset = qemuOptSize(change.options, 'offset') ?? 0;
+    this.size = qemuOptSize(change.options, 'size');
+  }
+
   protected doRead(offset: number, bytes: number): Promise<Buffer> {
     return this.file.read(this.offset + offset, bytes);
   }
@@ -76,8 +94,20 @@ export class RawNode extends BlockNode {
   }
   imageInfo(): ImageInfo {
     const f = this.file.imageInfo();
-    return { filename: f.filename, format: 'raw', 'virtual-size': this.length(), 'dirty-flag': false };
+    // offset and size are strong options (QEMU's bdrv_refresh_filename): the node is named by a json: filename.
+    const window = Object.fromEntries((['offset', 'size'] as const).filter((k) => this.openOptions[k] !== undefined).map((k) => [k, this.openOptions[k]]));
+    const filename = Object.keys(window).length > 0 || f.filename.startsWith('json:') ? jsonFilename({ ...window, driver: 'raw', file: jsonOptions(this.file) }) : f.filename;
+    return { filename, format: 'raw', 'virtual-size': this.length(), 'dirty-flag': false };
   }
+}
+
+/** raw_apply_options: the window must lie in the file, and a size be whole 512-byte sectors (QEMU's messages and order). */
+function checkRawWindow(offset: number, size: number | undefined, fileLength: number): void {
+  if (offset > fileLength) throw genericError(`Offset (${offset}) cannot be greater than size of the containing file (${fileLength})`);
+  if (size !== undefined && fileLength - offset < size) {
+    throw genericError(`The sum of offset (${offset}) and size (${size}) has to be smaller or equal to the  actual size of the containing file (${fileLength})`);
+  }
+  if (size !== undefined && size % 512 !== 0) throw genericError('Specified size is not multiple of 512');
 }
 
 export const BlockdevRef = alternate('BlockdevRef', { kind: 'str' }, { kind: 'any' });
@@ -90,10 +120,7 @@ export const rawDriver: BlockDriver = {
     const offset = qemuOptSize(opts, 'offset') ?? 0;
     const sz = qemuOptSize(opts, 'size');
     const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file', offset === 0 && sz === undefined ? 'filtered' : 'data');
-    if (offset > file.length()) throw genericError('The sum of offset (' + offset + ') and size (0) has to be smaller or equal to the  actual size of the containing file (' + file.length() + ')');
-    if (sz !== undefined && offset + sz > file.length()) {
-      throw genericError(`The sum of offset (${offset}) and size (${sz}) has to be smaller or equal to the  actual size of the containing file (${file.length()})`);
-    }
+    checkRawWindow(offset, sz, file.length());
     if (opts['__org.bitmirror_bitmaps'] !== undefined) {
       // Persistent bitmaps in a sidecar (raw-sidecar.ts, which extends RawNode: imported here, when
       // asked for, so that the two modules do not import each other at load time).

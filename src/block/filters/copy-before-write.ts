@@ -78,6 +78,10 @@ export interface CopyBeforeWriteOptions {
 
 export class CopyBeforeWriteNode extends FilterNode {
   readonly driver = 'copy-before-write';
+  /** QEMU 7.2's driver has no reopen: every blockdev-reopen of the node is refused. */
+  override supportsReopen(): boolean {
+    return false;
+  }
   /** The engine: its bitmap is `copyBitmap`, its locks are shared with a backup job's walk. */
   readonly copy: BlockCopy;
   /** What is still to copy: an anonymous bitmap on the source, one bit per cluster. */

@@ -57,6 +57,10 @@ class ChunkBitmap implements CopyBitmap {
 
 export class CopyOnReadNode extends FilterNode {
   readonly driver = 'copy-on-read';
+  /** QEMU 7.2's driver has no reopen: every blockdev-reopen of the node is refused. */
+  override supportsReopen(): boolean {
+    return false;
+  }
   /** The layer copies go into, and whose writes are observed. */
   private readonly layer: BlockNode;
   private readonly chunk: number;

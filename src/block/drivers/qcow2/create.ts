@@ -106,7 +106,7 @@ export async function createQcow2(file: BlockNode, opts: Qcow2CreateOptions): Pr
   // Start from an empty file.
   if (file.capabilities().resize) await file.truncate(0);
 
-  const rc = new Refcounts(file, clusterBits, refcountOrder, cs, T, [], async () => undefined);
+  const rc = new Refcounts(() => file, clusterBits, refcountOrder, cs, T, [], async () => undefined);
   const table = Buffer.alloc(T * cs);
   const blocks: Buffer[] = [];
   for (let b = 0; b < B; b++) {
@@ -137,7 +137,7 @@ async function preallocateMetadata(file: BlockNode, h: Qcow2Header, usedClusters
   const guestClusters = Math.ceil(h.size / cs);
   const refTableBuf = await file.read(h.refcountTableOffset, h.refcountTableClusters * cs);
   const { table } = Refcounts.parseTable(refTableBuf, (h.refcountTableClusters * cs) / 8);
-  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, table, (off, clusters) =>
+  const rc = new Refcounts(() => file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, table, (off, clusters) =>
     writeRefcountTableLocation(file, h, off, clusters),
   );
   rc.highestAllocated = usedClusters - 1;

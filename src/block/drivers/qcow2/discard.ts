@@ -45,7 +45,12 @@ export class PendingDiscards {
   /** Open batches: while one is open, `issue` leaves the queue for the outermost to send. */
   private depth = 0;
 
-  constructor(private readonly file: BlockNode) {}
+  /** `fileOf`: the image file, as the node's file link has it now. */
+  constructor(private readonly fileOf: () => BlockNode) {}
+
+  private get file(): BlockNode {
+    return this.fileOf();
+  }
 
   /** Queue [offset, +bytes); a range continuing the last one queued extends it (the common case). */
   add(offset: number, bytes: number): void {

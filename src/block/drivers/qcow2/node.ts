@@ -156,7 +156,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     this.cs = 2 ** header.clusterBits;
     this.l2Entries = this.cs / 8;
     this.v3 = header.version === 3;
-    this.l2cache = new TableCache(file, this.cs, Math.max(16, Math.floor((16 << 20) / this.cs)));
+    this.l2cache = new TableCache(() => this.file, this.cs, Math.max(16, Math.floor((16 << 20) / this.cs)));
     this.markedDirty = (header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
   }
 
@@ -1262,7 +1262,10 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
         ? jsonFilename({ backing: null, driver: 'qcow2', file: { driver: 'file', filename: f.filename } })
         : overriding
           ? jsonFilename({ backing: overriding, driver: 'qcow2', file: { driver: 'file', filename: f.filename } })
-          : f.filename,
+          : f.filename.startsWith('json:')
+            ? // A file QEMU cannot name by a file name (a filter under the node): json: of the whole node.
+              jsonFilename({ driver: 'qcow2', file: jsonOptions(this.file) })
+            : f.filename,
       format: 'qcow2',
       'virtual-size': h.size,
       'cluster-size': this.cs,

@@ -204,8 +204,12 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
 
   const storedBitmaps = await loadBitmapDirectory(file, h, fileLength, readOnly);
 
-  const rc = new Refcounts(file, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, refTable, (off, clusters) =>
-    writeRefcountTableLocation(file, h, off, clusters),
+  // The metadata code reaches the file through the node's link once there is a node: blockdev-reopen
+  // and a filter inserted below it move that link.
+  const link: { node?: Qcow2Node } = {};
+  const fileOf = () => link.node?.file ?? file;
+  const rc = new Refcounts(fileOf, h.clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters, refTable, (off, clusters) =>
+    writeRefcountTableLocation(fileOf(), h, off, clusters),
   );
 
   // Backing chain.
@@ -227,6 +231,7 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   }
 
   const node = new Qcow2Node(nodeName, readOnly, file, h, l1, rc, backingDisplay);
+  link.node = node;
   node.cachedBitmaps = storedBitmaps;
   node.unmapAllowed = opts.discard === 'unmap';
   node.rc.passthrough = discardPassthrough(opts);

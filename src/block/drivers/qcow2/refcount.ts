@@ -43,7 +43,8 @@ export class Refcounts {
   readonly discards: PendingDiscards;
 
   constructor(
-    private readonly file: BlockNode,
+    /** The image file, as the node's file link has it now (blockdev-reopen can point it elsewhere). */
+    private readonly fileOf: () => BlockNode,
     readonly clusterBits: number,
     readonly refcountOrder: number,
     tableOffset: number,
@@ -59,8 +60,12 @@ export class Refcounts {
     this.tableOffset = tableOffset;
     this.tableClusters = tableClusters;
     this.maxRefcount = this.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
-    this.cache = new TableCache(file, this.cs, Math.max(8, Math.floor((4 << 20) / this.cs)));
-    this.discards = new PendingDiscards(file);
+    this.cache = new TableCache(fileOf, this.cs, Math.max(8, Math.floor((4 << 20) / this.cs)));
+    this.discards = new PendingDiscards(fileOf);
+  }
+
+  private get file(): BlockNode {
+    return this.fileOf();
   }
 
   static parseTable(buf: Buffer, entries: number): { table: number[]; bad?: string } {

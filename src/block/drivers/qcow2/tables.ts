@@ -201,10 +201,15 @@ export class TableCache {
   private newest?: number;
 
   constructor(
-    private readonly file: BlockNode,
+    /** The image file, as the node's file link has it now (blockdev-reopen can point it elsewhere). */
+    private readonly fileOf: () => BlockNode,
     private readonly clusterSize: number,
     readonly capacity: number,
   ) {}
+
+  private get file(): BlockNode {
+    return this.fileOf();
+  }
 
   /**
    * The table at `offset` if the cache holds it (a use, for the LRU order), without waiting;

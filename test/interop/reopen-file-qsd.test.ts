@@ -1,0 +1,235 @@
+/**
+ * blockdev-reopen of a node's `file` link and of raw's `offset`/`size`, against qemu-storage-daemon
+ * 7.2: the same QMP script replayed against both must give the same replies (the errors with QEMU's
+ * messages: cycles, nodes that do not exist, permissions, drivers without reopen, raw's window
+ * checks), and the data must go where the new link says — a qcow2 node moved to a copy of its image
+ * writes data and metadata only there (qemu-img check, compare), and writes in flight when the link
+ * moves end on the old file before the reply, the later ones reaching only the new file.
+ */
+import { test } from 'node:test';
+import * as assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import { haveQsd, poll, setup, type Env } from '../support/daemon.js';
+import { recorder, type Replay } from '../support/qmp-replay.js';
+import { mustRun, qemuIoNbd } from '../support/tools.js';
+
+const skip = !haveQsd && 'qemu-storage-daemon not installed';
+type Program = 'bitmirror' | 'qemu-storage-daemon';
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** Run `script` against a fresh daemon of `program`; the recorded replies. */
+async function replay(program: Program, script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
+  const env = await setup(`reopen-${program === 'bitmirror' ? 'bm' : 'qsd'}`, program);
+  try {
+    const r = recorder(env);
+    await script(r, env);
+    return r.replies;
+  } finally {
+    await env.done();
+  }
+}
+
+async function sameReplies(script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
+  const theirs = await replay('qemu-storage-daemon', script);
+  const ours = await replay('bitmirror', script);
+  for (let i = 0; i < Math.max(ours.length, theirs.length); i++) assert.deepEqual(ours[i], theirs[i], `step ${i}`);
+  return ours;
+}
+
+/** Each node's name, virtual size and file name, by name: what a reopen changed in query-named-block-nodes. */
+async function nodeSummary(r: Replay, env: Env): Promise<void> {
+  const nodes = await env.d.qmp.execute<Array<{ 'node-name': string; image: { 'virtual-size': number; filename: string } }>>('query-named-block-nodes', { flat: true });
+  const named = nodes.filter((n) => !n['node-name'].startsWith('#'));
+  r.replies.push(r.mask(named.map((n) => [n['node-name'], n.image['virtual-size'], n.image.filename]).sort()));
+}
+
+const reopen = (r: Replay, ...options: Array<Record<string, unknown>>) => r.request('blockdev-reopen', { options });
+
+test('blockdev-reopen replaces a file link: errors, filters, several nodes at once, as qemu-storage-daemon 7.2', { skip }, async () => {
+  const replies = await sameReplies(async (r, env) => {
+    for (const n of ['a', 'b', 'c']) await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', env.f(`${n}.qcow2`), '1M']);
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'fa', filename: env.f('a.qcow2') });
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'fb', filename: env.f('b.qcow2') });
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: 'fa' });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'fb' });
+    await nodeSummary(r, env);
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: null });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'q' });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'nope' });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q' });
+    // A second writer on fb refuses q's file moving back onto it.
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q2', file: 'fa' });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'fa' });
+    await r.request('blockdev-del', { 'node-name': 'q2' });
+    // A throttle filter put under q, moved, and a cycle through it refused.
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 'tg' });
+    await r.request('blockdev-add', { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'fa' });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'thr' });
+    await nodeSummary(r, env);
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'q' });
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'fa', backing: 'fb' });
+    await r.request('blockdev-del', { 'node-name': 'thr' });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'fa' });
+    await r.request('blockdev-del', { 'node-name': 'thr' });
+    // A nested (auto-named) file is replaced and goes away with its last user.
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q3', file: { driver: 'file', filename: env.f('c.qcow2') } });
+    await r.request('blockdev-add', { driver: 'null-co', 'node-name': 'n0', size: MiB });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q3', file: 'n0' });
+    const nodes = await env.d.qmp.execute<Array<{ 'node-name': string }>>('query-named-block-nodes', { flat: true });
+    r.replies.push(nodes.filter((n) => n['node-name'].startsWith('#')).length);
+    // Drivers without reopen refuse it, after the generic checks.
+    await r.request('blockdev-add', { driver: 'copy-on-read', 'node-name': 'cor', file: 'n0' });
+    await reopen(r, { driver: 'copy-on-read', 'node-name': 'cor', file: 'cor' });
+    await reopen(r, { driver: 'copy-on-read', 'node-name': 'cor', file: 'n0', 'detect-zeroes': 'unmap' });
+    await reopen(r, { driver: 'copy-on-read', 'node-name': 'cor', file: 'n0', 'force-share': true });
+    await r.request('blockdev-del', { 'node-name': 'cor' });
+    // Several nodes in one reopen see each other's new links: a swap, and its way back.
+    await r.request('blockdev-add', { driver: 'raw', 'node-name': 'r', file: 'fb' });
+    await r.request('blockdev-add', { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'r' });
+    await reopen(r, { driver: 'raw', 'node-name': 'r', file: 'thr' });
+    await r.request('blockdev-del', { 'node-name': 'thr' });
+    // (Nodes of one size: QEMU 7.2 keeps a filter's length from before its file moved.)
+    await r.request('blockdev-add', { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'fa' });
+    await reopen(r, { driver: 'raw', 'node-name': 'r', file: 'thr' }, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'fb' });
+    await nodeSummary(r, env);
+    await reopen(r, { driver: 'raw', 'node-name': 'r', file: 'fb' }, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'r' });
+    await nodeSummary(r, env);
+    // blkdebug's child is 'image', which reopen cannot change; a file node has no file link.
+    await r.request('blockdev-add', { driver: 'blkdebug', 'node-name': 'bd', image: 'n0' });
+    await reopen(r, { driver: 'blkdebug', 'node-name': 'bd', image: 'fa' });
+    await reopen(r, { driver: 'file', 'node-name': 'fa', filename: env.f('a.qcow2'), file: 'fb' });
+  });
+  const errors = replies.filter((x) => Array.isArray(x) && x[0] === 'blockdev-reopen' && typeof x[1] === 'object' && x[1] !== null && 'class' in x[1]);
+  assert.ok(errors.some((e) => JSON.stringify(e).includes("Making 'thr' a file child of 'r' would create a cycle")));
+  assert.ok(replies.some((x) => JSON.stringify(x) === JSON.stringify(['blockdev-reopen', {}])));
+});
+
+test("blockdev-reopen changes raw's offset and size, checked against its file as it is, as qemu-storage-daemon 7.2", { skip }, async () => {
+  await sameReplies(async (r, env) => {
+    await mustRun('qemu-img', ['create', '-q', '-f', 'raw', env.f('r.raw'), '1M']);
+    await mustRun('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 8k 4k', '-c', 'write -P 0x6b 12k 4k', env.f('r.raw')]);
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'r1', filename: env.f('r.raw') });
+    await r.request('blockdev-add', { driver: 'null-co', 'node-name': 'n4', size: 4096 });
+    await r.request('blockdev-add', { driver: 'raw', 'node-name': 'raw5', file: 'r1', offset: 2000000, size: 1000 });
+    await r.request('blockdev-add', { driver: 'raw', 'node-name': 'raw6', file: 'r1', size: 1000 });
+    await r.request('blockdev-add', { driver: 'raw', 'node-name': 'raw', file: 'r1', offset: 8192 });
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'r1', offset: 12288, size: 4096 });
+    await nodeSummary(r, env);
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'r1', offset: 2000000, size: 1000 });
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'r1', offset: 1024, size: 2 * MiB });
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'r1', size: 1000 });
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'raw', size: 1000 });
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'raw' });
+    // The window is checked against the file before the link moves: the smaller file then has none.
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'n4', offset: 8192 });
+    await nodeSummary(r, env);
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'n4', offset: 1024, size: 8192 });
+    await reopen(r, { driver: 'raw', 'node-name': 'raw', file: 'r1' });
+    await nodeSummary(r, env);
+  });
+});
+
+/** Guest writes through an NBD export of `node`, by qemu-io. */
+async function exportNode(r: Replay, env: Env, node: string): Promise<string> {
+  const sock = env.f('nbd.sock');
+  await r.request('nbd-server-start', { addr: { type: 'unix', data: { path: sock } } });
+  await r.request('block-export-add', { type: 'nbd', id: 'guest', 'node-name': node, name: 'vda', writable: true });
+  return `nbd+unix:///vda?socket=${sock}`;
+}
+
+test('a qcow2 node moved to a copy of its image writes data and metadata only there', { skip }, async () => {
+  const results: Record<string, string[]> = {};
+  for (const program of ['qemu-storage-daemon', 'bitmirror'] as const) {
+    await replay(program, async (r, env) => {
+      const a = env.f('a.qcow2');
+      const b = env.f('b.qcow2');
+      const ref = env.f('ref.qcow2');
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', a, '8M']);
+      await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', a]);
+      await r.request('blockdev-add', { driver: 'file', 'node-name': 'fa', filename: a });
+      await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: 'fa' });
+      const uri = await exportNode(r, env, 'q');
+      await qemuIoNbd(uri, ['write -P 0x22 1M 1M', 'write -P 0x23 3M 64k', 'write -P 0x24 1536k 8k', 'flush']);
+      // Idle and flushed: b is a byte copy of a; q moves to it and allocates new clusters (L2 tables
+      // and refcounts included) there, while a stays as it was.
+      await copyFile(a, b);
+      await r.request('blockdev-add', { driver: 'file', 'node-name': 'fb', filename: b });
+      await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'fb' });
+      await qemuIoNbd(uri, ['write -P 0x33 6M 1M', 'write -P 0x34 4k 4k', 'flush']);
+      await r.request('block-export-del', { id: 'guest' });
+      await poll('export gone', async () => ((await env.d.qmp.execute<unknown[]>('query-block-exports')).length === 0));
+      await r.request('blockdev-del', { 'node-name': 'q' });
+      await r.request('blockdev-del', { 'node-name': 'fb' });
+      await r.request('blockdev-del', { 'node-name': 'fa' });
+      // What a and b must hold, written by qemu-io alone.
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', ref, '8M']);
+      await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x22 1M 1M', '-c', 'write -P 0x23 3M 64k', '-c', 'write -P 0x24 1536k 8k', ref]);
+      const seen: string[] = [];
+      for (const img of [a, b]) {
+        seen.push(await mustRun('qemu-img', ['check', img]).then((o) => (/No errors were found/.test(o) ? 'clean' : o)));
+      }
+      seen.push((await mustRun('qemu-img', ['compare', a, ref])).trim());
+      await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 6M 1M', '-c', 'write -P 0x34 4k 4k', ref]);
+      seen.push((await mustRun('qemu-img', ['compare', b, ref])).trim());
+      results[program] = seen;
+    });
+  }
+  assert.deepEqual(results.bitmirror, ['clean', 'clean', 'Images are identical.', 'Images are identical.']);
+  assert.deepEqual(results.bitmirror, results['qemu-storage-daemon']);
+});
+
+test('writes in flight when a file link moves end on the old file before the reply; none reaches it afterwards, none is lost', { skip }, async () => {
+  const CHUNK = 64 * KiB;
+  const COUNT = 24;
+  for (const program of ['qemu-storage-daemon', 'bitmirror'] as const) {
+    await replay(program, async (r, env) => {
+      const fa = env.f('a.raw');
+      const fb = env.f('b.raw');
+      // The second half is written after the reopen.
+      for (const f of [fa, fb]) await writeFile(f, Buffer.alloc(2 * COUNT * CHUNK));
+      await r.request('blockdev-add', { driver: 'file', 'node-name': 'fa', filename: fa });
+      await r.request('blockdev-add', { driver: 'file', 'node-name': 'fb', filename: fb });
+      // Writes reach fa through a slow throttle filter: several are still in flight when r moves to fb.
+      await r.request('object-add', { 'qom-type': 'throttle-group', id: 'tg', limits: { 'bps-write': 512 * KiB } });
+      await r.request('blockdev-add', { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'fa' });
+      await r.request('blockdev-add', { driver: 'raw', 'node-name': 'r', file: 'thr' });
+      const uri = await exportNode(r, env, 'r');
+      const cmds = Array.from({ length: COUNT }, (_, i) => ['-c', `aio_write -P ${i + 1} ${i * CHUNK} ${CHUNK}`]).flat();
+      const guest = spawn('qemu-io', ['-f', 'raw', ...cmds, '-c', 'aio_flush', uri], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      guest.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      guest.stderr.on('data', (d: Buffer) => (out += d.toString()));
+      const exited = new Promise<number | null>((res) => guest.on('exit', (code) => res(code)));
+      // The first write has reached fa: the others are queued behind the throttle.
+      await poll('first write on fa', async () => (await readFile(fa))[0] === 1, 20_000);
+      await reopen(r, { driver: 'raw', 'node-name': 'r', file: 'fb' });
+      const faAtReply = await readFile(fa);
+      assert.equal(await exited, 0, out);
+      assert.doesNotMatch(out, /error|failed/i);
+      await qemuIoNbd(uri, [`write -P 0x77 ${COUNT * CHUNK} ${COUNT * CHUNK}`, 'flush']);
+      await r.request('block-export-del', { id: 'guest' });
+      await poll('export gone', async () => ((await env.d.qmp.execute<unknown[]>('query-block-exports')).length === 0));
+      await r.request('blockdev-del', { 'node-name': 'r' });
+      const faAfter = await readFile(fa);
+      const fbAfter = await readFile(fb);
+      assert.ok(faAfter.equals(faAtReply), `${program}: fa changed after the reopen replied`);
+      let onA = 0;
+      for (let i = 0; i < COUNT; i++) {
+        const want = Buffer.alloc(CHUNK, i + 1);
+        const zero = Buffer.alloc(CHUNK);
+        const inA = faAfter.subarray(i * CHUNK, (i + 1) * CHUNK);
+        const inB = fbAfter.subarray(i * CHUNK, (i + 1) * CHUNK);
+        // Every write landed whole, on exactly one of the two files.
+        assert.ok((inA.equals(want) && inB.equals(zero)) || (inB.equals(want) && inA.equals(zero)), `${program}: chunk ${i}`);
+        if (inA.equals(want)) onA++;
+      }
+      // The reopen came after the first write; QEMU's drain lets every write the server had taken end on fa.
+      assert.ok(onA > 0, `${program}: no write on the old file`);
+      // What the guest wrote after the reply is on fb alone.
+      assert.ok(fbAfter.subarray(COUNT * CHUNK).equals(Buffer.alloc(COUNT * CHUNK, 0x77)), `${program}: later writes not on fb`);
+      assert.ok(faAfter.subarray(COUNT * CHUNK).equals(Buffer.alloc(COUNT * CHUNK)), `${program}: later writes reached fa`);
+    });
+  }
+});
