@@ -278,7 +278,10 @@ export class BlockGraph {
       throw err;
     }
     const wasReadOnly = plans.map((p) => p.node.readOnly);
-    for (const p of plans) p.node.reopenCommit(p.change);
+    // A driver that swaps what its requests use (a file's descriptor) commits with the node drained.
+    await BlockGraph.drainedAll(BlockGraph.parentsFirst(plans.filter((p) => p.node.reopenDrains()).map((p) => p.node)), () => {
+      for (const p of plans) p.node.reopenCommit(p.change);
+    });
     for (const old of released) {
       if (old.parents.length === 0 && this.nodes.get(old.nodeName) === old) await this.remove(old).catch(() => undefined);
     }

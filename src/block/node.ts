@@ -585,13 +585,23 @@ export abstract class BlockNode {
 
   // ---- public I/O ---------------------------------------------------------------------------------
 
-  private checkRequest(offset: number, bytes: number): void {
+  /** `write`: a write, which a node that grows on writes (writesPastEnd) takes beyond its end. */
+  private checkRequest(offset: number, bytes: number, write = false): void {
     // A closing node takes no new request: nothing may reach the image after its bitmaps are stored.
     if (this.closing || this.closed) throw new BlockIOError('ENOMEDIUM');
     if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(bytes) || offset < 0 || bytes < 0) {
       throw new BlockIOError('EIO');
     }
-    if (offset + bytes > this.length()) throw new BlockIOError('EIO');
+    if (offset + bytes > this.length() && !(write && this.writesPastEnd())) throw new BlockIOError('EIO');
+  }
+
+  /**
+   * Whether a write beyond the end extends the node (a file; a filter over one), so that a format
+   * over it allocates clusters past the end of its file whatever sits in between (QEMU checks no end
+   * for node-to-node writes).
+   */
+  writesPastEnd(): boolean {
+    return false;
   }
 
   private checkWritable(): void {
@@ -688,7 +698,7 @@ export abstract class BlockNode {
    */
   async writeHost(offset: number, src: HostRange): Promise<void> {
     if (this.held) return this.afterHold((n) => n.writeHost(offset, src));
-    this.checkRequest(offset, src.bytes);
+    this.checkRequest(offset, src.bytes, true);
     this.checkWritable();
     if (src.bytes === 0) return;
     if (!this.acceptsHostCopy(offset, src.bytes)) throw new BlockIOError('ENOTSUP');
@@ -720,7 +730,7 @@ export abstract class BlockNode {
 
   async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
     if (this.held) return this.afterHold((n) => n.write(offset, data, flags));
-    this.checkRequest(offset, data.length);
+    this.checkRequest(offset, data.length, true);
     this.checkWritable();
     if (data.length === 0) return;
     // detect-zeroes (QEMU's bdrv_aligned_pwritev): a write of nothing but zeroes to a node that zeroes
@@ -746,7 +756,7 @@ export abstract class BlockNode {
 
   async writeZeroes(offset: number, bytes: number, flags: WriteFlags = {}): Promise<void> {
     if (this.held) return this.afterHold((n) => n.writeZeroes(offset, bytes, flags));
-    this.checkRequest(offset, bytes);
+    this.checkRequest(offset, bytes, true);
     this.checkWritable();
     if (bytes === 0) return;
     if (flags.noFallback) {
@@ -843,6 +853,13 @@ export abstract class BlockNode {
    * going read-write opens a writable descriptor). Throws to refuse.
    */
   async reopenPrepare(_change: ReopenChange): Promise<void> {}
+  /**
+   * After reopenPrepare: whether the commit must happen with the node drained (no request in flight,
+   * new ones waiting), as when a file node takes over a new descriptor.
+   */
+  reopenDrains(): boolean {
+    return false;
+  }
   /** Make the change (cannot fail). */
   reopenCommit(change: ReopenChange): void {
     this.readOnly = change.readOnly;

@@ -3,13 +3,14 @@
  * 7.2: the same QMP script replayed against both must give the same replies (the errors with QEMU's
  * messages: cycles, nodes that do not exist, permissions, drivers without reopen, raw's window
  * checks), and the data must go where the new link says — a qcow2 node moved to a copy of its image
- * writes data and metadata only there (qemu-img check, compare), and writes in flight when the link
+ * writes data and metadata only there (qemu-img check, compare), a throttle filter put between a
+ * format node and its file and taken out again passes every write through, and writes in flight when the link
  * moves end on the old file before the reply, the later ones reaching only the new file.
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import { copyFile, readdir, readFile, readlink, writeFile } from 'node:fs/promises';
 import { haveQsd, poll, setup, type Env } from '../support/daemon.js';
 import { recorder, type Replay } from '../support/qmp-replay.js';
 import { mustRun, qemuIoNbd } from '../support/tools.js';
@@ -100,6 +101,14 @@ test('blockdev-reopen replaces a file link: errors, filters, several nodes at on
     await r.request('blockdev-add', { driver: 'blkdebug', 'node-name': 'bd', image: 'n0' });
     await reopen(r, { driver: 'blkdebug', 'node-name': 'bd', image: 'fa' });
     await reopen(r, { driver: 'file', 'node-name': 'fa', filename: env.f('a.qcow2'), file: 'fb' });
+    // A file node's options that a reopen must repeat once given.
+    const c = env.f('c.qcow2');
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'fc', filename: c, locking: 'off', 'aio-max-batch': 4, 'drop-cache': false, 'x-check-cache-dropped': true });
+    await reopen(r, { driver: 'file', 'node-name': 'fc', filename: c });
+    await reopen(r, { driver: 'file', 'node-name': 'fc', filename: c, locking: 'off' });
+    await reopen(r, { driver: 'file', 'node-name': 'fc', filename: c, locking: 'off', 'aio-max-batch': 4 });
+    await reopen(r, { driver: 'file', 'node-name': 'fc', filename: c, locking: 'off', 'aio-max-batch': 8, 'drop-cache': false });
+    await reopen(r, { driver: 'file', 'node-name': 'fc', filename: c, locking: 'on', 'aio-max-batch': 8, 'drop-cache': false });
   });
   const errors = replies.filter((x) => Array.isArray(x) && x[0] === 'blockdev-reopen' && typeof x[1] === 'object' && x[1] !== null && 'class' in x[1]);
   assert.ok(errors.some((e) => JSON.stringify(e).includes("Making 'thr' a file child of 'r' would create a cycle")));
@@ -139,7 +148,7 @@ async function exportNode(r: Replay, env: Env, node: string): Promise<string> {
   return `nbd+unix:///vda?socket=${sock}`;
 }
 
-test('a qcow2 node moved to a copy of its image writes data and metadata only there', { skip }, async () => {
+test('a qcow2 node moved to a copy of its image writes data and metadata only there; a filter put under it and taken out passes writes through', { skip }, async () => {
   const results: Record<string, string[]> = {};
   for (const program of ['qemu-storage-daemon', 'bitmirror'] as const) {
     await replay(program, async (r, env) => {
@@ -151,7 +160,15 @@ test('a qcow2 node moved to a copy of its image writes data and metadata only th
       await r.request('blockdev-add', { driver: 'file', 'node-name': 'fa', filename: a });
       await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: 'fa' });
       const uri = await exportNode(r, env, 'q');
-      await qemuIoNbd(uri, ['write -P 0x22 1M 1M', 'write -P 0x23 3M 64k', 'write -P 0x24 1536k 8k', 'flush']);
+      // A throttle filter between q and its file (q allocates clusters past the file's end through
+      // it), writes through it, and out again.
+      await r.request('object-add', { 'qom-type': 'throttle-group', id: 'tg', limits: { 'bps-write': 64 * MiB } });
+      await r.request('blockdev-add', { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'fa' });
+      await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'thr' });
+      await qemuIoNbd(uri, ['write -P 0x22 1M 1M', 'write -P 0x23 3M 64k', 'flush']);
+      await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: 'fa' });
+      await r.request('blockdev-del', { 'node-name': 'thr' });
+      await qemuIoNbd(uri, ['write -P 0x24 1536k 8k', 'flush']);
       // Idle and flushed: b is a byte copy of a; q moves to it and allocates new clusters (L2 tables
       // and refcounts included) there, while a stays as it was.
       await copyFile(a, b);
@@ -232,4 +249,65 @@ test('writes in flight when a file link moves end on the old file before the rep
       assert.ok(faAfter.subarray(COUNT * CHUNK).equals(Buffer.alloc(COUNT * CHUNK)), `${program}: later writes reached fa`);
     });
   }
+});
+
+/** Whether the daemon holds `file` open with O_DIRECT, from /proc (every descriptor of it must agree). */
+async function openDirect(env: Env, file: string): Promise<boolean[]> {
+  const pid = env.d.proc.pid!;
+  const seen: boolean[] = [];
+  for (const fd of await readdir(`/proc/${pid}/fd`)) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+    if (target !== file) continue;
+    const flags = /flags:\s*([0-7]+)/.exec(await readFile(`/proc/${pid}/fdinfo/${fd}`, 'utf8'))![1];
+    seen.push((parseInt(flags, 8) & 0o40000) !== 0);
+  }
+  return [...new Set(seen)];
+}
+
+test('blockdev-reopen turns cache.direct and cache.no-flush of a file node on and off, as qemu-storage-daemon 7.2: the descriptor follows, the data stays right', { skip }, async () => {
+  const results: Record<string, unknown[]> = {};
+  for (const program of ['qemu-storage-daemon', 'bitmirror'] as const) {
+    const replies = await replay(program, async (r, env) => {
+      const img = env.f('d.raw');
+      const ref = env.f('ref.raw');
+      await mustRun('qemu-img', ['create', '-q', '-f', 'raw', img, '4M']);
+      await mustRun('qemu-img', ['create', '-q', '-f', 'raw', ref, '4M']);
+      const seen: unknown[] = (results[program] = []);
+      const cacheOf = async () => {
+        const nodes = await env.d.qmp.execute<Array<{ 'node-name': string; cache: unknown }>>('query-named-block-nodes', { flat: true });
+        return nodes.find((n) => n['node-name'] === 'f')?.cache;
+      };
+      await r.request('blockdev-add', { driver: 'file', 'node-name': 'f', filename: img });
+      await r.request('blockdev-add', { driver: 'raw', 'node-name': 'r', file: 'f' });
+      const uri = await exportNode(r, env, 'r');
+      seen.push(await openDirect(env, img), await cacheOf());
+      const file = (cache: Record<string, boolean>, extra: Record<string, unknown> = {}) => ({ driver: 'file', 'node-name': 'f', filename: img, cache, ...extra });
+      await reopen(r, file({ direct: true }));
+      seen.push(await openDirect(env, img), await cacheOf());
+      // Unaligned guest writes and reads through O_DIRECT (read-modify-write of 512-byte sectors at least).
+      const writes = ['write -P 0x41 100 3000', 'write -P 0x42 1M 64k', 'write -P 0x43 4194000 196'];
+      await qemuIoNbd(uri, [...writes, 'flush']);
+      await reopen(r, file({ direct: false, 'no-flush': true }));
+      seen.push(await openDirect(env, img), await cacheOf());
+      const more = ['write -P 0x44 2M 5000', 'write -P 0x45 99 2'];
+      await qemuIoNbd(uri, [...more, 'flush']);
+      await reopen(r, file({ direct: true }, { 'read-only': false }));
+      seen.push(await openDirect(env, img), await cacheOf());
+      seen.push(await qemuIoNbd(uri, ['read -P 0x45 99 2', 'read -P 0x41 101 2999', 'read -P 0x43 4194000 196']).then(() => 'read back'));
+      // cache left out: both back to their defaults.
+      await reopen(r, { driver: 'file', 'node-name': 'f', filename: img });
+      seen.push(await openDirect(env, img), await cacheOf());
+      await r.request('block-export-del', { id: 'guest' });
+      await poll('export gone', async () => ((await env.d.qmp.execute<unknown[]>('query-block-exports')).length === 0));
+      await r.request('blockdev-del', { 'node-name': 'r' });
+      await r.request('blockdev-del', { 'node-name': 'f' });
+      await mustRun('qemu-io', ['-f', 'raw', ...[...writes, ...more].flatMap((c) => ['-c', c]), ref]);
+      seen.push((await mustRun('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', img, ref])).trim());
+    });
+    results[program].unshift(...replies);
+  }
+  assert.deepEqual(results.bitmirror, results['qemu-storage-daemon']);
+  const states = results.bitmirror.filter((x) => Array.isArray(x) && typeof x[0] === 'boolean');
+  assert.deepEqual(states, [[false], [true], [false], [true], [false]]);
+  assert.ok(results.bitmirror.includes('Images are identical.'));
 });

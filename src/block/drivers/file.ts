@@ -223,26 +223,47 @@ export class FileNode extends BlockNode {
 
   /** Whether the descriptor was opened for writing (a read-only open has O_RDONLY). */
   private fdWritable = !this.readOnly;
-  /** A writable descriptor opened by reopenPrepare, taken over by reopenCommit. */
-  private reopenFh: fsp.FileHandle | undefined;
+  /** A descriptor opened by reopenPrepare (and its O_DIRECT alignment), taken over by reopenCommit. */
+  private reopenFh: { fh: fsp.FileHandle; writable: boolean; direct: boolean; alignment: number } | undefined;
 
   override reopenableOptions(): readonly string[] {
-    return ['drop-cache', 'x-check-cache-dropped', 'aio-max-batch'];
+    return ['drop-cache', 'x-check-cache-dropped'];
+  }
+
+  /** QEMU 7.2 refuses a reopen that leaves out one of these when the node was opened with it. */
+  private static readonly KEPT_OPTIONS = ['locking', 'aio-max-batch', 'drop-cache'];
+
+  override reopenCheck(options: Record<string, unknown>): void {
+    for (const key of FileNode.KEPT_OPTIONS) {
+      if (this.openOptions[key] !== undefined && options[key] === undefined) throw genericError(`Option '${key}' cannot be reset to its default value`);
+    }
   }
 
   /**
-   * Becoming writable with a read-only descriptor (raw_reopen_prepare): open the file again for
-   * writing and move the lock bytes to the new descriptor (the permission refresh already set them for
-   * the new state on the old one). The old descriptor's bytes are dropped first — two descriptions of
-   * one file conflict with each other as with anyone — and taken back if the new one cannot get them.
-   * Going read-only keeps the descriptor: nothing is written through it any more.
+   * raw_reopen_prepare: a new descriptor when the node becomes writable with a read-only one, or when
+   * cache.direct changes (O_DIRECT, its alignment probed again). The lock bytes move to the new
+   * descriptor (the permission refresh already set them for the new state on the old one): the old
+   * descriptor's bytes are dropped first — two descriptions of one file conflict with each other as
+   * with anyone — and taken back if the new one cannot get them. Going read-only keeps a writable
+   * descriptor: nothing is written through it any more.
    */
   override async reopenPrepare(change: ReopenChange): Promise<void> {
-    if (change.readOnly || this.fdWritable) return;
+    const direct = ((change.options.cache ?? {}) as { direct?: boolean }).direct === true;
+    const writable = this.fdWritable || !change.readOnly;
+    if (writable === this.fdWritable && direct === this.fileOptions.direct) return;
+    const n = nativeAddon();
+    if (direct && !n) throw genericError(`cache.direct=on is not available: ${nativeLoadError()}`);
     let fh: fsp.FileHandle;
     try {
-      fh = await fsp.open(this.filename, fsc.O_RDWR | (this.fileOptions.direct ? nativeAddon()!.O_DIRECT : 0));
+      fh = await fsp.open(this.filename, (writable ? fsc.O_RDWR : fsc.O_RDONLY) | (direct ? n!.O_DIRECT : 0));
     } catch (err) {
+      throw genericError(`Could not reopen file: ${strerror(errorCode(err))}`);
+    }
+    let alignment = 1;
+    try {
+      if (direct) alignment = await probeDirectAlignment(fh);
+    } catch (err) {
+      await fh.close().catch(() => undefined);
       throw genericError(`Could not reopen file: ${strerror(errorCode(err))}`);
     }
     if (this.fileOptions.locking) {
@@ -256,31 +277,43 @@ export class FileNode extends BlockNode {
         throw err;
       }
     }
-    this.reopenFh = fh;
+    this.reopenFh = { fh, writable, direct, alignment };
+  }
+
+  /** A new descriptor is taken over with no request in flight on the old one (their buffers follow O_DIRECT or not). */
+  override reopenDrains(): boolean {
+    return this.reopenFh !== undefined;
   }
 
   override reopenCommit(change: ReopenChange): void {
     super.reopenCommit(change);
     this.forgetDataExtent();
-    if (this.reopenFh) {
+    const next = this.reopenFh;
+    if (next) {
       const old = this.fh;
-      this.fh = this.reopenFh;
+      this.fh = next.fh;
       this.reopenFh = undefined;
-      this.fdWritable = true;
+      this.fdWritable = next.writable;
+      this.fileOptions.direct = next.direct;
+      this.requestAlignment = next.alignment;
       void old.close().catch(() => undefined);
+      const tail = this.tailFh;
+      this.tailFh = undefined;
+      void tail?.close().catch(() => undefined);
     }
+    this.fileOptions.noFlush = ((change.options.cache ?? {}) as { 'no-flush'?: boolean })['no-flush'] === true;
     this.fileOptions.discardUnmap = change.options.discard === 'unmap';
   }
 
   override async reopenAbort(): Promise<void> {
-    const fh = this.reopenFh;
-    if (!fh) return;
+    const next = this.reopenFh;
+    if (!next) return;
     this.reopenFh = undefined;
     if (this.fileOptions.locking) {
-      dropImageLocks(fh.fd, this.lockBytes, new Set());
+      dropImageLocks(next.fh.fd, this.lockBytes, new Set());
       prepareImageLocks(this.fh.fd, this.filename, this.lockBytes, this.perm, this.shared);
     }
-    await fh.close().catch(() => undefined);
+    await next.fh.close().catch(() => undefined);
   }
 
   /** The OS file descriptor (for tests and diagnostics). */
@@ -596,6 +629,9 @@ export class FileNode extends BlockNode {
   }
 
   /** Writes beyond the current end extend the file, as for a growable protocol node in QEMU. */
+  override writesPastEnd(): boolean {
+    return this.fileOptions.regular;
+  }
   override async write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
     if (offset + data.length > this.size && !this.readOnly && !this.isClosed()) this.size = offset + data.length;
     return super.write(offset, data, flags);

@@ -52,6 +52,10 @@ export abstract class FilterNode extends BlockNode {
     return this.filtered.isAllocatedAbove(base, offset, bytes);
   }
 
+  override writesPastEnd(): boolean {
+    return this.filtered.writesPastEnd();
+  }
+
   length(): number {
     return this.filtered.length();
   }
