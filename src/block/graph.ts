@@ -349,10 +349,15 @@ export class BlockGraph {
       // (the schema has no null for 'file': a file link is replaced, never removed).
       const target = value === null ? null : this.find(value as string);
       if (target === undefined) throw genericError(`Cannot find device='' nor node-name='${String(value)}'`);
-      if ((target ?? undefined) === current?.node) continue;
+      // The child as the user knows it: below any job's implicit filters.
+      let named = current?.node;
+      while (named?.implicit) named = named.primaryChild();
+      if ((target ?? undefined) === named) continue;
       if (target && BlockGraph.reachesAfter(target, node, out)) {
         throw genericError(`Making '${target.nodeName}' a ${key} child of '${node.nodeName}' would create a cycle`);
       }
+      // A job's implicit filter (stream's copy-on-read, a mirror's top) is not the user's to replace.
+      if (current?.node.implicit) throw genericError(`Cannot replace implicit ${key} child of ${node.nodeName}`);
       if (current?.frozen) {
         throw genericError(`Cannot change frozen '${key}' link from '${node.nodeName}' to '${current.node.nodeName}'`);
       }

@@ -108,7 +108,7 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
   'trace-event-set-state': { origin: 'qemu-system', note: '`vcpu` is accepted and ignored (no vCPUs).' },
   'block-job-change': { origin: 'upstream', note: 'Since QEMU 8.2: switch a mirror to `copy-mode: write-blocking`.' },
   'query-version': { note: 'Answers 7.2.0 (the behaviour followed); `package` names bitmirror\'s version.' },
-  'blockdev-reopen': { note: 'Refuses to change a throttle node\'s `throttle-group`, which QEMU allows. A filter whose file moved reports its new length (QEMU 7.2 keeps the old one).' },
+  'blockdev-reopen': { note: 'A filter whose file moved reports its new length (QEMU 7.2 keeps the old one until it is resized).' },
   'blockdev-create': { note: 'Drivers `file` and `qcow2`.' },
   'object-add': { note: 'Type `throttle-group` only.' },
   'nbd-server-start': { note: '`tls-creds`/`tls-authz` are refused (no TLS objects).' },

@@ -101,6 +101,13 @@ test('blockdev-reopen replaces a file link: errors, filters, several nodes at on
     await r.request('blockdev-add', { driver: 'blkdebug', 'node-name': 'bd', image: 'n0' });
     await reopen(r, { driver: 'blkdebug', 'node-name': 'bd', image: 'fa' });
     await reopen(r, { driver: 'file', 'node-name': 'fa', filename: env.f('a.qcow2'), file: 'fb' });
+    // A throttle node moves to another group; the old one can go, the new one cannot.
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 'tg2' });
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'nope', file: 'r' });
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', file: 'r' });
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg2', file: 'r' });
+    await r.request('object-del', { id: 'tg2' });
+    await r.request('object-del', { id: 'tg' });
     // A file node's options that a reopen must repeat once given.
     const c = env.f('c.qcow2');
     await r.request('blockdev-add', { driver: 'file', 'node-name': 'fc', filename: c, locking: 'off', 'aio-max-batch': 4, 'drop-cache': false, 'x-check-cache-dropped': true });
@@ -113,6 +120,32 @@ test('blockdev-reopen replaces a file link: errors, filters, several nodes at on
   const errors = replies.filter((x) => Array.isArray(x) && x[0] === 'blockdev-reopen' && typeof x[1] === 'object' && x[1] !== null && 'class' in x[1]);
   assert.ok(errors.some((e) => JSON.stringify(e).includes("Making 'thr' a file child of 'r' would create a cycle")));
   assert.ok(replies.some((x) => JSON.stringify(x) === JSON.stringify(['blockdev-reopen', {}])));
+});
+
+test('blockdev-reopen keeps a job\'s links: a frozen file link of a filter in a streamed chain, the implicit filter above the streamed node, as qemu-storage-daemon 7.2', { skip }, async () => {
+  await sameReplies(async (r, env) => {
+    const [base, top, other] = [env.f('base.qcow2'), env.f('top.qcow2'), env.f('other.qcow2')];
+    for (const f of [base, top, other]) await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', f, '4M']);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 4M', base]);
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'base', file: { driver: 'file', filename: base } });
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'other', file: { driver: 'file', filename: other } });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 'tg' });
+    await r.request('blockdev-add', { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'base' });
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'mid', file: { driver: 'file', filename: top }, backing: 'thr' });
+    await r.request('blockdev-add', { driver: 'raw', 'node-name': 'rr', file: 'mid' });
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'plain', filename: other });
+    // A stream slow enough to be running through every reopen below.
+    await r.request('block-stream', { 'job-id': 's', device: 'mid', speed: 1024 });
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'other' });
+    await reopen(r, { driver: 'raw', 'node-name': 'rr', file: 'plain' });
+    await reopen(r, { driver: 'raw', 'node-name': 'rr', file: 'mid' });
+    await r.request('block-job-cancel', { device: 's' });
+    await poll('stream gone', async () => ((await env.d.qmp.execute<unknown[]>('query-jobs')).length === 0));
+    // The job gone, both links can change.
+    await reopen(r, { driver: 'throttle', 'node-name': 'thr', 'throttle-group': 'tg', file: 'other' });
+    await reopen(r, { driver: 'raw', 'node-name': 'rr', file: 'plain' });
+    await nodeSummary(r, env);
+  });
 });
 
 test("blockdev-reopen changes raw's offset and size, checked against its file as it is, as qemu-storage-daemon 7.2", { skip }, async () => {

@@ -6,8 +6,8 @@
 import { genericError } from '../../errors.js';
 import { str } from '../../qapi/schema.js';
 import type { BlockDriver } from '../graph.js';
-import type { HostRange, ImageInfo, WriteFlags } from '../node.js';
-import type { ThrottleGroup } from '../throttle-group.js';
+import type { HostRange, ImageInfo, ReopenChange, WriteFlags } from '../node.js';
+import type { ThrottleGroup, ThrottleGroups } from '../throttle-group.js';
 import { BlockdevRef } from '../drivers/raw.js';
 import { FilterNode, filterJsonFilename } from './filter.js';
 import type { BlockNode } from '../node.js';
@@ -19,10 +19,31 @@ export class ThrottleNode extends FilterNode {
   constructor(
     nodeName: string,
     child: BlockNode,
-    private readonly group: ThrottleGroup,
+    private group: ThrottleGroup,
+    /** Where blockdev-reopen looks up a new group. */
+    private readonly groups: ThrottleGroups,
   ) {
     super(nodeName, child, 'file');
     group.users++;
+  }
+
+  // ---- reopen: throttle_reopen_prepare takes another group --------------------------------------------
+
+  override reopenableOptions(): readonly string[] {
+    return ['throttle-group'];
+  }
+  override reopenCheck(options: Record<string, unknown>): void {
+    const id = options['throttle-group'] as string;
+    if (!this.groups.get(id)) throw genericError(`Throttle group '${id}' does not exist`);
+  }
+  /** Requests already admitted by the old group go on; new ones queue in the new group. */
+  override reopenCommit(change: ReopenChange): void {
+    super.reopenCommit(change);
+    const next = this.groups.get(change.options['throttle-group'] as string)!;
+    if (next === this.group || this.released) return;
+    this.group.users--;
+    next.users++;
+    this.group = next;
   }
 
   protected override async doRead(offset: number, bytes: number): Promise<Buffer> {
@@ -82,6 +103,6 @@ export const throttleDriver: BlockDriver = {
     const id = opts['throttle-group'] as string;
     const group = ctx.graph.throttleGroups.get(id);
     if (!group) throw genericError(`Throttle group '${id}' does not exist`);
-    return new ThrottleNode(nodeName, file, group);
+    return new ThrottleNode(nodeName, file, group, ctx.graph.throttleGroups);
   },
 };
