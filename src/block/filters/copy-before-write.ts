@@ -90,6 +90,11 @@ export class CopyBeforeWriteNode extends FilterNode {
   private readonly host: CopyBitmapHost;
   /** What copy-before-write has copied, and what a snapshot reader may read (both on the filter). */
   private readonly doneBitmap: CopyBitmap;
+  /**
+   * The source's length when the point in time was taken (the bitmaps' size). A file under a format
+   * node grows as the format allocates: what lies past this end was not in the snapshot and needs no copy.
+   */
+  private readonly snapshotLength: number;
   private readonly accessBitmap: CopyBitmap;
   private readonly onCbwError: OnCbwError;
   private readonly cbwTimeoutMs: number;
@@ -115,6 +120,7 @@ export class CopyBeforeWriteNode extends FilterNode {
     if (o.bitmap) this.host.mergeInto(this.copyBitmap, o.bitmap);
     else this.host.setAll(this.copyBitmap);
     this.doneBitmap = this.host.createHidden(this, this.clusterSize);
+    this.snapshotLength = this.length();
     this.accessBitmap = this.host.createHidden(this, this.clusterSize);
     this.host.mergeInto(this.accessBitmap, this.copyBitmap);
     const maxChunk = o.maxChunk ? Math.floor(o.maxChunk / this.clusterSize) * this.clusterSize : 0;
@@ -173,7 +179,8 @@ export class CopyBeforeWriteNode extends FilterNode {
     }
     const g = this.clusterSize;
     const start = Math.floor(req.offset / g) * g;
-    this.doneBitmap.setDirty(start, Math.min(this.length(), Math.ceil((req.offset + req.bytes) / g) * g) - start);
+    const end = Math.min(this.snapshotLength, Math.ceil((req.offset + req.bytes) / g) * g);
+    if (end > start) this.doneBitmap.setDirty(start, end - start);
   }
 
   /**
