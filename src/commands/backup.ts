@@ -90,7 +90,8 @@ function checkBitmapArgs(core: Core, args: Record<string, unknown>, source: Bloc
  */
 async function createBackupJob(core: Core, args: Record<string, unknown>, source: BlockNode, target: BlockNode, txn: JobTxn | undefined, ownedTarget: boolean): Promise<BackupJob> {
   const perf = (args['x-perf'] ?? {}) as Record<string, number | undefined>;
-  const maxWorkers = perf['max-workers'] ?? 64;
+  // Without max-workers the filter decides (QEMU's 64, for each stream of a target with several).
+  const maxWorkers = perf['max-workers'];
   const maxChunk = perf['max-chunk'] ?? 0;
   const { sync, bitmap, mode } = checkBitmapArgs(core, args, source);
   // backup_job_create.
@@ -102,7 +103,7 @@ async function createBackupJob(core: Core, args: Record<string, unknown>, source
   }
   checkBusy(source, 'backup-source');
   checkBusy(target, 'backup-target');
-  if (maxWorkers < 1 || maxWorkers > INT_MAX) throw genericError(`max-workers must be between 1 and ${INT_MAX}`);
+  if (maxWorkers !== undefined && (maxWorkers < 1 || maxWorkers > INT_MAX)) throw genericError(`max-workers must be between 1 and ${INT_MAX}`);
   if (maxChunk < 0) throw genericError('max-chunk must be zero (which means no limit) or positive');
   const minClusterSize = checkMinClusterSize(perf['min-cluster-size']);
   if (bitmap) {

@@ -247,7 +247,8 @@ export interface CbwAppendOptions {
   filterNodeName?: string;
   onCbwError: OnCbwError;
   minClusterSize: number;
-  maxWorkers: number;
+  /** x-perf max-workers; undefined: the filter's default. */
+  maxWorkers?: number;
   maxChunk: number;
   /** Discard on the source what the backup copied (upstream QEMU 9.1). */
   discardSource: boolean;

@@ -34,7 +34,7 @@ import {
 import type { BlockGraph } from '../block/graph.js';
 import { CommitTopNode } from '../block/filters/commit-top.js';
 import { filterOrCowChild, freezeChain, unfreezeChain, type Frozen } from '../block/chain.js';
-import { BlockCopy, type CopyOperation } from '../block/copy/block-copy.js';
+import { BlockCopy, STREAM_BUF_SIZE, streamBounds, type CopyOperation } from '../block/copy/block-copy.js';
 import { forEachAllocated } from '../block/copy/chain-status.js';
 import { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import type { BitmapManager } from '../bitmap/manager.js';
@@ -110,14 +110,18 @@ export class CommitJob extends Job {
     if (!o.filterNodeName) this.filter.implicit = true;
     this.granularity = o.bitmaps.defaultGranularity(o.base);
     this.bitmap = new DirtyBitmap(o.top, undefined, this.granularity, o.top.length(), { disabled: true });
+    // Into a base with streams (a format node over an NBD node) the mirror's rule (streamBounds):
+    // more copies in flight, larger pieces of contiguous data, and a budget of STREAM_BUF_SIZE for
+    // each stream.
+    const bounds = streamBounds(o.base, { maxInFlight: MAX_IN_FLIGHT, maxIoBytes: COMMIT_BUFFER_SIZE });
     this.copy = new BlockCopy({
       source: o.top,
       target: o.base,
       bitmap: this.bitmap,
       chunkSize: this.granularity,
-      bufSize: MAX_IN_FLIGHT * COMMIT_BUFFER_SIZE,
-      maxInFlight: MAX_IN_FLIGHT,
-      maxIoBytes: COMMIT_BUFFER_SIZE,
+      bufSize: Math.max(MAX_IN_FLIGHT * COMMIT_BUFFER_SIZE, STREAM_BUF_SIZE * (bounds.streams ?? 0)),
+      maxInFlight: bounds.maxInFlight,
+      maxIoBytes: bounds.maxIoBytes,
       unmap: false,
       fillPartialClusters: false,
       hooks: {

@@ -49,7 +49,7 @@ import { filterOrCowChild, freezeChain, unfreezeChain } from '../block/chain.js'
 import type { BitmapManager } from '../bitmap/manager.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import { commitCarry, planCarry, sourceChainLayers, type CarryDone } from '../bitmap/carry.js';
-import { BlockCopy, type CopyOperation } from '../block/copy/block-copy.js';
+import { BlockCopy, streamBounds, type CopyOperation } from '../block/copy/block-copy.js';
 import { chainStatus, forEachAllocated, readsAllZeroes } from '../block/copy/chain-status.js';
 import type { ChunkLock } from '../block/copy/chunk-locks.js';
 import { Job, type JobOptions, type OnError } from './job.js';
@@ -64,24 +64,6 @@ export type BitmapSyncMode = 'on-success' | 'never' | 'always';
 export const MAX_IN_FLIGHT = 16;
 export const MAX_IO_BYTES = 1 << 20;
 export const DEFAULT_MIRROR_BUF_SIZE = 16 << 20;
-/**
- * bitmirror's: the default buf-size's share of each stream of a target with several (an NBD node's
- * connections; commands/mirror.ts): two of Linux's largest TCP send windows (tcp_wmem's default
- * maximum, 4 MiB), so that a connection over a long link has its next window queued while one is on
- * the wire; never less than QEMU's DEFAULT_MIRROR_BUF_SIZE.
- */
-export const STREAM_BUF_SIZE = 8 << 20;
-/**
- * bitmirror's: the largest piece of contiguous data one request moves into a target that spreads
- * requests over streams (an NBD node), instead of MAX_IO_BYTES. Each request there is a message, a
- * reply and a trip through every layer of both daemons, and a run of dirty clusters is one request
- * (the granularity, the unit of the bitmap, stays). `BM_NBD_LAYOUT=dense npm run bench -- nbd`
- * (256 MiB of contiguous data over a 20 ms link), against 1 MiB in the same run, 5 alternating
- * rounds: the mirroring daemon's CPU 0.24 (0.20-0.27) s against 0.33 (0.30-0.35) with 4 connections,
- * 0.22 (0.20-0.24) against 0.30 (0.28-0.33) with one; throughput and peak memory within noise (the
- * buffer budget, buf-size, bounds what is in flight either way).
- */
-export const MAX_STREAM_IO_BYTES = 4 << 20;
 const SLICE_MS = 100;
 
 const traceStart = tracer.point('mirror_start');
@@ -204,14 +186,10 @@ export class MirrorJob extends Job {
         o.bitmaps.setBusy(o.syncBitmap.bitmap, true);
       }
     }
-    // QEMU's bound for each stream the target spreads requests over (an NBD node's connections; the
-    // default buf-size grows the same way, commands/mirror.ts): data in small extents still keeps
-    // every connection's TCP window full over a long link.
-    const caps = o.target.capabilities();
-    const maxInFlight = MAX_IN_FLIGHT * (caps.streams ?? 1);
-    // Into a node with streams, contiguous data goes in larger requests (MAX_STREAM_IO_BYTES), within
-    // what the node takes at once; small extents still make small requests.
-    const pieceMax = caps.streams === undefined ? MAX_IO_BYTES : Math.max(MAX_IO_BYTES, Math.min(MAX_STREAM_IO_BYTES, caps.maxTransfer ?? MAX_STREAM_IO_BYTES));
+    // Into a target with streams (an NBD node, or a format or filter node over one), more copies in
+    // flight and larger pieces of contiguous data (block-copy.ts: streamBounds); small extents still
+    // make small requests.
+    const { maxInFlight, maxIoBytes: pieceMax } = streamBounds(o.target, { maxInFlight: MAX_IN_FLIGHT, maxIoBytes: MAX_IO_BYTES });
     this.copy = new BlockCopy({
       source: o.source,
       target: o.target,

@@ -5,7 +5,8 @@
  * identical (qemu-img compare); qemu-storage-daemon writes through a bitmirror export (its own backup
  * job into an nbd node) while bitmirror mirrors the exported node, and the copy compares identical.
  * Multi-conn is checked on the server side: nbdkit's log filter records every connection; so is the
- * FAST_ZERO flag of a write-zeroes asked not to fall back (qemu-io write -z -n).
+ * FAST_ZERO flag of a write-zeroes asked not to fall back (qemu-io write -z -n), and the size and depth
+ * of the writes of a copy into a node with connections (directly, through a qcow2 over one, a backup).
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
@@ -56,6 +57,26 @@ async function qemuNbd(dir: string, image: string, fmt: string, name = 'q'): Pro
 
 function nbdNode(node: string, sock: string, exportName = '', extra: Record<string, unknown> = {}): Record<string, unknown> {
   return { driver: 'nbd', 'node-name': node, server: { type: 'unix', path: sock }, export: exportName, ...extra };
+}
+
+/**
+ * From an nbdkit log filter's log (the filter outside any delay): the connections that did their
+ * handshake, the most writes in flight at once, and every write's offset and size in bytes.
+ */
+async function writesSeen(log: string): Promise<{ conns: number; depth: number; writes: Array<[number, number]> }> {
+  const text = await fsp.readFile(log, 'utf8');
+  const conns = new Set([...text.matchAll(/connection=(\d+) Connect/g)].map((m) => m[1])).size;
+  let now = 0;
+  let depth = 0;
+  const writes: Array<[number, number]> = [];
+  for (const line of text.split('\n')) {
+    const w = / Write id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+)/.exec(line);
+    if (w) {
+      depth = Math.max(depth, ++now);
+      writes.push([Number(w[1]), Number(w[2])]);
+    } else if (/ \.\.\.Write id=\d+ return/.test(line)) now--;
+  }
+  return { conns, depth, writes };
 }
 
 async function mirror(env: Env, device: string, target: string, sync = 'full'): Promise<void> {
@@ -180,18 +201,6 @@ test("mirror depth: one connection (__org.bitmirror_connections 1) keeps QEMU's 
   const writes: string[] = [];
   for (let i = 0; i < 48; i++) writes.push('-c', `write -P ${i + 1} ${2 * i}M 1M`);
   await mustRun('qemu-io', ['-f', 'qcow2', ...writes, src]);
-  /** The connections that did their handshake and the most writes in flight at once, from nbdkit's log (outside the delay). */
-  const seen = async (log: string): Promise<{ conns: number; depth: number }> => {
-    const text = await fsp.readFile(log, 'utf8');
-    const conns = new Set([...text.matchAll(/connection=(\d+) Connect/g)].map((m) => m[1])).size;
-    let now = 0;
-    let depth = 0;
-    for (const line of text.split('\n')) {
-      if (/ Write id=\d+ offset=/.test(line)) depth = Math.max(depth, ++now);
-      else if (/ \.\.\.Write id=\d+ return/.test(line)) now--;
-    }
-    return { conns, depth };
-  };
   const stops: Array<() => Promise<void>> = [];
   try {
     await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
@@ -205,9 +214,9 @@ test("mirror depth: one connection (__org.bitmirror_connections 1) keeps QEMU's 
       await mirror(env, 's0', name);
       await env.d.qmp.execute('blockdev-del', { 'node-name': name });
       // Read before qemu-img compare connects too.
-      const got = await seen(log);
+      const got = await writesSeen(log);
       await assertIdentical(src, `nbd+unix:///?socket=${sock}`, ['-f', 'qcow2', '-F', 'raw']);
-      if (name === 'one') assert.deepEqual(got, { conns: 1, depth: 16 });
+      if (name === 'one') assert.deepEqual({ conns: got.conns, depth: got.depth }, { conns: 1, depth: 16 });
       else {
         assert.equal(got.conns, 4);
         assert.ok(got.depth > 16, `writes in flight: ${got.depth}`);
@@ -243,6 +252,80 @@ test('mirror into an nbd node: contiguous data goes in 4 MiB writes (MAX_STREAM_
   } finally {
     await env.done();
     await stop();
+  }
+});
+
+test('mirror into a qcow2 whose file is an nbd node: the connections pass up through the format node, contiguous data goes in 4 MiB writes (nbdkit log)', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
+  const env = await setup('nbdc-qcow2');
+  const src = env.f('src.qcow2');
+  // 16 MiB of contiguous data, then 1 MiB extents with a hole after each.
+  await qcow2(src, 32 * MiB);
+  const writes = ['-c', 'write -P 7 0 16M'];
+  for (let i = 0; i < 4; i++) writes.push('-c', `write -P ${i + 1} ${16 + 2 * i}M 1M`);
+  await mustRun('qemu-io', ['-f', 'qcow2', ...writes, src]);
+  // The target's qcow2 image is a file nbdkit serves; bitmirror opens qcow2 over an nbd node on it.
+  // An export does not grow: the file has room for every cluster beforehand.
+  const image = await qcow2(env.f('target.qcow2'), 32 * MiB);
+  await fsp.truncate(image, 40 * MiB);
+  const sock = env.f('kit.sock');
+  const log = env.f('kit.log');
+  const stop = await startForking('nbdkit', ['-P', env.f('kit.pid'), '-U', sock, '--filter=log', 'file', image, `logfile=${log}`], env.f('kit.pid'));
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 't0', file: nbdNode('n0', sock) });
+    await mirror(env, 's0', 't0');
+    await env.d.qmp.execute('blockdev-del', { 'node-name': 't0' });
+    const got = await writesSeen(log);
+    await stop();
+    await assertIdentical(src, image, ['-f', 'qcow2', '-F', 'qcow2']);
+    assert.equal(got.conns, 4);
+    // The contiguous 16 MiB went in pieces of MAX_STREAM_IO_BYTES (the mirror's 1 MiB if the format
+    // node hid its file's connections); the extents in writes of their own size.
+    const sizes = got.writes.map(([, n]) => n);
+    assert.equal(sizes.filter((n) => n === 4 * MiB).length, 4, `sizes: ${sizes.join(' ')}`);
+    assert.equal(sizes.filter((n) => n === MiB).length, 4, `sizes: ${sizes.join(' ')}`);
+  } finally {
+    await env.done();
+    await stop();
+  }
+});
+
+test('backup into an nbd node with connections: 4 MiB writes of contiguous data; x-perf max-chunk and max-workers still bound both (nbdkit log)', { skip: !haveNbdkit && 'nbdkit not installed' }, async () => {
+  const env = await setup('nbdc-backup');
+  const src = env.f('src.qcow2');
+  // 16 MiB of contiguous data, then 24 extents of 64 KiB with a hole after each.
+  await qcow2(src, 32 * MiB);
+  const writes = ['-c', 'write -P 7 0 16M'];
+  for (let i = 0; i < 24; i++) writes.push('-c', `write -P ${i + 1} ${16 * 1024 + 128 * i}k 64k`);
+  await mustRun('qemu-io', ['-f', 'qcow2', ...writes, src]);
+  const stops: Array<() => Promise<void>> = [];
+  try {
+    await env.d.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 's0', file: { driver: 'file', filename: src } });
+    for (const [name, perf] of [['plain', undefined], ['perf', { 'max-chunk': MiB, 'max-workers': 2 }]] as const) {
+      const sock = env.f(`${name}.sock`);
+      const log = env.f(`${name}.log`);
+      const args = ['-P', env.f(`${name}.pid`), '-U', sock, '--filter=log', '--filter=delay', 'memory', '32M', `logfile=${log}`, 'delay-write=100ms'];
+      stops.push(await startForking('nbdkit', args, env.f(`${name}.pid`)));
+      await env.d.qmp.execute('blockdev-add', nbdNode(name, sock));
+      await env.d.qmp.execute('blockdev-backup', { 'job-id': 'b', device: 's0', target: name, sync: 'full', ...(perf ? { 'x-perf': perf } : {}) });
+      const done = await env.d.qmp.waitEvent('BLOCK_JOB_COMPLETED', { device: 'b' });
+      assert.equal((done.data as Record<string, unknown>).error, undefined, JSON.stringify(done.data));
+      await env.d.qmp.execute('blockdev-del', { 'node-name': name });
+      const got = await writesSeen(log);
+      await assertIdentical(src, `nbd+unix:///?socket=${sock}`, ['-f', 'qcow2', '-F', 'raw']);
+      assert.equal(got.conns, 4);
+      const sizes = got.writes.map(([, n]) => n);
+      if (name === 'plain') {
+        // The contiguous data in MAX_STREAM_IO_BYTES pieces (1 MiB, BLOCK_COPY_MAX_BUFFER, without streams).
+        assert.equal(sizes.filter((n) => n === 4 * MiB).length, 4, `sizes: ${sizes.join(' ')}`);
+      } else {
+        assert.ok(Math.max(...sizes) <= MiB, `sizes: ${sizes.join(' ')}`);
+        assert.ok(got.depth <= 2, `writes in flight: ${got.depth}`);
+      }
+    }
+  } finally {
+    await env.done();
+    for (const stop of stops) await stop();
   }
 });
 

@@ -26,7 +26,7 @@ import { FilterNode } from './filter.js';
 import { chainContains } from '../chain.js';
 import type { BdrvChild, BlockNode, WriteObserver, WriteRequest } from '../node.js';
 import { BLK_PERM_ALL, BLK_PERM_CONSISTENT_READ, BLK_PERM_RESIZE, BLK_PERM_WRITE, type Permissions } from '../permissions.js';
-import { BlockCopy, type BlockCopyHooks, type CopyBitmap } from '../copy/block-copy.js';
+import { BlockCopy, streamBounds, type BlockCopyHooks, type CopyBitmap } from '../copy/block-copy.js';
 import type { CopyBitmapHost } from '../copy/copy-bitmaps.js';
 import type { BlockDriver } from '../graph.js';
 import { BlockdevRef } from '../../qapi/block.js';
@@ -40,6 +40,8 @@ export type OnCbwError = 'break-guest-write' | 'break-snapshot';
 export const BLOCK_COPY_CLUSTER_SIZE_DEFAULT = 65536;
 /** block-copy's largest single read/write when not offloaded (BLOCK_COPY_MAX_BUFFER). */
 export const BLOCK_COPY_MAX_BUFFER = 1 << 20;
+/** Background copies at once when x-perf max-workers is not given (QEMU's BackupPerf default). */
+const BACKUP_MAX_WORKERS = 64;
 /** block-copy's memory budget for background copies (BLOCK_COPY_MAX_MEM). */
 export const BLOCK_COPY_MAX_MEM = 128 << 20;
 
@@ -124,14 +126,18 @@ export class CopyBeforeWriteNode extends FilterNode {
     this.accessBitmap = this.host.createHidden(this, this.clusterSize);
     this.host.mergeInto(this.accessBitmap, this.copyBitmap);
     const maxChunk = o.maxChunk ? Math.floor(o.maxChunk / this.clusterSize) * this.clusterSize : 0;
-    const maxIo = Math.max(this.clusterSize, maxChunk ? Math.min(maxChunk, BLOCK_COPY_MAX_BUFFER) : BLOCK_COPY_MAX_BUFFER);
+    // Into a target with streams (an NBD node, or a format or filter node over one) the mirror's rule
+    // (streamBounds): more workers and larger pieces; x-perf max-workers and max-chunk, when given,
+    // still bound both.
+    const bounds = streamBounds(o.target, { maxInFlight: BACKUP_MAX_WORKERS, maxIoBytes: BLOCK_COPY_MAX_BUFFER });
+    const maxIo = Math.max(this.clusterSize, maxChunk ? Math.min(maxChunk, bounds.maxIoBytes) : bounds.maxIoBytes);
     this.copy = new BlockCopy({
       source,
       target: o.target,
       bitmap: this.copyBitmap,
       chunkSize: this.clusterSize,
       bufSize: Math.max(BLOCK_COPY_MAX_MEM, maxIo),
-      maxInFlight: o.maxWorkers ?? 64,
+      maxInFlight: o.maxWorkers ?? bounds.maxInFlight,
       maxIoBytes: maxIo,
       // x-perf max-chunk bounds every copy, the kernel's too (QEMU's block_copy_async max_chunk).
       ...(maxChunk ? { maxOffloadBytes: Math.max(this.clusterSize, maxChunk) } : {}),

@@ -172,8 +172,13 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     return { clusterSize: this.cs };
   }
 
-  /** Zero clusters (v3) make write-zeroes cheap; discard frees clusters when discard=unmap. */
+  /**
+   * Zero clusters (v3) make write-zeroes cheap; discard frees clusters when discard=unmap. The data
+   * clusters are written to the file, a contiguous run of them as one request: the file's streams
+   * (an NBD node's connections) carry this node's data too, so a copy into it scales as into the file.
+   */
   override capabilities(): NodeCapabilities {
+    const streams = this.file.capabilities().streams;
     return {
       requestAlignment: this.requestAlignment,
       writeZeroes: this.v3,
@@ -182,6 +187,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       fua: false,
       blockStatus: true,
       resize: this.doTruncate !== undefined,
+      ...(streams !== undefined ? { streams } : {}),
     };
   }
   override hasZeroInit(): boolean {
