@@ -225,6 +225,8 @@ export class FileNode extends BlockNode {
   private fdWritable = !this.readOnly;
   /** A descriptor opened by reopenPrepare (and its O_DIRECT alignment), taken over by reopenCommit. */
   private reopenFh: { fh: fsp.FileHandle; writable: boolean; direct: boolean; alignment: number } | undefined;
+  /** Descriptors reopenCommit replaced, closed by reopenFinish (commit itself cannot wait). */
+  private retiredFhs: fsp.FileHandle[] = [];
 
   override reopenableOptions(): readonly string[] {
     return ['drop-cache', 'x-check-cache-dropped'];
@@ -296,13 +298,22 @@ export class FileNode extends BlockNode {
       this.fdWritable = next.writable;
       this.fileOptions.direct = next.direct;
       this.requestAlignment = next.alignment;
-      void old.close().catch(() => undefined);
-      const tail = this.tailFh;
+      this.retiredFhs.push(old);
+      if (this.tailFh) this.retiredFhs.push(this.tailFh);
       this.tailFh = undefined;
-      void tail?.close().catch(() => undefined);
     }
     this.fileOptions.noFlush = ((change.options.cache ?? {}) as { 'no-flush'?: boolean })['no-flush'] === true;
     this.fileOptions.discardUnmap = change.options.discard === 'unmap';
+  }
+
+  /**
+   * The old descriptors are closed before blockdev-reopen replies, as QEMU's raw_reopen_commit closes
+   * them: a caller that checks the open files after the reply (or takes a lock another descriptor of
+   * ours still held) sees only the new one.
+   */
+  override async reopenFinish(): Promise<void> {
+    const retired = this.retiredFhs.splice(0);
+    await Promise.all(retired.map((fh) => fh.close().catch(() => undefined)));
   }
 
   override async reopenAbort(): Promise<void> {
