@@ -4,6 +4,7 @@
  * --blockdev and nested child definitions all open nodes through BlockGraph.open().
  */
 import { genericError } from '../errors.js';
+import { qdictOrder } from '../base/qdict.js';
 import { visit, type Members, type Schema, type VisitOptions } from '../qapi/schema.js';
 import { BlockNode, type BdrvChild, type ReopenChange } from './node.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, checkNewChild, refreshPermissions, unnamedBackend, type ChildRole } from './permissions.js';
@@ -226,7 +227,7 @@ export class BlockGraph {
    */
   async reopen(list: Array<{ node: BlockNode; options: Record<string, unknown> }>): Promise<void> {
     const plans: ReopenPlan[] = [];
-    for (const { node, options } of list) this.planReopen(node, options, '', plans);
+    for (const { node, options } of list) this.planReopen(node, options, plans);
     const undo: Array<() => void> = [];
     const touched = new Set<BlockNode>(plans.map((p) => p.node));
     const readOnlyAfter = new Map(plans.map((p) => [p.node, p.change.readOnly]));
@@ -310,10 +311,20 @@ export class BlockGraph {
   /** Options every node may change in blockdev-reopen (bdrv_reopen_prepare's own). */
   private static readonly GENERIC_REOPENABLE = new Set(['driver', 'node-name', 'read-only', 'auto-read-only', 'discard', 'detect-zeroes', 'cache', 'force-share']);
 
-  /** Check one node's new options (and nested children's, with `prefix`), adding the plans to `out`. */
-  private planReopen(node: BlockNode, opts: Record<string, unknown>, prefix: string, out: ReopenPlan[]): void {
+  /**
+   * Check one node's new options (and those of children opened with it, given nested), adding the
+   * plans to `out`. Options that cannot change are reported as QEMU's check meets them: flattened
+   * (`file.driver`), in QDict order, the first that differs.
+   */
+  private planReopen(node: BlockNode, opts: Record<string, unknown>, out: ReopenPlan[]): void {
     const old = node.openOptions;
-    const cannot = (key: string) => genericError(`Cannot change the option '${prefix}${key}'`);
+    const cannot = (key: string) => genericError(`Cannot change the option '${key}'`);
+    /** Flattened options that differ from the node's and that nothing below may change. */
+    const changed: string[] = [];
+    const refused = new Set(node.resetRefusedOptions());
+    for (const key of qdictOrder(Object.keys(old))) {
+      if (refused.has(key) && opts[key] === undefined) throw genericError(`Option '${key}' cannot be reset to its default value`);
+    }
     if (opts.driver !== node.driver) throw cannot('driver');
     const readOnly = (opts['read-only'] as boolean | undefined) ?? false;
     checkDetectZeroes(opts);
@@ -335,9 +346,11 @@ export class BlockGraph {
         continue;
       }
       if (value !== null && typeof value === 'object') {
-        // Nested options reopen the current child; without one they are options that cannot change.
-        if (!current) throw cannot(`${key}.${Object.keys(value)[0] ?? ''}`);
-        this.planReopen(current.node, value as Record<string, unknown>, `${prefix}${key}.`, out);
+        // Nested options reopen a child that was opened from nested options too (its own checks name
+        // its options without the prefix, as QEMU's do); a child given by reference, or none, keeps
+        // them as the parent's flattened options, which cannot change.
+        if (current && isPlainObject(old[key])) this.planReopen(current.node, value as Record<string, unknown>, out);
+        else changed.push(...flattened(value as Record<string, unknown>, `${key}.`).map(([k]) => k));
         continue;
       }
       if (key !== 'backing' && key !== 'file') {
@@ -367,9 +380,14 @@ export class BlockGraph {
     }
     const driverOwn = new Set(node.reopenableOptions());
     for (const key of Object.keys(opts)) {
-      if (BlockGraph.GENERIC_REOPENABLE.has(key) || childOptions.includes(key) || driverOwn.has(key)) continue;
-      if (JSON.stringify(opts[key]) !== JSON.stringify(old[key])) throw cannot(key);
+      if (childOptions.includes(key) || driverOwn.has(key)) continue;
+      // An empty object (`cache: {}`) flattens to no option of the generic code: it stays and differs.
+      const empty = isPlainObject(opts[key]) && Object.keys(opts[key]).length === 0;
+      if (BlockGraph.GENERIC_REOPENABLE.has(key) && !empty) continue;
+      const before = new Map(flattened({ [key]: old[key] }, ''));
+      for (const [k, v] of flattened({ [key]: opts[key] }, '')) if (JSON.stringify(v) !== JSON.stringify(before.get(k))) changed.push(k);
     }
+    if (changed.length > 0) throw cannot(qdictOrder(changed)[0]);
     out.push(plan);
   }
 
@@ -785,4 +803,18 @@ function checkDetectZeroes(opts: Record<string, unknown>): void {
   if (opts['detect-zeroes'] === 'unmap' && opts.discard !== 'unmap') {
     throw genericError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
   }
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return v !== null && typeof v === 'object' && !Array.isArray(v);
+}
+
+/** Options as QEMU's qdict_flatten gives them: dotted names for nested ones (an empty object keeps its own name). */
+function flattened(opts: Record<string, unknown>, prefix: string): Array<[string, unknown]> {
+  const out: Array<[string, unknown]> = [];
+  for (const [k, v] of Object.entries(opts)) {
+    if (isPlainObject(v) && Object.keys(v).length > 0) out.push(...flattened(v, `${prefix}${k}.`));
+    else out.push([`${prefix}${k}`, v]);
+  }
+  return out;
 }

@@ -848,6 +848,15 @@ export abstract class BlockNode {
   reopenCheck(_options: Record<string, unknown>): void {}
 
   /**
+   * The driver's options that a reopen may not leave out once the node was opened with them
+   * (bdrv_reset_options_allowed: those not in the driver's mutable_opts): "Option 'x' cannot be reset
+   * to its default value". Checked before anything else of the reopen.
+   */
+  resetRefusedOptions(): readonly string[] {
+    return [];
+  }
+
+  /**
    * bdrv_reopen_prepare's driver part, after the permissions of the new state were checked: do what
    * the change needs and can still be undone (a qcow2 going read-only writes back its metadata; a file
    * going read-write opens a writable descriptor). Throws to refuse.

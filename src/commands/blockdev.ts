@@ -3,12 +3,31 @@
  * checks and messages.
  */
 import { genericError } from '../errors.js';
-import { any, arrayOf, bool, int, str, visit } from '../qapi/schema.js';
+import { any, arrayOf, bool, int, str, visit, type Schema } from '../qapi/schema.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, PERM_QAPI_NAMES, unnamedBackend, type ExternalParent } from '../block/permissions.js';
 import { command, type CommandDef } from './registry.js';
 import { writeThreshold } from './block-stats.js';
 import type { Core } from '../core/core.js';
 import { BlockNode, type ImageInfo } from '../block/node.js';
+
+/**
+ * BlockdevOptions as QEMU's QAPI visitor checks them, children given nested included (a BlockdevRef's
+ * object branch is BlockdevOptions too): blockdev-reopen takes nothing it would not open, and names
+ * the nested member in its error ("Parameter 'options[0].file.driver' is missing"). blockdev-add
+ * checks nested children when it opens them, under the same names.
+ */
+function visitNestedOptions(schema: Schema, raw: unknown, path: string): Record<string, unknown> {
+  const options = visit(schema, raw, path) as Record<string, unknown>;
+  if (schema.kind !== 'union') return options;
+  const members = { ...schema.base, ...(schema.variants[options[schema.discriminator] as string] ?? {}) };
+  for (const [member, type] of Object.entries(members)) {
+    const name = member.replace(/^\*/, '');
+    const value = options[name];
+    const isRef = type.kind === 'alternate' && type.name.startsWith('BlockdevRef');
+    if (isRef && value !== null && typeof value === 'object' && !Array.isArray(value)) options[name] = visitNestedOptions(schema, value, `${path}.${name}`);
+  }
+  return options;
+}
 
 async function imageInfoWithSizes(node: BlockNode, flat: boolean): Promise<ImageInfo> {
   const info = { ...node.imageInfo() };
@@ -149,7 +168,7 @@ export const blockdevCommands: CommandDef[] = [
   command('blockdev-reopen', { options: arrayOf(any) }, async (args, core) => {
     const list: Array<{ node: BlockNode; options: Record<string, unknown> }> = [];
     for (const [i, raw] of (args.options as unknown[]).entries()) {
-      const options = visit(core.graph.blockdevOptionsSchema(), raw, `options[${i}]`) as Record<string, unknown>;
+      const options = visitNestedOptions(core.graph.blockdevOptionsSchema(), raw, `options[${i}]`);
       const name = options['node-name'] as string | undefined;
       if (name === undefined) throw genericError('node-name not specified');
       const node = core.graph.find(name);

@@ -48,6 +48,41 @@ async function nodeSummary(r: Replay, env: Env): Promise<void> {
 
 const reopen = (r: Replay, ...options: Array<Record<string, unknown>>) => r.request('blockdev-reopen', { options });
 
+test('blockdev-reopen names the option it cannot change as qemu-storage-daemon 7.2: nested children, flattened names in QDict order, empty objects', { skip }, async () => {
+  await sameReplies(async (r, env) => {
+    for (const n of ['a', 'b']) await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', env.f(`${n}.qcow2`), '1M']);
+    const [a, b] = [env.f('a.qcow2'), env.f('b.qcow2')];
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'f', filename: a });
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q', file: 'f' });
+    // Several options that cannot change: QEMU meets 'locking' first (QDict order), not 'filename'.
+    await reopen(r, { driver: 'file', 'node-name': 'f', filename: b, aio: 'native', locking: 'off' });
+    await reopen(r, { driver: 'file', 'node-name': 'f', filename: b, aio: 'threads' });
+    // Nested options for a child given by reference are the parent's own, flattened: they cannot change.
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', filename: b } });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: { driver: 'file', 'node-name': 'f', filename: a } });
+    // A nested child is checked as BlockdevOptions before anything else.
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q', file: { 'node-name': 'x', filename: b } });
+    await reopen(r, { driver: 'file', 'node-name': 'f', filename: a, cache: {} });
+    await reopen(r, { driver: 'file', 'node-name': 'f', filename: a, cache: { direct: false } });
+    // Options the file driver cannot reset come first, in QDict order; x-check-cache-dropped can be reset.
+    await r.request('blockdev-add', { driver: 'file', 'node-name': 'g', filename: b, aio: 'threads', locking: 'off', 'x-check-cache-dropped': true });
+    await reopen(r, { driver: 'null-co', 'node-name': 'g' });
+    await reopen(r, { driver: 'file', 'node-name': 'g', filename: b, locking: 'off' });
+    await reopen(r, { driver: 'file', 'node-name': 'g', filename: b, aio: 'threads', locking: 'off' });
+    await reopen(r, { driver: 'file', 'node-name': 'g', filename: b, aio: 'threads' });
+    await r.request('blockdev-del', { 'node-name': 'g' });
+    // A child opened from nested options is reopened by nested options; its own errors have no prefix.
+    await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'file', filename: b } });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'file', filename: b } });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'file', filename: b, aio: 'threads', locking: 'auto' } });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'null-co' } });
+    await reopen(r, { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'file', filename: a } });
+    await r.request('blockdev-del', { 'node-name': 'q2' });
+    await r.request('blockdev-del', { 'node-name': 'q' });
+    await r.request('blockdev-del', { 'node-name': 'f' });
+  });
+});
+
 test('blockdev-reopen replaces a file link: errors, filters, several nodes at once, as qemu-storage-daemon 7.2', { skip }, async () => {
   const replies = await sameReplies(async (r, env) => {
     for (const n of ['a', 'b', 'c']) await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', env.f(`${n}.qcow2`), '1M']);
