@@ -4,7 +4,7 @@
 import type { BlockDriver } from '../block/graph.js';
 import { fileDriver, hostDeviceDriver } from '../block/drivers/file.js';
 import { rawDriver } from '../block/drivers/raw.js';
-import { nullDriver } from '../block/drivers/null.js';
+import { nullAioDriver, nullDriver } from '../block/drivers/null.js';
 import { blkdebugDriver } from '../block/drivers/blkdebug.js';
 import { qcow2Driver } from '../block/drivers/qcow2/index.js';
 import { throttleDriver } from '../block/filters/throttle.js';
@@ -14,4 +14,4 @@ import { snapshotAccessDriver } from '../block/filters/snapshot-access.js';
 import { nbdDriver } from '../nbd/client-driver.js';
 import { rbdDriver } from '../block/drivers/rbd.js';
 
-export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, copyOnReadDriver, snapshotAccessDriver, nbdDriver, rbdDriver];
+export const BLOCK_DRIVERS: BlockDriver[] = [fileDriver, hostDeviceDriver, rawDriver, nullDriver, nullAioDriver, blkdebugDriver, qcow2Driver, throttleDriver, cbwDriver, copyOnReadDriver, snapshotAccessDriver, nbdDriver, rbdDriver];

@@ -71,6 +71,20 @@ test('blockdev-reopen names the option it cannot change as qemu-storage-daemon 7
     await reopen(r, { driver: 'file', 'node-name': 'g', filename: b, aio: 'threads', locking: 'off' });
     await reopen(r, { driver: 'file', 'node-name': 'g', filename: b, aio: 'threads' });
     await r.request('blockdev-del', { 'node-name': 'g' });
+    // null-co, null-aio and blkdebug have no options a reopen may leave out.
+    for (const driver of ['null-co', 'null-aio']) {
+      const n = { driver, 'node-name': 'n', size: 4096, 'latency-ns': 1, 'read-zeroes': true };
+      await r.request('blockdev-add', n);
+      await nodeSummary(r, env);
+      for (const key of ['size', 'latency-ns', 'read-zeroes']) await reopen(r, { ...n, [key]: undefined });
+      await reopen(r, n);
+      await r.request('blockdev-del', { 'node-name': 'n' });
+    }
+    const dbg = { driver: 'blkdebug', 'node-name': 'dbg', image: 'f', align: 4096, 'max-transfer': 65536 };
+    await r.request('blockdev-add', dbg);
+    await reopen(r, { ...dbg, align: undefined });
+    await reopen(r, { ...dbg, 'max-transfer': undefined });
+    await r.request('blockdev-del', { 'node-name': 'dbg' });
     // A child opened from nested options is reopened by nested options; its own errors have no prefix.
     await r.request('blockdev-add', { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'file', filename: b } });
     await reopen(r, { driver: 'qcow2', 'node-name': 'q2', file: { driver: 'file', filename: b } });

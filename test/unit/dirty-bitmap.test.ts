@@ -12,7 +12,7 @@ const MiB = 2 ** 20;
 
 function setup(size = 64 * MiB): { core: Core; node: NullNode } {
   const core = new Core();
-  const node = new NullNode('n0', false, size, true);
+  const node = new NullNode('n0', false, 'null-co', size, true, 0);
   core.graph.add(node);
   return { core, node };
 }
@@ -88,7 +88,7 @@ test('block-dirty-bitmap-add checks and messages', async () => {
   assert.equal(core.bitmaps.defaultGranularity(node), 65536);
   class Clustered extends NullNode {
     constructor(private readonly cs: number) {
-      super(`c${cs}`, false, MiB, true);
+      super(`c${cs}`, false, 'null-co', MiB, true, 0);
     }
     override nodeInfo(): NodeInfo {
       return { clusterSize: this.cs };
@@ -136,9 +136,9 @@ test('lookups, busy, readonly and inconsistent checks', async () => {
 
 test('merge: strings and {node, name}, different granularities, target unchanged on error', async () => {
   const { core, node } = setup();
-  const other = new NullNode('n1', false, 64 * MiB + 512, true);
+  const other = new NullNode('n1', false, 'null-co', 64 * MiB + 512, true, 0);
   core.graph.add(other);
-  const same = new NullNode('n2', false, 64 * MiB, true);
+  const same = new NullNode('n2', false, 'null-co', 64 * MiB, true, 0);
   core.graph.add(same);
   await qmp(core, 'block-dirty-bitmap-add', { node: 'n0', name: 'd', granularity: 65536 });
   await qmp(core, 'block-dirty-bitmap-add', { node: 'n0', name: 's1', granularity: 4096 });
@@ -172,7 +172,7 @@ test('merge: strings and {node, name}, different granularities, target unchanged
 
 test('x-debug-block-dirty-bitmap-sha256 matches QEMU 7.2', async () => {
   const { core } = setup();
-  core.graph.add(new NullNode('n1', false, 67109376, true));
+  core.graph.add(new NullNode('n1', false, 'null-co', 67109376, true, 0));
   await qmp(core, 'block-dirty-bitmap-add', { node: 'n0', name: 'a', granularity: 2 ** 31 });
   await qmp(core, 'block-dirty-bitmap-add', { node: 'n1', name: 'c', granularity: 65536 });
   // Values from qemu-storage-daemon 7.2 with the same null-co nodes and empty bitmaps.

@@ -103,6 +103,10 @@ export function blkdebugEvent(node: BlockNode | undefined, event: BlkdebugEvent)
 
 export class BlkdebugNode extends BlockNode {
   readonly driver = 'blkdebug';
+  /** QEMU's blkdebug has no mutable_opts: a reopen may not leave out what it was opened with (its rule lists are not checked here). */
+  override resetRefusedOptions(): readonly string[] {
+    return ['config', 'align', 'max-transfer', 'opt-write-zero', 'max-write-zero', 'opt-discard', 'max-discard'];
+  }
   /** Rules per event, newest first (QEMU inserts at the head). */
   private readonly rules = new Map<BlkdebugEvent, Rule[]>();
   /** Active inject-error rules, in the order they are checked. */
