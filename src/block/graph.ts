@@ -9,7 +9,7 @@ import { visit, type Members, type Schema, type VisitOptions } from '../qapi/sch
 import { BlockNode, type BdrvChild, type ReopenChange } from './node.js';
 import { BLK_PERM_ALL, BLK_PERM_RESIZE, BLK_PERM_WRITE, checkNewChild, refreshPermissions, unnamedBackend, type ChildRole } from './permissions.js';
 import { BlockdevDriver } from '../qapi/block.js';
-import { ThrottleGroups } from './throttle-group.js';
+import { UserObjects } from './objects.js';
 import type { CopyBitmapHost } from './copy/copy-bitmaps.js';
 
 /** What a driver gets to open its children and look up nodes. */
@@ -94,8 +94,8 @@ export class BlockGraph {
    */
   private listOrder = new WeakMap<BlockNode, number>();
   private listCounter = 0;
-  /** Throttle groups (object-add throttle-group) that `throttle` nodes name. */
-  readonly throttleGroups = new ThrottleGroups();
+  /** The user-creatable objects (object-add): throttle groups `throttle` nodes name, secrets drivers look up. */
+  readonly objects = new UserObjects();
   /**
    * Run when a node closes (blockdev-del, shutdown), after it stopped taking requests and those in
    * flight ended, before it is flushed and closed: layers above the graph hook in here to let go of

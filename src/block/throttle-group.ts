@@ -139,21 +139,3 @@ export class ThrottleGroup {
     }
   }
 }
-
-/** The throttle groups by id: object-add/object-del/--object fill it, throttle nodes look groups up. */
-export class ThrottleGroups {
-  private readonly groups = new Map<string, ThrottleGroup>();
-
-  get(id: string): ThrottleGroup | undefined {
-    return this.groups.get(id);
-  }
-  has(id: string): boolean {
-    return this.groups.has(id);
-  }
-  add(group: ThrottleGroup): void {
-    this.groups.set(group.id, group);
-  }
-  delete(id: string): void {
-    this.groups.delete(id);
-  }
-}

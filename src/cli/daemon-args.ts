@@ -17,6 +17,7 @@ A storage daemon with QEMU's block layer behaviour, driven over QMP (qemu-storag
   --chardev stdio,id=ID   standard input and output, for a monitor
   --monitor [chardev=]ID[,mode=control][,pretty=off]   run a QMP monitor on a chardev
   --object throttle-group,id=ID[,limits.bps-total=N…]   create an object (also JSON: '{"qom-type": …}')
+  --object secret,id=ID,data=TEXT|file=PATH[,format=raw|base64][,keyid=ID,iv=IV]   a password or key (rbd key-secret)
   --blockdev [driver=]DRIVER[,node-name=N][,prop=value…]   open a block node (also JSON: '{"driver": …}')
   --nbd-server addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P[,max-connections=N]
                              start the NBD server

@@ -110,7 +110,7 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
   'query-version': { note: 'Answers 7.2.0 (the behaviour followed); `package` names bitmirror\'s version.' },
   'blockdev-reopen': { note: 'A filter whose file moved reports its new length (QEMU 7.2 keeps the old one until it is resized).' },
   'blockdev-create': { note: 'Drivers `file` and `qcow2`.' },
-  'object-add': { note: 'Type `throttle-group` only.' },
+  'object-add': { note: 'Types `throttle-group` and `secret` only.' },
   'nbd-server-start': { note: '`tls-creds`/`tls-authz` are refused (no TLS objects).' },
   'qom-get': { note: 'bitmirror has no QOM tree.' },
   'qom-list': { note: 'bitmirror has no QOM tree.' },

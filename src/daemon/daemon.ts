@@ -17,7 +17,7 @@ export interface DaemonOptions {
   monitors: ListenAddress[];
   /** --blockdev values, already parsed (JSON form or key=value form). */
   blockdevs: Array<{ options: Record<string, unknown>; keyval: boolean }>;
-  /** --object values (throttle groups), created before the nodes. */
+  /** --object values (throttle groups, secrets), created before the nodes. */
   objects: Array<{ options: Record<string, unknown>; keyval: boolean }>;
   tracePatterns: string[];
   /** --nbd-server (key=value, checked when the daemon starts). */
@@ -80,7 +80,7 @@ export class Daemon {
       }
     }
     for (const p of this.opts.tracePatterns) this.core.trace.setState(p, true);
-    for (const o of this.opts.objects) addObject(this.core, o.options, { keyval: o.keyval });
+    for (const o of this.opts.objects) await addObject(this.core, o.options, { keyval: o.keyval });
     for (const b of this.opts.blockdevs) {
       await this.core.openForMonitor(b.options, { keyval: b.keyval });
     }

@@ -7,7 +7,8 @@ import { genericError } from '../../errors.js';
 import { str } from '../../qapi/schema.js';
 import type { BlockDriver } from '../graph.js';
 import type { HostRange, ImageInfo, ReopenChange, WriteFlags } from '../node.js';
-import type { ThrottleGroup, ThrottleGroups } from '../throttle-group.js';
+import type { ThrottleGroup } from '../throttle-group.js';
+import type { UserObjects } from '../objects.js';
 import { BlockdevRef } from '../drivers/raw.js';
 import { FilterNode, filterJsonFilename } from './filter.js';
 import type { BlockNode } from '../node.js';
@@ -21,7 +22,7 @@ export class ThrottleNode extends FilterNode {
     child: BlockNode,
     private group: ThrottleGroup,
     /** Where blockdev-reopen looks up a new group. */
-    private readonly groups: ThrottleGroups,
+    private readonly objects: UserObjects,
   ) {
     super(nodeName, child, 'file');
     group.users++;
@@ -34,12 +35,12 @@ export class ThrottleNode extends FilterNode {
   }
   override reopenCheck(options: Record<string, unknown>): void {
     const id = options['throttle-group'] as string;
-    if (!this.groups.get(id)) throw genericError(`Throttle group '${id}' does not exist`);
+    if (!this.objects.throttleGroup(id)) throw genericError(`Throttle group '${id}' does not exist`);
   }
   /** Requests already admitted by the old group go on; new ones queue in the new group. */
   override reopenCommit(change: ReopenChange): void {
     super.reopenCommit(change);
-    const next = this.groups.get(change.options['throttle-group'] as string)!;
+    const next = this.objects.throttleGroup(change.options['throttle-group'] as string)!;
     if (next === this.group || this.released) return;
     this.group.users--;
     next.users++;
@@ -101,8 +102,8 @@ export const throttleDriver: BlockDriver = {
     // As QEMU: the child first, then the group.
     const file = await ctx.openChild(opts.file, opts['read-only'] as boolean, 'file', 'filtered');
     const id = opts['throttle-group'] as string;
-    const group = ctx.graph.throttleGroups.get(id);
+    const group = ctx.graph.objects.throttleGroup(id);
     if (!group) throw genericError(`Throttle group '${id}' does not exist`);
-    return new ThrottleNode(nodeName, file, group, ctx.graph.throttleGroups);
+    return new ThrottleNode(nodeName, file, group, ctx.graph.objects);
   },
 };
