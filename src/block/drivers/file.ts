@@ -867,6 +867,9 @@ async function openHostFile(kind: 'file' | 'host_device', nodeName: string, opts
   const locking = (opts.locking as LockingMode | undefined) ?? 'auto';
   const forceShare = opts['force-share'] === true;
   if (forceShare && !readOnly) throw genericError('force-share=on can only be used with read-only images');
+  // bitmirror has no pr-manager objects (SCSI persistent reservations pass through them), so none is
+  // found, as QEMU finds none that was never created; checked before the file is opened, as there.
+  if (opts['pr-manager'] !== undefined) throw genericError(`No persistent reservation manager with id '${String(opts['pr-manager'])}'`);
   if (opts.aio === 'native' && !direct) {
     throw genericError('aio=native was specified, but it requires cache.direct=on, which was not specified.');
   }

@@ -12,6 +12,8 @@ export { createQcow2, type Qcow2CreateOptions } from './create.js';
 export { Qcow2Node, type BitmapToStore, type BitmapToKeep } from './node.js';
 export type { StoredBitmap } from './bitmaps.js';
 
+const Qcow2OverlapCheckMode = enumOf('Qcow2OverlapCheckMode', ['none', 'constant', 'cached', 'all']);
+
 const BlockdevRefOrNull = alternate('BlockdevRefOrNull', str, { kind: 'null' }, any);
 
 /** BlockdevCreateOptionsQcow2. */
@@ -43,7 +45,16 @@ export const qcow2Driver: BlockDriver = {
     '*pass-discard-other': bool,
     // No discard-no-unref: it came with QEMU 8.1 (and changed meaning in 8.2: whether the discard
     // still reaches the file); 7.2 refuses it as an unexpected parameter, and so does bitmirror.
-    '*overlap-check': any,
+    '*overlap-check': alternate(
+      'Qcow2OverlapChecks',
+      object('Qcow2OverlapCheckFlags', {
+        '*template': Qcow2OverlapCheckMode,
+        ...Object.fromEntries(
+          ['main-header', 'active-l1', 'active-l2', 'refcount-table', 'refcount-block', 'snapshot-table', 'inactive-l1', 'inactive-l2', 'bitmap-directory'].map((k) => [`*${k}`, bool]),
+        ),
+      }),
+      Qcow2OverlapCheckMode,
+    ),
     '*cache-size': int,
     '*l2-cache-size': int,
     '*l2-cache-entry-size': int,

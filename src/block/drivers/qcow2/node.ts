@@ -21,6 +21,7 @@
  * tables are written and flushed before the L1 entry that points at them (synchronous L1 write).
  * Refcounts are only decremented after the entry that referenced the cluster is durable.
  */
+import { checkRuntimeOptions } from './runtime-options.js';
 import { BlockIOError, errorCode, errorMessage, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
 import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type ReopenChange, type WriteFlags } from '../../node.js';
@@ -966,6 +967,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
 
   /** Going read-only: everything cached is written back and the image marked clean, as at close. */
   override async reopenPrepare(change: ReopenChange): Promise<void> {
+    checkRuntimeOptions(change.options, this.header);
     if (!change.readOnly || this.readOnly || !this.activated) return;
     await this.withAll(async () => {
       await this.writebackMetadata();

@@ -4,6 +4,7 @@
  * chain. Nothing is written here: the repair of a dirty (lazy refcounts) image and other updates on a
  * read-write open are Qcow2Node.doActivate's, once the whole open has succeeded.
  */
+import { checkRuntimeOptions } from './runtime-options.js';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { genericError, errorMessage } from '../../../errors.js';
@@ -193,6 +194,7 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   const h = parseHeader(await readAt(file, 0, cs));
   if (fileLength < h.headerLength) throw truncated(h.headerLength);
   validateHeader(h, fileLength, readOnly);
+  checkRuntimeOptions(opts, h);
 
   const l1 = await readAt(file, h.l1TableOffset, h.l1Size * 8);
   const rtBytes = h.refcountTableClusters * cs;
