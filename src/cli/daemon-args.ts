@@ -3,6 +3,7 @@
  * --blockdev (key=value or JSON), --nbd-server, --export, --trace, --pidfile. Errors are UsageErrors with a one-line message.
  */
 import { parseKeyval } from '../qapi/schema.js';
+import { parseJsonText } from '../qmp/json.js';
 import { errorMessage } from '../errors.js';
 import type { DaemonOptions } from '../daemon/daemon.js';
 import type { ListenAddress } from '../qmp/server.js';
@@ -33,7 +34,7 @@ A storage daemon with QEMU's block layer behaviour, driven over QMP (qemu-storag
 
 function parseJsonOption(opt: string, text: string): Record<string, unknown> {
   try {
-    return JSON.parse(text) as Record<string, unknown>;
+    return parseJsonText(text) as Record<string, unknown>;
   } catch (err) {
     throw new UsageError(`${opt}: invalid JSON: ${errorMessage(err)}`);
   }

@@ -148,10 +148,11 @@ export const blockdevCommands: CommandDef[] = [
     const device = args.device as string | undefined;
     const nodeName = args['node-name'] as string | undefined;
     const size = args.size as number;
-    if (size < 0) throw genericError("Parameter 'size' expects a >0 size");
     // bdrv_lookup_bs: there are no devices (BlockBackends with names) here, so only node-name finds one.
     const node = nodeName !== undefined ? core.graph.find(nodeName) : undefined;
     if (!node) throw genericError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+    // After the lookup, as QEMU's qmp_block_resize.
+    if (size < 0) throw genericError("Parameter 'size' expects a >0 size");
     // An op blocker (a job on the node) refuses with QEMU's words, which print the absent device as '(null)'.
     if (node.opBlocker('resize')) throw genericError(`Device '${device ?? '(null)'}' is in use`);
     // A BlockBackend that resizes and shares everything, for the time of the resize.

@@ -141,6 +141,7 @@ export function visit(schema: Schema, value: unknown, path: string, opts: VisitO
         if (value.trim() === '' || Number.isNaN(n)) throw genericError(`Parameter '${path}' expects a number`);
         return n;
       }
+      if (typeof value === 'bigint') return Number(value);
       if (typeof value !== 'number') throw invalidType(path, schema);
       return value;
     case 'int':
@@ -168,13 +169,14 @@ export function visit(schema: Schema, value: unknown, path: string, opts: VisitO
 
 function visitInt(name: string, value: unknown, path: string, opts: VisitOptions): number {
   if (opts.keyval && typeof value === 'string') {
-    const m = name === 'size' ? /^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)[bB]?\s*$/.exec(value) : /^\s*(-?(?:0x[0-9a-fA-F]+|\d+))\s*$/.exec(value);
+    const m = name === 'size' ? /^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)[bB]?\s*$/.exec(value) : /^\s*(-?)(0x[0-9a-fA-F]+|\d+)\s*$/.exec(value);
     if (!m) throw genericError(`Parameter '${path}' expects ${name === 'size' ? 'a size value' : 'integer'}`);
     if (name === 'size') {
       const mult: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50, e: 2 ** 60 };
-      value = Math.round(Number(m[1]) * mult[m[2].toLowerCase()]);
+      const n = Math.round(Number(m[1]) * mult[m[2].toLowerCase()]);
+      value = Number.isSafeInteger(n) ? n : BigInt(n);
     } else {
-      value = Number(m[1]);
+      value = (m[1] ? -1n : 1n) * BigInt(m[2]);
     }
   }
   // QEMU 7.2 reads every unsigned type as a uint64 first (full path, "expects uint64" when the value is
@@ -182,8 +184,12 @@ function visitInt(name: string, value: unknown, path: string, opts: VisitOptions
   const unsigned = name !== 'int' && name !== 'int64';
   const notInteger = () =>
     unsigned && !opts.keyval ? genericError(`Parameter '${path}' expects uint64`) : genericError(`Invalid parameter type for '${path}', expected: integer`);
-  if (typeof value !== 'number' || !Number.isInteger(value)) throw notInteger();
-  const big = BigInt(value);
+  // An integer the JSON parser could not hold as a safe double arrives as a bigint (qmp/json.ts
+  // jsonNumber); a number that is no safe integer was a double there (a fraction, or past 64 bits).
+  let big: bigint;
+  if (typeof value === 'bigint') big = value;
+  else if (typeof value === 'number' && Number.isSafeInteger(value)) big = BigInt(value);
+  else throw notInteger();
   const [lo, hi] = INT_RANGES[name];
   if (big < lo || big > hi) {
     if (C_TYPE[name]) throw genericError(`Parameter '${bareName(path)}' expects ${C_TYPE[name]}`);
@@ -193,7 +199,9 @@ function visitInt(name: string, value: unknown, path: string, opts: VisitOptions
     if (unsigned) throw genericError(`Parameter '${path}' expects a non-negative number below 2^64`);
     throw notInteger();
   }
-  return value;
+  // Past 2^53 the value is rounded: an offset or size that large is refused later as out of range,
+  // and a limit (a speed) that large means no limit either way.
+  return Number(big);
 }
 
 /**
@@ -240,7 +248,7 @@ function visitAlternate(schema: Extract<Schema, { kind: 'alternate' }>, value: u
   let branch: Schema | undefined;
   if (value === null) branch = byKind('null');
   else if (typeof value === 'string') branch = byKind('str') ?? byKind('enum') ?? (opts.keyval ? (byKind('int') ?? byKind('bool') ?? byKind('number')) : undefined);
-  else if (typeof value === 'number') branch = byKind('int') ?? byKind('number');
+  else if (typeof value === 'number' || typeof value === 'bigint') branch = byKind('int') ?? byKind('number');
   else if (typeof value === 'boolean') branch = byKind('bool');
   else if (Array.isArray(value)) branch = byKind('array');
   else if (isObject(value)) branch = byKind('object') ?? byKind('union') ?? byKind('any');

@@ -18,7 +18,7 @@ import { qdictOrder } from '../base/qdict.js';
 type Token =
   | { t: 'punct'; v: '{' | '}' | '[' | ']' | ':' | ',' }
   | { t: 'string'; v: string }
-  | { t: 'number'; v: number }
+  | { t: 'number'; v: number | bigint }
   | { t: 'keyword'; v: string }
   | { t: 'error'; v: string };
 
@@ -69,6 +69,11 @@ export class JsonStreamParser {
     private readonly onMessage: (m: JsonMessage) => void,
     /** The message size limit (tests make it small). */
     private readonly maxBytes = MAX_MESSAGE_BYTES,
+    /**
+     * Numbers typed as QEMU's parser types them (the monitor's input): an integer that a double cannot
+     * hold exactly but an int64 or uint64 can stays exact, as a bigint; see jsonNumber.
+     */
+    private readonly exactIntegers = false,
   ) {}
 
   /** Feed a chunk of input (text from Utf8StreamDecoder, or any string). */
@@ -215,7 +220,7 @@ export class JsonStreamParser {
     this.state = 'start';
     this.partial = '';
     // The lexer only lets a number through that matches JSON's grammar.
-    this.pushToken(kind === 'number' ? { t: 'number', v: Number(text) } : { t: 'keyword', v: text });
+    this.pushToken(kind === 'number' ? { t: 'number', v: this.exactIntegers ? jsonNumber(text) : Number(text) } : { t: 'keyword', v: text });
   }
 
   private pushToken(tok: Token): void {
@@ -298,6 +303,23 @@ function decodeString(raw: string): Token {
  * U+DC00+byte (see INVALID_BYTE_BASE) instead of replacing it, so the JSON lexer can refuse it as QEMU
  * does. A sequence split across chunks is completed by the next chunk.
  */
+/**
+ * One JSON text parsed as the monitor parses its input (numbers typed as QEMU's parser types them):
+ * for JSON that the schema visitor then checks outside QMP (the command line's --blockdev {…}).
+ * Throws an Error with the parser's message when the text is not one JSON value.
+ */
+export function parseJsonText(text: string): unknown {
+  const messages: JsonMessage[] = [];
+  const parser = new JsonStreamParser((m) => messages.push(m), undefined, true);
+  parser.feed(text);
+  parser.end();
+  const [m] = messages;
+  if (!m) throw new Error('premature EOI');
+  if (!m.ok) throw new Error(m.error);
+  if (messages.length > 1) throw new Error('more than one JSON value');
+  return m.value;
+}
+
 export class Utf8StreamDecoder {
   private pending: Buffer = Buffer.alloc(0);
 
@@ -352,6 +374,23 @@ export class Utf8StreamDecoder {
     this.pending = Buffer.alloc(0);
     return rest;
   }
+}
+
+const INT64_MIN = -(2n ** 63n);
+const UINT64_MAX = 2n ** 64n - 1n;
+
+/**
+ * A number token's value as QEMU's parser gives it: integer syntax within int64 or uint64 is an
+ * integer (a bigint where a double would round it), anything else a double (a fraction, an exponent,
+ * or an integer beyond 64 bits). So an integer argument gets the integer that was sent or, if none
+ * fits, a value no integer check passes (a double that is no safe integer), as QEMU refuses it.
+ * A double that happens to be a safe integer (1.0, 1e3) stays indistinguishable from an integer.
+ */
+function jsonNumber(text: string): number | bigint {
+  const n = Number(text);
+  if (Number.isSafeInteger(n) || !/^-?\d+$/.test(text)) return n;
+  const big = BigInt(text);
+  return big >= INT64_MIN && big <= UINT64_MAX ? big : n;
 }
 
 class ParseError extends Error {}

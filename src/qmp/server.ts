@@ -168,7 +168,7 @@ class QmpSession {
     private readonly server: QmpServer,
     private readonly transport: Transport,
   ) {
-    this.parser = new JsonStreamParser((m) => this.requests.push(m));
+    this.parser = new JsonStreamParser((m) => this.requests.push(m), undefined, true);
     const { input, output } = transport;
     input.on('data', (chunk: Buffer) => {
       this.input.push(chunk);
@@ -336,9 +336,9 @@ function capabilitiesEnabled(args: Record<string, unknown>): string[] {
   const enable = args.enable;
   if (enable === undefined) return [];
   if (!Array.isArray(enable)) throw new QmpError('GenericError', "Invalid parameter type for 'enable', expected: array");
-  for (const cap of enable) {
-    if (typeof cap !== 'string') throw new QmpError('GenericError', "Invalid parameter type for 'null', expected: string");
-    // QEMU 7.2 names list elements 'null' in this message.
+  for (const [i, cap] of enable.entries()) {
+    if (typeof cap !== 'string') throw new QmpError('GenericError', `Invalid parameter type for 'enable[${i}]', expected: string`);
+    // QEMU 7.2 names list elements 'null' in this message (and by their index in the one above).
     if (cap !== 'oob') throw new QmpError('GenericError', `Parameter 'null' does not accept value '${cap}'`);
   }
   return enable as string[];
