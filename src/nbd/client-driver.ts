@@ -17,7 +17,7 @@ import { BlockNode, type BlockStatus, type ImageInfo, type NodeCapabilities, typ
 import type { BlockDriver } from '../block/graph.js';
 import { str, uint32, type Members } from '../qapi/schema.js';
 import { SOCKET_ADDRESS } from '../qapi/socket-address.js';
-import { NbdClientConnection, NbdHandshakeError, type NbdClientAddress, type NbdSession } from './client.js';
+import { NBD_DEFAULT_MAX_PAYLOAD, NbdClientConnection, NbdHandshakeError, type NbdClientAddress, type NbdSession } from './client.js';
 import { CONTEXT_BASE_ALLOCATION, NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from './protocol.js';
 
 /**
@@ -145,8 +145,14 @@ export class NbdNode extends BlockNode {
   private get flags(): number {
     return this.session.flags;
   }
+  /**
+   * The largest READ/WRITE sent: the server's maximum, at most 32 MiB (QEMU's NBD_MAX_BUFFER_SIZE), a
+   * multiple of its minimum (QEMU's max_transfer, aligned down to the request alignment): a maximum of
+   * 5000 with a minimum of 512 split requests at unaligned offsets, and one of 4 GiB sent 4 GiB reads.
+   */
   private get maxPayload(): number {
-    return this.session.blockSizes.maximum;
+    const { minimum, maximum } = this.session.blockSizes;
+    return Math.floor(Math.min(maximum, NBD_DEFAULT_MAX_PAYLOAD) / minimum) * minimum;
   }
 
   length(): number {

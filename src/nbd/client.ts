@@ -295,6 +295,9 @@ function serverError(cmd: number, value: number, message?: string): BlockIOError
 
 // ---- handshake ------------------------------------------------------------------------------------
 
+/** Names of option reply types in QEMU's messages (nbd_rep_lookup). */
+const REP_NAMES: Record<number, string> = { [NBD_REP.ACK]: 'ack', [NBD_REP.SERVER]: 'server', [NBD_REP.INFO]: 'info', [NBD_REP.META_CONTEXT]: 'meta context' };
+
 async function handshake(sock: net.Socket, reader: SocketReader, exportName: string, context: string): Promise<NbdSession> {
   const { handshakeFlags } = parseGreeting(await reader.read(18));
   if (!(handshakeFlags & NBD_FLAG_FIXED_NEWSTYLE)) throw new NbdHandshakeError('Server does not support fixed newstyle negotiation');
@@ -330,10 +333,14 @@ async function handshake(sock: net.Socket, reader: SocketReader, exportName: str
   let contextId: number | undefined;
   if (structured) {
     const mc = await option(NBD_OPT.SET_META_CONTEXT, encodeMetaContextRequest({ name: exportName, queries: [context] }));
+    // One query, so at most one context, and the one asked for (QEMU 7.2's nbd_negotiate_simple_meta_context):
+    // another context's extents read as base:allocation's would mean other things.
     for (const r of mc.replies) {
       if (r.type !== NBD_REP.META_CONTEXT) continue;
+      if (contextId !== undefined) throw new NbdHandshakeError('Server answered with more than one context');
       const c = parseRepMetaContext(r.data);
-      if (c.name === context) contextId = c.id;
+      if (c.name !== context) throw new NbdHandshakeError(`Failed to negotiate meta context '${context}', server answered with different context '${c.name}'`);
+      contextId = c.id;
     }
   }
   if (contextId === undefined && context !== CONTEXT_BASE_ALLOCATION)
@@ -348,7 +355,11 @@ async function handshake(sock: net.Socket, reader: SocketReader, exportName: str
   let flags = 0;
   let blockSizes: BlockSizes = { minimum: 1, preferred: 4096, maximum: NBD_DEFAULT_MAX_PAYLOAD };
   for (const r of go.replies) {
-    if (r.type !== NBD_REP.INFO) continue;
+    if (r.type !== NBD_REP.INFO) throw new NbdHandshakeError(`unexpected reply type ${r.type} (${REP_NAMES[r.type] ?? '<unknown>'}), expected ${NBD_REP.INFO} (info)`);
+    // An item of a known type must have its exact size (QEMU's nbd_opt_info_or_go).
+    const infoType = r.data.length >= 2 ? r.data.readUInt16BE(0) : -1;
+    const expected = infoType === NBD_INFO.EXPORT ? 10 : infoType === NBD_INFO.BLOCK_SIZE ? 12 : undefined;
+    if (expected !== undefined && r.data.length - 2 !== expected) throw new NbdHandshakeError(`remaining export info len ${r.data.length - 2} is unexpected size`);
     const item = parseInfoReply(r.data);
     if (item.type === 'export') {
       size = item.size;
@@ -357,9 +368,16 @@ async function handshake(sock: net.Socket, reader: SocketReader, exportName: str
   }
   if (size === undefined) throw new NbdProtocolError('server sent no export size');
   if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw new NbdProtocolError(`export size ${size} is too large`);
+  // The block sizes and the size checked as QEMU 7.2's client checks them, in its order and words.
   const m = blockSizes;
-  if (m.minimum < 1 || (m.minimum & (m.minimum - 1)) !== 0 || m.minimum > 65536 || m.maximum < m.minimum)
-    throw new NbdProtocolError(`bad block sizes ${m.minimum}/${m.preferred}/${m.maximum}`);
+  const powerOfTwo = (n: number): boolean => n > 0 && (n & (n - 1)) === 0;
+  if (!powerOfTwo(m.minimum)) throw new NbdHandshakeError(`server minimum block size ${m.minimum} is not a power of two`);
+  if (!powerOfTwo(m.preferred) || m.preferred < m.minimum) throw new NbdHandshakeError(`server preferred block size ${m.preferred} is not valid`);
+  if (m.maximum < m.minimum) throw new NbdHandshakeError(`server maximum block size ${m.maximum} is not valid`);
+  // (QEMU checks the size only against a minimum received before it; bitmirror whatever the order.)
+  if (size % BigInt(m.minimum) !== 0n) throw new NbdHandshakeError(`export size ${size} is not multiple of minimum block size ${m.minimum}`);
+  // Beyond QEMU: a request alignment larger than a cluster is refused.
+  if (m.minimum > 65536) throw new NbdHandshakeError(`server minimum block size ${m.minimum} is too large`);
   if (!(flags & NBD_FLAG.HAS_FLAGS)) flags = NBD_FLAG.HAS_FLAGS;
   return { size: Number(size), flags, blockSizes, structured, extended, contextId };
 }
