@@ -56,8 +56,10 @@ function checkLimits(l: ThrottleLimits): void {
 }
 
 export class ThrottleGroup {
-  private readonly buckets = new Map<BucketName, Bucket>();
-  private readonly iopsSize: number;
+  private buckets = new Map<BucketName, Bucket>();
+  private iopsSize: number;
+  /** The limits as given (object-add, qom-set): what qom-get shows. */
+  private current: ThrottleLimits;
   private lastLeak = process.hrtime.bigint();
   private readonly queue: Array<{ isWrite: boolean; bytes: number; start: () => void }> = [];
   private timer: NodeJS.Timeout | undefined;
@@ -69,17 +71,56 @@ export class ThrottleGroup {
     limits: ThrottleLimits,
   ) {
     checkLimits(limits);
+    this.current = { ...limits };
+    this.iopsSize = limits['iops-size'] ?? 0;
+    this.configure(limits);
+  }
+
+  /** The buckets of `limits`; a bucket that stays keeps what it holds (QEMU's throttle_config). */
+  private configure(limits: ThrottleLimits): void {
+    const old = this.buckets;
+    this.buckets = new Map();
     for (const b of BUCKETS) {
       const avg = limits[b] ?? 0;
       if (!avg) continue;
-      this.buckets.set(b, { avg, max: limits[`${b}-max`] ?? 0, burstLength: limits[`${b}-max-length`] ?? 1, level: 0, burstLevel: 0 });
+      const prev = old.get(b);
+      this.buckets.set(b, { avg, max: limits[`${b}-max`] ?? 0, burstLength: limits[`${b}-max-length`] ?? 1, level: prev?.level ?? 0, burstLevel: prev?.burstLevel ?? 0 });
     }
     this.iopsSize = limits['iops-size'] ?? 0;
   }
 
+  /** Every limit, unset ones as QEMU reports them (0; a burst length 1): qom-get `limits`. */
+  limits(): ThrottleLimits {
+    return Object.fromEntries(Object.keys(THROTTLE_LIMITS_MEMBERS).map((m) => {
+      const k = m.slice(1);
+      return [k, this.current[k] ?? (k.endsWith('-max-length') ? 1 : 0)];
+    }));
+  }
+
+  /**
+   * qom-set `limits`: the members given replace those limits, the others stay; checked as a whole
+   * (QEMU's messages), then in force at once: the requests waiting in the group are started again
+   * under the new limits (throttle_group_config).
+   */
+  setLimits(change: ThrottleLimits): void {
+    const next = { ...this.current, ...change };
+    checkLimits(next);
+    this.leak();
+    this.current = next;
+    this.configure(next);
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.queue.length > 0) this.dispatch();
+  }
+
+  /** Requests waiting for the group's limits. */
+  get queued(): number {
+    return this.queue.length;
+  }
+
   /** Wait until a request of `bytes` may start under the group's limits; it is accounted when it does. */
   admit(isWrite: boolean, bytes: number): Promise<void> {
-    if (this.buckets.size === 0) return Promise.resolve();
+    if (this.buckets.size === 0 && this.queue.length === 0) return Promise.resolve();
     return new Promise<void>((start) => {
       this.queue.push({ isWrite, bytes, start });
       if (this.queue.length === 1) this.dispatch();

@@ -140,6 +140,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions | 'help' {
     }
   }
   if (opts.daemonize && [...chardevs.values()].some((c) => c.kind === 'stdio')) throw new UsageError('cannot use stdio with -daemonize');
+  opts.chardevs = [...chardevs].map(([id, addr]) => ({ id, addr }));
   for (const id of monitorIds) {
     const addr = chardevs.get(id);
     if (!addr) throw new UsageError(`chardev "${id}" not found`);

@@ -11,6 +11,7 @@ import { jobCommands } from './jobs.js';
 import { createCommands } from './create.js';
 import { mirrorCommands } from './mirror.js';
 import { objectCommands } from './objects.js';
+import { qomCommands } from './qom.js';
 import { blockStatsCommands } from './block-stats.js';
 import { nbdCommands } from './nbd.js';
 import { backupCommands } from './backup.js';
@@ -21,6 +22,6 @@ import { streamCommands } from './stream.js';
 
 export function allCommands(): CommandDef[] {
   const table: CommandDef[] = [];
-  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands, ...snapshotCommands, ...streamCommands);
+  table.push(...miscCommands(() => table), ...blockdevCommands, ...hmpCommands, ...bitmapCommands, ...transactionCommands, ...jobCommands, ...createCommands, ...mirrorCommands, ...objectCommands, ...qomCommands, ...blockStatsCommands, ...nbdCommands, ...backupCommands, ...chainCommands, ...commitCommands, ...snapshotCommands, ...streamCommands);
   return table;
 }

@@ -16,6 +16,17 @@ import { NbdServer } from '../nbd/server.js';
 import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import type { CopyBitmap } from '../block/copy/block-copy.js';
 
+/** A character device of the daemon's command line (--chardev), as the QOM tree shows it under /chardevs. */
+export interface ChardevInfo {
+  id: string;
+  /** QOM type: chardev-socket or chardev-stdio. */
+  type: 'chardev-socket' | 'chardev-stdio';
+  /** A socket's address (SocketAddress, as qom-get `addr` shows it). */
+  addr?: Record<string, unknown>;
+  /** A client is connected (qom-get `connected`). */
+  connected(): boolean;
+}
+
 export class Core {
   readonly graph = new BlockGraph();
   readonly events = new EventBus();
@@ -30,6 +41,8 @@ export class Core {
   readonly jobs = new JobRegistry(this.events);
   /** The NBD server and its exports (nbd-server-start, block-export-add). */
   readonly nbd = new NbdServer(this.bitmaps, this.events);
+  /** The character devices (--chardev), in the order they were given; the daemon fills it. */
+  readonly chardevs: ChardevInfo[] = [];
 
   /**
    * Where the daemon's log lines go (recovered bitmaps, bitmaps lost at close): stderr, prefixed

@@ -2,6 +2,7 @@
  * Daemon: wires one Core (graph, events, jobs, bitmaps) to its QMP monitors, opens the nodes given on
  * the command line, and shuts everything down cleanly (jobs cancelled, nodes flushed and closed).
  */
+import { isIP } from 'node:net';
 import { openSync, promises as fsp, writeSync } from 'node:fs';
 import * as path from 'node:path';
 import { errorMessage } from '../errors.js';
@@ -15,6 +16,8 @@ import { addBlockExport, BLOCK_EXPORT_OPTIONS, NBD_SERVER_OPTIONS, startNbdServe
 
 export interface DaemonOptions {
   monitors: ListenAddress[];
+  /** Every --chardev by id (also those no monitor uses), in order: the QOM tree's /chardevs. */
+  chardevs?: Array<{ id: string; addr: ListenAddress }>;
   /** --blockdev values, already parsed (JSON form or key=value form). */
   blockdevs: Array<{ options: Record<string, unknown>; keyval: boolean }>;
   /** --object values (throttle groups, secrets), created before the nodes. */
@@ -80,6 +83,15 @@ export class Daemon {
       }
     }
     for (const p of this.opts.tracePatterns) this.core.trace.setState(p, true);
+    for (const c of this.opts.chardevs ?? []) {
+      const addr = c.addr;
+      this.core.chardevs.push({
+        id: c.id,
+        type: addr.kind === 'stdio' ? 'chardev-stdio' : 'chardev-socket',
+        addr: addr.kind === 'unix' ? { path: addr.path, type: 'unix' } : addr.kind === 'tcp' ? inetAddress(addr.host, addr.port) : undefined,
+        connected: () => this.qmp.connected(addr),
+      });
+    }
     for (const o of this.opts.objects) await addObject(this.core, o.options, { keyval: o.keyval });
     for (const b of this.opts.blockdevs) {
       await this.core.openForMonitor(b.options, { keyval: b.keyval });
@@ -109,4 +121,10 @@ export class Daemon {
     })();
     return this.stopping;
   }
+}
+
+/** A listening TCP chardev's address as QEMU shows it (qom-get addr): numeric, with its family flag. */
+function inetAddress(host: string, port: number): Record<string, unknown> {
+  const family = isIP(host);
+  return { host, port: String(port), ...(family === 4 ? { ipv4: true } : family === 6 ? { ipv6: true } : {}), type: 'inet' };
 }

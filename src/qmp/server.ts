@@ -44,6 +44,9 @@ interface Transport {
 export class QmpServer {
   private readonly servers: net.Server[] = [];
   private readonly sessions = new Set<QmpSession>();
+  /** Open client connections per listening address (qom-get `connected` of a chardev). */
+  private readonly clients = new Map<ListenAddress, number>();
+  private stdioOpen = false;
   /** Connections accepted while start-up holds them (see holdConnections): not read, not greeted yet. */
   private held: net.Socket[] | undefined;
   readonly commands = new Map<string, CommandDef>();
@@ -60,12 +63,17 @@ export class QmpServer {
 
   async listen(addr: ListenAddress): Promise<void> {
     if (addr.kind === 'stdio') {
+      this.stdioOpen = true;
       // Standard output stays open when standard input ends: events and late replies still go out.
       this.openSession({ input: process.stdin, output: process.stdout, inputDone: () => undefined, close: () => process.stdin.destroy() });
       return;
     }
     // allowHalfOpen: a client's end of input must not end our output before its replies are sent.
-    const server = net.createServer({ allowHalfOpen: true }, (sock) => this.accept(sock));
+    const server = net.createServer({ allowHalfOpen: true }, (sock) => {
+      this.clients.set(addr, (this.clients.get(addr) ?? 0) + 1);
+      sock.once('close', () => this.clients.set(addr, (this.clients.get(addr) ?? 1) - 1));
+      this.accept(sock);
+    });
     server.on('error', () => undefined);
     if (addr.kind === 'unix') {
       // A stale socket file from a previous run would make listen fail with EADDRINUSE.
@@ -85,6 +93,11 @@ export class QmpServer {
    * that has been greeted can rely on the pidfile; Node accepts as soon as a socket listens, so the
    * daemon holds the connections instead.
    */
+  /** A client is connected on `addr` (a listening address given to listen(); stdio: always). */
+  connected(addr: ListenAddress): boolean {
+    return addr.kind === 'stdio' ? this.stdioOpen : (this.clients.get(addr) ?? 0) > 0;
+  }
+
   holdConnections(): void {
     this.held ??= [];
   }

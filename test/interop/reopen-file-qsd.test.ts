@@ -11,8 +11,8 @@ import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { copyFile, readdir, readFile, readlink, stat, writeFile } from 'node:fs/promises';
-import { haveQsd, poll, setup, type Env } from '../support/daemon.js';
-import { recorder, type Replay } from '../support/qmp-replay.js';
+import { haveQsd, poll, type Env } from '../support/daemon.js';
+import { replayOn, type Replay } from '../support/qmp-replay.js';
 import { mustRun, qemuIoNbd } from '../support/tools.js';
 
 const skip = !haveQsd && 'qemu-storage-daemon not installed';
@@ -20,17 +20,7 @@ type Program = 'bitmirror' | 'qemu-storage-daemon';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 
-/** Run `script` against a fresh daemon of `program`; the recorded replies. */
-async function replay(program: Program, script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
-  const env = await setup(`reopen-${program === 'bitmirror' ? 'bm' : 'qsd'}`, program);
-  try {
-    const r = recorder(env);
-    await script(r, env);
-    return r.replies;
-  } finally {
-    await env.done();
-  }
-}
+const replay = (program: Program, script: (r: Replay, env: Env) => Promise<void>) => replayOn(program, 'reopen', script);
 
 async function sameReplies(script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
   const theirs = await replay('qemu-storage-daemon', script);

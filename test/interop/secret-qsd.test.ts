@@ -9,8 +9,8 @@ import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
 import { createCipheriv } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
-import { haveQsd, setup, startDaemon, type Env } from '../support/daemon.js';
-import { recorder, type Replay } from '../support/qmp-replay.js';
+import { haveQsd, startDaemon, type Env } from '../support/daemon.js';
+import { replayOn, type Replay } from '../support/qmp-replay.js';
 import { run, tempDir } from '../support/tools.js';
 import { BITMIRROR_BIN } from '../../src/daemon/spawn.js';
 
@@ -27,16 +27,7 @@ function encrypt(plain: Buffer): Buffer {
 }
 const padded = (text: string, pad: number, n = pad) => Buffer.concat([Buffer.from(text), Buffer.alloc(n, pad)]);
 
-async function replay(program: Program, script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
-  const env = await setup(`secret-${program === 'bitmirror' ? 'bm' : 'qsd'}`, program);
-  try {
-    const r = recorder(env);
-    await script(r, env);
-    return r.replies;
-  } finally {
-    await env.done();
-  }
-}
+const replay = (program: Program, script: (r: Replay, env: Env) => Promise<void>) => replayOn(program, 'secret', script);
 
 async function sameReplies(script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
   const theirs = await replay('qemu-storage-daemon', script);

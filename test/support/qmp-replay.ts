@@ -5,7 +5,7 @@
  */
 import * as assert from 'node:assert/strict';
 import type { QmpEvent } from '../../src/qmp/client.js';
-import type { Env } from './daemon.js';
+import { setup, type Env } from './daemon.js';
 import { qemuIoNbd } from './tools.js';
 
 /** What one daemon answered to the script: [command, reply or error] a step, with the test's dir masked. */
@@ -29,6 +29,21 @@ export function recorder(env: Env): Replay {
       return rep.return;
     },
   };
+}
+
+/**
+ * Run `script` against a fresh daemon of `program` (its directory named after `prefix`) and give the
+ * replies it recorded; the daemon is stopped after it, passed or failed.
+ */
+export async function replayOn(program: 'bitmirror' | 'qemu-storage-daemon', prefix: string, script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
+  const env = await setup(`${prefix}-${program === 'bitmirror' ? 'bm' : 'qsd'}`, program);
+  try {
+    const r = recorder(env);
+    await script(r, env);
+    return r.replies;
+  } finally {
+    await env.done();
+  }
 }
 
 /**
