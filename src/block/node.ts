@@ -185,7 +185,25 @@ export type BlockOp =
   | 'commit-target'
   | 'stream'
   | 'change'
-  | 'external-snapshot';
+  | 'external-snapshot'
+  | 'internal-snapshot'
+  | 'internal-snapshot-delete';
+
+/**
+ * An internal snapshot as QEMU's QEMUSnapshotInfo has it (a qcow2 snapshot table entry): what
+ * query-named-block-nodes lists and blockdev-snapshot-delete-internal-sync returns.
+ */
+export interface SnapshotEntry {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  /** The guest clock in ns (u64). */
+  vmClockNsec: bigint;
+  /** u64; 2^64-1 when there is none. */
+  icount: bigint;
+}
 /** What a backing file's blocker lets through (bdrv_backing_attach's bdrv_op_unblock calls). */
 const BACKING_ALLOWS: ReadonlySet<BlockOp> = new Set(['commit-target', 'stream', 'backup-source', 'backup-target']);
 
@@ -334,6 +352,17 @@ export abstract class BlockNode {
   nodeInfo(): NodeInfo {
     return {};
   }
+  /**
+   * Internal snapshots, for a driver that keeps them in its image (QEMU's bdrv_snapshot_create,
+   * _delete and _list; block/internal-snapshot.ts finds the node that answers for a filter or raw).
+   * snapshotCreate takes the entry's name, dates, clock and icount; the driver assigns the id.
+   * The caller drains the node first (new requests held, those in flight ended: allocations in flight
+   * must not link into tables a snapshot now shares); both write the image crash-safely and they throw BlockIOError (errno) on failure.
+   */
+  snapshotList?(): SnapshotEntry[];
+  snapshotCreate?(sn: Omit<SnapshotEntry, 'id' | 'vmStateSize'>): Promise<SnapshotEntry>;
+  snapshotDelete?(id: string | undefined, name: string | undefined): Promise<SnapshotEntry>;
+
   /** Whether the driver can have a backing file (QEMU's supports_backing): qcow2. */
   supportsBacking(): boolean {
     return false;

@@ -110,6 +110,8 @@ export const COMMAND_NOTES: Readonly<Record<string, ParityNote>> = {
   'query-version': { note: 'Answers 7.2.0 (the behaviour followed); `package` names bitmirror\'s version.' },
   'blockdev-reopen': { note: 'A filter whose file moved reports its new length (QEMU 7.2 keeps the old one until it is resized).' },
   'blockdev-create': { note: 'Drivers `file` and `qcow2`.' },
+  'blockdev-snapshot-internal-sync': { note: 'qcow2 images (directly, or below a raw node or a filter, as QEMU\'s snapshot fallback). Date and guest clock are the wall clock, as qemu-storage-daemon 7.2 writes them.' },
+  'blockdev-snapshot-delete-internal-sync': { note: 'On a read-only node it fails with QEMU\'s message and keeps the snapshot listed (QEMU 7.2 drops it from its list in memory).' },
   'object-add': { note: 'Types `throttle-group` and `secret` only.' },
   'nbd-server-start': { note: '`tls-creds`/`tls-authz` are refused (no TLS objects).' },
   'qom-get': { note: 'The tree is /, /chardevs (the --chardev devices) and /objects (throttle groups, secrets). A secret\'s `data` is not readable (QEMU 7.2 returns it; bitmirror never puts a secret in a reply).' },

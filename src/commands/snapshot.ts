@@ -1,4 +1,7 @@
 /**
+ * Snapshots as commands and `transaction` actions: the internal ones are internal-snapshot.ts's,
+ * registered here so that the action kinds come in QEMU's order.
+ *
  * External snapshots: `blockdev-snapshot` (the overlay is a node already added) and
  * `blockdev-snapshot-sync` (the overlay image is created and opened), as commands and as `transaction`
  * actions, with QEMU 7.2's checks, order and messages (external_snapshot_prepare/commit/abort/clean).
@@ -30,6 +33,7 @@ import type { DirtyBitmap } from '../bitmap/dirty-bitmap.js';
 import type { TransactionAction } from '../base/transaction.js';
 import { registerTransactionAction, runTransaction } from './transaction.js';
 import { checkBusy } from './mirror.js';
+import { BLOCKDEV_SNAPSHOT_INTERNAL, internalSnapshotAction, internalSnapshotCommands } from './internal-snapshot.js';
 import * as path from 'node:path';
 
 export const CARRY_BITMAPS = '__org.bitmirror_carry-bitmaps';
@@ -157,10 +161,17 @@ async function openSyncOverlay(core: Core, node: BlockNode, data: Record<string,
 }
 
 registerTransactionAction({ type: 'blockdev-snapshot', dataType: 'BlockdevSnapshot', data: BLOCKDEV_SNAPSHOT, create: (d, ctx) => snapshotAction(ctx.core, d, false) });
+registerTransactionAction({ type: 'blockdev-snapshot-internal-sync', dataType: 'BlockdevSnapshotInternal', data: BLOCKDEV_SNAPSHOT_INTERNAL, create: (d, ctx) => internalSnapshotAction(ctx.core, d) });
 registerTransactionAction({ type: 'blockdev-snapshot-sync', dataType: 'BlockdevSnapshotSync', data: BLOCKDEV_SNAPSHOT_SYNC, create: (d, ctx) => snapshotAction(ctx.core, d, true) });
 
 export const snapshotCommands: CommandDef[] = [
   // blockdev_do_action: a transaction of one action.
   { name: 'blockdev-snapshot', args: BLOCKDEV_SNAPSHOT, handler: async (args, core) => (await runTransaction(core, [{ type: 'blockdev-snapshot', data: args }]), {}) },
   { name: 'blockdev-snapshot-sync', args: BLOCKDEV_SNAPSHOT_SYNC, handler: async (args, core) => (await runTransaction(core, [{ type: 'blockdev-snapshot-sync', data: args }]), {}) },
+  {
+    name: 'blockdev-snapshot-internal-sync',
+    args: BLOCKDEV_SNAPSHOT_INTERNAL,
+    handler: async (args, core) => (await runTransaction(core, [{ type: 'blockdev-snapshot-internal-sync', data: args }]), {}),
+  },
+  ...internalSnapshotCommands,
 ];

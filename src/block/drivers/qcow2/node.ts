@@ -24,7 +24,9 @@
 import { checkRuntimeOptions } from './runtime-options.js';
 import { BlockIOError, errorCode, errorMessage, genericError, strerror } from '../../../errors.js';
 import { nativeAddon } from '../../native.js';
-import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type ReopenChange, type WriteFlags } from '../../node.js';
+import { BlockNode, jsonFilename, type BlockStatus, type HostRange, type ImageInfo, type NodeCapabilities, type NodeInfo, type ReopenChange, type SnapshotEntry, type WriteFlags } from '../../node.js';
+import { snapshotInfo } from '../../internal-snapshot.js';
+import { findSnapshot, MAX_SNAPSHOTS, newSnapshotId, serializeSnapshotTable, type Qcow2Snapshot } from './snapshots.js';
 import {
   AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
@@ -1148,6 +1150,181 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     }
   }
 
+  // ---- internal snapshots -------------------------------------------------------------------------
+
+  /** The snapshot table as read at open (or written since). */
+  snapshots: Qcow2Snapshot[] = [];
+
+  override snapshotList(): SnapshotEntry[] {
+    return this.snapshots.map((sn) => ({ id: sn.id, name: sn.name, vmStateSize: sn.vmStateSize, dateSec: sn.dateSec, dateNsec: sn.dateNsec, vmClockNsec: sn.vmClockNsec, icount: sn.icount }));
+  }
+
+  /**
+   * qcow2_snapshot_create (the caller has drained the node): the active L1 table copied into new clusters, then every cluster
+   * it reaches gains a reference (COPIED cleared where a cluster is now shared, so that later writes
+   * copy), all of it durable before the new snapshot table is written and the header points at it.
+   */
+  override async snapshotCreate(info: Omit<SnapshotEntry, 'id' | 'vmStateSize'>): Promise<SnapshotEntry> {
+    if (this.readOnly) throw new BlockIOError('EPERM');
+    return this.withAll(async () => {
+      if (this.snapshots.length >= MAX_SNAPSHOTS) throw new BlockIOError('EFBIG');
+      await this.writebackMetadata();
+      const sn: Qcow2Snapshot = {
+        ...info,
+        id: newSnapshotId(this.snapshots),
+        vmStateSize: 0,
+        diskSize: this.header.size,
+        extraDataSize: 24,
+        unknownExtra: Buffer.alloc(0),
+        l1TableOffset: 0,
+        l1Size: this.header.l1Size,
+      };
+      const l1Bytes = this.header.l1Size * 8;
+      if (l1Bytes > 0) {
+        sn.l1TableOffset = await this.rc.alloc(Math.ceil(l1Bytes / this.cs), this.isReserved);
+        await this.rc.flush();
+        await this.file.write(sn.l1TableOffset, Buffer.from(this.l1.subarray(0, l1Bytes)));
+      }
+      // Referenced, and COPIED cleared, before the table names the copy (the walk ends synced).
+      await this.updateSnapshotRefcount(undefined, 1);
+      await this.writeSnapshotTable([...this.snapshots, sn]);
+      return sn;
+    });
+  }
+
+  /**
+   * qcow2_snapshot_delete (the caller has drained the node): the entry leaves the table first (a crash then only leaks), then
+   * the clusters its L1 table reaches lose a reference (those left unused freed, discarded when
+   * pass-discard-snapshot says so), its L1 copy is freed, and the active tables' COPIED flags are
+   * set again where a cluster is no longer shared.
+   */
+  override async snapshotDelete(id: string | undefined, name: string | undefined): Promise<SnapshotEntry> {
+    return this.withAll(async () => {
+      const i = findSnapshot(this.snapshots, id, name);
+      if (i < 0) throw genericError("Can't find the snapshot");
+      const sn = this.snapshots[i];
+      if (sn.l1TableOffset % this.cs || sn.l1Size * 8 > MAX_L1_BYTES) throw genericError('Snapshot L1 table offset invalid');
+      if (this.readOnly) throw genericError(`Failed to remove snapshot from snapshot list: ${strerror('EPERM')}`);
+      try {
+        await this.writeSnapshotTable(this.snapshots.filter((_, k) => k !== i));
+      } catch (err) {
+        throw genericError(`Failed to remove snapshot from snapshot list: ${strerror(errorCode(err))}`);
+      }
+      try {
+        await this.updateSnapshotRefcount({ offset: sn.l1TableOffset, size: sn.l1Size }, -1);
+        if (sn.l1Size > 0) await this.rc.free(sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / this.cs), 'snapshot');
+        await this.rc.flush();
+      } catch (err) {
+        throw genericError(`Failed to free the cluster and L1 table: ${strerror(errorCode(err))}`);
+      }
+      try {
+        await this.updateSnapshotRefcount(undefined, 0);
+      } catch (err) {
+        throw genericError(`Failed to update snapshot status in disk: ${strerror(errorCode(err))}`);
+      }
+      return sn;
+    });
+  }
+
+  /**
+   * qcow2_update_snapshot_refcount: add `addend` to the refcount of every cluster the L1 table reaches
+   * (the active one when `l1` is undefined): its L2 tables, their data clusters, and for a compressed
+   * cluster every host cluster its data touches (QEMU's count). On the way, each L2 entry's COPIED
+   * flag is set exactly when its cluster's refcount is then 1 (never for compressed clusters), and
+   * each active L1 entry's likewise. The refcount blocks are written and synced before the L2 tables,
+   * and those before the active L1 table is rewritten; clusters freed (addend -1) are dropped from the
+   * cache and discarded as 'snapshot' once everything is synced.
+   */
+  private async updateSnapshotRefcount(l1: { offset: number; size: number } | undefined, addend: -1 | 0 | 1): Promise<void> {
+    const active = l1 === undefined;
+    const size = active ? this.header.l1Size : l1.size;
+    const table = active ? this.l1 : await this.readFile(l1.offset, size * 8);
+    let l1Modified = false;
+    await this.rc.discards.batch(async () => {
+      for (let i = 0; i < size; i++) {
+        const e = decodeL1(table, i);
+        if (!e.offset) continue;
+        if (e.offset % this.cs) throw new BlockIOError('EIO', `qcow2: L2 table offset ${e.offset} is not cluster aligned`);
+        const l2 = await this.l2cache.get(e.offset);
+        let l2Modified = false;
+        for (let j = 0; j < this.l2Entries; j++) {
+          const d = decodeL2(l2, j, this.clusterBits, this.v3);
+          let refcount = 0;
+          if (d.type === 'compressed') {
+            if (addend !== 0) {
+              const first = Math.floor(d.offset / this.cs);
+              await this.rc.updateRun(first, Math.floor((d.offset + d.csize - 1) / this.cs) - first + 1, addend, 'snapshot');
+            }
+            refcount = 2;
+          } else if (d.type === 'normal' || d.type === 'zero-alloc') {
+            if (d.offset % this.cs) throw new BlockIOError('EIO', `qcow2: data cluster offset ${d.offset} is not cluster aligned`);
+            const c = d.offset / this.cs;
+            if (addend !== 0) await this.rc.update(c, addend, 'snapshot');
+            refcount = await this.rc.get(c);
+          }
+          const hi = l2.readUInt32BE(j * 8);
+          const want = refcount === 1 ? (hi | COPIED_HI) >>> 0 : (hi & ~COPIED_HI) >>> 0;
+          if (want !== hi) {
+            l2.writeUInt32BE(want, j * 8);
+            l2Modified = true;
+          }
+        }
+        if (l2Modified) this.l2cache.markDirty(e.offset);
+        const c = e.offset / this.cs;
+        if (addend !== 0) await this.rc.update(c, addend, 'snapshot');
+        const refcount = await this.rc.get(c);
+        // A table no longer referenced must not be written back into a freed cluster.
+        if (refcount === 0) this.l2cache.drop(e.offset);
+        if (active && refcount === 1 !== e.copied) {
+          encodeEntry(table, i, e.offset, refcount === 1 ? COPIED_HI : 0);
+          l1Modified = true;
+        }
+      }
+      await this.writebackMetadata();
+      await this.file.flush();
+    });
+    if (active && l1Modified) {
+      await this.file.write(this.header.l1TableOffset, Buffer.from(table.subarray(0, size * 8)));
+      await this.file.flush();
+    }
+  }
+
+  /**
+   * qcow2_write_snapshots: `list` written whole into new clusters (allocated and synced first), synced,
+   * then nb_snapshots and snapshots_offset switched in one header write, synced; then the old table's
+   * clusters are freed. An empty table takes no clusters (its offset is written as 0).
+   */
+  private async writeSnapshotTable(list: Qcow2Snapshot[]): Promise<void> {
+    const buf = serializeSnapshotTable(list);
+    let offset = 0;
+    if (buf.length > 0) {
+      offset = await this.rc.alloc(Math.ceil(buf.length / this.cs), this.isReserved);
+      await this.rc.flush();
+      await this.file.write(offset, buf);
+    }
+    await this.file.flush();
+    await this.withHeader(async () => {
+      const h = Buffer.alloc(12);
+      h.writeUInt32BE(list.length, 0);
+      h.writeBigUInt64BE(BigInt(offset), 4);
+      await this.file.write(60, h);
+      await this.file.flush();
+    });
+    const old = { offset: this.header.snapshotsOffset, bytes: this.snapshotsSize };
+    this.header.nbSnapshots = list.length;
+    this.header.snapshotsOffset = offset;
+    this.snapshotsSize = buf.length;
+    this.snapshots = list;
+    if (old.bytes > 0) {
+      const first = Math.floor(old.offset / this.cs);
+      await this.rc.free(first * this.cs, Math.floor((old.offset + old.bytes - 1) / this.cs) - first + 1, 'snapshot');
+      await this.rc.flush();
+    }
+  }
+
+  /** Bytes of the snapshot table on disk (QEMU's snapshots_size). */
+  snapshotsSize = 0;
+
   /** Rewrite the first cluster from `header` and flush. */
   async writeHeader(): Promise<void> {
     await this.withHeader(async () => {
@@ -1285,6 +1462,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       if (this.backingDisplayName) info['full-backing-filename'] = this.backingDisplayName;
       if (h.backingFormat) info['backing-filename-format'] = h.backingFormat;
     }
+    if (this.snapshots.length) info.snapshots = this.snapshots.map(snapshotInfo);
     const b = this.backing();
     if (b) info['backing-image'] = b.imageInfo();
     const data: Record<string, unknown> = { compat: this.v3 ? '1.1' : '0.10' };

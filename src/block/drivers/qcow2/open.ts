@@ -29,6 +29,7 @@ import { checkCompressionType } from './compressed.js';
 import { discardPassthrough } from './discard.js';
 import { Refcounts } from './refcount.js';
 import { decodeL1 } from './tables.js';
+import { parseSnapshotTable, snapshotTableSize, type Qcow2Snapshot } from './snapshots.js';
 import { Qcow2Node } from './node.js';
 import { bitmapEntryValid, bitmapTableProblem, checkBitmapsExtension, dirEntrySize, parseBitmapDirectory, type StoredBitmap } from './bitmaps.js';
 import { imageFileOf, protocolOptions, resolveBackingFilename } from '../../filename.js';
@@ -205,6 +206,7 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   }
 
   const storedBitmaps = await loadBitmapDirectory(file, h, fileLength, readOnly);
+  const snapshots = await loadSnapshotTable(file, h);
 
   // The metadata code reaches the file through the node's link once there is a node: blockdev-reopen
   // and a filter inserted below it move that link.
@@ -235,6 +237,8 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   const node = new Qcow2Node(nodeName, readOnly, file, h, l1, rc, backingDisplay);
   link.node = node;
   node.cachedBitmaps = storedBitmaps;
+  node.snapshots = snapshots.list;
+  node.snapshotsSize = snapshots.size;
   node.unmapAllowed = opts.discard === 'unmap';
   node.rc.passthrough = discardPassthrough(opts);
   // Unless the backing node was opened from the header's name, that name is what a backing node
@@ -250,6 +254,23 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
   // Nothing is written here: repairs and flag updates wait for Qcow2Node.doActivate, after the whole
   // open (bitmaps loaded by the layer above included) has succeeded.
   return node;
+}
+
+/** qcow2_read_snapshots: the internal snapshot table (snapshots.ts). */
+async function loadSnapshotTable(file: BlockNode, h: Qcow2Header): Promise<{ list: Qcow2Snapshot[]; size: number }> {
+  if (h.nbSnapshots === 0) return { list: [], size: 0 };
+  // Read in pieces as large as the table can be (each entry at most 40 + 1024 + 2 * 65535 bytes).
+  let want = Math.min(h.nbSnapshots * 1024, 64 * 1024 * 1024);
+  for (;;) {
+    const buf = await readAt(file, h.snapshotsOffset, Math.min(want, Math.max(0, file.length() - h.snapshotsOffset)));
+    try {
+      const list = parseSnapshotTable(buf, h.nbSnapshots, h.size);
+      return { list, size: snapshotTableSize(list) };
+    } catch (err) {
+      if (buf.length >= file.length() - h.snapshotsOffset || want >= 64 * 1024 * 1024) throw genericError(`Could not read snapshots: ${errorMessage(err)}`);
+      want *= 4;
+    }
+  }
 }
 
 /**

@@ -170,7 +170,7 @@ export class Refcounts {
       for (let k = c; k < stop; k++) {
         const v = this.readEntry(block, k - base) + delta;
         if (v < 0) throw new BlockIOError('EIO', `qcow2: refcount of cluster ${k} would become negative`);
-        if (v > this.maxRefcount) throw new BlockIOError('ERANGE', `qcow2: refcount of cluster ${k} overflows`);
+        if (v > this.maxRefcount) throw new BlockIOError('EINVAL', `qcow2: refcount of cluster ${k} overflows`);
       }
       for (let k = c; k < stop; k++) {
         const v = this.readEntry(block, k - base) + delta;
@@ -241,7 +241,9 @@ export class Refcounts {
       }
       if (changed) continue; // search again (QEMU's -EAGAIN)
       await this.updateRun(start, n, 1);
-      if (start === this.freeHint) this.freeHint = start + n;
+      // As QEMU's free_cluster_index: the search goes on after this run, past any hole it skipped as
+      // too small (until a cluster below is freed), so the layout of an image follows QEMU's.
+      this.freeHint = start + n;
       this.highestAllocated = Math.max(this.highestAllocated, start + n - 1);
       return start * this.cs;
     }
