@@ -165,3 +165,69 @@ for (const passDiscardSnapshot of [true, false]) {
     assert.equal(ours.length, theirs.length, 'host file length');
   });
 }
+
+// Which nodes can take or delete one: a raw node, a read-only qcow2 node (with a snapshot qemu-img
+// made), a throttle filter over a qcow2 node (QEMU's fallback to the filtered node), a node a mirror
+// job has a filter above, a node below another: the same replies from both daemons.
+test('internal snapshots: the nodes that refuse them and the filters that pass them on, as qemu-storage-daemon 7.2', { skip: !haveQsd, timeout: 120_000 }, async (t) => {
+  const { dir, cleanup } = await tempDir();
+  t.after(cleanup);
+  const replies: unknown[][] = [];
+  for (const program of ['qemu-storage-daemon', 'bitmirror'] as const) {
+    const env = await setup('isnap-nodes', program);
+    try {
+      const img = (name: string) => path.join(dir, `${program}-${name}`);
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img('a.qcow2'), '4M']);
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img('t.qcow2'), '4M']);
+      await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', img('ro.qcow2'), '4M']);
+      await mustRun('qemu-img', ['snapshot', '-c', 'old', img('ro.qcow2')]);
+      await mustRun('qemu-img', ['create', '-q', '-f', 'raw', img('r.raw'), '4M']);
+      const r = recorder(env);
+      const step = async (cmd: string, args?: Record<string, unknown>) => {
+        const rep = await env.d.qmp.request(cmd, args);
+        r.replies.push([cmd, maskDates(r.mask('error' in rep ? rep.error : rep.return))]);
+      };
+      await step('blockdev-add', { driver: 'file', 'node-name': 'f', filename: img('a.qcow2') });
+      await step('blockdev-add', { driver: 'qcow2', 'node-name': 'fmt', file: 'f' });
+      await step('blockdev-add', { driver: 'file', 'node-name': 'rf', filename: img('r.raw') });
+      await step('blockdev-add', { driver: 'raw', 'node-name': 'raw', file: 'rf' });
+      await step('blockdev-add', { driver: 'file', 'node-name': 'rof', filename: img('ro.qcow2'), 'read-only': true });
+      await step('blockdev-add', { driver: 'qcow2', 'node-name': 'ro', file: 'rof', 'read-only': true });
+      await step('blockdev-snapshot-internal-sync', { device: 'raw', name: 'x' });
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'raw', name: 'x' });
+      await step('blockdev-snapshot-internal-sync', { device: 'rf', name: 'x' });
+      await step('blockdev-snapshot-internal-sync', { device: 'ro', name: 'x' });
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'ro', id: '2' });
+      // Through a filter: the snapshot is the qcow2 node's.
+      await step('object-add', { 'qom-type': 'throttle-group', id: 'g' });
+      await step('blockdev-add', { driver: 'throttle', 'node-name': 'thr', file: 'fmt', 'throttle-group': 'g' });
+      // The qcow2 node is below the filter now: no root node.
+      await step('blockdev-snapshot-internal-sync', { device: 'fmt', name: 'under' });
+      await step('blockdev-snapshot-internal-sync', { device: 'thr', name: 'via' });
+      await step('blockdev-snapshot-internal-sync', { device: 'thr', name: 'via' });
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'thr', name: 'via' });
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'fmt', name: 'via' });
+      await step('blockdev-del', { 'node-name': 'thr' });
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'fmt', id: '1' });
+      await step('blockdev-snapshot-internal-sync', { device: 'fmt', name: 'again' });
+      // A mirror's filter sits above its source: no root node any more.
+      await step('blockdev-add', { driver: 'file', 'node-name': 'tf', filename: img('t.qcow2') });
+      await step('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: 'tf' });
+      await step('blockdev-mirror', { 'job-id': 'j', device: 'fmt', target: 'tgt', sync: 'full', speed: 1 });
+      await step('blockdev-snapshot-internal-sync', { device: 'fmt', name: 'busy' });
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'fmt', name: 'again' });
+      await step('blockdev-snapshot-internal-sync', { device: 'tgt', name: 'busy' });
+      const cancelled = env.d.qmp.waitEvent('BLOCK_JOB_CANCELLED', { device: 'j' });
+      await step('block-job-cancel', { device: 'j', force: true });
+      await cancelled;
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'fmt', name: 'again' });
+      for (const n of ['tgt', 'tf', 'fmt', 'f', 'ro', 'rof', 'raw', 'rf']) await step('blockdev-del', { 'node-name': n });
+      replies.push(r.replies);
+    } finally {
+      await env.done();
+    }
+    await mustRun('qemu-img', ['check', path.join(dir, `${program}-a.qcow2`)]);
+  }
+  assert.equal(failedSteps(replies[0]).length, 12, `the refusals (and only they) fail on qemu-storage-daemon: ${JSON.stringify(failedSteps(replies[0]))}`);
+  for (let i = 0; i < Math.max(replies[0].length, replies[1].length); i++) assert.deepEqual(replies[1][i], replies[0][i], `step ${i}`);
+});
