@@ -28,6 +28,11 @@
 
 /* ---- small N-API helpers ---------------------------------------------------------------------- */
 
+typedef struct {
+  char **list;
+  uint32_t n;
+} ctl_req_settings;
+
 static int get_args(napi_env env, napi_callback_info info, size_t want, napi_value *argv) {
   size_t argc = want;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
@@ -61,6 +66,36 @@ static int get_str(napi_env env, napi_value v, char **out) {
   *out = malloc(len + 1);
   if (!*out) return -1;
   napi_get_value_string_utf8(env, v, *out, len + 1, &len);
+  return 0;
+}
+
+/* An array of strings (name, value, name, value …) or null: the rados_conf_set pairs of a connect. */
+static int get_settings(napi_env env, napi_value v, ctl_req_settings *out) {
+  napi_valuetype t;
+  bool is_array = false;
+  out->list = NULL;
+  out->n = 0;
+  if (napi_typeof(env, v, &t) != napi_ok) return -1;
+  if (t == napi_null || t == napi_undefined) return 0;
+  if (napi_is_array(env, v, &is_array) != napi_ok || !is_array || napi_get_array_length(env, v, &out->n) != napi_ok) {
+    napi_throw_type_error(env, NULL, "bitmirror_rbd: expected an array of strings or null");
+    return -1;
+  }
+  out->list = calloc(out->n ? out->n : 1, sizeof(char *));
+  if (!out->list) return -1;
+  for (uint32_t i = 0; i < out->n; i++) {
+    napi_value e;
+    if (napi_get_element(env, v, i, &e) != napi_ok || get_str(env, e, &out->list[i]) || !out->list[i]) {
+      bool pending = false;
+      napi_is_exception_pending(env, &pending);
+      if (!pending) napi_throw_type_error(env, NULL, "bitmirror_rbd: expected an array of strings");
+      for (uint32_t j = 0; j < out->n; j++) free(out->list[j]);
+      free(out->list);
+      out->list = NULL;
+      out->n = 0;
+      return -1;
+    }
+  }
   return 0;
 }
 
@@ -111,6 +146,10 @@ typedef struct {
   rbd_handle *h;
   /* connect/open/create */
   char *conf, *user, *pool, *ns, *image, *snap, *key;
+  /* rados_conf_set pairs applied after the conf file (mon_host, key, auth_client_required …) */
+  char **settings;
+  uint32_t n_settings; /* strings: twice the pairs */
+  int failed_setting;  /* which pair failed, when stage is "setting" */
   int read_only;
   uint64_t size, order;
   /* results */
@@ -132,6 +171,11 @@ typedef struct {
 } ctl_req;
 
 static void free_req(ctl_req *r) {
+  for (uint32_t i = 0; i < r->n_settings; i++) {
+    /* a value may be a key: wipe it before the memory goes back to the allocator */
+    if (r->settings[i]) { explicit_bzero(r->settings[i], strlen(r->settings[i])); free(r->settings[i]); }
+  }
+  free(r->settings);
   free(r->conf); free(r->user); free(r->pool); free(r->ns); free(r->image); free(r->snap); free(r->key);
   free(r->value); free(r->keys); free(r->vals);
   free(r);
@@ -150,6 +194,10 @@ static int connect_pool(ctl_req *r, rados_t *cluster, rados_ioctx_t *ioctx) {
   /* As QEMU: a given conf file must be read; without one, the default search path is tried quietly. */
   ret = rados_conf_read_file(*cluster, r->conf);
   if (ret < 0 && r->conf) { r->stage = "conf"; goto fail; }
+  for (uint32_t i = 0; i + 1 < r->n_settings; i += 2) {
+    ret = rados_conf_set(*cluster, r->settings[i], r->settings[i + 1]);
+    if (ret < 0) { r->stage = "setting"; r->failed_setting = (int)(i / 2); goto fail; }
+  }
   ret = rados_connect(*cluster);
   if (ret < 0) { r->stage = "connect"; goto fail; }
   ret = rados_ioctx_create(*cluster, r->pool, ioctx);
@@ -284,6 +332,7 @@ static void ctl_complete(napi_env env, napi_status status, void *data) {
     napi_create_object(env, &v);
     set_num(env, v, "ret", r->ret);
     if (r->stage) set_str(env, v, "stage", r->stage);
+    if (r->stage && strcmp(r->stage, "setting") == 0) set_num(env, v, "setting", r->failed_setting);
     if (r->op == OP_OPEN && r->ret >= 0) {
       napi_value ext;
       napi_create_external(env, r->h, NULL, NULL, &ext);
@@ -346,15 +395,24 @@ static ctl_req *new_req(op_kind op) {
   return r;
 }
 
-/* open(conf, user, pool, namespace, image, snapshot, readOnly) -> {ret, stage?, handle?} */
+/* The settings argument into the request (freed with it). */
+static int req_settings(napi_env env, napi_value v, ctl_req *r) {
+  ctl_req_settings st;
+  if (get_settings(env, v, &st)) return -1;
+  r->settings = st.list;
+  r->n_settings = st.n;
+  return 0;
+}
+
+/* open(conf, user, pool, namespace, image, snapshot, readOnly, settings) -> {ret, stage?, setting?, handle?} */
 static napi_value js_open(napi_env env, napi_callback_info info) {
-  napi_value a[7];
-  if (get_args(env, info, 7, a)) return NULL;
+  napi_value a[8];
+  if (get_args(env, info, 8, a)) return NULL;
   ctl_req *r = new_req(OP_OPEN);
   bool ro = false;
   if (!r || get_str(env, a[0], &r->conf) || get_str(env, a[1], &r->user) || get_str(env, a[2], &r->pool) ||
       get_str(env, a[3], &r->ns) || get_str(env, a[4], &r->image) || get_str(env, a[5], &r->snap) ||
-      napi_get_value_bool(env, a[6], &ro) != napi_ok) {
+      napi_get_value_bool(env, a[6], &ro) != napi_ok || req_settings(env, a[7], r)) {
     if (r) free_req(r);
     return NULL;
   }
@@ -362,27 +420,27 @@ static napi_value js_open(napi_env env, napi_callback_info info) {
   return queue_ctl(env, r);
 }
 
-/* create(conf, user, pool, namespace, image, size, order) -> {ret, stage?} (order 0: librbd's default) */
+/* create(conf, user, pool, namespace, image, size, order, settings) -> {ret, stage?, setting?} (order 0: librbd's default) */
 static napi_value js_create(napi_env env, napi_callback_info info) {
-  napi_value a[7];
-  if (get_args(env, info, 7, a)) return NULL;
+  napi_value a[8];
+  if (get_args(env, info, 8, a)) return NULL;
   ctl_req *r = new_req(OP_CREATE);
   if (!r || get_str(env, a[0], &r->conf) || get_str(env, a[1], &r->user) || get_str(env, a[2], &r->pool) ||
       get_str(env, a[3], &r->ns) || get_str(env, a[4], &r->image) || get_u64(env, a[5], &r->size) ||
-      get_u64(env, a[6], &r->order)) {
+      get_u64(env, a[6], &r->order) || req_settings(env, a[7], r)) {
     if (r) free_req(r);
     return NULL;
   }
   return queue_ctl(env, r);
 }
 
-/* remove(conf, user, pool, namespace, image) -> {ret, stage?} */
+/* remove(conf, user, pool, namespace, image, settings) -> {ret, stage?, setting?} */
 static napi_value js_remove(napi_env env, napi_callback_info info) {
-  napi_value a[5];
-  if (get_args(env, info, 5, a)) return NULL;
+  napi_value a[6];
+  if (get_args(env, info, 6, a)) return NULL;
   ctl_req *r = new_req(OP_REMOVE);
   if (!r || get_str(env, a[0], &r->conf) || get_str(env, a[1], &r->user) || get_str(env, a[2], &r->pool) ||
-      get_str(env, a[3], &r->ns) || get_str(env, a[4], &r->image)) {
+      get_str(env, a[3], &r->ns) || get_str(env, a[4], &r->image) || req_settings(env, a[5], r)) {
     if (r) free_req(r);
     return NULL;
   }

@@ -37,6 +37,8 @@ interface ReopenPlan {
 
 /** What a driver's create gets: the protocol node a format is written on. */
 export interface CreateContext {
+  /** The graph the create runs in (its objects: a driver looks up a secret there). */
+  readonly graph: BlockGraph;
   /**
    * The node given as a BlockdevRef (a node-name, or options opened for the create and closed after
    * it), held by a BlockBackend that writes and resizes it and shares everything, as QEMU's creates
@@ -471,7 +473,7 @@ export class BlockGraph {
   async create(opts: Record<string, unknown>): Promise<void> {
     const create = this.drivers.get(opts.driver as string)?.create;
     if (!create) throw genericError('Driver does not support blockdev-create');
-    await create.run(opts, { openForCreate: (ref) => this.openForCreate(ref) });
+    await create.run(opts, { graph: this, openForCreate: (ref) => this.openForCreate(ref) });
   }
 
   /** CreateContext.openForCreate. */

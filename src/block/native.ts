@@ -90,7 +90,17 @@ type RbdResult = Promise<number>;
 /** An open image (librados cluster handle, pool I/O context and rbd_image_t) inside the addon. */
 export type RbdHandle = { readonly __brand: 'RbdHandle' };
 /** Which step of connect/open/create failed: the driver words QEMU's message for it. */
-export type RbdStage = 'conf' | 'connect' | 'pool' | 'namespace' | 'open' | 'create' | 'remove';
+export type RbdStage = 'conf' | 'setting' | 'connect' | 'pool' | 'namespace' | 'open' | 'create' | 'remove';
+
+/** rados_conf_set pairs a connect applies after the conf file: name, value, name, value … (or null). */
+export type RbdSettings = string[] | null;
+
+/** The result of a connect: `setting` is the failed pair's index when `stage` is 'setting'. */
+export interface RbdConnectResult {
+  ret: number;
+  stage?: RbdStage;
+  setting?: number;
+}
 
 /**
  * native/bitmirror_rbd.c: librbd for the rbd driver, a separate addon built only where librbd-dev is
@@ -98,10 +108,10 @@ export type RbdStage = 'conf' | 'connect' | 'pool' | 'namespace' | 'open' | 'cre
  * run on libuv's thread pool. Everything resolves (never rejects) with a result or a negative errno.
  */
 export interface RbdAddon {
-  open(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, snapshot: string | null, readOnly: boolean): Promise<{ ret: number; stage?: RbdStage; handle?: RbdHandle }>;
-  create(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, size: number, order: number): Promise<{ ret: number; stage?: RbdStage }>;
+  open(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, snapshot: string | null, readOnly: boolean, settings: RbdSettings): Promise<RbdConnectResult & { handle?: RbdHandle }>;
+  create(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, size: number, order: number, settings: RbdSettings): Promise<RbdConnectResult>;
   /** rbd_remove: delete an image and all its data (fails with -EBUSY while a client has it open). */
-  remove(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string): Promise<{ ret: number; stage?: RbdStage }>;
+  remove(conf: string | null, user: string | null, pool: string, namespace: string | null, image: string, settings: RbdSettings): Promise<RbdConnectResult>;
   close(h: RbdHandle): RbdResult;
   resize(h: RbdHandle, size: number): RbdResult;
   stat(h: RbdHandle): Promise<{ size: number; objectSize: number; features: number; flags: number } | number>;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ceph-fixture.sh - bitmirror's test fixture (test/support/ceph.ts drives it): a throwaway single-node Ceph (pacific 16.2, Debian packages)
 # living entirely inside one folder: 1 mon on 127.0.0.1, 1 mgr, 1 OSD
-# (memstore by default), one RBD pool with size=1/min_size=1, cephx off.
+# (memstore by default), one RBD pool with size=1/min_size=1, cephx off (CEPH_FIXTURE_AUTH=cephx: on).
 # No systemd, no root-owned system paths, no kernel modules.
 #
 # Usage:
@@ -16,6 +16,9 @@
 #
 # Environment knobs (all optional):
 #   CEPH_FIXTURE_STORE    memstore (default) | bluestore | filestore
+#   CEPH_FIXTURE_AUTH     none (default) | cephx: every daemon and client authenticates; the
+#                         keys (mon., client.admin, mgr.x, osd.0) are made before the monitor's
+#                         mkfs, which imports them all, in DIR/keyring (the conf names it)
 #   CEPH_FIXTURE_POOL     pool name (default: rbd)
 #   CEPH_FIXTURE_PG       pg_num of the pool (default: 8)
 #   CEPH_FIXTURE_MEM_MB   memstore capacity in MiB (default: 3072); for bluestore
@@ -135,6 +138,18 @@ cmd_start() {
     port=$(pick_port)
     fsid=$(new_uuid)
 
+    local auth=${CEPH_FIXTURE_AUTH:-none} authconf
+    case $auth in
+    none) authconf="auth cluster required = none
+auth service required = none
+auth client required = none
+auth supported = none" ;;
+    cephx) authconf="auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx" ;;
+    *) die "unknown CEPH_FIXTURE_AUTH=$auth" ;;
+    esac
+
     local storeconf
     case $store in
     memstore)
@@ -166,10 +181,7 @@ public addr = 127.0.0.1
 cluster addr = 127.0.0.1
 ms bind ipv4 = true
 ms bind ipv6 = false
-auth cluster required = none
-auth service required = none
-auth client required = none
-auth supported = none
+$authconf
 run dir = $D/run
 admin socket = $D/run/\$name.asok
 log file = $D/log/\$name.log
@@ -222,10 +234,17 @@ log file = $D/log/client.log
 admin socket =
 EOF
     : >"$D/keyring"
+    if [[ $auth == cephx ]]; then
+        local k="$D/keyring"
+        ceph-authtool --create-keyring "$k" --gen-key -n mon. --cap mon 'allow *' >/dev/null
+        ceph-authtool "$k" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' --cap mds 'allow *' >/dev/null
+        ceph-authtool "$k" --gen-key -n mgr.x --cap mon 'allow profile mgr' --cap osd 'allow *' --cap mds 'allow *' >/dev/null
+        ceph-authtool "$k" --gen-key -n osd.0 --cap mon 'allow profile osd' --cap mgr 'allow profile osd' --cap osd 'allow *' >/dev/null
+    fi
 
     # monitor
     monmaptool --create --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" "$D/monmap" >/dev/null
-    ceph-mon -c "$D/ceph.conf" -i a --mkfs --monmap "$D/monmap" >"$D/log/mon.a.mkfs" 2>&1 \
+    ceph-mon -c "$D/ceph.conf" -i a --mkfs --monmap "$D/monmap" --keyring "$D/keyring" >"$D/log/mon.a.mkfs" 2>&1 \
         || { cat "$D/log/mon.a.mkfs" >&2; die "ceph-mon --mkfs failed"; }
     tick "mon mkfs done"
     start_daemon mon.a ceph-mon -c "$D/ceph.conf" -i a
@@ -260,8 +279,9 @@ EOF
     local sz
     sz=$(C osd pool get "$pool" size); [[ $sz == "size: 1" ]] || die "pool size is '$sz'"
     trap - EXIT
-    log "cluster up in $((SECONDS - t0))s (store=$store, pool=$pool, mon=127.0.0.1:$port)"
+    log "cluster up in $((SECONDS - t0))s (store=$store, auth=$auth, pool=$pool, mon=127.0.0.1:$port)"
     echo "CEPH_CONF=$D/ceph.conf"
+    echo "CEPH_MON_PORT=$port"
 }
 
 # ---------------------------------------------------------------- stop

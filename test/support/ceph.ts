@@ -1,6 +1,6 @@
 /**
  * A throwaway Ceph cluster for the rbd tests: test/support/ceph-fixture.sh (one monitor on 127.0.0.1,
- * one manager, one OSD on memstore, a size-1 pool 'rbd', cephx off; about 3 s to start) in a temp
+ * one manager, one OSD on memstore, a size-1 pool 'rbd', cephx off unless asked for; about 3 s to start) in a temp
  * directory. One cluster per test file: cephCluster() starts it on first use and the file's `after`
  * hook stops it, whether the tests passed or not; a process exit (an uncaught error, a signal the
  * runner forwards) stops it too, synchronously. The fixture only signals daemons whose command line
@@ -27,6 +27,12 @@ export const skipCeph: string | false = haveCeph ? false : `Ceph or the rbd addo
 export interface CephCluster {
   /** The cluster's ceph.conf (give it as the rbd driver's `conf`). */
   readonly conf: string;
+  /** The monitor's port on 127.0.0.1 (the rbd driver's `server`, without a conf file). */
+  readonly monPort: string;
+  /** A cephx cluster (cephCluster({ cephx: true })): every client needs a key. */
+  readonly cephx: boolean;
+  /** The base64 key of a cephx user (`admin`) from the cluster's keyring. */
+  key(user: string): Promise<string>;
   readonly pool: string;
   readonly dir: string;
   /** QEMU's legacy filename of an image of the pool: `rbd:POOL/IMAGE:conf=…` (for qemu-img). */
@@ -66,18 +72,26 @@ after(async () => {
   await mustRun('bash', [FIXTURE, 'clean', d]);
 });
 
-/** The test file's cluster, started on first use. */
-export function cephCluster(): Promise<CephCluster> {
+/**
+ * The test file's cluster, started on first use; `cephx` (given on that first use) starts one where
+ * every daemon and client authenticates (its keys in the folder's keyring, which its ceph.conf names).
+ */
+export function cephCluster(opts: { cephx?: boolean } = {}): Promise<CephCluster> {
   started ??= (async () => {
     // Admin socket paths must stay short: a short folder directly under /tmp.
     dir = mkdtempSync('/tmp/bm-ceph-');
     process.once('exit', stopSync);
-    const out = await mustRun('bash', [FIXTURE, 'start', dir]);
+    const out = await mustRun('env', [`CEPH_FIXTURE_AUTH=${opts.cephx ? 'cephx' : 'none'}`, 'bash', FIXTURE, 'start', dir]);
     const conf = /CEPH_CONF=(.*)/.exec(out)?.[1];
-    if (!conf) throw new Error(`ceph-fixture printed no CEPH_CONF: ${out}`);
+    const monPort = /CEPH_MON_PORT=(.*)/.exec(out)?.[1];
+    if (!conf || !monPort) throw new Error(`ceph-fixture printed no CEPH_CONF/CEPH_MON_PORT: ${out}`);
+    const keyring = path.join(dir, 'keyring');
     const pool = 'rbd';
     const cluster: CephCluster = {
       conf,
+      monPort,
+      cephx: opts.cephx === true,
+      key: async (user) => (await mustRun('ceph-authtool', ['-p', '-n', `client.${user}`, keyring])).trim(),
       pool,
       dir,
       qemuName: (image) => `rbd:${pool}/${image}:conf=${conf}`,

@@ -5,9 +5,10 @@
  * opening, closing, resizing and block status run on libuv's thread pool.
  *
  * Options and messages are QEMU 7.2's (block/rbd.c, BlockdevOptionsRbd): pool, namespace, image,
- * conf, snapshot (read-only), user. bitmirror has no secret objects, so key-secret and encrypt fail
- * as QEMU fails for a secret that does not exist; server and auth-client-required are refused (they
- * would need settings the addon does not pass; use a conf file).
+ * conf, snapshot (read-only), user, and what QEMU passes to librados after the conf file, in its
+ * order: `server` as mon_host, `key-secret` (a secret object, its value base64-encoded) as key, and
+ * `auth-client-required` as auth_client_required. The addon has no librbd encryption: `encrypt`
+ * fails, once its secret is found, with QEMU's message for a librbd without encryption.
  *
  * Block status follows QEMU: from the object map (rbd_diff_iterate2 over whole objects) when the
  * image has a valid fast-diff map; otherwise everything is data.
@@ -18,7 +19,8 @@ import type { LoadedDirtyBitmap, PersistentBitmapStore } from '../bitmap-store.j
 import { RbdBitmapStore, type ImageMetadata } from './rbd-bitmaps.js';
 import type { BlockDriver } from '../graph.js';
 import { arrayOf, enumOf, object, size, str, type Members } from '../../qapi/schema.js';
-import { errnoCode, rbdAddon, RBD_AIO, type RbdAddon, type RbdHandle, type RbdStage } from '../native.js';
+import { errnoCode, rbdAddon, RBD_AIO, type RbdAddon, type RbdConnectResult, type RbdHandle, type RbdSettings } from '../native.js';
+import { access } from 'node:fs/promises';
 
 /** BlockdevOptionsRbd (QEMU 7.2). */
 export const RBD_LOCATION: Members = {
@@ -44,9 +46,12 @@ export interface RbdLocation {
   user?: string;
   'key-secret'?: string;
   encrypt?: { format: string; 'key-secret': string };
-  server?: unknown[];
-  'auth-client-required'?: unknown[];
+  server?: Array<{ host: string; port: string }>;
+  'auth-client-required'?: string[];
 }
+
+/** A secret's value by id (UserObjects.secretValue: QEMU's qcrypto_secret_lookup and its messages). */
+export type SecretLookup = (id: string) => Buffer;
 
 function addon(): RbdAddon {
   const { addon: a, error } = rbdAddon();
@@ -59,10 +64,13 @@ function errnoText(ret: number): string {
 }
 
 /** QEMU's message for a failed step of connecting, opening or creating (qemu_rbd_connect and friends). */
-function stageError(stage: RbdStage | undefined, ret: number, loc: RbdLocation): Error {
-  switch (stage) {
+function stageError(r: RbdConnectResult, loc: RbdLocation, settings: RbdSettings): Error {
+  const ret = r.ret;
+  switch (r.stage) {
     case 'conf':
       return genericError(`error reading conf file ${loc.conf}: ${errnoText(ret)}`);
+    case 'setting':
+      return genericError(`Could not set '${settings?.[2 * (r.setting ?? 0)] ?? '?'}': ${errnoText(ret)}`);
     case 'pool':
       return genericError(`error opening pool ${loc.pool}: ${errnoText(ret)}`);
     case 'namespace':
@@ -79,14 +87,38 @@ function stageError(stage: RbdStage | undefined, ret: number, loc: RbdLocation):
   }
 }
 
-/** What QEMU checks before it connects: secrets (bitmirror has none) and what the addon cannot pass. */
-function checkLocation(loc: RbdLocation): void {
-  // QEMU looks the secret up (qcrypto_secret_lookup): bitmirror has no secret objects, so none exists.
-  if (loc['key-secret'] !== undefined) throw genericError(`No secret with id '${loc['key-secret']}'`);
-  if (loc.server !== undefined) throw genericError("__org.bitmirror: the rbd option 'server' is not supported; name the monitors in a conf file");
-  if (loc['auth-client-required'] !== undefined) {
-    throw genericError("__org.bitmirror: the rbd option 'auth-client-required' is not supported; set it in a conf file");
+/** qemu_rbd_mon_host: the servers as librados's mon_host, `host:port;…` (an IPv6 address in brackets). */
+function monHost(servers: Array<{ host: string; port: string }>): string {
+  return servers.map((s) => `${s.host.includes(':') ? `[${s.host}]` : s.host}:${s.port}`).join(';');
+}
+
+/**
+ * What QEMU sets on the cluster handle after reading the conf file (qemu_rbd_connect, qemu_rbd_set_auth),
+ * in its order. The secret is looked up here, before connecting; as QEMU reads the conf file first, a
+ * conf file that cannot be read is reported before a secret that does not exist.
+ */
+async function connectSettings(loc: RbdLocation, secret: SecretLookup | undefined): Promise<RbdSettings> {
+  const settings: string[] = [];
+  if (loc.server !== undefined) settings.push('mon_host', monHost(loc.server));
+  const keyId = loc['key-secret'];
+  if (keyId !== undefined) {
+    let key: Buffer;
+    try {
+      if (!secret) throw genericError(`No secret with id '${keyId}'`);
+      key = secret(keyId);
+    } catch (err) {
+      if (loc.conf !== undefined) {
+        await access(loc.conf).catch((e: NodeJS.ErrnoException) => {
+          throw genericError(`error reading conf file ${loc.conf}: ${strerror(e.code ?? 'EIO')}`);
+        });
+      }
+      throw err;
+    }
+    // qcrypto_secret_lookup_as_base64: librados takes the key base64-encoded.
+    settings.push('key', key.toString('base64'));
   }
+  if (loc['auth-client-required'] !== undefined) settings.push('auth_client_required', loc['auth-client-required'].join(';'));
+  return settings.length > 0 ? settings : null;
 }
 
 /** The argument order of the addon's open and create. */
@@ -164,10 +196,10 @@ function unescape(s: string): string {
  * image (QEMU has none): `bitmirror copy` calls this for a target it created itself and could not
  * finish. It fails while any client still has the image open.
  */
-export async function removeRbdImage(loc: RbdLocation): Promise<void> {
-  checkLocation(loc);
-  const r = await addon().remove(...locationArgs(loc));
-  if (r.ret < 0) throw stageError(r.stage, r.ret, loc);
+export async function removeRbdImage(loc: RbdLocation, secret?: SecretLookup): Promise<void> {
+  const settings = await connectSettings(loc, secret);
+  const r = await addon().remove(...locationArgs(loc), settings);
+  if (r.ret < 0) throw stageError(r, loc, settings);
 }
 
 export class RbdNode extends BlockNode implements PersistentBitmapStore {
@@ -375,8 +407,15 @@ export class RbdNode extends BlockNode implements PersistentBitmapStore {
   /** QEMU's json: filename of the options that say where the image is (qemu_rbd_strong_runtime_opts). */
   filename(): string {
     const o: Record<string, unknown> = { driver: 'rbd' };
-    for (const k of ['pool', 'namespace', 'image', 'conf', 'snapshot', 'user', 'server'] as const) {
+    for (const k of ['pool', 'namespace', 'image', 'conf', 'snapshot', 'user'] as const) {
       if (this.location[k] !== undefined) o[k] = this.location[k];
+    }
+    // QEMU's options are flat here: the server list as server.N.host/port, entered last entry first
+    // (which decides their order where they share a QDict bucket).
+    const servers = this.location.server ?? [];
+    for (let i = servers.length - 1; i >= 0; i--) {
+      o[`server.${i}.host`] = servers[i].host;
+      o[`server.${i}.port`] = servers[i].port;
     }
     return jsonFilename(o);
   }
@@ -385,23 +424,26 @@ export class RbdNode extends BlockNode implements PersistentBitmapStore {
 export const rbdDriver: BlockDriver = {
   name: 'rbd',
   options: RBD_LOCATION,
-  async open(nodeName, opts) {
+  async open(nodeName, opts, ctx) {
     const loc = opts as unknown as RbdLocation;
-    checkLocation(loc);
     const rbd = addon();
+    const settings = await connectSettings(loc, (id) => ctx.graph.objects.secretValue(id));
     let readOnly = opts['read-only'] as boolean;
     // QEMU: an rbd snapshot is read-only (bdrv_apply_auto_read_only after rbd_open).
     if (loc.snapshot !== undefined && !readOnly && opts['auto-read-only'] === true) readOnly = true;
     // As QEMU, the image is opened for writing even for a read-only node (librbd takes its exclusive
     // lock only at the first write), so blockdev-reopen can make the node writable; a snapshot is
     // opened read-only.
-    const r = await rbd.open(...locationArgs(loc), loc.snapshot ?? null, loc.snapshot !== undefined);
-    if (r.ret < 0 || !r.handle) throw stageError(r.stage, r.ret, loc);
+    const r = await rbd.open(...locationArgs(loc), loc.snapshot ?? null, loc.snapshot !== undefined, settings);
+    if (r.ret < 0 || !r.handle) throw stageError(r, loc, settings);
     const handle = r.handle;
     try {
       if (loc.snapshot !== undefined && !readOnly) throw genericError('rbd snapshots are read-only');
-      // QEMU looks up the encryption secret once the image is open.
-      if (loc.encrypt !== undefined) throw genericError(`No secret with id '${loc.encrypt['key-secret']}'`);
+      // QEMU looks up the encryption secret once the image is open; the addon has no librbd encryption.
+      if (loc.encrypt !== undefined) {
+        ctx.graph.objects.secretValue(loc.encrypt['key-secret']);
+        throw genericError('RBD library does not support image encryption');
+      }
       const st = await rbd.stat(handle);
       if (typeof st === 'number') throw genericError(`error getting image info from ${loc.image}: ${errnoText(st)}`);
       const fastDiff = (st.features & rbd.FEATURE_FAST_DIFF) !== 0 && (st.flags & rbd.FLAG_FAST_DIFF_INVALID) === 0;
@@ -422,22 +464,25 @@ export const rbdDriver: BlockDriver = {
         '*cipher-alg': str,
       }),
     },
-    async run(opts) {
+    async run(opts, ctx) {
       const loc = opts.location as RbdLocation;
       const size = opts.size as number;
       const clusterSize = opts['cluster-size'] as number | undefined;
       // qemu_rbd_do_create's checks, in its order.
       if (loc.snapshot !== undefined) throw genericError("Can't use snapshot name for image creation");
-      if (opts.encrypt !== undefined) throw genericError(`No secret with id '${(opts.encrypt as { 'key-secret': string })['key-secret']}'`);
+      if (opts.encrypt !== undefined) {
+        ctx.graph.objects.secretValue((opts.encrypt as { 'key-secret': string })['key-secret']);
+        throw genericError('RBD library does not support image encryption');
+      }
       let order = 0;
       if (clusterSize !== undefined) {
         if (!Number.isInteger(Math.log2(clusterSize))) throw genericError('obj size needs to be power of 2');
         if (clusterSize < 4096) throw genericError('obj size too small');
         order = Math.log2(clusterSize);
       }
-      checkLocation(loc);
-      const r = await addon().create(...locationArgs(loc), size, order);
-      if (r.ret < 0) throw stageError(r.stage, r.ret, loc);
+      const settings = await connectSettings(loc, (id) => ctx.graph.objects.secretValue(id));
+      const r = await addon().create(...locationArgs(loc), size, order, settings);
+      if (r.ret < 0) throw stageError(r, loc, settings);
     },
   },
 };
