@@ -8,6 +8,7 @@ import { bool, enumOf, object, str, visit, type Members, type Schema, type Visit
 import { idWellFormed } from '../block/graph.js';
 import { ThrottleGroup, THROTTLE_LIMITS_MEMBERS, type ThrottleLimits } from '../block/throttle-group.js';
 import { loadSecret, type SecretProperties } from '../base/secret.js';
+import { qdictOrder } from '../base/qdict.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
 
@@ -47,6 +48,9 @@ export async function addObject(core: Core, options: unknown, visitOpts: VisitOp
   if (!idWellFormed(id)) throw genericError("Parameter 'id' expects an identifier");
   // `loaded` is still in 7.2's schema (deprecated) but has no setter any more.
   if (o['qom-type'] === 'secret' && o.loaded !== undefined) throw genericError("Property 'secret.loaded' is not writable");
+  // The properties are set before the object enters /objects: their errors come first.
+  const keys = typeof options === 'object' && options !== null ? Object.keys(options) : [];
+  const limits = o['qom-type'] === 'throttle-group' ? throttleGroupLimits(o, keys) : undefined;
   const objects = core.graph.objects;
   objects.containerCreated = true;
   if (objects.has(id)) throw duplicate(id);
@@ -58,9 +62,27 @@ export async function addObject(core: Core, options: unknown, visitOpts: VisitOp
     objects.add(secret);
     return;
   }
-  const limits: ThrottleLimits = { ...((o.limits as ThrottleLimits | undefined) ?? {}) };
-  for (const [k, v] of Object.entries(o)) if (k.startsWith('x-')) limits[k.slice(2)] = v as number;
-  objects.add(new ThrottleGroup(id, limits));
+  objects.add(new ThrottleGroup(id, limits!));
+}
+
+/**
+ * A new group's limits from `limits` and the x-… properties, set in the order QEMU's QDict of the
+ * options holds them (a later one overrides: `limits` merges into what is set, an x-… property sets
+ * one value, checked as QEMU 7.2's throttle_group_set does); the whole is checked when the group is made.
+ */
+function throttleGroupLimits(o: Record<string, unknown>, keys: string[]): ThrottleLimits {
+  let limits: ThrottleLimits = {};
+  for (const k of qdictOrder(keys.filter((key) => key === 'limits' || key.startsWith('x-')))) {
+    if (k === 'limits') {
+      limits = { ...limits, ...(o.limits as ThrottleLimits) };
+      continue;
+    }
+    const v = o[k] as number;
+    if (v < 0) throw genericError('Property values cannot be negative');
+    if (k.endsWith('-max-length') && v > 0xffffffff) throw genericError(`${k} value must be in therange [0, 4294967295]`);
+    limits[k.slice(2)] = v;
+  }
+  return limits;
 }
 
 export const objectCommands: CommandDef[] = [

@@ -93,6 +93,15 @@ test('qom-list, qom-get, qom-set over /, /chardevs and /objects, as qemu-storage
     await r.request('object-del', { id: 'sec' });
     await r.request('object-del', { id: 'sec2' });
     await r.request('qom-list', { path: '/objects' });
+    // Creating a group: `limits` and x-… properties are set in QEMU's QDict order, a later one wins.
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't1', 'x-iops-total': -1 });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't1', 'x-iops-total-max-length': 2 ** 32, 'x-iops-total-max': 10, 'x-iops-total': 5 });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't1', 'x-iops-total-max-length': 0 });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't1', 'x-iops-total': 10 ** 15 + 1 });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't1', 'x-bps-read': 5, limits: { 'bps-read': 7 } });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't2', limits: { 'iops-total': 7, 'bps-write': 3 }, 'x-iops-total': 5, 'x-bps-total': 9 });
+    for (const id of ['t1', 't2']) await r.request('qom-get', { path: `/objects/${id}`, property: 'limits' });
+    await r.request('object-add', { 'qom-type': 'throttle-group', id: 't2', 'x-iops-total': -1 });
   };
   const theirs = await replay('qemu-storage-daemon', script);
   const ours = await replay('bitmirror', script);
