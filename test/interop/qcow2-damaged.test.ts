@@ -186,3 +186,37 @@ test('damaged L1 entries, read-only: every 2 MiB region reads as qemu-io reads i
     await cleanup();
   }
 });
+
+test('an L2 entry pointing at metadata: a write there fails as in qemu-io 7.2 (its overlap check) and the tables stay intact', async () => {
+  const { dir, cleanup } = await tempDir();
+  try {
+    // fresh(): refcount table 0x10000, refcount block 0x20000, L1 0x30000, L2 0x40000, data 0x50000 and 0x60000.
+    const targets: Array<[number, string]> = [
+      [0x10000, 'refcount table'],
+      [0x20000, 'refcount block'],
+      [0x30000, 'active L1 table'],
+      [0x40000, 'active L2 table'],
+    ];
+    for (const [target, what] of targets) {
+      const img = await fresh(dir, `ov-${target}.qcow2`);
+      await patch(img, (b) => b.writeBigUInt64BE(0x8000000000000000n | BigInt(target), 0x40000));
+      const before = await readFile(img);
+      // QEMU's words for the same image (it then marks the image corrupt; bitmirror leaves it as it was).
+      const copy = path.join(dir, 'qemu.qcow2');
+      await writeFile(copy, before);
+      const q = await run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 0 4k', copy]);
+      assert.match(q.stderr + q.stdout, new RegExp(`Preventing invalid write on metadata \\(overlaps with ${what}\\)`));
+      const g = newGraph();
+      const n = await openQcow2File(g, img);
+      await assert.rejects(n.write(0, Buffer.alloc(4096, 0x33)), new RegExp(`: qcow2: Preventing invalid write on metadata \\(overlaps with ${what}\\)$`), what);
+      // Other clusters are still written and read back.
+      await n.write(64 << 10, Buffer.alloc(4096, 0x44));
+      assert.ok((await n.read(64 << 10, 4096)).equals(Buffer.alloc(4096, 0x44)), what);
+      await g.closeAll();
+      const after = await readFile(img);
+      for (const off of [0x10000, 0x20000, 0x30000, 0x40000]) assert.ok(after.subarray(off, off + 512).equals(before.subarray(off, off + 512)), `${what}: metadata at ${off} unchanged`);
+    }
+  } finally {
+    await cleanup();
+  }
+});

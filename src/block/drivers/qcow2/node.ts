@@ -219,7 +219,9 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     // cluster lost its refcount must not get a new table there. (Whether it is live is asked last:
     // it is a BigInt test, and this runs for every cluster an allocation scans.)
     const dir = this.header.bitmaps;
-    return !!dir && off < dir.directoryOffset + dir.directorySize && off + this.cs > dir.directoryOffset && this.bitmapsValid();
+    if (dir && off < dir.directoryOffset + dir.directorySize && off + this.cs > dir.directoryOffset && this.bitmapsValid()) return true;
+    // An L2 table or refcount block whose cluster lost its refcount (a damaged image) is not handed out either.
+    return this.metadataAt(cluster) !== undefined;
   };
 
   private async readFile(off: number, n: number): Promise<Buffer> {
@@ -245,9 +247,49 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
    * Before writing into the host cluster an L2 entry maps: reads go through what QEMU reads through
    * (reserved bits, data beyond the end of the file reads as zeroes), a write there must not.
    */
-  private checkWriteTarget(e: L2Entry): void {
+  private checkWriteTarget(e: L2Entry, bytes = this.cs): void {
     if (e.reservedBits) throw new BlockIOError('EIO', `qcow2: ${e.reservedBits}`);
     this.checkHostOffset(e.offset, 'data cluster');
+    const first = Math.floor(e.offset / this.cs);
+    const last = Math.floor((e.offset + bytes - 1) / this.cs);
+    for (let c = first; c <= last; c++) {
+      const what = this.metadataAt(c);
+      // QEMU's overlap check (its message; QEMU also marks the image corrupt, bitmirror leaves it as
+      // it is): guest data over the image's own tables would destroy them.
+      if (what) throw new BlockIOError('EIO', `qcow2: Preventing invalid write on metadata (overlaps with ${what})`);
+    }
+  }
+
+  /** Bumped whenever an L1 entry or the L1 table changes (the L2 tables' clusters in metadataAt). */
+  private l1Generation = 0;
+  private tableClusters?: { l1: number; rc: number; clusters: Map<number, string> };
+
+  /**
+   * The metadata host cluster `cluster` holds, in QEMU's overlap-check names, or undefined: the
+   * header, the active L1 and refcount tables and the bitmap directory (O(1)), the active L2 tables
+   * and refcount blocks (a map rebuilt when the L1 or refcount table changed).
+   */
+  private metadataAt(cluster: number): string | undefined {
+    const off = cluster * this.cs;
+    const within = (start: number, bytes: number) => bytes > 0 && off < start + bytes && off + this.cs > start;
+    if (cluster === 0) return 'qcow2_header';
+    if (within(this.header.l1TableOffset, this.header.l1Size * 8)) return 'active L1 table';
+    if (within(this.rc.tableOffset, this.rc.tableClusters * this.cs)) return 'refcount table';
+    let t = this.tableClusters;
+    if (!t || t.l1 !== this.l1Generation || t.rc !== this.rc.generation) {
+      const clusters = new Map<number, string>();
+      for (const r of this.rc.metadataRanges()) if (r.what.startsWith('refcount block')) clusters.set(r.offset / this.cs, 'refcount block');
+      for (let i = 0; i < this.header.l1Size; i++) {
+        const l2 = decodeL1(this.l1, i).offset;
+        if (l2 && l2 % this.cs === 0) clusters.set(l2 / this.cs, 'active L2 table');
+      }
+      t = this.tableClusters = { l1: this.l1Generation, rc: this.rc.generation, clusters };
+    }
+    const what = t.clusters.get(cluster);
+    if (what) return what;
+    const dir = this.header.bitmaps;
+    if (dir && within(dir.directoryOffset, dir.directorySize) && this.bitmapsValid()) return 'bitmap directory';
+    return undefined;
   }
 
   /** Where the L2 table for `l1Index` lies (undefined: none), checked as a reader or writer needs. */
@@ -397,7 +439,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       const done = await this.lock.withShared(async () => {
         const m = await this.lookup(off, len - pos);
         if (m.entry.type !== 'normal' || !m.entry.copied) return 0;
-        this.checkWriteTarget(m.entry);
+        this.checkWriteTarget(m.entry, (off % this.cs) + m.bytes);
         await this.writeHostClusters(m.entry.offset + (off % this.cs), slicePayload(payload, pos, pos + m.bytes));
         return m.bytes;
       });
@@ -646,7 +688,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.markDirtyIfLazy();
     await this.ensureL2(m.l1Index);
     const reuse = e.type === 'zero-alloc' && e.copied;
-    if (reuse) this.checkWriteTarget(e);
+    if (reuse) this.checkWriteTarget(e, nClusters * this.cs);
     // The old contents of the run read as zeroes: partial clusters need no copy-on-write reads.
     const cowZero = e.type === 'zero-plain' || e.type === 'zero-alloc' || (e.type === 'unallocated' && !this.backing());
     const host = reuse ? e.offset : await this.rc.alloc(nClusters, this.isReserved);
@@ -732,6 +774,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.file.flush();
     this.l2cache.putClean(newOff, content);
     encodeEntry(this.l1, l1Index, newOff, COPIED_HI);
+    this.l1Generation++;
     await this.file.write(this.header.l1TableOffset + l1Index * 8, Buffer.from(this.l1.subarray(l1Index * 8, l1Index * 8 + 8)));
     await this.file.flush();
     if (cur) {
@@ -1090,6 +1133,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           for (let i = this.header.l1Size - 1; i >= l1Entries; i--) {
             const loc = this.l2Location(i);
             this.l1.writeBigUInt64BE(0n, i * 8);
+            this.l1Generation++;
             if (!loc) continue;
             this.l2cache.drop(loc.offset);
             await this.rc.free(loc.offset, 1, 'always');
@@ -1143,6 +1187,7 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       this.header.l1TableOffset = off;
       this.header.l1Size = entries;
       this.l1 = table.subarray(0, bytes);
+      this.l1Generation++;
       if (old.clusters > 0) await this.rc.free(old.offset, old.clusters, 'other');
       await this.rc.flush();
     } catch (err) {

@@ -132,6 +132,9 @@ export class Refcounts {
     return this.readEntry(block, cluster % this.entriesPerBlock);
   }
 
+  /** Bumped whenever the refcount table changes (a block added or dropped, the table moved). */
+  generation = 0;
+
   /** Clusters the refcount structure itself occupies. */
   metadataRanges(): MetadataRange[] {
     const r: MetadataRange[] = [{ offset: this.tableOffset, bytes: this.tableClusters * this.cs, what: 'refcount table' }];
@@ -289,6 +292,7 @@ export class Refcounts {
     await this.file.flush();
     while (this.table.length <= ti) this.table.push(0);
     this.table[ti] = c * this.cs;
+    this.generation++;
     const e = Buffer.alloc(8);
     e.writeBigUInt64BE(BigInt(c * this.cs));
     await this.file.write(this.tableOffset + ti * 8, e);
@@ -328,6 +332,7 @@ export class Refcounts {
         if (!off || next[i]) continue;
         this.cache.drop(off);
         this.table[i] = 0;
+        this.generation++;
         this.discards.add(off, this.cs);
         if (Math.floor(off / this.cs / this.entriesPerBlock) !== i) countedElsewhere.push(off);
       }
@@ -380,6 +385,7 @@ export class Refcounts {
     const oldClusters = this.tableClusters;
     await this.writeHeaderRefTable(plan.start * this.cs, plan.tableClusters);
     this.table = newTable;
+    this.generation++;
     this.tableOffset = plan.start * this.cs;
     this.tableClusters = plan.tableClusters;
     this.highestAllocated = Math.max(this.highestAllocated, plan.end - 1);
@@ -418,6 +424,7 @@ export class Refcounts {
     await this.writeHeaderRefTable(plan.start * this.cs, plan.tableClusters);
     this.cache.clear();
     this.table = newTable;
+    this.generation++;
     this.tableOffset = plan.start * this.cs;
     this.tableClusters = plan.tableClusters;
     this.highestAllocated = plan.end - 1;
