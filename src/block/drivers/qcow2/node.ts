@@ -260,33 +260,42 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     }
   }
 
-  /** Bumped whenever an L1 entry or the L1 table changes (the L2 tables' clusters in metadataAt). */
-  private l1Generation = 0;
-  private tableClusters?: { l1: number; rc: number; clusters: Map<number, string> };
+  /**
+   * How many active L1 entries point at each host cluster (the L2 tables): built on first use, then
+   * kept in step where L1 entries change (newL2, shrinkTables; growL1 copies them).
+   */
+  private l2Clusters?: Map<number, number>;
+
+  private l2ClusterMap(): Map<number, number> {
+    if (!this.l2Clusters) {
+      this.l2Clusters = new Map();
+      for (let i = 0; i < this.header.l1Size; i++) this.countL2(decodeL1(this.l1, i).offset, 1);
+    }
+    return this.l2Clusters;
+  }
+
+  private countL2(offset: number, delta: number): void {
+    const m = this.l2Clusters;
+    if (!m || !offset) return;
+    const c = Math.floor(offset / this.cs);
+    const n = (m.get(c) ?? 0) + delta;
+    if (n > 0) m.set(c, n);
+    else m.delete(c);
+  }
 
   /**
-   * The metadata host cluster `cluster` holds, in QEMU's overlap-check names, or undefined: the
-   * header, the active L1 and refcount tables and the bitmap directory (O(1)), the active L2 tables
-   * and refcount blocks (a map rebuilt when the L1 or refcount table changed).
+   * The metadata host cluster `cluster` holds, in QEMU's overlap-check names and order, or undefined:
+   * the header, the active L1 table, an active L2 table, the refcount table, a refcount block, the
+   * bitmap directory. O(1): the L2 tables and refcount blocks are counted as they change.
    */
   private metadataAt(cluster: number): string | undefined {
     const off = cluster * this.cs;
     const within = (start: number, bytes: number) => bytes > 0 && off < start + bytes && off + this.cs > start;
     if (cluster === 0) return 'qcow2_header';
     if (within(this.header.l1TableOffset, this.header.l1Size * 8)) return 'active L1 table';
+    if (this.l2ClusterMap().has(cluster)) return 'active L2 table';
     if (within(this.rc.tableOffset, this.rc.tableClusters * this.cs)) return 'refcount table';
-    let t = this.tableClusters;
-    if (!t || t.l1 !== this.l1Generation || t.rc !== this.rc.generation) {
-      const clusters = new Map<number, string>();
-      for (const r of this.rc.metadataRanges()) if (r.what.startsWith('refcount block')) clusters.set(r.offset / this.cs, 'refcount block');
-      for (let i = 0; i < this.header.l1Size; i++) {
-        const l2 = decodeL1(this.l1, i).offset;
-        if (l2 && l2 % this.cs === 0) clusters.set(l2 / this.cs, 'active L2 table');
-      }
-      t = this.tableClusters = { l1: this.l1Generation, rc: this.rc.generation, clusters };
-    }
-    const what = t.clusters.get(cluster);
-    if (what) return what;
+    if (this.rc.isBlock(cluster)) return 'refcount block';
     const dir = this.header.bitmaps;
     if (dir && within(dir.directoryOffset, dir.directorySize) && this.bitmapsValid()) return 'bitmap directory';
     return undefined;
@@ -774,7 +783,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
     await this.file.flush();
     this.l2cache.putClean(newOff, content);
     encodeEntry(this.l1, l1Index, newOff, COPIED_HI);
-    this.l1Generation++;
+    this.countL2(newOff, 1);
+    if (cur) this.countL2(cur.offset, -1);
     await this.file.write(this.header.l1TableOffset + l1Index * 8, Buffer.from(this.l1.subarray(l1Index * 8, l1Index * 8 + 8)));
     await this.file.flush();
     if (cur) {
@@ -1133,8 +1143,8 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
           for (let i = this.header.l1Size - 1; i >= l1Entries; i--) {
             const loc = this.l2Location(i);
             this.l1.writeBigUInt64BE(0n, i * 8);
-            this.l1Generation++;
             if (!loc) continue;
+            this.countL2(loc.offset, -1);
             this.l2cache.drop(loc.offset);
             await this.rc.free(loc.offset, 1, 'always');
           }
@@ -1187,7 +1197,6 @@ export class Qcow2Node extends BlockNode implements PersistentBitmapStore {
       this.header.l1TableOffset = off;
       this.header.l1Size = entries;
       this.l1 = table.subarray(0, bytes);
-      this.l1Generation++;
       if (old.clusters > 0) await this.rc.free(old.offset, old.clusters, 'other');
       await this.rc.flush();
     } catch (err) {

@@ -132,8 +132,29 @@ export class Refcounts {
     return this.readEntry(block, cluster % this.entriesPerBlock);
   }
 
-  /** Bumped whenever the refcount table changes (a block added or dropped, the table moved). */
-  generation = 0;
+  /**
+   * How many refcount table entries point at each host cluster: built on first use (isBlock), then
+   * kept in step as blocks are added and dropped, and built again when the table is replaced.
+   */
+  private blockClusters?: Map<number, number>;
+
+  /** Whether host cluster `cluster` holds a refcount block (the qcow2 overlap check). */
+  isBlock(cluster: number): boolean {
+    if (!this.blockClusters) {
+      this.blockClusters = new Map();
+      for (const b of this.table) if (b) this.countBlock(b, 1);
+    }
+    return this.blockClusters.has(cluster);
+  }
+
+  private countBlock(offset: number, delta: number): void {
+    const m = this.blockClusters;
+    if (!m) return;
+    const c = Math.floor(offset / this.cs);
+    const n = (m.get(c) ?? 0) + delta;
+    if (n > 0) m.set(c, n);
+    else m.delete(c);
+  }
 
   /** Clusters the refcount structure itself occupies. */
   metadataRanges(): MetadataRange[] {
@@ -292,7 +313,7 @@ export class Refcounts {
     await this.file.flush();
     while (this.table.length <= ti) this.table.push(0);
     this.table[ti] = c * this.cs;
-    this.generation++;
+    this.countBlock(c * this.cs, 1);
     const e = Buffer.alloc(8);
     e.writeBigUInt64BE(BigInt(c * this.cs));
     await this.file.write(this.tableOffset + ti * 8, e);
@@ -332,7 +353,7 @@ export class Refcounts {
         if (!off || next[i]) continue;
         this.cache.drop(off);
         this.table[i] = 0;
-        this.generation++;
+        this.countBlock(off, -1);
         this.discards.add(off, this.cs);
         if (Math.floor(off / this.cs / this.entriesPerBlock) !== i) countedElsewhere.push(off);
       }
@@ -385,7 +406,7 @@ export class Refcounts {
     const oldClusters = this.tableClusters;
     await this.writeHeaderRefTable(plan.start * this.cs, plan.tableClusters);
     this.table = newTable;
-    this.generation++;
+    this.blockClusters = undefined;
     this.tableOffset = plan.start * this.cs;
     this.tableClusters = plan.tableClusters;
     this.highestAllocated = Math.max(this.highestAllocated, plan.end - 1);
@@ -424,7 +445,7 @@ export class Refcounts {
     await this.writeHeaderRefTable(plan.start * this.cs, plan.tableClusters);
     this.cache.clear();
     this.table = newTable;
-    this.generation++;
+    this.blockClusters = undefined;
     this.tableOffset = plan.start * this.cs;
     this.tableClusters = plan.tableClusters;
     this.highestAllocated = plan.end - 1;
