@@ -4,6 +4,7 @@
  * qemu-storage-daemon 7.2. Where bitmirror refuses, the image's sha256 is unchanged, and where QEMU
  * refuses too the message is QEMU's; bitmirror never accepts what QEMU refuses. A set of named damages
  * (the ones QEMU gives each message for) and a seeded random set (BITMIRROR_DAMAGE_SEED replays one).
+ * A damaged snapshot table and data-file-raw without a data file are refused as QEMU refuses them.
  */
 import { test } from 'node:test';
 import { strict as assert } from 'node:assert';
@@ -163,6 +164,53 @@ test('a bitmap name of NUL bytes: listed as \'\' read-only and refused read-writ
     assert.equal((seen.bitmirror[0] as Array<{ name: string }>)[0].name, '');
   } finally {
     for (const d of daemons) await d.stop();
+    await cleanup();
+  }
+});
+
+test('a damaged snapshot table or data-file-raw without a data file: refused as qemu-storage-daemon 7.2 refuses, the image unchanged', { skip }, async () => {
+  const { dir, cleanup } = await tempDir('bm-refused-snap-');
+  let bm: SpawnedDaemon | undefined;
+  let qsd: SpawnedDaemon | undefined;
+  try {
+    const fixture = path.join(dir, 'fixture.qcow2');
+    await mustRun('qemu-img', ['create', '-q', '-f', 'qcow2', fixture, '4M']);
+    await mustRun('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 1M', fixture]);
+    await mustRun('qemu-img', ['snapshot', '-c', 'snap1', fixture]);
+    const clean = await readFile(fixture);
+    const table = Number(clean.readBigUInt64BE(64));
+    const variants: Variant[] = [
+      { what: 'snapshot 0 extra data 2000', apply: (b) => b.writeUInt32BE(2000, table + 36) },
+      { what: 'nb_snapshots 0x8500', apply: (b) => b.writeUInt32BE(0x8500, 60) },
+      { what: 'nb_snapshots 2 (the second entry zeroes: opened)', apply: (b) => b.writeUInt32BE(2, 60) },
+      { what: 'autoclear data-file-raw', apply: (b) => b.writeBigUInt64BE(3n, 88) },
+    ];
+    bm = await spawnDaemon(path.join(dir, 'bm.sock'));
+    qsd = await spawnDaemon(path.join(dir, 'qsd.sock'), [], 'qemu-storage-daemon');
+    let n = 0;
+    for (const v of variants) {
+      for (const readOnly of [false, true]) {
+        const b = Buffer.from(clean);
+        v.apply(b);
+        const ours = path.join(dir, `bm-${n}.qcow2`);
+        const theirs = path.join(dir, `qsd-${n}.qcow2`);
+        await writeFile(ours, b);
+        await copyFile(ours, theirs);
+        const args = (node: string, filename: string) => ({ ...addArgs(node, filename), 'read-only': readOnly });
+        const e1 = await errorOf(bm.qmp.execute('blockdev-add', args(`n${n}`, ours)));
+        const e2 = await errorOf(qsd.qmp.execute('blockdev-add', args(`n${n}`, theirs)));
+        const ctx = `${v.what}${readOnly ? ' (read-only)' : ''}`;
+        assert.equal(e1, e2, ctx);
+        if (e1 === undefined) {
+          await bm.qmp.execute('blockdev-del', { 'node-name': `n${n}` });
+          await qsd.qmp.execute('blockdev-del', { 'node-name': `n${n}` });
+        } else assert.equal(sha256(await readFile(ours)), sha256(b), `${ctx}: unchanged`);
+        n++;
+      }
+    }
+  } finally {
+    await bm?.stop();
+    await qsd?.stop();
     await cleanup();
   }
 });

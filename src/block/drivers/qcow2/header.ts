@@ -17,6 +17,8 @@ export const INCOMPAT_EXTL2 = 1n << 4n;
 export const INCOMPAT_MASK = 0x1fn;
 export const COMPAT_LAZY_REFCOUNTS = 1n << 0n;
 export const AUTOCLEAR_BITMAPS = 1n << 0n;
+/** The external data file is a raw image (qcow2.txt autoclear bit 1). */
+export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
 
 const EXT_END = 0x00000000;
 const EXT_BACKING_FORMAT = 0xe2792aca;

@@ -12,6 +12,7 @@ import type { BlockNode } from '../../node.js';
 import type { OpenContext } from '../../graph.js';
 import {
   AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
   INCOMPAT_COMPRESSION,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
@@ -53,6 +54,8 @@ export function validateHeader(h: Qcow2Header, fileLength: number, readOnly: boo
   const unknown = h.incompatibleFeatures & ~INCOMPAT_MASK;
   if (unknown) throw genericError(unknownFeaturesMessage(h, unknown));
   if (h.incompatibleFeatures & INCOMPAT_DATA_FILE || h.hasDataFileExt) throw genericError('qcow2: external data files are not supported');
+  // The data-file-raw autoclear bit without a data file: QEMU 7.2 refuses the image (read-only too).
+  if (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) throw genericError('data-file-raw requires a data file');
   if (h.incompatibleFeatures & INCOMPAT_EXTL2) throw genericError('qcow2: images with extended L2 entries are not supported');
   if (h.cryptMethod !== 0 || h.hasCryptoExt) throw genericError('qcow2: encrypted images are not supported');
   if ((h.compressionType !== 0) !== ((h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n)) {
@@ -260,15 +263,18 @@ export async function openQcow2(nodeName: string, opts: Record<string, unknown>,
 async function loadSnapshotTable(file: BlockNode, h: Qcow2Header): Promise<{ list: Qcow2Snapshot[]; size: number }> {
   if (h.nbSnapshots === 0) return { list: [], size: 0 };
   // Read in pieces as large as the table can be (each entry at most 40 + 1024 + 2 * 65535 bytes).
-  let want = Math.min(h.nbSnapshots * 1024, 64 * 1024 * 1024);
+  // Past the end of the file the table reads as zeroes (as QEMU reads its file node), and a damaged
+  // entry gets QEMU's message as it is (qcow2_do_open adds nothing to it).
+  const max = 64 * 1024 * 1024;
+  let want = Math.min(h.nbSnapshots * 1024, max);
   for (;;) {
-    const buf = await readAt(file, h.snapshotsOffset, Math.min(want, Math.max(0, file.length() - h.snapshotsOffset)));
+    const buf = await readAt(file, h.snapshotsOffset, want);
     try {
       const list = parseSnapshotTable(buf, h.nbSnapshots, h.size);
       return { list, size: snapshotTableSize(list) };
     } catch (err) {
-      if (buf.length >= file.length() - h.snapshotsOffset || want >= 64 * 1024 * 1024) throw genericError(`Could not read snapshots: ${errorMessage(err)}`);
-      want *= 4;
+      if (want >= max || !/exceeds the file/.test(errorMessage(err))) throw err;
+      want = Math.min(want * 4, max);
     }
   }
 }
