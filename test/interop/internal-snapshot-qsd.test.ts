@@ -205,6 +205,12 @@ test('internal snapshots: the nodes that refuse them and the filters that pass t
       await step('blockdev-snapshot-internal-sync', { device: 'fmt', name: 'under' });
       await step('blockdev-snapshot-internal-sync', { device: 'thr', name: 'via' });
       await step('blockdev-snapshot-internal-sync', { device: 'thr', name: 'via' });
+      // Listed by the nodes above the qcow2 node too (a raw node over the filter as well).
+      await step('blockdev-add', { driver: 'raw', 'node-name': 'top', file: 'thr' });
+      const nodes = (await env.d.qmp.execute('query-named-block-nodes', { flat: true })) as Array<{ 'node-name': string; image: { snapshots?: unknown } }>;
+      r.replies.push(['snapshots', maskDates(nodes.filter((n) => ['top', 'thr', 'fmt', 'f'].includes(n['node-name'])).map((n) => [n['node-name'], n.image.snapshots]))]);
+      await step('blockdev-snapshot-delete-internal-sync', { device: 'top', name: 'via' });
+      await step('blockdev-del', { 'node-name': 'top' });
       await step('blockdev-snapshot-delete-internal-sync', { device: 'thr', name: 'via' });
       await step('blockdev-snapshot-delete-internal-sync', { device: 'fmt', name: 'via' });
       await step('blockdev-del', { 'node-name': 'thr' });
@@ -228,6 +234,6 @@ test('internal snapshots: the nodes that refuse them and the filters that pass t
     }
     await mustRun('qemu-img', ['check', path.join(dir, `${program}-a.qcow2`)]);
   }
-  assert.equal(failedSteps(replies[0]).length, 12, `the refusals (and only they) fail on qemu-storage-daemon: ${JSON.stringify(failedSteps(replies[0]))}`);
+  assert.equal(failedSteps(replies[0]).length, 13, `the refusals (and only they) fail on qemu-storage-daemon: ${JSON.stringify(failedSteps(replies[0]))}`);
   for (let i = 0; i < Math.max(replies[0].length, replies[1].length); i++) assert.deepEqual(replies[1][i], replies[0][i], `step ${i}`);
 });

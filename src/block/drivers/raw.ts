@@ -8,6 +8,7 @@ import { jsonOptions } from '../filters/filter.js';
 import { defaultChildPermissions, type Permissions } from '../permissions.js';
 import type { BlockDriver } from '../graph.js';
 import { alternate, int, qemuOptSize } from '../../qapi/schema.js';
+import { snapshotInfo, snapshotNode } from '../internal-snapshot.js';
 
 export class RawNode extends BlockNode {
   readonly driver = 'raw';
@@ -97,7 +98,11 @@ export class RawNode extends BlockNode {
     // offset and size are strong options (QEMU's bdrv_refresh_filename): the node is named by a json: filename.
     const window = Object.fromEntries((['offset', 'size'] as const).filter((k) => this.openOptions[k] !== undefined).map((k) => [k, this.openOptions[k]]));
     const filename = Object.keys(window).length > 0 || f.filename.startsWith('json:') ? jsonFilename({ ...window, driver: 'raw', file: jsonOptions(this.file) }) : f.filename;
-    return { filename, format: 'raw', 'virtual-size': this.length(), 'dirty-flag': false };
+    const info: ImageInfo = { filename, format: 'raw', 'virtual-size': this.length(), 'dirty-flag': false };
+    // The snapshots of the image below, as QEMU lists them through its snapshot fallback.
+    const snapshots = snapshotNode(this)?.snapshotList?.() ?? [];
+    if (snapshots.length) info.snapshots = snapshots.map(snapshotInfo);
+    return info;
   }
 }
 
