@@ -9,6 +9,7 @@ import { alternate, arrayOf, bool, enumOf, object, str, uint32, visit, type Memb
 import { SOCKET_ADDRESS, SOCKET_ADDRESS_LEGACY } from '../qapi/socket-address.js';
 import { command, type CommandDef } from './registry.js';
 import type { Core } from '../core/core.js';
+import { idWellFormed } from '../block/graph.js';
 import type { NbdAddress } from '../nbd/server.js';
 import type { ExportBitmapRef } from '../nbd/export.js';
 import { BLOCK_DIRTY_BITMAP } from './bitmaps.js';
@@ -82,13 +83,18 @@ export async function startNbdServer(core: Core, args: Record<string, unknown>):
 /** block-export-add and --export, after their arguments were checked. */
 export function addBlockExport(core: Core, args: Record<string, unknown>): void {
   if (args.type !== 'nbd') throw genericError(`Export type '${String(args.type)}' is not supported`);
-  if (args.iothread !== undefined) throw genericError(`Cannot find iothread ${String(args.iothread)}`);
-  // blk_exp_add looks the node up first; the server must run before that matters to nbd.
-  if (!core.nbd.running) throw genericError('NBD server not running');
+  // blk_exp_add's order: the id, the node, the iothread; then the NBD export's own checks (a running
+  // server, a free name).
+  const id = args.id as string;
+  if (!idWellFormed(id)) throw genericError('Invalid block export id');
+  if (core.nbd.findById(id)) throw genericError(`Block export id '${id}' is already in use`);
   const nodeName = args['node-name'] as string;
   const node = core.graph.find(nodeName);
   // bdrv_lookup_bs(NULL, node-name): no device name in the message.
   if (!node) throw genericError(`Cannot find device='' nor node-name='${nodeName}'`);
+  // bitmirror has no iothread objects: none is found.
+  if (args.iothread !== undefined) throw genericError(`iothread "${String(args.iothread)}" not found`);
+  if (!core.nbd.running) throw genericError('NBD server not running');
   core.nbd.addExport(
     {
       id: args.id as string,
@@ -96,6 +102,7 @@ export function addBlockExport(core: Core, args: Record<string, unknown>): void 
       description: args.description as string | undefined,
       node,
       writable: (args.writable as boolean | undefined) ?? false,
+      writethrough: (args.writethrough as boolean | undefined) ?? false,
       allocationDepth: (args['allocation-depth'] as boolean | undefined) ?? false,
       bitmaps: (args.bitmaps as ExportBitmapRef[] | undefined) ?? [],
     },
@@ -129,6 +136,10 @@ export const nbdCommands: CommandDef[] = [
   }),
   // The legacy commands: an export whose id is its name (the device's name by default).
   command('nbd-server-add', NBD_SERVER_ADD, (args, core) => {
+    // qmp_nbd_server_add looks the device up (by device or node name), then asks for the server.
+    const device = args.device as string;
+    if (!core.graph.find(device)) throw genericError(`Cannot find device='${device}' nor node-name='${device}'`);
+    if (!core.nbd.running) throw genericError('NBD server not running');
     const name = (args.name as string | undefined) ?? (args.device as string);
     addBlockExport(core, {
       type: 'nbd',

@@ -440,7 +440,9 @@ export class NbdConnection {
     const exp = this.exp!;
     const { offset, length } = this.check(req, exp);
     const node = exp.current;
-    const fua = (req.flags & P.NBD_CMD_FLAG.FUA) !== 0;
+    const fuaFlag = (req.flags & P.NBD_CMD_FLAG.FUA) !== 0;
+    // A writethrough export acknowledges no write (or write-zeroes) before it is stable, FUA or not.
+    const fua = fuaFlag || exp.writethrough;
     switch (req.type) {
       case P.NBD_CMD.READ:
         return this.read(req, exp, offset, length);
@@ -452,7 +454,7 @@ export class NbdConnection {
         return this.replyDone(req);
       case P.NBD_CMD.TRIM:
         await node.discard(offset, length);
-        if (fua) await node.flush();
+        if (fuaFlag) await node.flush();
         return this.replyDone(req);
       case P.NBD_CMD.WRITE_ZEROES:
         // FAST_ZERO asks for a failure (ENOTSUP) unless zeroing is faster than writing: QEMU's

@@ -38,6 +38,12 @@ export interface NbdExportOptions {
   description?: string;
   node: BlockNode;
   writable: boolean;
+  /**
+   * block-export-add writethrough: the export's node is used with its write cache off, so every
+   * write and write-zeroes reaches stable storage before it is acknowledged (QEMU's BlockBackend adds
+   * FUA to each).
+   */
+  writethrough?: boolean;
   allocationDepth: boolean;
   bitmaps: ExportBitmapRef[];
 }
@@ -62,6 +68,7 @@ export class NbdExport {
   readonly description: string | undefined;
   readonly node: BlockNode;
   readonly writable: boolean;
+  readonly writethrough: boolean;
   readonly allocationDepth: boolean;
   readonly bitmaps: DirtyBitmap[];
   /** Connections in transmission with this export. */
@@ -80,6 +87,7 @@ export class NbdExport {
     this.description = opts.description;
     this.node = opts.node;
     this.writable = opts.writable;
+    this.writethrough = opts.writethrough ?? false;
     this.allocationDepth = opts.allocationDepth;
     this.bitmaps = bitmaps;
   }
