@@ -40,6 +40,10 @@ export class RateLimiter {
     if (this.quota === 0) return;
     this.rollSlice();
     this.dispatched += bytes;
+    // The slice lasts until the work done in it is paid for. QEMU asks for the delay right after
+    // it dispatches; a caller that asks later (its next loop turn, on a loaded machine more than a
+    // slice later) must not find the debt forgiven by a new slice.
+    if (this.dispatched >= this.quota) this.sliceEnd = Math.max(this.sliceEnd, this.sliceStart + (this.dispatched / this.quota) * this.sliceMs);
   }
 
   /** Milliseconds to wait before doing more work (0 = go ahead). */

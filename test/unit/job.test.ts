@@ -594,6 +594,12 @@ test('rate limiter: slices of 100 ms, speed 0 unlimited', () => {
   assert.equal(rl.delayMs(), 150);
   now = 151;
   assert.equal(rl.delayMs(), 0);
+  // Work accounted, the delay asked only after a slice has passed: the debt is still there.
+  rl.account(300);
+  now = 400;
+  assert.equal(rl.delayMs(), 51);
+  now = 452;
+  assert.equal(rl.delayMs(), 0);
   rl.setSpeed(0);
   rl.account(1e9);
   assert.equal(rl.delayMs(), 0);
