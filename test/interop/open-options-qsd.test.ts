@@ -8,23 +8,15 @@
  */
 import { test } from 'node:test';
 import * as assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
-import { haveQsd, poll, setup, type Env } from '../support/daemon.js';
-import { recorder, type Replay } from '../support/qmp-replay.js';
+import { haveQsd, poll, type Env } from '../support/daemon.js';
+import { replayOn, type Replay } from '../support/qmp-replay.js';
 import { mustRun } from '../support/tools.js';
 
 const skip = !haveQsd && 'qemu-storage-daemon not installed';
 
-async function replay(program: 'bitmirror' | 'qemu-storage-daemon', script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
-  const env = await setup(`open-options-${program === 'bitmirror' ? 'bm' : 'qsd'}`, program);
-  try {
-    const r = recorder(env);
-    await script(r, env);
-    return r.replies;
-  } finally {
-    await env.done();
-  }
+function replay(program: 'bitmirror' | 'qemu-storage-daemon', script: (r: Replay, env: Env) => Promise<void>): Promise<unknown[]> {
+  return replayOn(program, 'open-options', script);
 }
 
 test('qcow2 cache, clean-interval, overlap-check and lazy-refcounts options and file pr-manager: refused and taken as qemu-storage-daemon 7.2', { skip }, async () => {
@@ -107,10 +99,12 @@ test('block-export-add: id, node, iothread and server checked in QEMU 7.2\'s ord
     // writethrough: an nbd node on nbdkit (whose log shows each write's FUA flag), exported twice.
     const kitSock = env.f('kit.sock');
     const log = env.f('kit.log');
-    const kit = spawn('nbdkit', ['-f', '-U', kitSock, '--filter=log', 'memory', '1M', `logfile=${log}`], { stdio: 'ignore' });
-    const kitGone = new Promise((res) => kit.on('exit', res));
+    // nbdkit forks once it listens; its pid file follows.
+    const pidFile = env.f('kit.pid');
+    await mustRun('nbdkit', ['-P', pidFile, '-U', kitSock, '--filter=log', 'memory', '1M', `logfile=${log}`]);
+    await poll('nbdkit pid file', async () => /^\d+\s*$/.test(await readFile(pidFile, 'utf8').catch(() => '')));
+    const kitPid = Number((await readFile(pidFile, 'utf8')).trim());
     try {
-      await poll('nbdkit listening', async () => (await readFile(log, 'utf8').catch(() => '')) !== '' || (await import('node:fs')).existsSync(kitSock));
       await r.request('blockdev-add', { driver: 'nbd', 'node-name': 'n', server: { type: 'unix', path: kitSock }, export: '' });
       await r.request('block-export-add', { type: 'nbd', id: 'wt', 'node-name': 'n', name: 'wt', writable: true, writethrough: true });
       await r.request('block-export-add', { type: 'nbd', id: 'wb', 'node-name': 'n', name: 'wb', writable: true });
@@ -124,8 +118,16 @@ test('block-export-add: id, node, iothread and server checked in QEMU 7.2\'s ord
       await poll('exports gone', async () => (await env.d.qmp.execute<unknown[]>('query-block-exports')).length <= 1);
       await r.request('blockdev-del', { 'node-name': 'n' });
     } finally {
-      kit.kill('SIGTERM');
-      await kitGone;
+      process.kill(kitPid, 'SIGTERM');
+      // Gone, so its log is complete before it is read.
+      await poll('nbdkit gone', async () => {
+        try {
+          process.kill(kitPid, 0);
+          return false;
+        } catch {
+          return true;
+        }
+      });
     }
     // The writes nbdkit saw, as offset and FUA flag (zeroes as Zero), in order.
     const text = await readFile(log, 'utf8');
